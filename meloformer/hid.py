@@ -1,0 +1,727 @@
+"""HID encoding (Hierarchical Instrument-Decoupled), format version 1.
+
+A piece is written track by track, and inside a track bar by bar (DESIGN section 1)::
+
+    BOS
+    Track(conductor)  { Bar [TimeSig] [Chord] [Pos Tempo]... }  x n_bars
+    Track(p|drums)    { Bar [Pos Pitch [Dur] [Vel]]... }       x n_bars   (per instrument track)
+    EOS
+
+Everything is computed on a quantised grid of ``resolution`` steps per quarter note: notes are quantised
+first and every derived quantity (bars, chords, tempo bins) comes from the quantised notes, so
+encode -> decode -> encode is a fixed point. Decoded scores use ``ticks_per_quarter == resolution``.
+
+This module is numpy-only (plus symusic, and miditoolkit objects as an accepted input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import symusic
+
+FORMAT_VERSION = 1
+
+CHORD_QUALITIES: dict[str, tuple[int, ...]] = {
+    "maj": (0, 4, 7),
+    "min": (0, 3, 7),
+    "dim": (0, 3, 6),
+    "aug": (0, 4, 8),
+    "sus4": (0, 5, 7),
+    "7": (0, 4, 7, 10),
+    "maj7": (0, 4, 7, 11),
+    "min7": (0, 3, 7, 10),
+    "hdim7": (0, 3, 6, 10),
+}
+PITCH_CLASS_NAMES = ("C", "C#", "D", "Eb", "E", "F", "F#", "G", "Ab", "A", "Bb", "B")
+
+
+class TokenKind(IntEnum):
+    PAD = 0
+    BOS = 1
+    EOS = 2
+    BAR = 3
+    TRACK = 4
+    TIMESIG = 5
+    CHORD = 6
+    POS = 7
+    TEMPO = 8
+    PITCH = 9
+    DUR = 10
+    VEL = 11
+
+
+PAD, BOS, EOS, BAR = 0, 1, 2, 3
+TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0 = 4, 5, 6  # Track_p is TRACK_PROGRAM0 + p
+
+
+class HIDError(ValueError):
+    """A piece that cannot be encoded (or tokens that cannot be decoded); the message says why."""
+
+
+@dataclasses.dataclass
+class EncodeStats:
+    notes: int = 0
+    tracks: int = 0
+    bars: int = 0
+    tokens: int = 0
+    dropped_controls: int = 0
+    dropped_pitch_bends: int = 0
+    pedal_extended_notes: int = 0
+
+
+@dataclasses.dataclass
+class _Track:
+    program: int
+    is_drum: bool
+    notes: np.ndarray  # int64 [n, 4]: start tick, end tick, pitch, velocity
+    pedals: list[tuple[int, int]]  # sustain-pedal down intervals in ticks
+    controls: int  # controller events other than the sustain pedal
+    pitch_bends: int
+
+
+@dataclasses.dataclass
+class _Music:
+    tpq: int
+    tracks: list[_Track]
+    tempos: list[tuple[int, float]]  # (tick, quarter notes per minute)
+    time_signatures: list[tuple[int, int, int]]  # (tick, numerator, denominator)
+
+
+def _duration_bins(resolution: int) -> np.ndarray:
+    """Durations in grid steps: every step up to two quarters, then coarser up to eight whole notes."""
+    r = resolution
+    bins = list(range(1, 2 * r + 1))
+    for step, upto in ((r // 4, 4 * r), (r // 2, 8 * r), (r, 16 * r), (2 * r, 32 * r)):
+        bins += list(range(bins[-1] + step, upto + 1, step))
+    return np.array(bins, dtype=np.int64)
+
+
+class HIDTokenizer:
+    """Tokenizer for the HID format; all settings are keyword arguments and round-trip via ``settings``."""
+
+    def __init__(
+        self,
+        resolution: int = 12,
+        max_bar_quarters: int = 16,
+        tempo_bins: int = 48,
+        tempo_min: float = 24.0,
+        tempo_max: float = 320.0,
+        velocity_bins: int = 32,
+        max_tracks: int = 16,
+        max_bars: int = 1024,
+        max_tokens: int = 200_000,
+        sustain_pedal: bool = True,
+        format_version: int = FORMAT_VERSION,
+    ) -> None:
+        if format_version != FORMAT_VERSION:
+            raise HIDError(f"HID format version {format_version} is not supported (this is {FORMAT_VERSION})")
+        if resolution % 4 or resolution <= 0:
+            raise HIDError(f"resolution must be a positive multiple of 4, got {resolution}")
+        self.resolution = resolution
+        self.max_bar_quarters = max_bar_quarters
+        self.tempo_bins = tempo_bins
+        self.tempo_min = float(tempo_min)
+        self.tempo_max = float(tempo_max)
+        self.velocity_bins = velocity_bins
+        self.max_tracks = max_tracks
+        self.max_bars = max_bars
+        self.max_tokens = max_tokens
+        self.sustain_pedal = sustain_pedal
+        self.format_version = format_version
+        self._build_vocab()
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def settings(self) -> dict[str, Any]:
+        return {
+            "resolution": self.resolution,
+            "max_bar_quarters": self.max_bar_quarters,
+            "tempo_bins": self.tempo_bins,
+            "tempo_min": self.tempo_min,
+            "tempo_max": self.tempo_max,
+            "velocity_bins": self.velocity_bins,
+            "max_tracks": self.max_tracks,
+            "max_bars": self.max_bars,
+            "max_tokens": self.max_tokens,
+            "sustain_pedal": self.sustain_pedal,
+            "format_version": self.format_version,
+        }
+
+    def vocab_settings(self) -> dict[str, Any]:
+        """The settings that change what token ids mean: data and checkpoints must agree on these."""
+        keys = ("resolution", "max_bar_quarters", "tempo_bins", "tempo_min", "tempo_max", "velocity_bins")
+        return {k: self.settings[k] for k in keys} | {"format_version": self.format_version}
+
+    def _build_vocab(self) -> None:
+        r = self.resolution
+        self.bar_positions = self.max_bar_quarters * r
+        names = ["PAD", "BOS", "EOS", "Bar", "Track_conductor", "Track_drums"]
+        kinds = [TokenKind.PAD, TokenKind.BOS, TokenKind.EOS, TokenKind.BAR, TokenKind.TRACK, TokenKind.TRACK]
+        names += [f"Track_{p}" for p in range(128)]
+        kinds += [TokenKind.TRACK] * 128
+
+        def add(kind: TokenKind, labels: list[str]) -> int:
+            start = len(names)
+            names.extend(labels)
+            kinds.extend([kind] * len(labels))
+            return start
+
+        self.time_signatures = [
+            (n, d)
+            for d in (1, 2, 4, 8, 16)
+            for n in range(1, 33)
+            if (n * 4 * r) % d == 0 and n * 4 * r // d <= self.bar_positions
+        ]
+        self.timesig0 = add(TokenKind.TIMESIG, [f"TimeSig_{n}/{d}" for n, d in self.time_signatures])
+        self.chords = [(root, q) for root in range(12) for q in CHORD_QUALITIES]
+        self.chord0 = add(TokenKind.CHORD, [f"Chord_{PITCH_CLASS_NAMES[r_]}{q}" for r_, q in self.chords])
+        self.pos0 = add(TokenKind.POS, [f"Pos_{k}" for k in range(self.bar_positions)])
+        self.tempo_values = np.exp(np.linspace(math.log(self.tempo_min), math.log(self.tempo_max), self.tempo_bins))
+        self.tempo0 = add(TokenKind.TEMPO, [f"Tempo_{t:.1f}" for t in self.tempo_values])
+        self.pitch0 = add(TokenKind.PITCH, [f"Pitch_{p}" for p in range(128)])
+        self.duration_values = _duration_bins(r)
+        self.dur0 = add(TokenKind.DUR, [f"Dur_{d}" for d in self.duration_values])
+        step = 128 / self.velocity_bins
+        self.velocity_values = np.array(
+            [min(127, round(step * (i + 1)) - 1) for i in range(self.velocity_bins)], dtype=np.int64
+        )
+        self.vel0 = add(TokenKind.VEL, [f"Vel_{v}" for v in self.velocity_values])
+        self.vocab: list[str] = names
+        self.kinds = np.array(kinds, dtype=np.int8)
+        self._timesig_index = {ts: i for i, ts in enumerate(self.time_signatures)}
+        if len(names) > np.iinfo(np.uint16).max:
+            raise HIDError("vocabulary does not fit in uint16")
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.vocab)
+
+    def bar_length(self, numerator: int, denominator: int) -> int:
+        """Grid positions in one bar of numerator/denominator."""
+        return numerator * 4 * self.resolution // denominator
+
+    # ------------------------------------------------------------------ input adapters
+    def _load(self, x: Any) -> _Music:
+        if isinstance(x, (str, Path)):
+            try:
+                x = symusic.Score(str(x))
+            except Exception as err:  # symusic raises plain RuntimeError/ValueError for broken files
+                raise HIDError(f"cannot parse MIDI file: {err}") from err
+        if isinstance(x, symusic.Score):
+            return self._from_symusic(x)
+        if type(x).__name__ == "MidiFile" and hasattr(x, "instruments"):
+            return self._from_miditoolkit(x)
+        raise TypeError(f"expected a path, symusic.Score or miditoolkit.MidiFile, got {type(x).__name__}")
+
+    @staticmethod
+    def _from_symusic(score: symusic.Score) -> _Music:
+        if score.ttype != symusic.core.Tick:
+            score = score.to("tick")
+        tracks = []
+        for t in score.tracks:
+            arr = t.notes.numpy()
+            notes = np.stack(
+                [arr["time"], arr["time"] + arr["duration"], arr["pitch"], arr["velocity"]], axis=1
+            ).astype(np.int64)
+            pedals = [(p.time, p.time + p.duration) for p in t.pedals]
+            controls = sum(1 for c in t.controls if c.number != 64)
+            tracks.append(_Track(int(t.program), bool(t.is_drum), notes, pedals, controls, len(t.pitch_bends)))
+        tempos = [(int(tm.time), float(tm.qpm)) for tm in score.tempos]
+        sigs = [(int(ts.time), int(ts.numerator), int(ts.denominator)) for ts in score.time_signatures]
+        return _Music(int(score.ticks_per_quarter), tracks, tempos, sigs)
+
+    @staticmethod
+    def _from_miditoolkit(midi: Any) -> _Music:
+        tracks = []
+        for inst in midi.instruments:
+            notes = np.array(
+                [(n.start, n.end, n.pitch, n.velocity) for n in inst.notes], dtype=np.int64
+            ).reshape(-1, 4)
+            pedals, down = [], None
+            for cc in sorted((c for c in inst.control_changes if c.number == 64), key=lambda c: c.time):
+                if cc.value >= 64 and down is None:
+                    down = cc.time
+                elif cc.value < 64 and down is not None:
+                    pedals.append((down, cc.time))
+                    down = None
+            controls = sum(1 for c in inst.control_changes if c.number != 64)
+            tracks.append(_Track(int(inst.program), bool(inst.is_drum), notes, pedals, controls, len(inst.pitch_bends)))
+        tempos = [(int(t.time), 60_000_000 / round(60_000_000 / t.tempo)) for t in midi.tempo_changes]
+        sigs = [(int(t.time), int(t.numerator), int(t.denominator)) for t in midi.time_signature_changes]
+        return _Music(int(midi.ticks_per_beat), tracks, tempos, sigs)
+
+    # ------------------------------------------------------------------ encoding
+    def encode(self, x: Any) -> np.ndarray:
+        """Encode a MIDI path, ``symusic.Score`` or ``miditoolkit.MidiFile`` into uint16 HID tokens."""
+        return self.encode_with_stats(x)[0]
+
+    def encode_with_stats(self, x: Any) -> tuple[np.ndarray, EncodeStats]:
+        music = self._load(x)
+        stats = EncodeStats()
+        if music.tpq <= 0:
+            raise HIDError(f"invalid ticks per quarter {music.tpq}")
+        tracks = self._quantise_tracks(music, stats)
+        if not tracks:
+            raise HIDError("no notes")
+        if len(tracks) > self.max_tracks:
+            raise HIDError(f"{len(tracks)} instrument tracks exceed max_tracks={self.max_tracks}")
+        last_onset = max(int(t[2][:, 0].max()) for t in tracks)
+        bar_starts, bar_sigs = self._bars(music, last_onset)
+        n_bars = len(bar_starts)
+        if n_bars > self.max_bars:
+            raise HIDError(f"{n_bars} bars exceed max_bars={self.max_bars}")
+        bar_ends = np.append(bar_starts[1:], bar_starts[-1] + self.bar_length(*bar_sigs[-1]))
+
+        out: list[int] = [BOS]
+        out += self._conductor_tokens(music, tracks, bar_starts, bar_ends, bar_sigs)
+        for program, is_drum, notes in tracks:
+            out.append(TRACK_DRUMS if is_drum else TRACK_PROGRAM0 + program)
+            out += self._track_tokens(notes, is_drum, bar_starts)
+        out.append(EOS)
+        if len(out) > self.max_tokens:
+            raise HIDError(f"{len(out)} tokens exceed max_tokens={self.max_tokens}")
+        stats.tracks, stats.bars, stats.tokens = len(tracks), n_bars, len(out)
+        stats.notes = sum(len(t[2]) for t in tracks)
+        return np.array(out, dtype=np.uint16), stats
+
+    def _quantise_tracks(self, music: _Music, stats: EncodeStats) -> list[tuple[int, bool, np.ndarray]]:
+        """Fold the pedal, quantise to the grid, drop empty tracks, and sort tracks by priority."""
+        keyed = []
+        for index, t in enumerate(music.tracks):
+            stats.dropped_controls += t.controls
+            stats.dropped_pitch_bends += t.pitch_bends
+            notes = t.notes.copy()
+            notes = notes[(notes[:, 2] >= 0) & (notes[:, 2] < 128) & (notes[:, 3] > 0)]
+            if len(notes) == 0:
+                continue
+            if self.sustain_pedal and t.pedals and not t.is_drum:
+                stats.pedal_extended_notes += _fold_pedal(notes, t.pedals)
+            start = np.rint(notes[:, 0] * self.resolution / music.tpq).astype(np.int64)
+            end = np.rint(notes[:, 1] * self.resolution / music.tpq).astype(np.int64)
+            start = np.maximum(start, 0)
+            dur = self.duration_values[_nearest(self.duration_values, np.maximum(end - start, 1))]
+            vel = self.velocity_values[_nearest(self.velocity_values, np.clip(notes[:, 3], 1, 127))]
+            q = np.stack([start, notes[:, 2], dur, vel], axis=1)  # onset, pitch, duration, velocity
+            if t.is_drum:
+                q[:, 2] = 0
+            q = np.unique(q, axis=0)  # sorted by onset, then pitch; exact duplicates collapse
+            keyed.append(((_track_priority(t.program, t.is_drum), 0 if t.is_drum else t.program, index), q, t))
+        keyed.sort(key=lambda item: item[0])
+        return [(t.program, t.is_drum, q) for _, q, t in keyed]
+
+    def _bars(self, music: _Music, last_onset: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+        """Bar start steps and time signatures up to the bar holding ``last_onset``.
+
+        A time-signature change takes effect at the first bar line at or after its (quantised) time.
+        """
+        changes = sorted(
+            (int(round(t * self.resolution / music.tpq)), n, d) for t, n, d in music.time_signatures
+        )
+        for _, n, d in changes:
+            if (n, d) not in self._timesig_index:
+                raise HIDError(f"unsupported time signature {n}/{d}")
+        sig = (4, 4)
+        pending = [c for c in changes if c[0] > 0]
+        for step, n, d in changes:
+            if step <= 0:
+                sig = (n, d)
+        starts, sigs, at = [], [], 0
+        while at <= last_onset:
+            while pending and pending[0][0] <= at:
+                sig = pending.pop(0)[1:]
+            starts.append(at)
+            sigs.append(sig)
+            at += self.bar_length(*sig)
+            if len(starts) > self.max_bars:
+                raise HIDError(f"more than max_bars={self.max_bars} bars")
+        return np.array(starts, dtype=np.int64), sigs
+
+    def _conductor_tokens(self, music, tracks, bar_starts, bar_ends, bar_sigs) -> list[int]:
+        tempo_events: dict[int, int] = {}
+        for tick, qpm in sorted(music.tempos, key=lambda e: e[0]):
+            step = max(0, int(round(tick * self.resolution / music.tpq)))
+            tempo_events[step] = int(_nearest(np.log(self.tempo_values), np.array([math.log(max(qpm, 1e-3))]))[0])
+        initial = tempo_events.pop(0, None)
+        if initial is None:
+            earlier = [b for s, b in tempo_events.items() if s < 0]
+            initial = earlier[-1] if earlier else int(_nearest(self.tempo_values, np.array([120.0]))[0])
+        changes = [(s, b) for s, b in sorted(tempo_events.items()) if s > 0]
+        pitched = [q for _, is_drum, q in tracks if not is_drum]
+        pitched = np.concatenate(pitched) if pitched else np.zeros((0, 4), dtype=np.int64)
+        bar_of_change = np.searchsorted(bar_starts, [s for s, _ in changes], side="right") - 1
+
+        out, current, prev_sig = [TRACK_CONDUCTOR], initial, None
+        for b, (start, end) in enumerate(zip(bar_starts, bar_ends)):
+            out.append(BAR)
+            if bar_sigs[b] != prev_sig:
+                out.append(self.timesig0 + self._timesig_index[bar_sigs[b]])
+                prev_sig = bar_sigs[b]
+            chord = self._detect_chord(pitched, start, end)
+            if chord is not None:
+                out.append(self.chord0 + chord)
+            if b == 0:
+                out += [self.pos0, self.tempo0 + initial]
+            for (step, tempo_bin), cb in zip(changes, bar_of_change):
+                if cb == b and tempo_bin != current:
+                    out += [self.pos0 + int(step - start), self.tempo0 + tempo_bin]
+                    current = tempo_bin
+        return out
+
+    def _detect_chord(self, notes: np.ndarray, bar_start: int, bar_end: int) -> int | None:
+        """Chord index for the non-drum notes with onset in [bar_start, bar_end), or None if silent.
+
+        Template matching on duration-weighted pitch classes (durations clipped at the bar end); ties go to
+        the smaller template, then to the lower root. Integer arithmetic keeps it exactly reproducible.
+        """
+        inside = notes[(notes[:, 0] >= bar_start) & (notes[:, 0] < bar_end)]
+        if len(inside) == 0:
+            return None
+        weight = np.minimum(inside[:, 2], bar_end - inside[:, 0])
+        pcs = np.bincount(inside[:, 1] % 12, weights=weight, minlength=12).astype(np.int64)
+        total = int(pcs.sum())
+        best, best_score = None, None
+        for index, (root, quality) in enumerate(self.chords):
+            template = CHORD_QUALITIES[quality]
+            hit = sum(int(pcs[(root + i) % 12]) for i in template)
+            score = (2 * hit - total) * 16 - len(template)
+            if pcs[root] > 0 and (best_score is None or score > best_score):
+                best, best_score = index, score
+        return best
+
+    def _track_tokens(self, notes: np.ndarray, is_drum: bool, bar_starts: np.ndarray) -> list[int]:
+        out = []
+        bar_of = np.searchsorted(bar_starts, notes[:, 0], side="right") - 1
+        splits = np.searchsorted(bar_of, np.arange(len(bar_starts) + 1))
+        dur_index = _nearest(self.duration_values, np.maximum(notes[:, 2], 1))
+        vel_index = _nearest(self.velocity_values, notes[:, 3])
+        for b in range(len(bar_starts)):
+            out.append(BAR)
+            pos = dur = vel = None
+            for i in range(splits[b], splits[b + 1]):
+                p = int(notes[i, 0] - bar_starts[b])
+                if p != pos:
+                    out.append(self.pos0 + p)
+                    pos = p
+                out.append(self.pitch0 + int(notes[i, 1]))
+                if not is_drum and dur_index[i] != dur:
+                    dur = dur_index[i]
+                    out.append(self.dur0 + int(dur))
+                if vel_index[i] != vel:
+                    vel = vel_index[i]
+                    out.append(self.vel0 + int(vel))
+        return out
+
+    # ------------------------------------------------------------------ decoding
+    def parse(self, tokens: np.ndarray) -> Piece:
+        """Split tokens into conductor and track bars, checking the grammar; raises HIDError with the place."""
+        return Piece.parse(self, np.asarray(tokens))
+
+    def decode(self, tokens: np.ndarray) -> symusic.Score:
+        """Tokens -> ``symusic.Score`` with ``ticks_per_quarter == resolution``; chords become markers."""
+        piece = self.parse(tokens)
+        score = symusic.Score(self.resolution)
+        sigs, tempos, chords = piece.conductor_events(self)
+        bar_starts = piece.bar_starts(self)
+        for b, (n, d) in sigs:
+            score.time_signatures.append(symusic.TimeSignature(int(bar_starts[b]), n, d))
+        for b, p, t in tempos:
+            score.tempos.append(symusic.Tempo(int(bar_starts[b] + p), qpm=float(self.tempo_values[t])))
+        for b, c in chords:
+            root, quality = self.chords[c]
+            score.markers.append(symusic.TextMeta(int(bar_starts[b]), PITCH_CLASS_NAMES[root] + quality))
+        drum_duration = self.resolution // 4
+        for number, (track_token, bars) in enumerate(piece.tracks):
+            is_drum = track_token == TRACK_DRUMS
+            program = 0 if is_drum else track_token - TRACK_PROGRAM0
+            name = "Drums" if is_drum else f"Track {number + 1} (program {program})"
+            track = symusic.Track(name=name, program=program, is_drum=is_drum)
+            for b, bar in enumerate(bars):
+                for pos, pitch, dur, vel in self._bar_notes(bar, is_drum):
+                    length = drum_duration if is_drum else int(self.duration_values[dur])
+                    vel_value = int(self.velocity_values[vel])
+                    track.notes.append(symusic.Note(int(bar_starts[b] + pos), length, pitch, vel_value))
+            score.tracks.append(track)
+        return score
+
+    def decode_to_file(self, tokens: np.ndarray, path: str | Path) -> None:
+        self.decode(tokens).dump_midi(str(path))
+
+    def _bar_notes(self, bar: np.ndarray, is_drum: bool) -> list[tuple[int, int, int, int]]:
+        """(position, pitch, duration bin, velocity bin) of every note in one bar's tokens (after ``Bar``).
+
+        A note's ``Dur``/``Vel`` follow its ``Pitch``; when absent, the previous note's values carry over.
+        """
+        notes: list[tuple[int, int, int, int]] = []
+        pos = pitch = None
+        dur = vel = 0
+        for tok in bar.tolist():
+            kind = self.kinds[tok]
+            if kind in (TokenKind.POS, TokenKind.PITCH) and pitch is not None:
+                notes.append((pos, pitch, dur, vel))
+                pitch = None
+            if kind == TokenKind.POS:
+                pos = tok - self.pos0
+            elif kind == TokenKind.PITCH:
+                pitch = tok - self.pitch0
+            elif kind == TokenKind.DUR:
+                dur = tok - self.dur0
+            elif kind == TokenKind.VEL:
+                vel = tok - self.vel0
+        if pitch is not None:
+            notes.append((pos, pitch, dur, vel))
+        return notes
+
+    # ------------------------------------------------------------------ token-level edits
+    def crop_bars(self, tokens: np.ndarray, b0: int, b1: int) -> np.ndarray:
+        """Bars [b0, b1) of every track, renumbered from 0, as a complete piece.
+
+        Bar b0 of the conductor gets the time signature and tempo in force there, so the crop decodes to
+        exactly the notes, meter and tempo of those bars.
+        """
+        piece = self.parse(tokens)
+        n = piece.n_bars
+        if not 0 <= b0 < b1 <= n:
+            raise HIDError(f"bar window [{b0}, {b1}) is outside the piece's {n} bars")
+        sigs, tempos, _ = piece.conductor_events(self)
+        sig_here = [s for b, s in sigs if b <= b0][-1]
+        tempo_here = [t for b, p, t in tempos if (b, p) <= (b0, 0)][-1]
+        first = piece.conductor[b0]
+        kinds = self.kinds[first]
+        head = [BAR, self.timesig0 + self._timesig_index[sig_here]]
+        head += [int(t) for t, k in zip(first, kinds) if k == TokenKind.CHORD]
+        body = [int(t) for t, k in zip(first, kinds) if k in (TokenKind.POS, TokenKind.TEMPO)]
+        if not (len(body) >= 2 and body[0] == self.pos0):
+            body = [self.pos0, self.tempo0 + tempo_here] + body
+        out = [BOS, TRACK_CONDUCTOR] + head + body
+        for bar in piece.conductor[b0 + 1 : b1]:
+            out += [BAR, *bar.tolist()]
+        for track_token, bars in piece.tracks:
+            out.append(track_token)
+            for bar in bars[b0:b1]:
+                out += [BAR, *bar.tolist()]
+        out.append(EOS)
+        return np.array(out, dtype=np.uint16)
+
+    def transpose(self, tokens: np.ndarray, semitones: int) -> np.ndarray:
+        """Move every pitched (non-drum) note and every chord root by ``semitones``; drums stay."""
+        from meloformer.layout import layout  # layout depends on this module, not the other way round
+
+        tokens = np.asarray(tokens)
+        lay = layout(tokens, self)
+        drum_track = lay.track_token == TRACK_DRUMS
+        pitch = (lay.kind == TokenKind.PITCH) & ~drum_track
+        moved = tokens.astype(np.int64)
+        new_pitch = moved[pitch] - self.pitch0 + semitones
+        if new_pitch.size and (new_pitch.min() < 0 or new_pitch.max() > 127):
+            raise HIDError(f"transposing by {semitones} moves a pitch outside 0..127")
+        moved[pitch] = self.pitch0 + new_pitch
+        chord = lay.kind == TokenKind.CHORD
+        index = moved[chord] - self.chord0
+        n_q = len(CHORD_QUALITIES)
+        moved[chord] = self.chord0 + ((index // n_q + semitones) % 12) * n_q + index % n_q
+        return moved.astype(np.uint16)
+
+    def pitch_range(self, tokens: np.ndarray) -> tuple[int, int] | None:
+        """Lowest and highest non-drum pitch, or None; tells which transpositions stay in range."""
+        from meloformer.layout import layout
+
+        lay = layout(np.asarray(tokens), self)
+        pitch = (lay.kind == TokenKind.PITCH) & (lay.track_token != TRACK_DRUMS)
+        if not pitch.any():
+            return None
+        values = np.asarray(tokens)[pitch].astype(np.int64) - self.pitch0
+        return int(values.min()), int(values.max())
+
+    def describe(self, tokens: np.ndarray) -> list[str]:
+        return [self.vocab[int(t)] for t in tokens]
+
+
+@dataclasses.dataclass
+class Piece:
+    """A parsed HID token sequence: per bar, the tokens after each ``Bar`` token."""
+
+    conductor: list[np.ndarray]
+    tracks: list[tuple[int, list[np.ndarray]]]  # (Track token, bars)
+
+    @property
+    def n_bars(self) -> int:
+        return len(self.conductor)
+
+    @classmethod
+    def parse(cls, tok: HIDTokenizer, tokens: np.ndarray) -> Piece:
+        tokens = tokens.astype(np.int64)
+        if tokens.ndim != 1 or len(tokens) < 2:
+            raise HIDError("a piece needs at least BOS and a conductor track")
+        if tokens.min() < 0 or tokens.max() >= tok.vocab_size:
+            raise HIDError(f"token id out of range 0..{tok.vocab_size - 1}")
+        if tokens[0] != BOS:
+            raise HIDError(f"token 0 is {tok.vocab[tokens[0]]}, expected BOS")
+        end = len(tokens)
+        eos = np.flatnonzero(tokens == EOS)
+        if len(eos):
+            end = int(eos[0])
+        body = tokens[1:end]
+        kinds = tok.kinds[body]
+        if len(body) == 0 or body[0] != TRACK_CONDUCTOR:
+            raise HIDError("token 1 must be Track_conductor")
+        track_at = np.flatnonzero(kinds == TokenKind.TRACK)
+        if (body[track_at[1:]] == TRACK_CONDUCTOR).any():
+            raise HIDError("a second conductor track")
+        bad = np.isin(kinds, (TokenKind.PAD, TokenKind.BOS))
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0]) + 1
+            raise HIDError(f"token {i} ({tok.vocab[tokens[i]]}) cannot appear inside a piece")
+        sections = np.split(np.arange(len(body)), track_at[1:])
+        parsed = []
+        for section in sections:
+            seq = body[section]
+            if len(seq) > 1 and seq[1] != BAR:
+                i = int(section[1]) + 1
+                raise HIDError(f"token {i} ({tok.vocab[tokens[i]]}) must be Bar after a Track token")
+            bar_at = np.flatnonzero(seq == BAR)
+            bars = [seq[a + 1 : b] for a, b in zip(bar_at, list(bar_at[1:]) + [len(seq)])]
+            allowed = _CONDUCTOR_KINDS if seq[0] == TRACK_CONDUCTOR else _NOTE_KINDS
+            for bar, at in zip(bars, bar_at):
+                wrong = ~np.isin(tok.kinds[bar], allowed)
+                if wrong.any():
+                    i = int(section[at + 1 + int(np.flatnonzero(wrong)[0])]) + 1
+                    raise HIDError(f"token {i} ({tok.vocab[tokens[i]]}) is not allowed in this track")
+                _check_bar_grammar(tok, bar, seq[0], int(section[at]) + 2)
+            parsed.append((int(seq[0]), bars))
+        conductor = parsed[0][1]
+        if not conductor:
+            raise HIDError("the conductor track has no bars")
+        if tok.kinds[conductor[0]].tolist()[:1] != [TokenKind.TIMESIG]:
+            raise HIDError("bar 0 of the conductor must start with a time signature")
+        for number, (_, bars) in enumerate(parsed[1:], start=1):
+            if len(bars) != len(conductor):
+                raise HIDError(f"track {number} has {len(bars)} bars, the conductor has {len(conductor)}")
+        return cls(conductor, parsed[1:])
+
+    def conductor_events(self, tok: HIDTokenizer):
+        """(bar, time signature) changes, (bar, pos, tempo bin) changes and (bar, chord index) per bar."""
+        sigs, tempos, chords = [], [], []
+        for b, bar in enumerate(self.conductor):
+            pos = None
+            for t in bar.tolist():
+                kind = tok.kinds[t]
+                if kind == TokenKind.TIMESIG:
+                    sigs.append((b, tok.time_signatures[t - tok.timesig0]))
+                elif kind == TokenKind.CHORD:
+                    chords.append((b, t - tok.chord0))
+                elif kind == TokenKind.POS:
+                    pos = t - tok.pos0
+                elif kind == TokenKind.TEMPO:
+                    tempos.append((b, pos, t - tok.tempo0))
+        if not tempos or tempos[0][:2] != (0, 0):
+            raise HIDError("bar 0 of the conductor must set the tempo at Pos_0")
+        return sigs, tempos, chords
+
+    def bar_starts(self, tok: HIDTokenizer) -> np.ndarray:
+        sigs = dict(self.conductor_events(tok)[0])
+        starts, at, sig = [], 0, None
+        for b in range(self.n_bars):
+            sig = sigs.get(b, sig)
+            starts.append(at)
+            at += tok.bar_length(*sig)
+        return np.array(starts, dtype=np.int64)
+
+
+_CONDUCTOR_KINDS = (TokenKind.TIMESIG, TokenKind.CHORD, TokenKind.POS, TokenKind.TEMPO)
+_NOTE_KINDS = (TokenKind.POS, TokenKind.PITCH, TokenKind.DUR, TokenKind.VEL)
+
+
+def _check_bar_grammar(tok: HIDTokenizer, bar: np.ndarray, track_token: int, first_index: int) -> None:
+    """Order rules inside one bar: positions rise and fit the bar, notes start with Pos and carry Dur/Vel."""
+    kinds = tok.kinds[bar]
+    where = lambda j: f"token {first_index + j} ({tok.vocab[bar[j]]})"  # noqa: E731
+    last_pos = -1
+    if track_token == TRACK_CONDUCTOR:
+        order = {TokenKind.TIMESIG: 0, TokenKind.CHORD: 1}
+        stage = -1
+        for j, k in enumerate(kinds):
+            if k in order:
+                if order[k] <= stage or last_pos >= 0:
+                    raise HIDError(f"{where(j)} is out of order in a conductor bar")
+                stage = order[k]
+            elif k == TokenKind.POS:
+                p = int(bar[j] - tok.pos0)
+                if p <= last_pos or j + 1 >= len(bar) or kinds[j + 1] != TokenKind.TEMPO:
+                    raise HIDError(f"{where(j)} must rise and be followed by a tempo")
+                last_pos = p
+            elif k == TokenKind.TEMPO and (j == 0 or kinds[j - 1] != TokenKind.POS):
+                raise HIDError(f"{where(j)} must follow a position")
+        return
+    is_drum = track_token == TRACK_DRUMS
+    seen_dur = seen_vel = False
+    for j, k in enumerate(kinds):
+        if k == TokenKind.POS:
+            p = int(bar[j] - tok.pos0)
+            if p <= last_pos or j + 1 >= len(bar) or kinds[j + 1] != TokenKind.PITCH:
+                raise HIDError(f"{where(j)} must rise within the bar and be followed by a pitch")
+            last_pos = p
+        elif k == TokenKind.PITCH:
+            if last_pos < 0:
+                raise HIDError(f"{where(j)} has no position before it in its bar")
+            following = kinds[j + 1 : j + 3].tolist()
+            has_dur = TokenKind.DUR in following[:1]
+            has_vel = TokenKind.VEL in following[: 1 + has_dur]
+            seen_dur |= has_dur
+            seen_vel |= has_vel
+            if (not is_drum and not seen_dur) or not seen_vel:
+                raise HIDError(f"{where(j)}: the first note of a bar needs its duration and velocity")
+        elif k == TokenKind.DUR:
+            if is_drum or kinds[j - 1] != TokenKind.PITCH:
+                raise HIDError(f"{where(j)} must follow a pitch of a pitched track")
+        elif k == TokenKind.VEL:
+            if kinds[j - 1] not in (TokenKind.PITCH, TokenKind.DUR):
+                raise HIDError(f"{where(j)} must follow a pitch or a duration")
+
+
+def _nearest(values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Index of the nearest value in sorted ``values`` for each x (ties go to the lower value)."""
+    x = np.asarray(x)
+    hi = np.clip(np.searchsorted(values, x), 1, len(values) - 1)
+    lo = hi - 1
+    return np.where(np.abs(x - values[lo]) <= np.abs(values[hi] - x), lo, hi)
+
+
+def _fold_pedal(notes: np.ndarray, pedals: list[tuple[int, int]]) -> int:
+    """Extend notes released while the sustain pedal is down to the pedal's release (in place).
+
+    A note is never extended past the next onset of the same pitch. Returns how many notes grew.
+    """
+    pedals_arr = np.array(sorted(pedals), dtype=np.int64).reshape(-1, 2)
+    order = np.lexsort((notes[:, 0], notes[:, 2]))
+    grown = 0
+    for rank, i in enumerate(order):
+        end = notes[i, 1]
+        k = np.searchsorted(pedals_arr[:, 0], end, side="right") - 1
+        if k < 0 or not (pedals_arr[k, 0] <= end < pedals_arr[k, 1]):
+            continue
+        new_end = pedals_arr[k, 1]
+        if rank + 1 < len(order):
+            j = order[rank + 1]
+            if notes[j, 2] == notes[i, 2]:
+                new_end = min(new_end, max(notes[j, 0], end))
+        if new_end > end:
+            notes[i, 1] = new_end
+            grown += 1
+    return grown
+
+
+def _track_priority(program: int, is_drum: bool) -> int:
+    """Drums, then bass, then chords/pads (keyboards, organs, guitars, ensembles, pads), then melodic lines."""
+    if is_drum:
+        return 0
+    if 32 <= program <= 39:
+        return 1
+    if program <= 31 or 48 <= program <= 55 or 88 <= program <= 95:
+        return 2
+    return 3
