@@ -182,7 +182,9 @@ class HIDTokenizer:
         self.chords = [(root, q) for root in range(12) for q in CHORD_QUALITIES]
         self.chord0 = add(TokenKind.CHORD, [f"Chord_{PITCH_CLASS_NAMES[r_]}{q}" for r_, q in self.chords])
         self.pos0 = add(TokenKind.POS, [f"Pos_{k}" for k in range(self.bar_positions)])
-        self.tempo_values = np.exp(np.linspace(math.log(self.tempo_min), math.log(self.tempo_max), self.tempo_bins))
+        self.tempo_values = np.exp(
+            np.linspace(math.log(self.tempo_min), math.log(self.tempo_max), self.tempo_bins)
+        )
         self.tempo0 = add(TokenKind.TEMPO, [f"Tempo_{t:.1f}" for t in self.tempo_values])
         self.pitch0 = add(TokenKind.PITCH, [f"Pitch_{p}" for p in range(128)])
         self.duration_values = _duration_bins(r)
@@ -231,7 +233,9 @@ class HIDTokenizer:
             ).astype(np.int64)
             pedals = [(p.time, p.time + p.duration) for p in t.pedals]
             controls = sum(1 for c in t.controls if c.number != 64)
-            tracks.append(_Track(int(t.program), bool(t.is_drum), notes, pedals, controls, len(t.pitch_bends)))
+            tracks.append(
+                _Track(int(t.program), bool(t.is_drum), notes, pedals, controls, len(t.pitch_bends))
+            )
         tempos = [(int(tm.time), float(tm.qpm)) for tm in score.tempos]
         sigs = [(int(ts.time), int(ts.numerator), int(ts.denominator)) for ts in score.time_signatures]
         return _Music(int(score.ticks_per_quarter), tracks, tempos, sigs)
@@ -251,7 +255,9 @@ class HIDTokenizer:
                     pedals.append((down, cc.time))
                     down = None
             controls = sum(1 for c in inst.control_changes if c.number != 64)
-            tracks.append(_Track(int(inst.program), bool(inst.is_drum), notes, pedals, controls, len(inst.pitch_bends)))
+            tracks.append(
+                _Track(int(inst.program), bool(inst.is_drum), notes, pedals, controls, len(inst.pitch_bends))
+            )
         tempos = [(int(t.time), 60_000_000 / round(60_000_000 / t.tempo)) for t in midi.tempo_changes]
         sigs = [(int(t.time), int(t.numerator), int(t.denominator)) for t in midi.time_signature_changes]
         return _Music(int(midi.ticks_per_beat), tracks, tempos, sigs)
@@ -311,7 +317,9 @@ class HIDTokenizer:
             if t.is_drum:
                 q[:, 2] = 0
             q = np.unique(q, axis=0)  # sorted by onset, then pitch; exact duplicates collapse
-            keyed.append(((_track_priority(t.program, t.is_drum), 0 if t.is_drum else t.program, index), q, t))
+            keyed.append(
+                ((_track_priority(t.program, t.is_drum), 0 if t.is_drum else t.program, index), q, t)
+            )
         keyed.sort(key=lambda item: item[0])
         return [(t.program, t.is_drum, q) for _, q, t in keyed]
 
@@ -346,7 +354,9 @@ class HIDTokenizer:
         tempo_events: dict[int, int] = {}
         for tick, qpm in sorted(music.tempos, key=lambda e: e[0]):
             step = max(0, int(round(tick * self.resolution / music.tpq)))
-            tempo_events[step] = int(_nearest(np.log(self.tempo_values), np.array([math.log(max(qpm, 1e-3))]))[0])
+            tempo_events[step] = int(
+                _nearest(np.log(self.tempo_values), np.array([math.log(max(qpm, 1e-3))]))[0]
+            )
         initial = tempo_events.pop(0, None)
         if initial is None:
             earlier = [b for s, b in tempo_events.items() if s < 0]
