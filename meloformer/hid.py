@@ -57,6 +57,7 @@ class TokenKind(IntEnum):
 
 
 PAD, BOS, EOS, BAR = 0, 1, 2, 3
+MAX_PITCHED_TRACKS = 15  # each pitched track gets its own MIDI channel; channel 9 is for drums
 TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0 = 4, 5, 6  # Track_p is TRACK_PROGRAM0 + p
 
 
@@ -182,9 +183,7 @@ class HIDTokenizer:
         self.chords = [(root, q) for root in range(12) for q in CHORD_QUALITIES]
         self.chord0 = add(TokenKind.CHORD, [f"Chord_{PITCH_CLASS_NAMES[r_]}{q}" for r_, q in self.chords])
         self.pos0 = add(TokenKind.POS, [f"Pos_{k}" for k in range(self.bar_positions)])
-        self.tempo_values = np.exp(
-            np.linspace(math.log(self.tempo_min), math.log(self.tempo_max), self.tempo_bins)
-        )
+        self.tempo_values = np.exp(np.linspace(math.log(self.tempo_min), math.log(self.tempo_max), self.tempo_bins))
         self.tempo0 = add(TokenKind.TEMPO, [f"Tempo_{t:.1f}" for t in self.tempo_values])
         self.pitch0 = add(TokenKind.PITCH, [f"Pitch_{p}" for p in range(128)])
         self.duration_values = _duration_bins(r)
@@ -233,9 +232,7 @@ class HIDTokenizer:
             ).astype(np.int64)
             pedals = [(p.time, p.time + p.duration) for p in t.pedals]
             controls = sum(1 for c in t.controls if c.number != 64)
-            tracks.append(
-                _Track(int(t.program), bool(t.is_drum), notes, pedals, controls, len(t.pitch_bends))
-            )
+            tracks.append(_Track(int(t.program), bool(t.is_drum), notes, pedals, controls, len(t.pitch_bends)))
         tempos = [(int(tm.time), float(tm.qpm)) for tm in score.tempos]
         sigs = [(int(ts.time), int(ts.numerator), int(ts.denominator)) for ts in score.time_signatures]
         return _Music(int(score.ticks_per_quarter), tracks, tempos, sigs)
@@ -244,9 +241,7 @@ class HIDTokenizer:
     def _from_miditoolkit(midi: Any) -> _Music:
         tracks = []
         for inst in midi.instruments:
-            notes = np.array(
-                [(n.start, n.end, n.pitch, n.velocity) for n in inst.notes], dtype=np.int64
-            ).reshape(-1, 4)
+            notes = np.array([(n.start, n.end, n.pitch, n.velocity) for n in inst.notes], dtype=np.int64).reshape(-1, 4)
             pedals, down = [], None
             for cc in sorted((c for c in inst.control_changes if c.number == 64), key=lambda c: c.time):
                 if cc.value >= 64 and down is None:
@@ -255,9 +250,7 @@ class HIDTokenizer:
                     pedals.append((down, cc.time))
                     down = None
             controls = sum(1 for c in inst.control_changes if c.number != 64)
-            tracks.append(
-                _Track(int(inst.program), bool(inst.is_drum), notes, pedals, controls, len(inst.pitch_bends))
-            )
+            tracks.append(_Track(int(inst.program), bool(inst.is_drum), notes, pedals, controls, len(inst.pitch_bends)))
         tempos = [(int(t.time), 60_000_000 / round(60_000_000 / t.tempo)) for t in midi.tempo_changes]
         sigs = [(int(t.time), int(t.numerator), int(t.denominator)) for t in midi.time_signature_changes]
         return _Music(int(midi.ticks_per_beat), tracks, tempos, sigs)
@@ -277,6 +270,11 @@ class HIDTokenizer:
             raise HIDError("no notes")
         if len(tracks) > self.max_tracks:
             raise HIDError(f"{len(tracks)} instrument tracks exceed max_tracks={self.max_tracks}")
+        pitched = sum(1 for _, is_drum, _ in tracks if not is_drum)
+        if pitched > MAX_PITCHED_TRACKS:
+            raise HIDError(
+                f"{pitched} pitched tracks exceed max_tracks: MIDI has {MAX_PITCHED_TRACKS} non-drum channels"
+            )
         last_onset = max(int(t[2][:, 0].max()) for t in tracks)
         bar_starts, bar_sigs = self._bars(music, last_onset)
         n_bars = len(bar_starts)
@@ -317,9 +315,7 @@ class HIDTokenizer:
             if t.is_drum:
                 q[:, 2] = 0
             q = np.unique(q, axis=0)  # sorted by onset, then pitch; exact duplicates collapse
-            keyed.append(
-                ((_track_priority(t.program, t.is_drum), 0 if t.is_drum else t.program, index), q, t)
-            )
+            keyed.append(((_track_priority(t.program, t.is_drum), 0 if t.is_drum else t.program, index), q, t))
         keyed.sort(key=lambda item: item[0])
         return [(t.program, t.is_drum, q) for _, q, t in keyed]
 
@@ -328,9 +324,7 @@ class HIDTokenizer:
 
         A time-signature change takes effect at the first bar line at or after its (quantised) time.
         """
-        changes = sorted(
-            (int(round(t * self.resolution / music.tpq)), n, d) for t, n, d in music.time_signatures
-        )
+        changes = sorted((int(round(t * self.resolution / music.tpq)), n, d) for t, n, d in music.time_signatures)
         for _, n, d in changes:
             if (n, d) not in self._timesig_index:
                 raise HIDError(f"unsupported time signature {n}/{d}")
@@ -354,9 +348,7 @@ class HIDTokenizer:
         tempo_events: dict[int, int] = {}
         for tick, qpm in sorted(music.tempos, key=lambda e: e[0]):
             step = max(0, int(round(tick * self.resolution / music.tpq)))
-            tempo_events[step] = int(
-                _nearest(np.log(self.tempo_values), np.array([math.log(max(qpm, 1e-3))]))[0]
-            )
+            tempo_events[step] = int(_nearest(np.log(self.tempo_values), np.array([math.log(max(qpm, 1e-3))]))[0])
         initial = tempo_events.pop(0, None)
         if initial is None:
             earlier = [b for s, b in tempo_events.items() if s < 0]

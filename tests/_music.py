@@ -1,0 +1,35 @@
+"""Small helpers shared by tests: build scores by hand and find the bundled demo corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import symusic
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_MIDI = REPO / "demo" / "midi"
+
+
+def demo_files() -> list[Path]:
+    return sorted(p for p in DEMO_MIDI.rglob("*") if p.suffix.lower() in (".mid", ".midi"))
+
+
+def make_score(
+    tracks: list[tuple[int, bool, list[tuple[float, float, int, int]]]],
+    tempos: list[tuple[float, float]] = ((0, 120.0),),
+    time_signatures: list[tuple[float, int, int]] = ((0, 4, 4),),
+    tpq: int = 480,
+) -> symusic.Score:
+    """tracks: (program, is_drum, [(onset, duration, pitch, velocity)]) with times in quarter notes."""
+    score = symusic.Score(tpq)
+    ticks = lambda q: int(round(q * tpq))  # noqa: E731
+    for q, n, d in time_signatures:
+        score.time_signatures.append(symusic.TimeSignature(ticks(q), n, d))
+    for q, bpm in tempos:
+        score.tempos.append(symusic.Tempo(ticks(q), qpm=bpm))
+    for program, is_drum, notes in tracks:
+        track = symusic.Track(program=program, is_drum=is_drum)
+        for onset, duration, pitch, velocity in notes:
+            track.notes.append(symusic.Note(ticks(onset), ticks(duration), pitch, velocity))
+        score.tracks.append(track)
+    return score

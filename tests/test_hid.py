@@ -1,0 +1,211 @@
+"""HID format version 1: hand-written pieces with known token sequences, one per rule of DESIGN section 1."""
+
+from __future__ import annotations
+
+import miditoolkit
+import mido
+import numpy as np
+import pytest
+import symusic
+
+from _music import make_score
+from meloformer.hid import HIDError, HIDTokenizer
+from meloformer.layout import layout
+
+TOK = HIDTokenizer()
+
+
+def names(tokens) -> list[str]:
+    return TOK.describe(tokens)
+
+
+def test_piano_piece_tokens_self_contained_bars_and_silent_bar():
+    # Bar 0: a C major triad split over two onsets; bar 1 silent; bar 2 one note whose duration and
+    # velocity equal the previous note's, yet they are written again because every bar resets.
+    score = make_score([(0, False, [(0, 1, 60, 100), (0, 1, 64, 100), (1, 1, 67, 80), (8, 1, 67, 80)])])
+    expected = (
+        "BOS Track_conductor Bar TimeSig_4/4 Chord_Cmaj Pos_0 Tempo_118.7 Bar Bar Chord_Gmaj "
+        "Track_0 Bar Pos_0 Pitch_60 Dur_12 Vel_99 Pitch_64 Pos_12 Pitch_67 Vel_79 Bar Bar Pos_0 Pitch_67 Dur_12 Vel_79 "
+        "EOS"
+    ).split()
+    assert names(TOK.encode(score)) == expected
+
+
+def test_meter_aware_positions_time_signature_and_tempo_changes():
+    score = make_score(
+        [(73, False, [(2, 1, 72, 64), (6.5, 0.5, 74, 64), (8, 1, 76, 64)])],
+        tempos=[(0, 100.0), (7, 140.0)],
+        time_signatures=[(0, 3, 4), (6, 2, 4)],
+    )
+    expected = (
+        "BOS Track_conductor Bar TimeSig_3/4 Chord_Cmaj Pos_0 Tempo_100.6 Bar Bar TimeSig_2/4 Chord_Dmaj "
+        "Pos_12 Tempo_140.0 Bar Chord_Emaj "
+        "Track_73 Bar Pos_24 Pitch_72 Dur_12 Vel_63 Bar Bar Pos_6 Pitch_74 Dur_6 Vel_63 "
+        "Bar Pos_0 Pitch_76 Dur_12 Vel_63 "
+        "EOS"
+    ).split()
+    tokens = TOK.encode(score)
+    assert names(tokens) == expected
+    decoded = TOK.decode(tokens)
+    assert [(ts.time, ts.numerator, ts.denominator) for ts in decoded.time_signatures] == [(0, 3, 4), (72, 2, 4)]
+    assert [(t.time, round(t.qpm, 1)) for t in decoded.tempos] == [(0, 100.6), (84, 140.0)]
+    assert [(n.time, n.duration, n.pitch) for n in decoded.tracks[0].notes] == [(24, 12, 72), (78, 6, 74), (96, 12, 76)]
+
+
+def test_track_priority_drums_without_duration_and_same_program_tracks_stay_separate(tmp_path):
+    flute = (73, False, [(0, 1, 79, 90)])
+    drums = (0, True, [(0, 0.25, 36, 100), (1, 0.25, 38, 100)])
+    bass = (33, False, [(0, 2, 36, 90)])
+    piano_a = (0, False, [(0, 1, 60, 90)])
+    piano_b = (0, False, [(0, 1, 64, 90)])
+    tokens = TOK.encode(make_score([flute, drums, bass, piano_a, piano_b]))
+    tracks = [n for n in names(tokens) if n.startswith("Track_")]
+    assert tracks == ["Track_conductor", "Track_drums", "Track_33", "Track_0", "Track_0", "Track_73"]
+    drum_part = names(tokens)[names(tokens).index("Track_drums") : names(tokens).index("Track_33")]
+    assert drum_part == "Track_drums Bar Pos_0 Pitch_36 Vel_99 Pos_12 Pitch_38".split()
+
+    path = tmp_path / "five.mid"
+    TOK.decode_to_file(tokens, path)
+    channels = {}
+    for number, track in enumerate(mido.MidiFile(path).tracks):
+        for msg in track:
+            if msg.type == "note_on":
+                channels.setdefault(number, set()).add(msg.channel)
+            if msg.type == "program_change":
+                channels.setdefault(("program", number), msg.program)
+    note_channels = [channels[k] for k in sorted(k for k in channels if isinstance(k, int))]
+    assert note_channels[0] == {9}  # drums
+    pitched = [c for channel_set in note_channels[1:] for c in channel_set]
+    assert len(pitched) == 4 and len(set(pitched)) == 4 and 9 not in pitched  # one channel per pitched track
+    reread = symusic.Score(path)
+    assert [(t.program, t.is_drum) for t in reread.tracks] == [
+        (0, True),
+        (33, False),
+        (0, False),
+        (0, False),
+        (73, False),
+    ]
+
+
+def _pedal_score(tmp_path) -> str:
+    score = make_score([(0, False, [(0, 0.5, 60, 100), (1, 0.5, 60, 100), (0, 0.5, 64, 100)])])
+    track = score.tracks[0]
+    track.controls.append(symusic.ControlChange(0, 64, 127))
+    track.controls.append(symusic.ControlChange(960, 64, 0))
+    track.controls.append(symusic.ControlChange(0, 7, 100))  # a volume controller: dropped and counted
+    path = tmp_path / "pedal.mid"
+    score.dump_midi(str(path))
+    return str(path)
+
+
+def test_sustain_pedal_folds_into_durations_and_other_controllers_are_counted(tmp_path):
+    path = _pedal_score(tmp_path)
+    tokens, stats = TOK.encode_with_stats(path)
+    notes = names(tokens)[names(tokens).index("Track_0") :]
+    # 60@0 stops at the next 60 (1 quarter = 12 steps); 64@0 and 60@1 last until the pedal lifts at 2.
+    assert notes == "Track_0 Bar Pos_0 Pitch_60 Dur_12 Vel_99 Pitch_64 Dur_24 Pos_12 Pitch_60 Dur_12 EOS".split()
+    assert stats.pedal_extended_notes == 3
+    assert stats.dropped_controls == 1
+    no_pedal = HIDTokenizer(sustain_pedal=False).encode(path)
+    assert "Dur_24" not in HIDTokenizer(sustain_pedal=False).describe(no_pedal)
+    assert np.array_equal(tokens, TOK.encode(miditoolkit.MidiFile(path)))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [({"max_tracks": 1}, "max_tracks"), ({"max_bars": 2}, "max_bars"), ({"max_tokens": 10}, "max_tokens")],
+)
+def test_limits_give_clear_errors(settings, message):
+    score = make_score([(0, False, [(0, 1, 60, 90), (8, 1, 62, 90)]), (40, False, [(0, 1, 72, 90)])])
+    with pytest.raises(HIDError, match=message):
+        HIDTokenizer(**settings).encode(score)
+
+
+def test_no_notes_and_unsupported_time_signature_are_errors():
+    with pytest.raises(HIDError, match="no notes"):
+        TOK.encode(make_score([(0, False, [])]))
+    with pytest.raises(HIDError, match="time signature 7/32"):
+        TOK.encode(make_score([(0, False, [(0, 1, 60, 90)])], time_signatures=[(0, 7, 32)]))
+
+
+def test_settings_round_trip_and_other_format_versions_are_refused():
+    tok = HIDTokenizer(resolution=8, tempo_bins=32, max_tracks=8)
+    assert HIDTokenizer(**tok.settings).settings == tok.settings
+    assert HIDTokenizer(**tok.settings).vocab == tok.vocab
+    with pytest.raises(HIDError, match="format version 2"):
+        HIDTokenizer(format_version=2)
+
+
+def test_transpose_moves_pitched_notes_and_chords_not_drums():
+    score = make_score([(0, True, [(0, 0.25, 36, 100)]), (0, False, [(0, 1, 60, 90), (0, 1, 64, 90), (0, 1, 67, 90)])])
+    tokens = TOK.encode(score)
+    up = TOK.transpose(tokens, 2)
+    assert names(up) == [
+        {"Pitch_60": "Pitch_62", "Pitch_64": "Pitch_66", "Pitch_67": "Pitch_69", "Chord_Cmaj": "Chord_Dmaj"}.get(n, n)
+        for n in names(tokens)
+    ]
+    assert "Pitch_36" in names(up)  # the kick drum stays
+    assert np.array_equal(
+        up,
+        TOK.encode(
+            make_score([(0, True, [(0, 0.25, 36, 100)]), (0, False, [(0, 1, 62, 90), (0, 1, 66, 90), (0, 1, 69, 90)])])
+        ),
+    )
+    assert TOK.pitch_range(tokens) == (60, 67)
+    with pytest.raises(HIDError, match="outside 0..127"):
+        TOK.transpose(tokens, 61)
+
+
+def test_layout_side_channels_of_a_small_piece():
+    score = make_score([(33, False, [(0, 1, 36, 90), (4, 1, 38, 90)]), (0, False, [(0, 1, 60, 90), (1, 1, 62, 90)])])
+    tokens = TOK.encode(score)
+    lay = layout(tokens)
+    seq = names(tokens)
+    # conductor (track 0), bass (1), piano (2); two bars each -> six segments in order.
+    b33, b0 = seq.index("Track_33"), seq.index("Track_0")
+    expected_track = [-1] + [0] * (b33 - 1) + [1] * (b0 - b33) + [2] * (len(seq) - 1 - b0) + [-1]
+    assert lay.track.tolist() == expected_track
+    bars = [int(b) for b, n in zip(lay.bar, seq) if n == "Bar"]
+    assert bars == [0, 1, 0, 1, 0, 1]
+    assert lay.num_segments() == 6
+    assert lay.is_global.tolist() == [n in ("BOS", "EOS") or n.startswith("Track_") for n in seq]
+    for s in range(6):
+        members = np.flatnonzero(lay.segment == s)
+        assert np.array_equal(members, np.arange(members[0], members[-1] + 1))  # contiguous
+        assert seq[members[0]] == "Bar" and (lay.segment_end[members] == members[-1]).all()
+    pitch_62 = seq.index("Pitch_62")
+    assert lay.onset_group[pitch_62] == lay.onset_group[pitch_62 - 1]  # with its Pos
+    assert lay.onset_group[pitch_62] != lay.onset_group[seq.index("Pitch_60")]
+    packed = np.concatenate([tokens, tokens, np.zeros(5, np.uint16)])
+    both = layout(packed)
+    assert both.doc.tolist() == [1] * len(tokens) + [2] * len(tokens) + [-1] * 5
+    assert both.num_segments() == 12
+    assert np.array_equal(layout(np.stack([packed, packed])).segment[1], both.segment)
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        lambda t: t[1:],  # no BOS
+        lambda t: np.concatenate([t[:3], t[4:]]),  # no time signature in bar 0
+        lambda t: np.insert(t, np.flatnonzero(t == 3)[-1] + 1, TOK.pitch0 + 60),  # a pitch before any position
+        lambda t: np.array([1, 4, 3, 5000], dtype=np.int64),  # id outside the vocabulary
+    ],
+)
+def test_decoding_bad_sequences_raises_hid_error(mutate):
+    tokens = TOK.encode(make_score([(0, False, [(0, 1, 60, 90), (4, 1, 62, 90)])])).astype(np.int64)
+    with pytest.raises(HIDError):
+        TOK.decode(mutate(tokens))
+
+
+def test_random_token_sequences_decode_or_raise_hid_error_only():
+    rng = np.random.default_rng(0)
+    good = TOK.encode(make_score([(0, False, [(0, 1, 60, 90), (4, 1, 62, 90)])]))
+    for _ in range(300):
+        tokens = good.copy()
+        for i in rng.integers(1, len(tokens), size=rng.integers(1, 4)):
+            tokens[i] = rng.integers(0, TOK.vocab_size)
+        try:
+            TOK.decode(tokens)
+        except HIDError:
+            pass
