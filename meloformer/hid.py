@@ -196,6 +196,9 @@ class HIDTokenizer:
         self.vocab: list[str] = names
         self.kinds = np.array(kinds, dtype=np.int8)
         self._timesig_index = {ts: i for i, ts in enumerate(self.time_signatures)}
+        self._chord_templates = np.zeros((len(self.chords), 12), dtype=np.int64)
+        for i, (root, quality) in enumerate(self.chords):
+            self._chord_templates[i, [(root + k) % 12 for k in CHORD_QUALITIES[quality]]] = 1
         if len(names) > np.iinfo(np.uint16).max:
             raise HIDError("vocabulary does not fit in uint16")
 
@@ -353,48 +356,47 @@ class HIDTokenizer:
         if initial is None:
             earlier = [b for s, b in tempo_events.items() if s < 0]
             initial = earlier[-1] if earlier else int(_nearest(self.tempo_values, np.array([120.0]))[0])
-        changes = [(s, b) for s, b in sorted(tempo_events.items()) if s > 0]
+        changes = [(s, b) for s, b in sorted(tempo_events.items()) if 0 < s < bar_ends[-1]]  # later ones are dropped
         pitched = [q for _, is_drum, q in tracks if not is_drum]
         pitched = np.concatenate(pitched) if pitched else np.zeros((0, 4), dtype=np.int64)
-        bar_of_change = np.searchsorted(bar_starts, [s for s, _ in changes], side="right") - 1
+        chords = self._detect_chords(pitched, bar_starts, bar_ends)
+        changes_in_bar: dict[int, list[tuple[int, int]]] = {}
+        for step, tempo_bin in changes:
+            bar = int(np.searchsorted(bar_starts, step, side="right") - 1)
+            changes_in_bar.setdefault(bar, []).append((step, tempo_bin))
 
         out, current, prev_sig = [TRACK_CONDUCTOR], initial, None
-        for b, (start, end) in enumerate(zip(bar_starts, bar_ends)):
+        for b, start in enumerate(bar_starts):
             out.append(BAR)
             if bar_sigs[b] != prev_sig:
                 out.append(self.timesig0 + self._timesig_index[bar_sigs[b]])
                 prev_sig = bar_sigs[b]
-            chord = self._detect_chord(pitched, start, end)
-            if chord is not None:
-                out.append(self.chord0 + chord)
+            if chords[b] >= 0:
+                out.append(self.chord0 + int(chords[b]))
             if b == 0:
                 out += [self.pos0, self.tempo0 + initial]
-            for (step, tempo_bin), cb in zip(changes, bar_of_change):
-                if cb == b and tempo_bin != current:
+            for step, tempo_bin in changes_in_bar.get(b, ()):
+                if tempo_bin != current:
                     out += [self.pos0 + int(step - start), self.tempo0 + tempo_bin]
                     current = tempo_bin
         return out
 
-    def _detect_chord(self, notes: np.ndarray, bar_start: int, bar_end: int) -> int | None:
-        """Chord index for the non-drum notes with onset in [bar_start, bar_end), or None if silent.
+    def _detect_chords(self, notes: np.ndarray, bar_starts: np.ndarray, bar_ends: np.ndarray) -> np.ndarray:
+        """Chord index per bar (-1 for a bar with no pitched onset) from non-drum notes with onset in the bar.
 
-        Template matching on duration-weighted pitch classes (durations clipped at the bar end); ties go to
-        the smaller template, then to the lower root. Integer arithmetic keeps it exactly reproducible.
+        Template matching on duration-weighted pitch classes (durations clipped at the bar end); the root must
+        sound; ties go to the smaller template, then to the lower root. Integer arithmetic keeps it exact.
         """
-        inside = notes[(notes[:, 0] >= bar_start) & (notes[:, 0] < bar_end)]
-        if len(inside) == 0:
-            return None
-        weight = np.minimum(inside[:, 2], bar_end - inside[:, 0])
-        pcs = np.bincount(inside[:, 1] % 12, weights=weight, minlength=12).astype(np.int64)
-        total = int(pcs.sum())
-        best, best_score = None, None
-        for index, (root, quality) in enumerate(self.chords):
-            template = CHORD_QUALITIES[quality]
-            hit = sum(int(pcs[(root + i) % 12]) for i in template)
-            score = (2 * hit - total) * 16 - len(template)
-            if pcs[root] > 0 and (best_score is None or score > best_score):
-                best, best_score = index, score
-        return best
+        n_bars = len(bar_starts)
+        bar_of = np.searchsorted(bar_starts, notes[:, 0], side="right") - 1
+        weight = np.minimum(notes[:, 2], bar_ends[bar_of] - notes[:, 0])
+        pcs = np.bincount(bar_of * 12 + notes[:, 1] % 12, weights=weight, minlength=n_bars * 12)
+        pcs = pcs.reshape(n_bars, 12).astype(np.int64)
+        hit = pcs @ self._chord_templates.T  # [bars, chords]
+        score = (2 * hit - pcs.sum(axis=1, keepdims=True)) * 16 - self._chord_templates.sum(axis=1)
+        roots = np.array([root for root, _ in self.chords])
+        score = np.where(pcs[:, roots] > 0, score, np.iinfo(np.int64).min)
+        return np.where(pcs.sum(axis=1) > 0, score.argmax(axis=1), -1)
 
     def _track_tokens(self, notes: np.ndarray, is_drum: bool, bar_starts: np.ndarray) -> list[int]:
         out = []

@@ -209,3 +209,12 @@ def test_random_token_sequences_decode_or_raise_hid_error_only():
             TOK.decode(tokens)
         except HIDError:
             pass
+
+
+def test_tempo_changes_after_the_last_bar_are_dropped():
+    score = make_score([(0, False, [(0, 1, 60, 90)])], tempos=[(0, 120.0), (2, 60.0), (9, 200.0)])
+    assert (
+        names(TOK.encode(score))[:9]
+        == "BOS Track_conductor Bar TimeSig_4/4 Chord_Cmaj Pos_0 Tempo_118.7 Pos_24 Tempo_61.2".split()
+    )
+    assert "Tempo_200" not in " ".join(names(TOK.encode(score)))
