@@ -61,6 +61,9 @@ MAX_PITCHED_TRACKS = 15  # each pitched track gets its own MIDI channel; channel
 TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0 = 4, 5, 6  # Track_p is TRACK_PROGRAM0 + p
 
 
+NOTE_COLUMNS = ("track", "bar", "pos", "onset", "pitch", "duration", "velocity")
+
+
 class HIDError(ValueError):
     """A piece that cannot be encoded (or tokens that cannot be decoded); the message says why."""
 
@@ -439,24 +442,39 @@ class HIDTokenizer:
         for b, c in chords:
             root, quality = self.chords[c]
             score.markers.append(symusic.TextMeta(int(bar_starts[b]), PITCH_CLASS_NAMES[root] + quality))
-        drum_duration = self.resolution // 4
-        for number, (track_token, bars) in enumerate(piece.tracks):
+        notes = self.note_table(piece)
+        for number, (track_token, _) in enumerate(piece.tracks):
             is_drum = track_token == TRACK_DRUMS
             program = 0 if is_drum else track_token - TRACK_PROGRAM0
             name = "Drums" if is_drum else f"Track {number + 1} (program {program})"
             track = symusic.Track(name=name, program=program, is_drum=is_drum)
-            for b, bar in enumerate(bars):
-                for pos, pitch, dur, vel in self._bar_notes(bar, is_drum):
-                    length = drum_duration if is_drum else int(self.duration_values[dur])
-                    vel_value = int(self.velocity_values[vel])
-                    track.notes.append(symusic.Note(int(bar_starts[b] + pos), length, pitch, vel_value))
+            for row in notes[notes[:, NOTE_COLUMNS.index("track")] == number]:
+                _, _, _, onset, pitch, duration, velocity = row.tolist()
+                track.notes.append(symusic.Note(onset, duration, pitch, velocity))
             score.tracks.append(track)
         return score
+
+    def note_table(self, tokens_or_piece: np.ndarray | Piece) -> np.ndarray:
+        """Every note as a row of ``NOTE_COLUMNS`` (track, bar, pos, onset, pitch, duration, velocity).
+
+        ``track`` counts instrument tracks from 0; times are grid steps; drums get ``resolution // 4``.
+        """
+        piece = tokens_or_piece if isinstance(tokens_or_piece, Piece) else self.parse(tokens_or_piece)
+        bar_starts = piece.bar_starts(self)
+        rows = []
+        for number, (track_token, bars) in enumerate(piece.tracks):
+            is_drum = track_token == TRACK_DRUMS
+            for b, bar in enumerate(bars):
+                for pos, pitch, dur, vel in self._bar_notes(bar):
+                    length = self.resolution // 4 if is_drum else int(self.duration_values[dur])
+                    onset = int(bar_starts[b] + pos)
+                    rows.append((number, b, pos, onset, pitch, length, int(self.velocity_values[vel])))
+        return np.array(rows, dtype=np.int64).reshape(-1, len(NOTE_COLUMNS))
 
     def decode_to_file(self, tokens: np.ndarray, path: str | Path) -> None:
         self.decode(tokens).dump_midi(str(path))
 
-    def _bar_notes(self, bar: np.ndarray, is_drum: bool) -> list[tuple[int, int, int, int]]:
+    def _bar_notes(self, bar: np.ndarray) -> list[tuple[int, int, int, int]]:
         """(position, pitch, duration bin, velocity bin) of every note in one bar's tokens (after ``Bar``).
 
         A note's ``Dur``/``Vel`` follow its ``Pitch``; when absent, the previous note's values carry over.
@@ -627,14 +645,18 @@ class Piece:
             raise HIDError("bar 0 of the conductor must set the tempo at Pos_0")
         return sigs, tempos, chords
 
-    def bar_starts(self, tok: HIDTokenizer) -> np.ndarray:
+    def bar_lengths(self, tok: HIDTokenizer) -> np.ndarray:
+        """Grid positions in each bar, from the conductor's time signatures."""
         sigs = dict(self.conductor_events(tok)[0])
-        starts, at, sig = [], 0, None
+        lengths, sig = [], None
         for b in range(self.n_bars):
             sig = sigs.get(b, sig)
-            starts.append(at)
-            at += tok.bar_length(*sig)
-        return np.array(starts, dtype=np.int64)
+            lengths.append(tok.bar_length(*sig))
+        return np.array(lengths, dtype=np.int64)
+
+    def bar_starts(self, tok: HIDTokenizer) -> np.ndarray:
+        lengths = self.bar_lengths(tok)
+        return np.cumsum(lengths) - lengths
 
 
 _CONDUCTOR_KINDS = (TokenKind.TIMESIG, TokenKind.CHORD, TokenKind.POS, TokenKind.TEMPO)
