@@ -320,7 +320,10 @@ class HIDTokenizer:
             q = np.stack([start, notes[:, 2], dur, vel], axis=1)  # onset, pitch, duration, velocity
             if t.is_drum:
                 q[:, 2] = 0
-            q = np.unique(q, axis=0)  # sorted by onset, then pitch; exact duplicates collapse
+            q = np.unique(q, axis=0)  # sorted by onset, pitch, duration
+            # One note per (onset, pitch) in a track, the longest: a channel cannot sound a pitch twice.
+            last_of_group = np.append((q[1:, 0] != q[:-1, 0]) | (q[1:, 1] != q[:-1, 1]), True)
+            q = q[last_of_group]
             keyed.append(((_track_priority(t.program, t.is_drum), 0 if t.is_drum else t.program, index), q, t))
         keyed.sort(key=lambda item: item[0])
         return [(t.program, t.is_drum, q) for _, q, t in keyed]

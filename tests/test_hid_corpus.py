@@ -76,7 +76,7 @@ def test_every_note_comes_back_within_grid_and_bins(encoded):
                 kept += len(notes)
                 collapsed += len(originals) - len(notes)
             total += orig.note_num()
-    # Every note survives except exact duplicates (same onset, pitch, duration bin and velocity bin).
+    # Every note survives except notes doubling another of the same track at the same onset and pitch.
     assert kept + collapsed == total
     assert collapsed / total < 0.005, (collapsed, total)
 

@@ -1,0 +1,259 @@
+"""A grammar over HID token kinds: which tokens may come next, so every sample decodes to valid MIDI.
+
+``HIDGrammar.allowed()`` returns a boolean mask over the vocabulary for the next token; ``advance(token)``
+moves the state on. The rules are those that ``HIDTokenizer.parse`` checks (order of tracks and bars, a
+pitch after a position, the first note of a bar carrying duration and velocity, positions rising inside
+the bar's length, tempo after position), plus the controls of generation: a fixed number of bars (every
+track gets exactly as many bars as the conductor), a fixed time signature and tempo, and a fixed list of
+instrument tracks. Without a list, instrument tracks follow the canonical priority order (drums, bass,
+chords/pads, melodic lines). A piece cannot end without at least one note.
+
+numpy only: the sampler in ``meloformer.generate`` applies the mask to the model's logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from meloformer.hid import (
+    BAR,
+    BOS,
+    EOS,
+    MAX_PITCHED_TRACKS,
+    TRACK_CONDUCTOR,
+    TRACK_DRUMS,
+    TRACK_PROGRAM0,
+    HIDError,
+    HIDTokenizer,
+    TokenKind,
+    _track_priority,
+)
+
+
+def track_order_key(track_token: int) -> tuple[int, int]:
+    if track_token == TRACK_DRUMS:
+        return (0, 0)
+    program = track_token - TRACK_PROGRAM0
+    return (_track_priority(program, False), program)
+
+
+class HIDGrammar:
+    """Incremental grammar state for one sequence being generated."""
+
+    def __init__(
+        self,
+        tok: HIDTokenizer,
+        n_bars: int | None = None,
+        time_signature: tuple[int, int] | None = None,
+        tempo_bin: int | None = None,
+        instruments: list[int] | None = None,
+        free_track_order: bool = False,
+    ) -> None:
+        if time_signature is not None and tuple(time_signature) not in tok.time_signatures:
+            raise HIDError(f"unsupported time signature {time_signature[0]}/{time_signature[1]}")
+        if n_bars is not None and not 1 <= n_bars <= tok.max_bars:
+            raise HIDError(f"bars must be in 1..{tok.max_bars}, got {n_bars}")
+        self.tok = tok
+        self.n_bars = n_bars
+        self.time_signature = tuple(time_signature) if time_signature else None
+        self.tempo_bin = tempo_bin
+        self.instruments = list(instruments) if instruments is not None else None
+        self.free_track_order = free_track_order
+        kinds = tok.kinds
+        self._of_kind = {k: kinds == k for k in TokenKind}
+        self._pos = np.arange(tok.bar_positions)
+        self._track_tokens = np.flatnonzero(kinds == TokenKind.TRACK)
+        # state
+        self.started = False
+        self.done = False
+        self.track_number = -1  # 0 = conductor
+        self.track_token = 0
+        self.tracks: list[int] = []
+        self.bars_done = 0
+        self.bar_lengths: list[int] = []
+        self.stage = "track_head"
+        self.last_pos = -1
+        self.last_pitch = -1
+        self.bar_has_dur = self.bar_has_vel = False
+        self.notes = 0
+
+    @classmethod
+    def from_tokens(cls, tok: HIDTokenizer, tokens, **controls) -> HIDGrammar:
+        grammar = cls(tok, **controls)
+        for t in np.asarray(tokens).tolist():
+            grammar.advance(int(t))
+        return grammar
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def in_conductor(self) -> bool:
+        return self.track_number == 0
+
+    @property
+    def is_drum(self) -> bool:
+        return self.track_token == TRACK_DRUMS
+
+    def _bar_length(self) -> int:
+        return self.bar_lengths[self.bars_done - 1]
+
+    def _may_close_bar(self) -> bool:
+        """May the current bar end here? Not if it is the last chance to write the piece's first note."""
+        if self.in_conductor or self.notes > 0:
+            return True
+        last_bar = self.bars_done == self.n_bars
+        return not (last_bar and self._is_last_track())
+
+    def _is_last_track(self) -> bool:
+        if self.instruments is not None:
+            return self.track_number == len(self.instruments)
+        return len(self.tracks) - 1 >= self.tok.max_tracks
+
+    def _end_of_bar(self, mask: np.ndarray) -> None:
+        """Allow what may follow a complete bar: another Bar, the next Track, or EOS."""
+        if not self._may_close_bar():
+            return
+        if self.n_bars is None:  # only in the conductor: it decides how many bars every track gets
+            if self.bars_done < self.tok.max_bars:
+                mask[BAR] = True
+            self._next_track(mask)
+        elif self.bars_done < self.n_bars:
+            mask[BAR] = True
+        else:
+            self._next_track(mask)
+
+    def _next_track(self, mask: np.ndarray) -> None:
+        instruments_done = len(self.tracks) - 1  # minus the conductor
+        if self.instruments is not None:
+            if instruments_done < len(self.instruments):
+                mask[self.instruments[instruments_done]] = True
+            elif self.notes > 0:
+                mask[EOS] = True
+            return
+        if self.notes > 0:
+            mask[EOS] = True
+        if instruments_done >= self.tok.max_tracks:
+            return
+        pitched = sum(1 for t in self.tracks[1:] if t != TRACK_DRUMS)
+        for t in self._track_tokens:
+            if t == TRACK_CONDUCTOR or (t != TRACK_DRUMS and pitched >= MAX_PITCHED_TRACKS):
+                continue
+            if (
+                self.free_track_order
+                or self.track_number == 0
+                or track_order_key(t) >= track_order_key(self.track_token)
+            ):
+                mask[t] = True
+
+    # ------------------------------------------------------------------ the rules
+    def allowed(self) -> np.ndarray:
+        tok = self.tok
+        mask = np.zeros(tok.vocab_size, dtype=bool)
+        if self.done:
+            return mask
+        if not self.started:
+            mask[BOS] = True
+            return mask
+        if self.track_number < 0:
+            mask[TRACK_CONDUCTOR] = True
+            return mask
+        if self.stage == "track_head":
+            mask[BAR] = True
+            return mask
+        if self.in_conductor:
+            self._conductor_rules(mask)
+        else:
+            self._note_rules(mask)
+        return mask
+
+    def _conductor_rules(self, mask: np.ndarray) -> None:
+        tok, stage, first_bar = self.tok, self.stage, self.bars_done == 1
+        if stage == "need_tempo":
+            if self.tempo_bin is not None:
+                mask[tok.tempo0 + self.tempo_bin] = True
+            else:
+                mask |= self._of_kind[TokenKind.TEMPO]
+            return
+        if stage == "bar" and (first_bar or self.time_signature is None):
+            if self.time_signature is not None:
+                mask[tok.timesig0 + tok.time_signatures.index(self.time_signature)] = True
+            else:
+                mask |= self._of_kind[TokenKind.TIMESIG]
+            if first_bar:
+                return
+        if stage in ("bar", "timesig"):
+            mask |= self._of_kind[TokenKind.CHORD]
+        if first_bar and self.last_pos < 0:
+            mask[tok.pos0] = True  # bar 0 sets the tempo at its first position
+            return
+        if self.tempo_bin is None:
+            ok = (self._pos > self.last_pos) & (self._pos < self._bar_length())
+            mask[tok.pos0 + self._pos[ok]] = True
+        self._end_of_bar(mask)
+
+    def _note_rules(self, mask: np.ndarray) -> None:
+        tok, stage = self.tok, self.stage
+        if stage == "need_pitch":
+            mask[tok.pitch0 : tok.pitch0 + 128] = True
+            return
+        if stage in ("pitch", "dur") and not self.is_drum and not self.bar_has_dur:
+            mask |= self._of_kind[TokenKind.DUR]
+            return
+        if stage in ("pitch", "dur") and not self.bar_has_vel:
+            mask |= self._of_kind[TokenKind.VEL]
+            return
+        if stage == "pitch" and not self.is_drum:
+            mask |= self._of_kind[TokenKind.DUR]
+        if stage in ("pitch", "dur"):
+            mask |= self._of_kind[TokenKind.VEL]
+        if stage in ("pitch", "dur", "vel"):
+            mask[tok.pitch0 + self.last_pitch + 1 : tok.pitch0 + 128] = True
+        ok = (self._pos > self.last_pos) & (self._pos < self._bar_length())
+        mask[tok.pos0 + self._pos[ok]] = True
+        if stage in ("bar", "pitch", "dur", "vel"):
+            self._end_of_bar(mask)
+
+    def advance(self, token: int) -> None:
+        """Take ``token`` as the next one; raises HIDError if the grammar does not allow it."""
+        if not self.allowed()[token]:
+            raise HIDError(f"token {self.tok.vocab[token]} is not allowed here")
+        tok, kind = self.tok, self.tok.kinds[token]
+        if token == BOS:
+            self.started = True
+        elif token == EOS:
+            self.done = True
+        elif kind == TokenKind.TRACK:
+            if self.in_conductor and self.n_bars is None:
+                self.n_bars = self.bars_done
+            self.track_number += 1
+            self.track_token = token
+            self.tracks.append(token)
+            self.bars_done = 0
+            self.stage = "track_head"
+        elif token == BAR:
+            self.bars_done += 1
+            self.stage = "bar"
+            self.last_pos = self.last_pitch = -1
+            self.bar_has_dur = self.bar_has_vel = False
+            if self.in_conductor:
+                self.bar_lengths.append(self.bar_lengths[-1] if self.bar_lengths else 0)
+        elif kind == TokenKind.TIMESIG:
+            self.bar_lengths[-1] = tok.bar_length(*tok.time_signatures[token - tok.timesig0])
+            self.stage = "timesig"
+        elif kind == TokenKind.CHORD:
+            self.stage = "chord"
+        elif kind == TokenKind.POS:
+            self.last_pos = token - tok.pos0
+            self.last_pitch = -1
+            self.stage = "need_tempo" if self.in_conductor else "need_pitch"
+        elif kind == TokenKind.TEMPO:
+            self.stage = "tempo"
+        elif kind == TokenKind.PITCH:
+            self.last_pitch = token - tok.pitch0
+            self.notes += 1
+            self.stage = "pitch"
+        elif kind == TokenKind.DUR:
+            self.bar_has_dur = True
+            self.stage = "dur"
+        elif kind == TokenKind.VEL:
+            self.bar_has_vel = True
+            self.stage = "vel"
