@@ -331,27 +331,44 @@ class HIDTokenizer:
     def _bars(self, music: _Music, last_onset: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
         """Bar start steps and time signatures up to the bar holding ``last_onset``.
 
-        A time-signature change takes effect at the first bar line at or after its (quantised) time.
+        As in MIDI, a time-signature event starts a new bar where it stands. A bar that it cuts short gets
+        the time signature of its real length (a pickup of one eighth becomes a 1/8 bar), so bar lines come
+        back exactly; where no signature has that length (less than a sixteenth), the change waits for the
+        next bar line instead.
         """
-        changes = sorted((int(round(t * self.resolution / music.tpq)), n, d) for t, n, d in music.time_signatures)
-        for _, n, d in changes:
+        events = sorted(
+            ((int(round(t * self.resolution / music.tpq)), (n, d)) for t, n, d in music.time_signatures),
+            key=lambda e: e[0],
+        )
+        for _, (n, d) in events:
             if (n, d) not in self._timesig_index:
                 raise HIDError(f"unsupported time signature {n}/{d}")
-        sig = (4, 4)
-        pending = [c for c in changes if c[0] > 0]
-        for step, n, d in changes:
-            if step <= 0:
-                sig = (n, d)
+        changes = dict(events)  # the last event at a step wins
+        sig = changes.pop(0, (4, 4)) if 0 in changes else next((s for t, s in events if t < 0), (4, 4))
+        pending = sorted((t, s) for t, s in changes.items() if t > 0)
         starts, sigs, at = [], [], 0
         while at <= last_onset:
-            while pending and pending[0][0] <= at:
-                sig = pending.pop(0)[1:]
+            length = self.bar_length(*sig)
+            cut = pending[0][0] - at if pending and pending[0][0] < at + length else None
+            short = self._signature_of_length(cut, sig[1]) if cut else None
             starts.append(at)
-            sigs.append(sig)
-            at += self.bar_length(*sig)
+            sigs.append(short or sig)
+            at += cut if short else length
+            while pending and pending[0][0] <= at:
+                sig = pending.pop(0)[1]
             if len(starts) > self.max_bars:
                 raise HIDError(f"more than max_bars={self.max_bars} bars")
         return np.array(starts, dtype=np.int64), sigs
+
+    def _signature_of_length(self, length: int, denominator: int) -> tuple[int, int] | None:
+        """A supported time signature whose bar is ``length`` steps, preferring ``denominator``."""
+        for d in (denominator, 4, 8, 16):
+            if (length * d) % (4 * self.resolution) == 0 and (
+                length * d // (4 * self.resolution),
+                d,
+            ) in self._timesig_index:
+                return (length * d // (4 * self.resolution), d)
+        return None
 
     def _conductor_tokens(self, music, tracks, bar_starts, bar_ends, bar_sigs) -> list[int]:
         tempo_events: dict[int, int] = {}

@@ -96,13 +96,23 @@ def test_tempo_and_time_signature_maps_come_back(encoded):
             t = round(tempo.time * R / tpq) / R
             if t >= end:
                 continue
-            expected = in_force(original.tempos, t, lambda e: round(e.time * R / tpq) / R, lambda e: e.qpm)
+            expected = in_force(original.tempos, t, lambda e, q=tpq: round(e.time * R / q) / R, lambda e: e.qpm)
             got = in_force(decoded.tempos, t, lambda e: e.time / R, lambda e: e.qpm)
             assert abs(np.log(got / expected)) <= np.log(TOK.tempo_values[1] / TOK.tempo_values[0]) / 2 + 1e-3, path
-        sigs = [(round(ts.time / tpq, 6), ts.numerator, ts.denominator) for ts in original.time_signatures]
-        sigs = [s for i, s in enumerate(sigs) if s[0] < end and (i == 0 or s[1:] != sigs[i - 1][1:])]
-        got = [(round(ts.time / R, 6), ts.numerator, ts.denominator) for ts in decoded.time_signatures]
-        assert got == sigs, path
+        # The meter map: every bar line of the original (as a MIDI reader counts them) comes back exactly.
+        # Up to the first bar that no time signature can hold: off the position grid, or shorter than a
+        # sixteenth (music21 writes a few 1/32-long bars where it splits a measure at a repeat).
+        steps = [b * R / tpq for b in original.get_downbeats()]
+        odd = [i for i, s in enumerate(steps) if abs(s - round(s)) > 1e-6 or (i and round(s - steps[i - 1]) % (R // 4))]
+        bar_lines = [round(s) / R for s in steps[: odd[0] if odd else len(steps)]]
+        decoded_lines = [b / R for b in decoded.get_downbeats()]
+        expected = [b for b in bar_lines if b < decoded_lines[-1] + 1e-9]
+        assert decoded_lines[: len(expected)] == expected, path
+        for ts in decoded.time_signatures:  # and the time signature of each full bar
+            t = ts.time / R
+            in_original = [(s.numerator, s.denominator) for s in original.time_signatures if s.time / tpq <= t + 1e-9]
+            if TOK.bar_length(ts.numerator, ts.denominator) == TOK.bar_length(*in_original[-1]):
+                assert (ts.numerator, ts.denominator) == in_original[-1], (path, t)
 
 
 def test_each_pitched_track_keeps_its_program_on_its_own_channel(encoded, tmp_path):
