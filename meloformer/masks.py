@@ -1,0 +1,248 @@
+"""Summary-token attention masks (DESIGN section 3), written as FlexAttention ``mask_mod``s.
+
+A row of the attention holds ``L`` regular tokens and then one contiguous block of ``S`` summary slots;
+slot ``s`` summarises segment ``s`` of the row and sits at the logical position where that segment ends.
+Keeping the slots together (instead of interleaving them after their segments) leaves whole 128x128 tiles
+empty, which FlexAttention skips.
+
+Every rule is a small ``mask_mod(b, h, q_idx, kv_idx)`` over per-sample side channels (``RowLayout``,
+tensors ``[B, L + S]`` indexed by the batch index ``b``), composed with ``and_masks``/``or_masks``. The
+same function is given to ``create_block_mask`` for the ``flex`` backend and evaluated on broadcast index
+tensors by ``dense_mask`` for the ``sdpa`` backend and for KV-cached decoding, so the rules exist once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, and_masks, or_masks
+
+from meloformer.hid import HIDTokenizer, TokenKind
+from meloformer.layout import layout
+
+DEFAULT_FINE_BARS = (1, 2, 4, 8, 12, 16, 24, 32)
+SLOT_MULTIPLE = 128
+
+MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+# Kind classes of the optional token-kind sparsity: a token of a class sees tokens of its own class (and of
+# class 0, which is unrestricted). Durations, like velocities, only see their own kind.
+_KIND_CLASS = np.zeros(len(TokenKind), dtype=np.int64)
+_KIND_CLASS[[TokenKind.POS, TokenKind.PITCH]] = 1
+_KIND_CLASS[TokenKind.VEL] = 2
+_KIND_CLASS[TokenKind.DUR] = 3
+
+
+@dataclasses.dataclass
+class RowLayout:
+    """Side channels of each attention row: ``L`` regular tokens, then ``S`` summary slots; all ``[B, L + S]``.
+
+    ``doc`` is -1 for padding and for unused slots (nobody sees them, they see only themselves). For a slot,
+    ``pos`` is its segment's end, ``segment`` its own index, and ``track``/``bar``/``track_token`` those of
+    its segment; ``is_global``, ``kind_class`` and ``onset_group`` only matter for regular tokens.
+    """
+
+    num_regular: int
+    pos: Tensor
+    doc: Tensor
+    segment: Tensor
+    track: Tensor
+    bar: Tensor
+    track_token: Tensor
+    is_global: Tensor
+    kind_class: Tensor
+    onset_group: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.pos.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.length - self.num_regular
+
+    def to(self, device: torch.device | str) -> RowLayout:
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_regular"}
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in tensors.items()})
+
+
+@functools.cache
+def _default_tokenizer() -> HIDTokenizer:
+    """Built once: ``layout`` would otherwise rebuild the vocabulary on every call (costly per decoding step)."""
+    return HIDTokenizer()
+
+
+def slots_for(num_segments: int, minimum: int) -> int:
+    """Summary slots for a batch: ``minimum`` (static shapes), or the next multiple of 128 that fits."""
+    if num_segments <= minimum:
+        return minimum
+    return -(-num_segments // SLOT_MULTIPLE) * SLOT_MULTIPLE
+
+
+def row_layout(
+    tokens: np.ndarray | Tensor,
+    min_slots: int | None = None,
+    doc_ids: np.ndarray | Tensor | None = None,
+    tokenizer: HIDTokenizer | None = None,
+    open_last_segment: bool = False,
+) -> RowLayout:
+    """Build the per-row side channels of a batch ``[B, L]`` with one call to ``meloformer.layout.layout``.
+
+    Rows get ``min_slots`` summary slots, or ``slots_for`` more when a row has more segments; ``None`` gives
+    exactly the largest segment count. With ``open_last_segment`` the segment holding the last token of a
+    row is treated as still open (its slot unused), as in incremental decoding, where a summary exists only
+    once the next token has closed its segment.
+    """
+    if isinstance(tokens, Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    if isinstance(doc_ids, Tensor):
+        doc_ids = doc_ids.detach().cpu().numpy()
+    tokens = np.atleast_2d(tokens)
+    lay = layout(tokens, tokenizer or _default_tokenizer(), doc_ids)
+    segments = int(np.max(lay.num_segments(), initial=0))
+    table = lay.segment_table(segments if min_slots is None else slots_for(segments, min_slots))
+    n = tokens.shape[1]
+    slot_doc = table["doc"]
+    if open_last_segment:
+        slot_doc = np.where(table["end"] == n - 1, -1, slot_doc)
+    slots = table["end"].shape[1]
+    kind_class = _KIND_CLASS[lay.kind]
+    rows = {
+        "pos": (np.broadcast_to(np.arange(n), tokens.shape), table["end"]),
+        "doc": (lay.doc, slot_doc),
+        "segment": (lay.segment, np.broadcast_to(np.arange(slots), slot_doc.shape)),
+        "track": (lay.track, table["track"]),
+        "bar": (lay.bar, table["bar"]),
+        "track_token": (lay.track_token, table["track_token"]),
+        "is_global": (lay.is_global, np.zeros_like(slot_doc, dtype=bool)),
+        "kind_class": (kind_class, np.zeros_like(slot_doc)),
+        "onset_group": (lay.onset_group, np.full_like(slot_doc, -1)),
+    }
+    tensors = {k: torch.from_numpy(np.concatenate([r, s], axis=1)) for k, (r, s) in rows.items()}
+    return RowLayout(num_regular=n, **tensors)
+
+
+def summary_mask_mod(
+    rows: RowLayout,
+    fine_bars: Sequence[int] = DEFAULT_FINE_BARS,
+    cross_window: int = 1,
+    kind_sparsity: bool = False,
+) -> MaskMod:
+    """The full mask of DESIGN section 3 for the rows of ``rows`` (query and key index the same row)."""
+    n = rows.num_regular
+    doc, pos, seg, track, bar = rows.doc, rows.pos, rows.segment, rows.track, rows.bar
+    is_global, kind_class, onset_group = rows.is_global, rows.kind_class, rows.onset_group
+    max_offset = max(fine_bars, default=0)
+    fine = torch.zeros(max_offset + 1, dtype=torch.bool, device=doc.device)
+    fine[[o for o in fine_bars if o > 0]] = True
+
+    def itself(b, h, q, kv):
+        return q == kv
+
+    def same_doc(b, h, q, kv):
+        return (doc[b, q] == doc[b, kv]) & (doc[b, q] >= 0)
+
+    def sr(b, h, q, kv):
+        """sigma(s) sees every regular token of s."""
+        return (q >= n) & (kv < n) & (seg[b, kv] == seg[b, q])
+
+    def ss(b, h, q, kv):
+        """sigma(s) sees sigma(s') when s' ended before s ended."""
+        return (q >= n) & (kv >= n) & (pos[b, kv] < pos[b, q])
+
+    def rs(b, h, q, kv):
+        """A regular token at p sees sigma(s') when s' ended before p."""
+        return (q < n) & (kv >= n) & (pos[b, kv] < pos[b, q])
+
+    def rr_causal(b, h, q, kv):
+        return (q < n) & (kv <= q)
+
+    def rr_global(b, h, q, kv):
+        return is_global[b, kv]
+
+    def rr_same_segment(b, h, q, kv):
+        return (seg[b, q] == seg[b, kv]) & (seg[b, q] >= 0)
+
+    def rr_fine_bar(b, h, q, kv):
+        """Same track, ``bar(q) - bar(kv)`` in ``fine_bars``."""
+        offset = bar[b, q] - bar[b, kv]
+        in_table = (offset > 0) & (offset <= max_offset) & fine[offset.clamp(0, max_offset)]
+        return (track[b, q] == track[b, kv]) & (bar[b, kv] >= 0) & in_table
+
+    def rr_cross_track(b, h, q, kv):
+        """Another track, bar within ``cross_window`` (causality keeps only earlier tracks)."""
+        near = (bar[b, q] - bar[b, kv]).abs() <= cross_window
+        return (track[b, q] != track[b, kv]) & (bar[b, q] >= 0) & (bar[b, kv] >= 0) & near
+
+    def rr_kind(b, h, q, kv):
+        """Optional: onset/pitch see onset/pitch, velocity sees velocity; one onset group sees itself."""
+        cq, ck = kind_class[b, q], kind_class[b, kv]
+        same_onset = (onset_group[b, q] == onset_group[b, kv]) & (onset_group[b, q] >= 0)
+        return (cq == 0) | (ck == 0) | (cq == ck) | same_onset
+
+    local = or_masks(rr_same_segment, rr_fine_bar, rr_cross_track)
+    if kind_sparsity:
+        local = and_masks(local, rr_kind)
+    rr = and_masks(rr_causal, or_masks(rr_global, local))
+    return or_masks(itself, and_masks(same_doc, or_masks(sr, ss, rs, rr)))
+
+
+def dense_mask(mask_mod: MaskMod, batch_size: int, q_idx: Tensor, kv_idx: Tensor, chunk: int = 512) -> Tensor:
+    """Evaluate ``mask_mod`` on broadcast index tensors: a boolean ``[B, 1, Q, KV]`` matrix (True = attend).
+
+    ``q_idx`` is ``[Q]`` or per sample ``[B, Q]``; ``kv_idx`` is ``[KV]``. Queries go in chunks so the
+    integer intermediates stay small at long context.
+    """
+    device = kv_idx.device
+    b = torch.arange(batch_size, device=device)[:, None, None, None]
+    h = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    q_idx = q_idx.expand(batch_size, -1) if q_idx.ndim == 1 else q_idx
+    kv = kv_idx[None, None, None, :]
+    out = torch.empty(batch_size, 1, q_idx.shape[1], kv_idx.shape[0], dtype=torch.bool, device=device)
+    for start in range(0, q_idx.shape[1], chunk):
+        q = q_idx[:, None, start : start + chunk, None]
+        out[:, :, start : start + chunk] = mask_mod(b, h, q, kv)
+    return out
+
+
+def full_dense_mask(mask_mod: MaskMod, rows: RowLayout) -> Tensor:
+    """The whole ``[B, 1, L + S, L + S]`` boolean mask of ``rows``: the ``sdpa`` backend's reference."""
+    idx = torch.arange(rows.length, device=rows.pos.device)
+    return dense_mask(mask_mod, rows.batch_size, idx, idx)
+
+
+def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:
+    """The ``flex`` backend's per-sample block mask; build it once per batch and share it across layers.
+
+    Evaluated tile row by tile row with ``dense_mask`` (the same broadcast evaluation as the ``sdpa`` mask),
+    so memory stays at one strip of tiles and no compilation is needed per shape.
+    """
+    t, batch = rows.length, rows.batch_size
+    device = rows.pos.device
+    n_blocks = -(-t // block_size)
+    padded = n_blocks * block_size
+    idx = torch.arange(t, device=device)
+    partial = torch.zeros(batch, 1, n_blocks, n_blocks, dtype=torch.bool, device=device)
+    full = torch.zeros_like(partial)
+    for i in range(n_blocks):
+        strip = torch.zeros(batch, 1, block_size, padded, dtype=torch.bool, device=device)
+        q = idx[i * block_size : (i + 1) * block_size]
+        strip[:, :, : len(q), :t] = dense_mask(mask_mod, batch, q, idx)
+        tiles = strip.view(batch, 1, block_size, n_blocks, block_size)
+        any_, all_ = tiles.any(dim=(2, 4)), tiles.all(dim=(2, 4))
+        partial[:, :, i] = any_ & ~all_
+        full[:, :, i] = all_
+
+    def to_kv(blocks: Tensor) -> tuple[Tensor, Tensor]:
+        return blocks.sum(-1, dtype=torch.int32), blocks.int().argsort(dim=-1, descending=True, stable=True).int()
+
+    return BlockMask.from_kv_blocks(*to_kv(partial), *to_kv(full), block_size, mask_mod, seq_lengths=(t, t))

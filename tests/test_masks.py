@@ -1,0 +1,321 @@
+"""Summary-token attention mask (DESIGN section 3) on a hand-written two-track piece, rule by rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
+
+from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
+from meloformer.masks import block_mask, full_dense_mask, row_layout, slots_for, summary_mask_mod
+from meloformer.model import compiled_flex_attention
+
+TOK = HIDTokenizer()
+BARS = 4
+
+
+def pos(k: int) -> int:
+    return TOK.pos0 + k
+
+
+def pitch(p: int) -> int:
+    return TOK.pitch0 + p
+
+
+def build_piece() -> tuple[list[int], dict[str, int]]:
+    """BOS, conductor, piano and bass tracks over four bars; ``at`` names every token's position.
+
+    Names: ``"<track>.<bar>.<what>"`` with track ``cond``, ``piano`` or ``bass``; ``Track_<track>``; BOS, EOS.
+    """
+    tokens: list[int] = []
+    at: dict[str, int] = {}
+
+    def add(token: int, name: str) -> None:
+        at[name] = len(tokens)
+        tokens.append(token)
+
+    add(BOS, "BOS")
+    add(TRACK_CONDUCTOR, "Track_cond")
+    for b in range(BARS):
+        add(BAR, f"cond.{b}.Bar")
+        if b == 0:
+            add(TOK.timesig0 + TOK.time_signatures.index((4, 4)), "cond.0.TimeSig")
+            add(pos(0), "cond.0.Pos")
+            add(TOK.tempo0 + 20, "cond.0.Tempo")
+    for name, program, base in (("piano", 0, 60), ("bass", 33, 36)):
+        add(TRACK_PROGRAM0 + program, f"Track_{name}")
+        for b in range(BARS):
+            add(BAR, f"{name}.{b}.Bar")
+            add(pos(0), f"{name}.{b}.Pos")
+            add(pitch(base + b), f"{name}.{b}.Pitch")
+            add(TOK.dur0 + 11, f"{name}.{b}.Dur")
+            add(TOK.vel0 + 20, f"{name}.{b}.Vel")
+            add(pos(24), f"{name}.{b}.Pos2")
+            add(pitch(base + b + 7), f"{name}.{b}.Pitch2")
+    add(EOS, "EOS")
+    return tokens, at
+
+
+TOKENS, AT = build_piece()
+TRACKS = {"cond": 0, "piano": 1, "bass": 2}
+
+
+class Mask:
+    """The dense mask of a batch, addressed by token names and ``sigma(track, bar)`` slot names."""
+
+    def __init__(self, tokens: np.ndarray, min_slots: int | None = None, row: int = 0, offset: int = 0, **settings):
+        self.rows = row_layout(tokens, min_slots)
+        self.dense = full_dense_mask(summary_mask_mod(self.rows, **settings), self.rows)[row, 0]
+        self.row, self.offset = row, offset
+
+    def index(self, name: str) -> int:
+        if name.startswith("sigma("):
+            track, bar = name[6:-1].split(",")
+            rows, n = self.rows, self.rows.num_regular
+            hit = (rows.track[self.row, n:] == TRACKS[track]) & (rows.bar[self.row, n:] == int(bar))
+            hit &= rows.pos[self.row, n:] >= self.offset
+            return n + int(torch.nonzero(hit)[0])
+        return AT[name] + self.offset
+
+    def sees(self, q: str, kv: str) -> bool:
+        return bool(self.dense[self.index(q), self.index(kv)])
+
+
+@pytest.fixture(scope="module")
+def mask() -> Mask:
+    return Mask(np.array(TOKENS))
+
+
+def check(mask: Mask, visible: list[tuple[str, str]], hidden: list[tuple[str, str]]) -> None:
+    wrong = [f"{q} -> {kv} should be visible" for q, kv in visible if not mask.sees(q, kv)]
+    wrong += [f"{q} -> {kv} should be hidden" for q, kv in hidden if mask.sees(q, kv)]
+    assert not wrong, wrong
+
+
+def test_layout_of_the_hand_written_piece(mask: Mask):
+    assert TOK.parse(np.array(TOKENS)).n_bars == BARS
+    assert mask.rows.num_slots == 3 * BARS  # conductor, piano and bass segments
+    n = mask.rows.num_regular
+    assert mask.rows.pos[0, mask.index("sigma(piano,1)")] == AT["piano.1.Pitch2"]
+    assert (mask.rows.pos[0, n:].diff() > 0).all(), "slot s is segment s, in the order segments end"
+
+
+def test_sr_summary_sees_exactly_its_segment(mask: Mask):
+    segment = [k for k in AT if k.startswith("piano.1.")]
+    check(
+        mask,
+        visible=[("sigma(piano,1)", k) for k in segment] + [("sigma(piano,1)", "sigma(piano,1)")],
+        hidden=[
+            ("sigma(piano,1)", "piano.0.Pitch2"),
+            ("sigma(piano,1)", "piano.2.Bar"),
+            ("sigma(piano,1)", "bass.1.Pitch"),
+            ("sigma(piano,1)", "Track_piano"),
+            ("sigma(piano,1)", "BOS"),
+        ],
+    )
+
+
+def test_ss_summary_sees_summaries_that_ended_before(mask: Mask):
+    check(
+        mask,
+        visible=[
+            ("sigma(piano,1)", "sigma(piano,0)"),
+            ("sigma(piano,1)", "sigma(cond,3)"),
+            ("sigma(bass,0)", "sigma(piano,3)"),
+            ("sigma(bass,3)", "sigma(cond,0)"),
+        ],
+        hidden=[
+            ("sigma(piano,1)", "sigma(piano,2)"),
+            ("sigma(piano,1)", "sigma(bass,0)"),
+            ("sigma(cond,0)", "sigma(cond,1)"),
+        ],
+    )
+
+
+def test_rs_regular_sees_summaries_that_ended_before_it(mask: Mask):
+    check(
+        mask,
+        visible=[
+            ("piano.2.Bar", "sigma(piano,1)"),
+            ("piano.2.Pitch", "sigma(piano,0)"),
+            ("piano.2.Pitch", "sigma(cond,3)"),
+            ("Track_bass", "sigma(piano,3)"),
+            ("bass.0.Pitch", "sigma(piano,3)"),
+            ("EOS", "sigma(bass,3)"),
+        ],
+        hidden=[
+            ("piano.1.Pitch2", "sigma(piano,1)"),  # the last token of a segment: its summary is not yet made
+            ("piano.1.Pitch", "sigma(piano,1)"),
+            ("piano.1.Pitch", "sigma(piano,2)"),
+            ("piano.3.Pitch", "sigma(bass,0)"),
+        ],
+    )
+
+
+def test_rr_global_same_segment_and_causality(mask: Mask):
+    check(
+        mask,
+        visible=[
+            ("bass.3.Vel", "BOS"),
+            ("bass.3.Vel", "Track_cond"),
+            ("bass.3.Vel", "Track_piano"),
+            ("bass.3.Vel", "Track_bass"),
+            ("bass.3.Vel", "bass.3.Bar"),
+            ("bass.3.Vel", "bass.3.Pitch"),
+            ("bass.3.Vel", "bass.3.Vel"),
+            ("Track_bass", "Track_piano"),
+            ("EOS", "Track_bass"),
+        ],
+        hidden=[
+            ("bass.3.Pitch", "bass.3.Vel"),  # later in the same segment
+            ("piano.1.Pitch", "bass.1.Pitch"),  # same bar of a later track is the future
+            ("piano.0.Pitch", "Track_bass"),  # a later global token
+            ("Track_bass", "piano.3.Pitch"),  # Track/EOS see regular tokens only through summaries
+            ("EOS", "bass.3.Pitch2"),
+        ],
+    )
+
+
+def test_rr_fine_bars_in_the_same_track(mask: Mask):
+    check(
+        mask,
+        visible=[("piano.3.Pitch", "piano.2.Pitch2"), ("piano.3.Pitch", "piano.1.Bar")],  # offsets 1, 2
+        hidden=[("piano.3.Pitch", "piano.0.Pitch"), ("bass.3.Bar", "bass.0.Vel")],  # offset 3
+    )
+    other = Mask(np.array(TOKENS), fine_bars=(3,))
+    check(
+        other,
+        visible=[("piano.3.Pitch", "piano.0.Pitch"), ("bass.3.Bar", "bass.0.Vel")],
+        hidden=[("piano.3.Pitch", "piano.2.Pitch2"), ("piano.3.Pitch", "piano.1.Bar")],
+    )
+
+
+def test_rr_cross_track_window(mask: Mask):
+    check(
+        mask,
+        visible=[
+            ("bass.2.Pitch", "piano.1.Pitch"),
+            ("bass.2.Pitch", "piano.2.Pitch"),
+            ("bass.2.Pitch", "piano.3.Pitch2"),  # a later bar of an earlier track is in the past
+            ("bass.2.Pitch", "cond.3.Bar"),
+            ("piano.0.Pos", "cond.0.Tempo"),
+            ("piano.0.Pos", "cond.1.Bar"),
+        ],
+        hidden=[("bass.2.Pitch", "piano.0.Pitch"), ("bass.2.Pitch", "cond.0.Tempo"), ("piano.0.Pos", "cond.2.Bar")],
+    )
+    narrow = Mask(np.array(TOKENS), cross_window=0)
+    check(
+        narrow,
+        visible=[("bass.2.Pitch", "piano.2.Pitch")],
+        hidden=[("bass.2.Pitch", "piano.1.Pitch"), ("bass.2.Pitch", "piano.3.Pitch2")],
+    )
+
+
+def test_kind_sparsity_rule():
+    sparse = Mask(np.array(TOKENS), kind_sparsity=True)
+    check(
+        sparse,
+        visible=[
+            ("piano.2.Pitch", "piano.1.Pitch2"),  # pitch sees onset/pitch
+            ("piano.2.Pitch", "piano.1.Pos"),
+            ("piano.2.Vel", "piano.1.Vel"),  # velocity sees velocity
+            ("piano.2.Vel", "piano.2.Pitch"),  # the same onset group is always visible
+            ("piano.2.Vel", "piano.2.Pos"),
+            ("piano.2.Vel", "piano.2.Bar"),  # structural tokens are not restricted
+            ("piano.2.Vel", "Track_piano"),
+            ("piano.2.Vel", "sigma(piano,1)"),
+        ],
+        hidden=[
+            ("piano.2.Vel", "piano.1.Pitch"),
+            ("piano.2.Pitch", "piano.1.Vel"),
+            ("piano.2.Pitch2", "piano.2.Vel"),  # same bar, another onset group
+            ("bass.2.Pitch", "piano.2.Dur"),
+        ],
+    )
+    dense = Mask(np.array(TOKENS))
+    check(dense, visible=[("piano.2.Vel", "piano.1.Pitch"), ("piano.2.Pitch2", "piano.2.Vel")], hidden=[])
+
+
+def test_documents_in_a_packed_row_are_isolated():
+    n = len(TOKENS)
+    packed = np.array(TOKENS + TOKENS)
+    first, second = Mask(packed), Mask(packed, offset=n)
+    # The second copy behaves exactly like the piece alone.
+    alone = Mask(np.array(TOKENS)).dense
+    n_slots = alone.shape[0] - n
+    reg = torch.cat([torch.arange(n, 2 * n), 2 * n + n_slots + torch.arange(n_slots)])
+    assert torch.equal(first.dense[reg][:, reg], alone)
+    for name in ("BOS", "Track_piano", "piano.3.Pitch2", "EOS", "sigma(bass,3)", "sigma(piano,0)"):
+        assert not first.dense[second.index("bass.3.Vel"), first.index(name)], name
+        assert not first.dense[second.index("sigma(piano,0)"), first.index(name)], name
+        assert not first.dense[second.index("BOS"), first.index(name)], name
+    assert first.dense[second.index("bass.3.Vel"), second.index("BOS")]
+    assert first.dense[second.index("bass.3.Vel"), second.index("sigma(piano,0)")]
+
+
+def test_padding_and_unused_slots_see_only_themselves_and_are_never_seen():
+    n_pad = 5
+    tokens = np.array([TOKENS + [PAD] * n_pad, TOKENS[:-20] + [PAD] * (n_pad + 20)])
+    m = Mask(tokens, min_slots=40)
+    rows = m.rows
+    for r in range(2):
+        dense = full_dense_mask(summary_mask_mod(rows), rows)[r, 0]
+        dead = rows.doc[r] < 0
+        assert dead[rows.num_regular - n_pad : rows.num_regular].all()
+        assert dead[rows.num_regular :].sum() == 40 - (rows.doc[r, rows.num_regular :] >= 0).sum() > 0
+        assert torch.equal(dense[dead], torch.eye(rows.length, dtype=torch.bool)[dead])
+        assert not (dense[:, dead] & ~torch.eye(rows.length, dtype=torch.bool)[:, dead]).any()
+        assert dense.any(dim=1).all(), "every row attends somewhere: no NaN"
+
+
+def test_slots_round_up_to_a_multiple_of_128():
+    assert slots_for(10, 64) == 64
+    assert slots_for(64, 64) == 64
+    assert slots_for(65, 64) == 128
+    assert slots_for(300, 256) == 384
+    assert row_layout(np.array(TOKENS), 4).num_slots == 128
+
+
+def test_broadcast_evaluation_equals_torch_vmap_evaluation():
+    tokens = np.array([TOKENS + [PAD] * 7, TOKENS[:40] + TOKENS[:35]])
+    for settings in ({}, {"kind_sparsity": True, "fine_bars": (1, 3), "cross_window": 2}):
+        rows = row_layout(tokens, 16)
+        mod = summary_mask_mod(rows, **settings)
+        reference = create_mask(mod, 2, 1, rows.length, rows.length, device="cpu")
+        assert torch.equal(full_dense_mask(mod, rows), reference)
+
+
+@pytest.mark.parametrize("size", [16, 32, 128])
+def test_block_mask_equals_torch_create_block_mask(size: int):
+    tokens = np.array([TOKENS + TOKENS[:30], TOKENS[:50] + [PAD] * (len(TOKENS) - 20)])
+    rows = row_layout(tokens, 24)
+    mod = summary_mask_mod(rows)
+    ours = block_mask(mod, rows, size)
+    reference = create_block_mask(mod, 2, None, rows.length, rows.length, "cpu", size)
+    assert torch.equal(ours.to_dense(), reference.to_dense())
+    assert ours.full_kv_num_blocks is not None and torch.equal(ours.full_kv_num_blocks, reference.full_kv_num_blocks)
+
+
+# Shared with test_model/test_decode: one compiled-flex shape for the whole test session.
+FLEX_LEN, FLEX_SLOTS = 192, 64
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_eager_and_compiled_equal_sdpa_with_the_dense_mask():
+    torch.manual_seed(0)
+    pad = FLEX_LEN - 2 * len(TOKENS) + 30
+    rest = FLEX_LEN - 2 * len(TOKENS)
+    tokens = np.array([TOKENS + TOKENS[:-30] + [PAD] * pad, TOKENS + TOKENS[::-1] + TOKENS[:rest]])
+    rows = row_layout(tokens, FLEX_SLOTS)
+    mod = summary_mask_mod(rows)
+    dense, blocks = full_dense_mask(mod, rows), block_mask(mod, rows, 32)
+    q = torch.randn(2, 4, rows.length, 8)
+    k, v = torch.randn(2, 2, rows.length, 8), torch.randn(2, 2, rows.length, 8)
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    eager = flex_attention(q, k, v, block_mask=blocks, enable_gqa=True)
+    compiled = compiled_flex_attention(q, k, v, block_mask=blocks, enable_gqa=True)
+    assert torch.allclose(eager, reference, atol=1e-5)
+    assert torch.allclose(compiled, reference, atol=1e-5)
+    assert not reference.isnan().any()
