@@ -1,0 +1,151 @@
+"""KV-cached incremental decoding (DESIGN section 6), the core that sampling and the CLI build on.
+
+Regular tokens are appended one at a time. When a new token closes a segment (it is ``Bar``, ``Track`` or
+``EOS``), that segment's summary slot is computed once, layer by layer, from the cached keys and values of
+its tokens and of earlier slots; its keys and values join the cache, and then the new token is processed
+and can see it. Side channels come from ``meloformer.layout.layout`` on the tokens so far (through
+``row_layout``), and each query's mask row is the model's own ``mask_mod`` evaluated for that one query, so
+the logits equal those of a full forward on the same tokens. A step costs O(context): one layout pass,
+one mask row and one attention row per layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from meloformer.masks import RowLayout, dense_mask
+from meloformer.model import MeloFormer, rope_angles
+
+
+class IncrementalDecoder:
+    """Decode a batch of equally long rows, each one piece, with a KV cache.
+
+    ``prefill(prompt)`` runs a full forward on ``[B, n]`` prompt tokens and fills the cache; ``step(token)``
+    appends one token ``[B]`` per row and returns the logits ``[B, vocab]`` for the next one. ``capacity``
+    bounds the row length (default: the model's ``max_seq_len``); summary-slot storage grows as needed.
+    """
+
+    def __init__(self, model: MeloFormer, capacity: int | None = None, backend: str | None = None) -> None:
+        self.model = model
+        self.capacity = capacity or model.config.max_seq_len
+        self.backend = backend  # of the prefill's full forward; None: the model's own choice
+        self.length = 0
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self._tokens[:, : self.length]
+
+    def _allocate(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
+        c = self.model.config
+        shape = (c.n_layer, batch, c.n_kv_head, self.capacity, c.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+        slot_shape = shape[:3] + (c.summary_slots, c.head_dim)
+        self.slot_k = torch.zeros(slot_shape, device=device, dtype=dtype)
+        self.slot_v = torch.zeros_like(self.slot_k)
+        self.slots = torch.zeros(batch, dtype=torch.long, device=device)  # closed summaries per row
+        self._tokens = np.zeros((batch, self.capacity), dtype=np.int64)
+
+    def _reserve_slots(self, needed: int) -> None:
+        """Double the slot storage until ``needed`` slots fit."""
+        have = self.slot_k.shape[3]
+        if needed <= have:
+            return
+        grow = max(needed, 2 * have) - have
+        pad = lambda t: F.pad(t, (0, 0, 0, grow))  # noqa: E731
+        self.slot_k, self.slot_v = pad(self.slot_k), pad(self.slot_v)
+
+    def _rows(self, n: int) -> RowLayout:
+        """Side channels of the tokens so far; a slot is in use only once its segment is closed."""
+        tokens = torch.from_numpy(self._tokens[:, :n])
+        rows = self.model.row_layout(tokens, min_slots=self.slot_k.shape[3], open_last_segment=True)
+        return rows.to(self.k.device)
+
+    @torch.no_grad()
+    def prefill(self, prompt: Tensor) -> Tensor:
+        """Full forward on ``prompt`` ``[B, n]``; caches keys/values of its tokens and closed segments."""
+        batch, n = prompt.shape
+        if n > self.capacity:
+            raise ValueError(f"prompt of {n} tokens exceeds the decoder capacity {self.capacity}")
+        param = next(self.model.parameters())
+        self._allocate(batch, prompt.device, param.dtype)
+        self._tokens[:, :n] = prompt.cpu().numpy()
+        ctx = self.model.prepare(prompt, backend=self.backend)
+        kv: list[tuple[Tensor, Tensor]] = []
+        logits = self.model(prompt, ctx=ctx, kv=kv)
+        rows = ctx.rows
+        closed = (rows.doc[:, n:] >= 0) & (rows.pos[:, n:] < n - 1)
+        self.slots = closed.sum(1)
+        self._reserve_slots(rows.num_slots)
+        for layer, (k, v) in enumerate(kv):
+            self.k[layer, :, :, :n], self.v[layer, :, :, :n] = k[:, :, :n], v[:, :, :n]
+            self.slot_k[layer, :, :, : rows.num_slots] = k[:, :, n:]
+            self.slot_v[layer, :, :, : rows.num_slots] = v[:, :, n:]
+        self.length = n
+        return logits
+
+    @torch.no_grad()
+    def step(self, token: Tensor) -> Tensor:
+        """Append ``token`` ``[B]`` and return the logits ``[B, vocab]`` that follow it."""
+        p = self.length
+        if p >= self.capacity:
+            raise ValueError(f"decoder capacity {self.capacity} reached")
+        self._tokens[:, p] = token.cpu().numpy()
+        self._reserve_slots(int(self.slots.max()) + 2)
+        rows = self._rows(p + 1)
+        closed = (rows.doc[:, p + 1 :] >= 0).sum(1)
+        if bool((closed > self.slots).any()):
+            self._summarise(rows, closed > self.slots)
+        self.length = p + 1
+        return self._regular(rows, token.to(self.k.device))
+
+    def _summarise(self, rows: RowLayout, closing: Tensor) -> None:
+        """Compute the summary slot of the segment each ``closing`` row just closed, through every layer.
+
+        Rows that did not close a segment compute a throwaway slot at their next (unused) index, which
+        sees only itself and is overwritten when that row closes its segment.
+        """
+        model, n, p = self.model, rows.num_regular, self.length
+        slot = self.slots
+        n_slots = int(slot.max()) + 1
+        kv_idx = torch.cat([torch.arange(p), n + torch.arange(n_slots)]).to(slot.device)
+        mask = dense_mask(model.mask_mod(rows), rows.batch_size, (n + slot)[:, None], kv_idx)
+        batch = torch.arange(rows.batch_size, device=slot.device)
+        pos = rows.pos[batch, n + slot]
+        x = model.embed_slots(rows.track_token[batch, n + slot])[:, None]
+        cos, sin = rope_angles(pos[:, None], model.config.head_dim, model.config.rope_base)
+        for layer, block in enumerate(model.blocks):
+            q, k, v = block.attn.qkv_heads(block.attn_norm(x), cos, sin)
+            self.slot_k[layer, batch, :, slot] = k[:, :, 0]
+            self.slot_v[layer, batch, :, slot] = v[:, :, 0]
+            keys = torch.cat([self.k[layer, :, :, :p], self.slot_k[layer, :, :, :n_slots]], dim=2)
+            values = torch.cat([self.v[layer, :, :, :p], self.slot_v[layer, :, :, :n_slots]], dim=2)
+            x = x + block.attn.output(_sdpa(q, keys, values, mask))
+            x = block.feed_forward(x)
+        self.slots = torch.where(closing, slot + 1, slot)
+
+    def _regular(self, rows: RowLayout, token: Tensor) -> Tensor:
+        """Run the newest token (at ``length - 1``) through every layer; return its logits."""
+        model, n = self.model, rows.num_regular
+        p = n - 1
+        n_slots = int(self.slots.max())
+        kv_idx = torch.cat([torch.arange(n), n + torch.arange(n_slots)]).to(token.device)
+        q_idx = torch.full((1,), p, device=token.device)
+        mask = dense_mask(model.mask_mod(rows), rows.batch_size, q_idx, kv_idx)
+        x = model.embed_tokens(token[:, None], rows.track_token[:, p : p + 1])
+        cos, sin = rope_angles(rows.pos[:, p : p + 1], model.config.head_dim, model.config.rope_base)
+        for layer, block in enumerate(model.blocks):
+            q, k, v = block.attn.qkv_heads(block.attn_norm(x), cos, sin)
+            self.k[layer, :, :, p : p + 1], self.v[layer, :, :, p : p + 1] = k, v
+            keys = torch.cat([self.k[layer, :, :, :n], self.slot_k[layer, :, :, :n_slots]], dim=2)
+            values = torch.cat([self.v[layer, :, :, :n], self.slot_v[layer, :, :, :n_slots]], dim=2)
+            x = x + block.attn.output(_sdpa(q, keys, values, mask))
+            x = block.feed_forward(x)
+        return model.logits(x)[:, 0]
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])

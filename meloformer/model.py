@@ -1,0 +1,310 @@
+"""The MeloFormer transformer: summary-token attention (DESIGN section 3) in plain PyTorch.
+
+Each row is ``L`` regular tokens followed by ``S`` summary slots (one per bar segment, see ``masks``). Every
+layer runs one attention over both under the summary mask, so slots summarise their segment and regular
+tokens read earlier segments through them. Pre-norm RMSNorm, rotary embedding over logical positions (a
+slot sits at its segment's end), SwiGLU, grouped-query attention, output head tied to the token embedding,
+a track/program embedding, no biases.
+
+Backends: ``flex`` runs compiled ``flex_attention`` with a per-batch ``BlockMask``; ``sdpa`` runs
+``scaled_dot_product_attention`` with the same mask as a dense boolean matrix (the reference, and CPU
+training: torch 2.13 has no FlexAttention backward on CPU). ``auto`` takes ``sdpa`` on CPU when gradients are
+enabled and ``flex`` otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils.checkpoint import checkpoint
+
+from meloformer.hid import TRACK_CONDUCTOR, HIDTokenizer
+from meloformer.masks import (
+    DEFAULT_FINE_BARS,
+    RowLayout,
+    block_mask,
+    full_dense_mask,
+    row_layout,
+    summary_mask_mod,
+)
+
+# Compiled once for the process: the eager flex_attention materialises the whole score matrix.
+compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
+
+Backend = Literal["auto", "flex", "sdpa"]
+Checkpointing = Literal["none", "ffn", "block"]
+DEFAULT_VOCAB_SIZE = HIDTokenizer().vocab_size
+NUM_TRACK_EMBEDDINGS = 1 + 2 + 128  # none, conductor, drums, 128 programs
+
+
+@dataclasses.dataclass
+class MeloFormerConfig:
+    vocab_size: int = DEFAULT_VOCAB_SIZE
+    n_layer: int = 6
+    n_head: int = 4
+    n_kv_head: int = 2
+    n_embd: int = 256
+    ffn_hidden: int | None = None  # SwiGLU width; default 8/3 n_embd rounded up to a multiple of 64
+    max_seq_len: int = 2048
+    summary_slots: int = 256  # slots per row; a batch with more segments rounds up to a multiple of 128
+    fine_bars: tuple[int, ...] = DEFAULT_FINE_BARS
+    cross_window: int = 1
+    kind_sparsity: bool = False
+    attention_backend: Backend = "auto"
+    flex_block_size: int | None = None  # None: 128 on CUDA, 32 on CPU (sparser tiles, measured faster)
+    gradient_checkpointing: Checkpointing = "none"
+    rope_base: float = 10_000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden is None:
+            self.ffn_hidden = -(-8 * self.n_embd // 3 // 64) * 64
+        self.fine_bars = tuple(self.fine_bars)
+        if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
+            raise ValueError("n_embd must divide into n_head heads, and n_head into n_kv_head groups")
+        if (self.n_embd // self.n_head) % 2:
+            raise ValueError("rotary embedding needs an even head size")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @classmethod
+    def from_size(cls, name: str, **overrides) -> MeloFormerConfig:
+        """One of ``SIZES`` (small, base, large, xlarge), with any field overridden."""
+        if name not in SIZES:
+            raise ValueError(f"unknown size {name!r}; choose from {sorted(SIZES)}")
+        return dataclasses.replace(SIZES[name], **overrides)
+
+
+SIZES: dict[str, MeloFormerConfig] = {
+    "small": MeloFormerConfig(n_layer=6, n_head=4, n_kv_head=2, n_embd=256, max_seq_len=2048, summary_slots=256),
+    "base": MeloFormerConfig(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, max_seq_len=4096, summary_slots=512),
+    "large": MeloFormerConfig(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, max_seq_len=8192, summary_slots=1024),
+    "xlarge": MeloFormerConfig(n_layer=24, n_head=16, n_kv_head=8, n_embd=1024, max_seq_len=16384, summary_slots=2048),
+}
+
+
+def parameter_counts(vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict[str, int]:
+    """Real parameter count of every size (built on the meta device, so nothing is allocated)."""
+    counts = {}
+    for name in SIZES:
+        with torch.device("meta"):
+            model = MeloFormer(MeloFormerConfig.from_size(name, vocab_size=vocab_size))
+        counts[name] = model.num_parameters()
+    return counts
+
+
+def track_embedding_index(track_token: Tensor) -> Tensor:
+    """``Track`` token id -> row of the track embedding (0 where a token has no track)."""
+    return torch.where(track_token > 0, track_token - TRACK_CONDUCTOR + 1, 0)
+
+
+def rope_angles(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
+    """cos and sin ``[B, 1, T, head_dim / 2]`` for logical positions ``pos`` ``[B, T]``."""
+    inv_freq = base ** -(torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float64) / head_dim)
+    angles = pos.to(torch.float64)[:, None, :, None] * inv_freq
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate each pair (x_i, x_{i + d/2}) of ``x`` ``[B, H, T, d]`` by its angle: q.k depends on p_q - p_k."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | Tensor) -> Tensor:
+    """Masked attention ``[B, H, Tq, d]``; a ``BlockMask`` runs compiled flex, a boolean tensor runs SDPA."""
+    gqa = q.shape[1] != k.shape[1]
+    if isinstance(mask, BlockMask):
+        return compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+@dataclasses.dataclass
+class AttentionContext:
+    """Everything the layers share for one batch: side channels, the mask (built once) and rotary angles."""
+
+    rows: RowLayout
+    mask: BlockMask | Tensor
+    cos: Tensor
+    sin: Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MeloFormerConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def qkv_heads(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Rotated queries ``[B, H, T, d]`` and keys, and values ``[B, H_kv, T, d]``."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def output(self, y: Tensor) -> Tensor:
+        b, _, t, _ = y.shape
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
+
+    def forward(self, x: Tensor, ctx: AttentionContext, kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        q, k, v = self.qkv_heads(x, ctx.cos, ctx.sin)
+        if kv is not None:
+            kv.append((k, v))
+        return self.output(attend(q, k, v, ctx.mask))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: MeloFormerConfig) -> None:
+        super().__init__()
+        self.gate = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.up = nn.Linear(config.n_embd, config.ffn_hidden, bias=False)
+        self.down = nn.Linear(config.ffn_hidden, config.n_embd, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: MeloFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.ffn = FeedForward(config)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        return x + self.ffn(self.ffn_norm(x))
+
+    def forward(self, x: Tensor, ctx: AttentionContext, kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx, kv)
+        if self.config.gradient_checkpointing == "ffn" and torch.is_grad_enabled():
+            return checkpoint(self.feed_forward, x, use_reentrant=False)
+        return self.feed_forward(x)
+
+
+class MeloFormer(nn.Module):
+    def __init__(self, config: MeloFormerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.track_emb = nn.Embedding(NUM_TRACK_EMBEDDINGS, config.n_embd)
+        self.summary_emb = nn.Parameter(torch.empty(config.n_embd))
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual outputs scaled down by sqrt(2 n_layer) as in GPT-2."""
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if p.ndim == 1 and name != "summary_emb":
+                nn.init.ones_(p)  # RMSNorm gains
+            elif name.endswith(("proj.weight", "down.weight")):
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.config.n_layer))
+            else:
+                nn.init.normal_(p, std=std)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ per-batch preparation
+    def backend(self, device: torch.device) -> str:
+        """The attention backend this call uses; ``auto`` avoids flex where it has no backward (CPU)."""
+        backend = self.config.attention_backend
+        if backend == "auto":
+            return "sdpa" if device.type == "cpu" and torch.is_grad_enabled() else "flex"
+        if backend not in ("flex", "sdpa"):
+            raise ValueError(f"attention_backend must be auto, flex or sdpa, got {backend!r}")
+        return backend
+
+    def mask_mod(self, rows: RowLayout):
+        c = self.config
+        return summary_mask_mod(rows, c.fine_bars, c.cross_window, c.kind_sparsity)
+
+    def row_layout(
+        self,
+        tokens: Tensor,
+        doc_ids: Tensor | None = None,
+        min_slots: int | None = None,
+        open_last_segment: bool = False,
+    ) -> RowLayout:
+        """Side channels of a batch with ``summary_slots`` slots (more, rounded up to 128, if needed)."""
+        min_slots = self.config.summary_slots if min_slots is None else min_slots
+        return row_layout(tokens, min_slots, doc_ids, open_last_segment=open_last_segment).to(tokens.device)
+
+    def prepare(self, tokens: Tensor, doc_ids: Tensor | None = None, backend: str | None = None) -> AttentionContext:
+        """Side channels, mask and rotary angles for a batch: built once, shared by every layer."""
+        if tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"{tokens.shape[1]} tokens exceed max_seq_len={self.config.max_seq_len}")
+        rows = self.row_layout(tokens, doc_ids)
+        mask_mod = self.mask_mod(rows)
+        backend = backend or self.backend(tokens.device)
+        if backend == "flex":
+            size = self.config.flex_block_size or (32 if tokens.device.type == "cpu" else 128)
+            mask = block_mask(mask_mod, rows, size)
+        else:
+            mask = full_dense_mask(mask_mod, rows)
+        cos, sin = rope_angles(rows.pos, self.config.head_dim, self.config.rope_base)
+        return AttentionContext(rows, mask, cos, sin)
+
+    # ------------------------------------------------------------------ forward
+    def embed_tokens(self, tokens: Tensor, track_token: Tensor) -> Tensor:
+        return self.tok_emb(tokens) + self.track_emb(track_embedding_index(track_token))
+
+    def embed_slots(self, track_token: Tensor) -> Tensor:
+        """A slot starts as the learned summary vector plus its segment's track/program embedding."""
+        return self.summary_emb + self.track_emb(track_embedding_index(track_token))
+
+    def logits(self, x: Tensor) -> Tensor:
+        return F.linear(self.norm(x), self.tok_emb.weight)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        doc_ids: Tensor | None = None,
+        ctx: AttentionContext | None = None,
+        kv: list[tuple[Tensor, Tensor]] | None = None,
+    ) -> Tensor:
+        """Logits ``[B, L, vocab]`` of the regular tokens ``[B, L]``.
+
+        ``ctx`` reuses a prepared batch; a list ``kv`` receives each layer's rotated keys and values over the
+        whole row (regular tokens, then slots), which is how decoding fills its cache.
+        """
+        ctx = ctx or self.prepare(tokens, doc_ids)
+        n = tokens.shape[1]
+        track_token = ctx.rows.track_token
+        x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(track_token[:, n:])], dim=1)
+        for block in self.blocks:
+            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled():
+                x = checkpoint(block, x, ctx, kv, use_reentrant=False)
+            else:
+                x = block(x, ctx, kv)
+        return self.logits(x[:, :n])

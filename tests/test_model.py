@@ -1,0 +1,266 @@
+"""MeloFormer model: sizes, backends, causality, RoPE, padding, packing, gradients."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+from _music import demo_files, make_score
+from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_PROGRAM0, HIDTokenizer
+from meloformer.masks import row_layout
+from meloformer.model import SIZES, MeloFormer, MeloFormerConfig, apply_rope, parameter_counts, rope_angles
+
+TOK = HIDTokenizer()
+# One shape for every compiled-flex call of the session (compiling costs seconds per shape on CPU).
+FLEX_LEN, FLEX_SLOTS = 192, 64
+TINY = MeloFormerConfig(
+    n_layer=2,
+    n_head=4,
+    n_kv_head=2,
+    n_embd=32,
+    max_seq_len=FLEX_LEN,
+    summary_slots=FLEX_SLOTS,
+    attention_backend="sdpa",
+)
+
+
+def random_score(rng: np.random.Generator, n_bars: int):
+    """A few tracks (drums, bass, piano) of random notes; used when the demo corpus is absent."""
+    tracks = []
+    for program, is_drum in ((0, True), (33, False), (0, False))[: int(rng.integers(2, 4))]:
+        notes = [
+            (b * 4 + int(rng.integers(0, 16)) / 4, float(rng.choice([0.25, 0.5, 1.0])), int(rng.integers(36, 84)), 90)
+            for b in range(n_bars)
+            for _ in range(int(rng.integers(0, 4)))
+        ]
+        tracks.append((program, is_drum, notes or [(0.0, 1.0, 60, 90)]))
+    return make_score(tracks)
+
+
+def hid_pieces(count: int, max_len: int, seed: int) -> list[np.ndarray]:
+    """``count`` HID pieces of at most ``max_len`` tokens: bar crops of demo-corpus files, else random scores."""
+    rng = np.random.default_rng(seed)
+    out: list[np.ndarray] = []
+    files = demo_files()
+    for path in rng.permutation(np.array(files, dtype=object))[: 4 * count] if files else []:
+        tokens = TOK.encode(path)
+        n_bars = TOK.parse(tokens).n_bars
+        for width in (3, 2, 1):
+            b0 = int(rng.integers(0, max(1, n_bars - width + 1)))
+            crop = TOK.crop_bars(tokens, b0, min(n_bars, b0 + width))
+            if len(crop) <= max_len:
+                out.append(crop.astype(np.int64))
+                break
+        if len(out) == count:
+            return out
+    while len(out) < count:
+        tokens = TOK.encode(random_score(rng, int(rng.integers(2, 5))))
+        if len(tokens) <= max_len:
+            out.append(tokens.astype(np.int64))
+    return out
+
+
+def batch(rows: list[np.ndarray], length: int = FLEX_LEN) -> torch.Tensor:
+    """Rows padded with PAD to ``length``."""
+    out = torch.full((len(rows), length), PAD, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = torch.as_tensor(r)
+    return out
+
+
+def tiny_model(seed: int = 0, **overrides) -> MeloFormer:
+    torch.manual_seed(seed)
+    return MeloFormer(dataclasses.replace(TINY, **overrides))
+
+
+def test_sizes_and_real_parameter_counts():
+    small = MeloFormerConfig.from_size("small", vocab_size=TOK.vocab_size)
+    assert (small.n_embd, small.n_layer, small.n_head) == (256, 6, 4)
+    counts = parameter_counts(TOK.vocab_size)
+    assert list(counts) == list(SIZES) and sorted(counts.values()) == list(counts.values())
+    assert counts["small"] == sum(p.numel() for p in MeloFormer(small).parameters())
+    with pytest.raises(ValueError, match="unknown size"):
+        MeloFormerConfig.from_size("huge")
+
+
+def test_no_biases_and_a_tied_output_head():
+    model = tiny_model()
+    names = [n for n, _ in model.named_parameters()]
+    assert not [n for n in names if n.endswith("bias")]
+    vocab_sized = [n for n, p in model.named_parameters() if TOK.vocab_size in p.shape]
+    assert vocab_sized == ["tok_emb.weight"]
+
+
+def test_auto_backend_and_setting_it_after_construction():
+    model = tiny_model(attention_backend="auto")
+    cpu = torch.device("cpu")
+    assert model.backend(cpu) == "sdpa"
+    with torch.no_grad():
+        assert model.backend(cpu) == "flex"
+    model.config.attention_backend = "sdpa"
+    with torch.no_grad():
+        assert model.backend(cpu) == "sdpa"
+    model.config.attention_backend = "dense"
+    with pytest.raises(ValueError, match="attention_backend"):
+        model.backend(cpu)
+
+
+def test_rope_is_a_rotation_whose_scores_depend_only_on_position_differences():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(pq: int, pk: int) -> torch.Tensor:
+        pos = torch.tensor([[pq, pk]])
+        cos, sin = rope_angles(pos, 16, 10_000.0)
+        qr = apply_rope(q, cos[:, :, :1], sin[:, :, :1])
+        kr = apply_rope(k, cos[:, :, 1:], sin[:, :, 1:])
+        assert torch.allclose(qr.norm(), q.norm()) and torch.allclose(kr.norm(), k.norm())
+        return (qr * kr).sum()
+
+    for pq, pk in ((5, 2), (40, 40), (3, 17), (1000, 990)):
+        for shift in (1, 37, 5000):
+            assert torch.allclose(score(pq, pk), score(pq + shift, pk + shift), atol=1e-4)
+    assert not torch.allclose(score(5, 2), score(5, 3), atol=1e-3)
+
+
+def _perturb(tokens: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, int]:
+    """Replace the token at a random position (not the first) by a random one, structural tokens included."""
+    changed = tokens.clone()
+    p = int(rng.integers(1, tokens.shape[1]))
+    choices = [BAR, BOS, EOS, TRACK_PROGRAM0 + 40, int(rng.integers(0, TOK.vocab_size))]
+    new = int(rng.choice([c for c in choices if c != int(tokens[0, p])]))
+    changed[:, p] = new
+    return changed, p
+
+
+def _assert_causal(model: MeloFormer, pieces: list[np.ndarray], trials: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for i in range(trials):
+        tokens = batch([pieces[i % len(pieces)]])
+        changed, p = _perturb(tokens, rng)
+        both = torch.cat([tokens, changed])
+        assert row_layout(both).num_slots <= FLEX_SLOTS
+        logits = model(both)
+        assert torch.equal(logits[0, :p], logits[1, :p]) or torch.allclose(logits[0, :p], logits[1, :p], atol=1e-5), p
+        assert not torch.allclose(logits[0, p], logits[1, p], atol=1e-5), "the changed token itself must matter"
+
+
+def test_causality_sdpa_with_gradients():
+    model = tiny_model().train()
+    assert torch.is_grad_enabled() and model.backend(torch.device("cpu")) == "sdpa"
+    _assert_causal(model, hid_pieces(4, FLEX_LEN, seed=1), trials=12, seed=1)
+
+
+def test_causality_flex_forward():
+    model = tiny_model(attention_backend="flex").eval()
+    with torch.no_grad():
+        _assert_causal(model, hid_pieces(4, FLEX_LEN, seed=2), trials=6, seed=2)
+
+
+def test_flex_and_sdpa_agree_in_forward():
+    pieces = hid_pieces(4, FLEX_LEN // 2, seed=3)
+    tokens = batch([np.concatenate(pieces[:2]), pieces[2]])
+    model = tiny_model().eval()
+    with torch.no_grad():
+        sdpa = model(tokens, ctx=model.prepare(tokens, backend="sdpa"))
+        flex = model(tokens, ctx=model.prepare(tokens, backend="flex"))
+    assert torch.allclose(sdpa, flex, atol=1e-5)
+
+
+def test_sdpa_gradients_pass_gradcheck_in_float64():
+    model = tiny_model(n_embd=8, n_head=2, n_kv_head=1, summary_slots=16).double()
+    tokens = batch(hid_pieces(1, 48, seed=4), 48)
+    ctx = model.prepare(tokens, backend="sdpa")
+    weights = torch.randn(TOK.vocab_size, dtype=torch.float64)
+    names = ("blocks.0.attn.qkv.weight", "blocks.1.attn.proj.weight", "summary_emb")
+    params = tuple(dict(model.named_parameters())[n].detach().clone().requires_grad_() for n in names)
+
+    def f(*values: torch.Tensor) -> torch.Tensor:
+        logits = functional_call(model, dict(zip(names, values)), (tokens,), {"ctx": ctx})
+        return logits @ weights
+
+    assert torch.autograd.gradcheck(f, params, eps=1e-6, atol=1e-5)
+
+
+def test_padded_rows_have_no_nan_and_padding_changes_nothing():
+    pieces = hid_pieces(2, 120, seed=5)
+    model = tiny_model()
+    padded = batch(pieces)
+    logits = model(padded)
+    assert torch.isfinite(logits).all()
+    logits.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    with torch.no_grad():
+        for i, piece in enumerate(pieces):
+            alone = model(batch([piece], len(piece)))
+            assert torch.allclose(logits[i, : len(piece)], alone[0], atol=1e-5)
+        assert torch.isfinite(model(batch([np.array([PAD])]))).all()
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "flex"])
+def test_packed_rows_give_each_piece_its_logits_alone(backend: str):
+    a, b = hid_pieces(2, FLEX_LEN // 2, seed=6)
+    model = tiny_model().eval()
+    with torch.no_grad():
+        tokens = batch([np.concatenate([a, b]), b])
+        logits = model(tokens, ctx=model.prepare(tokens, backend=backend))
+        alone = batch([a, b])
+        alone = model(alone, ctx=model.prepare(alone, backend=backend))
+    assert torch.allclose(logits[0, : len(a)], alone[0, : len(a)], atol=1e-5)
+    assert torch.allclose(logits[0, len(a) : len(a) + len(b)], alone[1, : len(b)], atol=1e-5)
+    assert torch.allclose(logits[1, : len(b)], alone[1, : len(b)], atol=1e-5)
+
+
+def test_doc_ids_override_the_documents_from_bos():
+    a, b = hid_pieces(2, FLEX_LEN // 2, seed=7)
+    tokens = batch([np.concatenate([a, b])], len(a) + len(b))
+    docs = torch.cat([torch.zeros(len(a)), torch.ones(len(b))]).long()[None]
+    model = tiny_model().eval()
+    with torch.no_grad():
+        assert torch.allclose(model(tokens), model(tokens, doc_ids=docs), atol=1e-6)
+        merged = model(tokens, doc_ids=torch.zeros_like(docs))
+        assert not torch.allclose(model(tokens)[0, len(a) :], merged[0, len(a) :], atol=1e-4)
+
+
+def test_more_segments_than_summary_slots_rounds_up():
+    pieces = hid_pieces(2, FLEX_LEN, seed=8)
+    tokens = batch(pieces)
+    model = tiny_model(summary_slots=4).eval()
+    with torch.no_grad():
+        ctx = model.prepare(tokens, backend="sdpa")
+        assert ctx.rows.num_slots == 128
+        few = model(tokens, ctx=ctx)
+        model.config.summary_slots = 200
+        assert torch.allclose(few, model(tokens), atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    tokens = batch(hid_pieces(2, FLEX_LEN, seed=9))
+    grads = {}
+    for mode in ("none", "ffn", "block"):
+        model = tiny_model(gradient_checkpointing=mode)
+        model(tokens).logsumexp(-1).mean().backward()
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert torch.allclose(grads["none"], grads["ffn"], atol=1e-6)
+    assert torch.allclose(grads["none"], grads["block"], atol=1e-6)
+
+
+def test_rows_longer_than_max_seq_len_are_refused():
+    model = tiny_model(max_seq_len=16)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.full((1, 17), BOS))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention has no backward on CPU (torch 2.13)")
+def test_flex_and_sdpa_agree_in_gradients_on_cuda():
+    tokens = batch(hid_pieces(2, FLEX_LEN, seed=10)).cuda()
+    grads = []
+    for backend in ("sdpa", "flex"):
+        model = tiny_model(attention_backend=backend).cuda()
+        model(tokens).logsumexp(-1).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-4)
