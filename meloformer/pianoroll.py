@@ -16,18 +16,17 @@ def track_label(track_token: int) -> str:
 
 
 def render_pianoroll(tok: HIDTokenizer, tokens: np.ndarray, title: str = ""):
-    """A matplotlib Figure of the piece (x in quarter notes)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A matplotlib Figure of the piece (x in quarter notes); no pyplot state, so nothing to close."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
     piece = tok.parse(tokens)
     notes = tok.note_table(piece)
     starts = piece.bar_starts(tok) / tok.resolution
     end = (piece.bar_starts(tok)[-1] + piece.bar_lengths(tok)[-1]) / tok.resolution
-    fig, ax = plt.subplots(figsize=(max(8.0, min(40.0, end / 4)), 5), dpi=100)
-    colours = plt.get_cmap("tab10")
+    fig = Figure(figsize=(max(8.0, min(40.0, end / 4)), 5), dpi=100)
+    ax = fig.subplots()
+    colours = colormaps["tab10"]
     for number, (track_token, _) in enumerate(piece.tracks):
         rows = notes[notes[:, COL["track"]] == number]
         bars = [(o / tok.resolution, d / tok.resolution) for o, d in rows[:, [COL["onset"], COL["duration"]]]]
@@ -51,8 +50,4 @@ def render_pianoroll(tok: HIDTokenizer, tokens: np.ndarray, title: str = ""):
 
 
 def save_pianoroll(tok: HIDTokenizer, tokens: np.ndarray, path: str | Path, title: str = "") -> None:
-    import matplotlib.pyplot as plt
-
-    fig = render_pianoroll(tok, tokens, title)
-    fig.savefig(path)
-    plt.close(fig)
+    render_pianoroll(tok, tokens, title).savefig(path)

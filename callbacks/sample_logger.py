@@ -1,0 +1,70 @@
+"""``SampleLogger``: every N validation runs, sample a short piece and log its piano roll and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from meloformer.metrics import MusicMetrics
+from meloformer.pianoroll import render_pianoroll
+from meloformer.sampling import GenerationRequest, generate
+
+
+class SampleLogger(pl.Callback):
+    """Generate ``bars`` bars after every ``every_n_validations``-th validation (rank 0 only).
+
+    The MIDI file goes to ``<log_dir>/samples/step_<N>.mid``; the piano roll is logged as an image to a
+    TensorBoard logger (``samples/pianoroll``) and saved beside the MIDI file; the music metrics of the sample
+    (pitch-class entropy, groove consistency, polyphony, empty-bar rate, notes per bar) are logged as
+    ``sample/<name>`` to every logger.
+    """
+
+    def __init__(
+        self,
+        every_n_validations: int = 1,
+        bars: int = 4,
+        instruments: list[int] | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 0.95,
+        seed: int = 0,
+    ) -> None:
+        if every_n_validations < 1 or bars < 1:
+            raise ValueError("SampleLogger: every_n_validations and bars must be at least 1")
+        self.every = every_n_validations
+        self.request = GenerationRequest(
+            bars=bars, instruments=instruments, temperature=temperature, top_k=top_k, top_p=top_p
+        )
+        self.seed = seed
+        self.validations = 0
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self.validations += 1
+        if self.validations % self.every:
+            return
+        step = trainer.global_step
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                tokens = generate(pl_module.model, pl_module.tokenizer, self.request, seed=self.seed + step)
+        finally:
+            pl_module.train(was_training)
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        pl_module.tokenizer.decode_to_file(tokens, out_dir / f"step_{step}.mid")
+        figure = render_pianoroll(pl_module.tokenizer, tokens, title=f"sample at step {step}")
+        figure.savefig(out_dir / f"step_{step}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_figure("samples/pianoroll", figure, global_step=step)
+        metrics, _ = MusicMetrics(pl_module.tokenizer).piece(tokens)
+        for logger in trainer.loggers:
+            logger.log_metrics({f"sample/{k}": v for k, v in metrics.items()}, step=step)
