@@ -3,26 +3,20 @@
 Both tokenizers start from the file path (parsing included), in this process, file by file; each file is
 encoded ``--repeats`` times by both and the best time kept, so the ratio is robust to a noisy machine.
 
-    python bench/tokenize.py [--midi demo/midi] [--out bench/results/tokenize.json]
+    python bench/tokenizer.py [--midi demo/midi] [--out bench/results/tokenizer.json]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import json
+import time
+from pathlib import Path
 
-# This file's name shadows the standard library's `tokenize` (which numpy imports) when run as a script.
-if sys.path and sys.path[0].rstrip("/").endswith("bench"):
-    sys.path.pop(0)
+import symusic
+from miditok import REMI, TokenizerConfig
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import symusic  # noqa: E402
-from miditok import REMI, TokenizerConfig  # noqa: E402
-
-from meloformer.hid import HIDError, HIDTokenizer  # noqa: E402
+from meloformer.hid import HIDError, HIDTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +35,7 @@ def main() -> None:
     parser.add_argument("--midi", type=Path, default=REPO / "demo" / "midi")
     parser.add_argument("--limit", type=int, default=0, help="use at most this many files (0 = all)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tokenize.json")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tokenizer.json")
     args = parser.parse_args()
 
     files = sorted(p for p in args.midi.rglob("*") if p.suffix.lower() in (".mid", ".midi"))
