@@ -1,0 +1,5 @@
+"""Training callbacks: side jobs that the LightningModule and the DataModule should not hold."""
+
+from meloformer.callbacks.phase_switch import Phase, PhaseSwitchCallback
+
+__all__ = ["Phase", "PhaseSwitchCallback"]

@@ -1,0 +1,254 @@
+"""``HIDDataModule``: packed, resumable, rank-split rows of HID tokens from a shard folder (DESIGN section 4).
+
+Batches are dicts: ``tokens`` int64 ``[B, max_seq_len]`` (crops that each start with ``BOS``, then
+``PAD``), ``row`` (the stream index of each row) and ``num_workers`` (the worker count of the loader that
+built the batch).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, DistributedSampler
+
+from meloformer.datamodules.rows import RowBuilder
+from meloformer.datamodules.sampling import (
+    LoaderPlan,
+    RowDataset,
+    StreamLoader,
+    StreamSampler,
+    StreamState,
+    worker_init,
+)
+from meloformer.datamodules.shards import INDEX_NAME, ShardError, ShardReader
+from meloformer.hid import HIDTokenizer
+
+
+class LoaderSchedule(Protocol):
+    """Decides how each training epoch is loaded (``PhaseSwitchCallback`` is one)."""
+
+    def plan(self, trainer: pl.Trainer) -> LoaderPlan: ...
+
+
+def find_demo_corpus() -> Path:
+    """The bundled demo MIDI folder: next to the package source (a checkout), or under the working folder."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
+        if (root / "demo" / "midi").is_dir():
+            return root / "demo" / "midi"
+    raise FileNotFoundError(
+        "no data_dir given and the bundled demo corpus (demo/midi) was not found next to the package or in "
+        f"{Path.cwd()}; pass --data.data_dir with a folder made by `meloformer preprocess`"
+    )
+
+
+def demo_cache_dir(tokenizer: HIDTokenizer) -> Path:
+    """Where the demo corpus is preprocessed to: ``data/demo-shards`` (one folder per tokenizer setting)."""
+    root = find_demo_corpus().parents[1] / "data"
+    if tokenizer.settings == HIDTokenizer().settings:
+        return root / "demo-shards"
+    digest = hashlib.sha256(json.dumps(tokenizer.settings, sort_keys=True).encode()).hexdigest()[:10]
+    return root / f"demo-shards-{digest}"
+
+
+class HIDDataModule(pl.LightningDataModule):
+    """Rows of ``max_seq_len`` tokens packed from bar-window crops of the pieces in ``data_dir``.
+
+    Args:
+        data_dir: a folder made by ``meloformer preprocess``; None uses the bundled demo corpus, preprocessed
+            on first use into ``data/demo-shards``.
+        max_seq_len: tokens per row (the model's context).
+        max_segments: most (track, bar) segments per row: the model's summary slots. None: no limit.
+        batch_size: rows per batch and rank (a ``LoaderSchedule`` such as ``PhaseSwitchCallback`` overrides it).
+        val_batch_size: rows per validation/test batch; None: ``batch_size``.
+        num_workers: DataLoader worker processes (overridden per phase for training, as ``batch_size``).
+        seed: the training stream is a pure function of the seed and the row index.
+        transpose: largest random transposition in semitones of training crops (0: off).
+        random_windows: random crop windows for training rows (else windows start at bar 0).
+        tokenizer: HID tokenizer settings the shards must have been made with (None: the defaults).
+        max_open_shards: bound of the LRU of memory-mapped shards.
+        verify_checksums: check every shard's sha256 in ``setup`` (sizes are always checked).
+    """
+
+    def __init__(
+        self,
+        data_dir: str | None = None,
+        max_seq_len: int = 2048,
+        max_segments: int | None = None,
+        batch_size: int = 1,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        transpose: int = 0,
+        random_windows: bool = True,
+        tokenizer: dict[str, Any] | None = None,
+        max_open_shards: int = 8,
+        verify_checksums: bool = False,
+    ) -> None:
+        super().__init__()
+        for name, value, low in (
+            ("max_seq_len", max_seq_len, 16),
+            ("batch_size", batch_size, 1),
+            ("val_batch_size", val_batch_size, 1),
+            ("max_segments", max_segments, 1),
+            ("num_workers", num_workers, 0),
+            ("transpose", transpose, 0),
+            ("max_open_shards", max_open_shards, 1),
+        ):
+            if value is not None and value < low:
+                raise ValueError(f"data: {name} must be at least {low}, got {value}")
+        try:
+            self.tokenizer = HIDTokenizer(**(tokenizer or {}))
+        except TypeError as err:
+            raise ValueError(f"data: bad tokenizer settings {tokenizer}: {err}") from err
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.max_seq_len = max_seq_len
+        self.max_segments = max_segments
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.transpose = transpose
+        self.random_windows = random_windows
+        self.max_open_shards = max_open_shards
+        self.verify_checksums = verify_checksums
+        self.loader_schedule: LoaderSchedule | None = None
+        self.stream = StreamState()
+        self.reader: ShardReader | None = None
+        self._builders: dict[str, RowBuilder] = {}
+        if data_dir is None:
+            find_demo_corpus()  # fail now, not at the first batch, if it is missing
+        else:
+            self._open_reader()  # a missing folder or other tokenizer settings fail here, before training
+
+    # ------------------------------------------------------------------ data preparation
+    @property
+    def root(self) -> Path:
+        return Path(self.data_dir) if self.data_dir is not None else demo_cache_dir(self.tokenizer)
+
+    def prepare_data(self) -> None:
+        """Preprocess the demo corpus on first use (once per machine; a file lock guards concurrent runs)."""
+        if self.data_dir is not None:
+            return
+        from meloformer.preprocess import preprocess  # only needed for the demo corpus
+
+        cache = self.root
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with open(cache.parent / f".{cache.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (cache / INDEX_NAME).is_file() or not (cache / "report.txt").is_file():
+                rank_zero_info(f"preprocessing the demo corpus {find_demo_corpus()} into {cache} (first use)")
+                summary = preprocess(find_demo_corpus(), cache, self.tokenizer, progress=False)
+                for line in summary.lines():
+                    rank_zero_info(f"  {line}")
+
+    def _open_reader(self) -> ShardReader:
+        if self.reader is None:
+            if not (self.root / INDEX_NAME).is_file():
+                raise ShardError(
+                    f"data_dir {self.root}: no dataset here (no {INDEX_NAME}); "
+                    f"make one with `meloformer preprocess MIDI_FOLDER {self.root}`"
+                )
+            self.reader = ShardReader(
+                self.root,
+                max_open_shards=self.max_open_shards,
+                expected_settings=self.tokenizer.vocab_settings(),
+                verify_checksums=self.verify_checksums,
+            )
+        return self.reader
+
+    def setup(self, stage: str | None = None) -> None:
+        reader = self._open_reader()
+        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ("train", "val"))
+        for split in splits:
+            if len(reader.pieces(split)) == 0:
+                raise ShardError(f"{self.root}: the {split!r} split has no pieces")
+            if split not in self._builders:
+                self._builders[split] = RowBuilder(
+                    reader,
+                    split,
+                    self.tokenizer,
+                    self.max_seq_len,
+                    max_segments=self.max_segments,
+                    seed=self.seed,
+                    random_windows=self.random_windows,
+                    transpose=self.transpose,
+                )
+
+    # ------------------------------------------------------------------ loaders
+    def _topology(self) -> tuple[int, int, int]:
+        """(rank, world size, accumulated batches per optimizer step)."""
+        if self.trainer is None:
+            return 0, 1, 1
+        return self.trainer.global_rank, self.trainer.world_size, self.trainer.accumulate_grad_batches
+
+    def train_dataloader(self) -> StreamLoader:
+        """The loader of the next epoch: continues an unfinished epoch (a resumed run), else starts one."""
+        rank, world_size, accumulate = self._topology()
+        if self.loader_schedule is not None:
+            plan = self.loader_schedule.plan(self.trainer)
+        else:
+            plan = LoaderPlan(self.batch_size, self.num_workers)
+        stream = self.stream
+        if stream.epoch_finished:
+            stream.batch_size = plan.batch_size
+            rows = self._builders["train"].rows_per_pass
+            stream.num_batches = plan.num_batches or max(1, rows // (world_size * plan.batch_size * accumulate))
+            stream.consumed = 0
+        elif stream.batch_size != plan.batch_size:
+            raise ValueError(
+                f"the checkpoint was saved inside an epoch loaded at batch size {stream.batch_size}, "
+                f"but the schedule now asks for {plan.batch_size} at this step"
+            )
+        dataset = RowDataset(self._builders["train"])
+        sampler = StreamSampler(dataset, stream, rank=rank, world_size=world_size)
+        return StreamLoader(dataset, sampler, plan, **self._loader_kwargs(plan.num_workers))
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Deterministic rows: one anchored at each piece of the split, split across ranks."""
+        rank, world_size, _ = self._topology()
+        dataset = RowDataset(self._builders[split])
+        sampler = DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
+        return DataLoader(
+            dataset,
+            batch_size=self.val_batch_size or self.batch_size,
+            sampler=sampler,
+            **self._loader_kwargs(self.num_workers),
+        )
+
+    def _loader_kwargs(self, num_workers: int) -> dict[str, Any]:
+        on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return {
+            "num_workers": num_workers,
+            "worker_init_fn": worker_init if num_workers else None,
+            "pin_memory": on_gpu,
+        }
+
+    # ------------------------------------------------------------------ the stream cursor
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count a training batch as consumed when the loop takes it (prefetched batches are not)."""
+        if self.trainer is not None and self.trainer.training:
+            _, world_size, _ = self._topology()
+            self.stream.position += world_size * self.stream.batch_size
+            self.stream.consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"stream": self.stream.state_dict(), "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("seed", self.seed) != self.seed:
+            rank_zero_info(f"data seed changed from {state_dict['seed']} to {self.seed}: the stream changes")
+        self.stream.load_state_dict(state_dict["stream"])

@@ -1,0 +1,218 @@
+"""Fixed-length training rows packed from bar-window crops of pieces (DESIGN section 4).
+
+Every row is a pure function of ``(seed, split, row index)``, so any row can be rebuilt on its own: a
+resumed run, a DataLoader worker and another DDP rank all get the same row for the same index.
+
+Row ``r`` of the training stream belongs to data pass ``e = r // N`` (N training pieces) and is anchored
+at piece ``perm_e[r % N]``, where ``perm_e`` is a permutation seeded by ``(seed, e)``: every piece anchors
+one row per pass. The anchor's crop window is random (train) or starts at bar 0 (validation/test); the rest
+of the row is filled with crops of randomly drawn pieces, then padded with ``PAD``. Each crop is a complete
+piece (``BOS`` ... ``EOS``), so ``layout`` gives every crop its own document id.
+
+Windows are sized before cropping from per-bar token counts, so a crop always fits the room left in the
+row (tokens) and in the model's summary slots (segments, one per track and bar).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from meloformer.datamodules.shards import PieceTable, ShardReader
+from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, HIDTokenizer, TokenKind
+from meloformer.layout import Layout, layout
+
+# A crop adds at most TimeSig, Pos and Tempo to its first conductor bar (the meter and tempo in force).
+CROP_HEAD_EXTRA = 3
+# The shortest possible crop: BOS Track Bar TimeSig Pos Tempo, Track Bar Pos Pitch Dur Vel, EOS.
+MIN_CROP_TOKENS = 13
+_SPLIT_TAGS = {"train": 0, "val": 1, "test": 2}
+
+
+@dataclass(frozen=True)
+class PieceShape:
+    """What window sizing needs to know about one piece."""
+
+    bar_tokens: np.ndarray  # int64 [n_bars + 1]: prefix sums of tokens per bar, summed over all tracks
+    n_tracks: int  # including the conductor: segments per bar
+
+    @property
+    def n_bars(self) -> int:
+        return len(self.bar_tokens) - 1
+
+    def fixed_tokens(self) -> int:
+        """Tokens of a crop outside its bars: BOS, one Track token per track, the crop head, EOS."""
+        return 1 + self.n_tracks + CROP_HEAD_EXTRA + 1
+
+    def crop_tokens(self, b0: int, b1: int) -> int:
+        """Upper bound of the length of ``crop_bars(b0, b1)``."""
+        return int(self.bar_tokens[b1] - self.bar_tokens[b0]) + self.fixed_tokens()
+
+
+def piece_shape(lay: Layout) -> PieceShape:
+    """The shape of one piece from its layout."""
+    counts = np.bincount(lay.bar[lay.bar >= 0])
+    return PieceShape(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), int(lay.track.max()) + 1)
+
+
+def crop_window(tokens: np.ndarray, lay: Layout, tokenizer: HIDTokenizer, b0: int, b1: int) -> np.ndarray:
+    """``tokenizer.crop_bars(tokens, b0, b1)`` for a valid piece, vectorised over its layout.
+
+    ``crop_bars`` re-checks the grammar of the whole piece token by token (0.2 s for a 20k-token piece);
+    shards hold encoder output, so the loader can skip that. Tests check both give the same tokens.
+    """
+    tokens = np.asarray(tokens, dtype=np.int64)
+    kind, bar, conductor = lay.kind, lay.bar, lay.track == 0
+    signatures = np.flatnonzero(conductor & (kind == TokenKind.TIMESIG) & (bar <= b0))
+    tempos = np.flatnonzero(conductor & (kind == TokenKind.TEMPO))
+    at_start = (bar[tempos] < b0) | ((bar[tempos] == b0) & (tokens[tempos - 1] == tokenizer.pos0))
+    first = conductor & (bar == b0)
+    first_tokens, first_kinds = tokens[first], kind[first]
+    body = first_tokens[(first_kinds == TokenKind.POS) | (first_kinds == TokenKind.TEMPO)]
+    if not (len(body) >= 2 and body[0] == tokenizer.pos0):
+        body = np.concatenate([[tokenizer.pos0, tokens[tempos[at_start][-1]]], body])
+    later_conductor = conductor & (bar > b0) & (bar < b1)
+    tracks = (lay.track > 0) & ((kind == TokenKind.TRACK) | ((bar >= b0) & (bar < b1)))
+    parts = [
+        [BOS, TRACK_CONDUCTOR, BAR, tokens[signatures[-1]]],
+        first_tokens[first_kinds == TokenKind.CHORD],
+        body,
+        tokens[later_conductor | tracks],
+        [EOS],
+    ]
+    return np.concatenate(parts).astype(np.int64)
+
+
+def fit_window(
+    shape: PieceShape, room: int, segment_room: int, rng: np.random.Generator | None
+) -> tuple[int, int] | None:
+    """The bar window ``[b0, b1)`` to crop so the crop fits ``room`` tokens and ``segment_room`` segments.
+
+    The whole piece when it fits. Otherwise the longest window from a start drawn by ``rng`` (bar 0 without
+    one), moved back when it runs into the end of the piece so the room is used. None if no bar fits.
+    """
+    n = shape.n_bars
+    max_bars = min(n, segment_room // shape.n_tracks)
+    budget = room - shape.fixed_tokens()  # tokens available for the bars themselves
+    if max_bars <= 0 or budget <= 0:
+        return None
+    prefix = shape.bar_tokens
+    if max_bars == n and prefix[n] <= budget:
+        return 0, n
+    b0 = int(rng.integers(n)) if rng is not None else 0
+    b1 = min(int(np.searchsorted(prefix, prefix[b0] + budget, side="right")) - 1, b0 + max_bars)
+    if b1 <= b0:
+        return None
+    if b1 == n and rng is not None:
+        b0 = max(int(np.searchsorted(prefix, prefix[n] - budget, side="left")), n - max_bars)
+    return b0, b1
+
+
+class RowBuilder:
+    """Builds row ``index`` of one split: the anchor piece's crop, then filler crops, then padding.
+
+    ``max_segments`` is the model's number of summary slots (None: unlimited). ``transpose`` is the largest
+    random transposition in semitones (train only; drums stay, pitches stay within 0..127).
+    """
+
+    def __init__(
+        self,
+        reader: ShardReader,
+        split: str,
+        tokenizer: HIDTokenizer,
+        max_seq_len: int,
+        max_segments: int | None = None,
+        seed: int = 0,
+        random_windows: bool = True,
+        transpose: int = 0,
+        fill_attempts: int = 8,
+    ) -> None:
+        self.reader = reader
+        self.split = split
+        self.table: PieceTable = reader.pieces(split)
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.max_segments = max_segments if max_segments is not None else max_seq_len
+        self.seed = seed
+        self.random = split == "train"
+        self.random_windows = random_windows and self.random
+        self.transpose = transpose if self.random else 0
+        self.fill_attempts = fill_attempts
+        self._permutation: tuple[int, np.ndarray] | None = None
+
+    @property
+    def rows_per_pass(self) -> int:
+        """Rows per pass over the split: one anchored at each piece."""
+        return len(self.table)
+
+    def anchor(self, index: int) -> int:
+        """The piece that row ``index`` starts with."""
+        n = len(self.table)
+        if not self.random:
+            return index % n
+        data_pass = index // n
+        if self._permutation is None or self._permutation[0] != data_pass:
+            rng = np.random.default_rng([self.seed, _SPLIT_TAGS[self.split], data_pass])
+            self._permutation = (data_pass, rng.permutation(n))
+        return int(self._permutation[1][index % n])
+
+    def row(self, index: int) -> np.ndarray:
+        """Row ``index`` as int64 ``[max_seq_len]`` (``PAD`` after the last crop)."""
+        if len(self.table) == 0:
+            raise ValueError(f"the {self.split!r} split has no pieces")
+        rng = np.random.default_rng([self.seed, _SPLIT_TAGS[self.split], 1 << 32, index])
+        window_rng = rng if self.random_windows else None
+        crops: list[np.ndarray] = []
+        room, segment_room = self.max_seq_len, self.max_segments
+        piece = self.anchor(index)
+        for attempt in range(self.fill_attempts + 1):
+            if room < MIN_CROP_TOKENS:
+                break
+            if attempt > 0:
+                piece = int(rng.integers(len(self.table)))
+            crop = self._crop(piece, room, segment_room, window_rng, rng)
+            if crop is not None:
+                crops.append(crop[0])
+                room -= len(crop[0])
+                segment_room -= crop[1]
+        row = np.full(self.max_seq_len, PAD, dtype=np.int64)
+        if crops:
+            packed = np.concatenate(crops)
+            row[: len(packed)] = packed
+        return row
+
+    def _crop(
+        self,
+        piece: int,
+        room: int,
+        segment_room: int,
+        window_rng: np.random.Generator | None,
+        rng: np.random.Generator,
+    ) -> tuple[np.ndarray, int] | None:
+        """The crop of ``piece`` that fits, and its number of segments; None when not even one bar fits."""
+        tokens = self.reader.tokens(self.table, piece)
+        lay = layout(tokens, self.tokenizer)
+        shape = piece_shape(lay)
+        window = fit_window(shape, room, segment_room, window_rng)
+        if window is None:
+            return None
+        b0, b1 = window
+        if (b0, b1) == (0, shape.n_bars):
+            crop = tokens.astype(np.int64)
+        else:
+            crop = crop_window(tokens, lay, self.tokenizer, b0, b1)
+        if self.transpose:
+            crop = self._transposed(crop, rng)
+        if len(crop) > room:  # cannot happen while CROP_HEAD_EXTRA bounds what crop_bars adds
+            raise AssertionError(f"crop of {len(crop)} tokens exceeds the {room} left in the row")
+        return crop.astype(np.int64), (b1 - b0) * shape.n_tracks
+
+    def _transposed(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        pitch_range = self.tokenizer.pitch_range(crop)
+        if pitch_range is None:
+            return crop
+        low = max(-self.transpose, -pitch_range[0])
+        high = min(self.transpose, 127 - pitch_range[1])
+        shift = int(rng.integers(low, high + 1))
+        return self.tokenizer.transpose(crop, shift) if shift else crop

@@ -1,0 +1,312 @@
+"""``MeloFormerModule``: the LightningModule that trains MeloFormer on packed HID rows.
+
+It holds the math: next-token loss over the regular tokens of a batch (no loss on padding or on the ``BOS``
+that opens the next packed piece; summary slots produce no logits), loss and perplexity per token kind,
+throughput, and AdamW with linear warmup then cosine decay over ``trainer.max_steps``. Precision comes from
+the Trainer. The model configuration and tokenizer settings travel in every checkpoint, so
+``load_checkpoint`` rebuilds the model without the training config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.aggregation import MeanMetric
+
+from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
+from meloformer.model import MeloFormer, MeloFormerConfig
+
+# Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
+KIND_GROUPS = ("bar", "position", "pitch", "duration", "velocity", "track", "conductor")
+_GROUP_OF_KIND = {
+    TokenKind.BAR: "bar",
+    TokenKind.POS: "position",
+    TokenKind.PITCH: "pitch",
+    TokenKind.DUR: "duration",
+    TokenKind.VEL: "velocity",
+    TokenKind.TRACK: "track",
+    TokenKind.TIMESIG: "conductor",
+    TokenKind.CHORD: "conductor",
+    TokenKind.TEMPO: "conductor",
+}
+CONDUCTOR_GROUP = KIND_GROUPS.index("conductor")
+POSITION_GROUP = KIND_GROUPS.index("position")
+# Fields of MeloFormerConfig that are given directly; anything else goes through ``overrides``.
+DIRECT_FIELDS = ("max_seq_len", "summary_slots", "attention_backend", "gradient_checkpointing")
+
+
+def model_config(
+    size: str, tokenizer: HIDTokenizer, overrides: dict[str, Any] | None = None, **direct: Any
+) -> MeloFormerConfig:
+    """``MeloFormerConfig.from_size(size)`` with the tokenizer's vocabulary and the given fields replaced.
+
+    Unknown field names and values of the wrong type are errors that name the field.
+    """
+    fields = {f.name: f for f in dataclasses.fields(MeloFormerConfig)}
+    hints = typing.get_type_hints(MeloFormerConfig)
+    changes = dict(overrides or {}) | {k: v for k, v in direct.items() if v is not None}
+    for name, value in changes.items():
+        if name not in fields:
+            raise ValueError(f"model: unknown model setting {name!r}; valid: {', '.join(sorted(fields))}")
+        if not _matches(value, hints[name]):
+            raise ValueError(f"model: setting {name}={value!r} should be {hints[name]}")
+    vocab = changes.pop("vocab_size", tokenizer.vocab_size)
+    if vocab != tokenizer.vocab_size:
+        raise ValueError(f"model: vocab_size {vocab} does not match the tokenizer's {tokenizer.vocab_size}")
+    return MeloFormerConfig.from_size(size, vocab_size=vocab, **changes)
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """A shallow type check for config values: int/float/bool/str, Literal, Optional and tuple[int, ...]."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is tuple:
+        return isinstance(value, (tuple, list)) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+class MeloFormerModule(pl.LightningModule):
+    """Train MeloFormer on batches of ``HIDDataModule`` (``{"tokens": LongTensor[B, L], ...}``).
+
+    Args:
+        size: small, base, large or xlarge (``meloformer sizes`` prints their parameter counts).
+        max_seq_len: row length; the DataModule packs rows of this length. None: the size's default.
+        summary_slots: summary slots per row; rows hold at most this many segments. None: the size's default.
+        attention_backend: auto, flex or sdpa. None: the size's default (auto).
+        gradient_checkpointing: none, ffn or block. None: the size's default (none).
+        overrides: any other ``MeloFormerConfig`` fields, e.g. ``{n_layer: 2, n_embd: 64}``.
+        tokenizer: HID tokenizer settings (None: the defaults); the data must have been made with them.
+        lr: peak learning rate, reached after ``warmup_steps`` optimizer steps, then cosine decay to
+            ``lr * min_lr_ratio`` at ``trainer.max_steps``.
+        compile: ``torch.compile`` the model.
+        recompile_limit, accumulated_recompile_limit: Dynamo's limits (None: torch's defaults); each phase's
+            batch size is one more compiled shape.
+    """
+
+    def __init__(
+        self,
+        size: str = "small",
+        max_seq_len: int | None = None,
+        summary_slots: int | None = None,
+        attention_backend: str | None = None,
+        gradient_checkpointing: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        tokenizer: dict[str, Any] | None = None,
+        lr: float = 3e-4,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.95),
+        warmup_steps: int = 1000,
+        min_lr_ratio: float = 0.1,
+        compile: bool = False,
+        recompile_limit: int | None = None,
+        accumulated_recompile_limit: int | None = None,
+    ) -> None:
+        super().__init__()
+        try:
+            self.tokenizer = HIDTokenizer(**(tokenizer or {}))
+        except TypeError as err:
+            raise ValueError(f"model: bad tokenizer settings {tokenizer}: {err}") from err
+        direct = dict(
+            max_seq_len=max_seq_len,
+            summary_slots=summary_slots,
+            attention_backend=attention_backend,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.config = model_config(size, self.tokenizer, overrides, **direct)
+        if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or lr <= 0:
+            raise ValueError("model: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        self.save_hyperparameters()
+        self.hparams["tokenizer"] = self.tokenizer.settings  # resolved, so checkpoints are self-contained
+        self.model = MeloFormer(self.config)
+        self.register_buffer("kind_group", torch.from_numpy(_kind_groups(self.tokenizer)), persistent=False)
+        self.metrics = nn.ModuleDict(
+            {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("all", *KIND_GROUPS)}
+        )
+        self._compiled = False
+        self._last_step: tuple[float, int] | None = None
+
+    # ------------------------------------------------------------------ setup
+    def configure_model(self) -> None:
+        if self.hparams.compile and not self._compiled:
+            dynamo = torch._dynamo.config
+            if self.hparams.recompile_limit is not None:
+                dynamo.recompile_limit = self.hparams.recompile_limit
+            if self.hparams.accumulated_recompile_limit is not None:
+                dynamo.accumulated_recompile_limit = self.hparams.accumulated_recompile_limit
+            self.model.compile(dynamic=False)
+            self._compiled = True
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps <= 0:
+            raise ValueError("set trainer.max_steps: it is the horizon of the learning-rate schedule")
+        hp = self.hparams
+        decay = [p for p in self.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in self.parameters() if p.requires_grad and p.ndim < 2]
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=tuple(hp.betas),
+        )
+
+        def factor(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / (hp.warmup_steps + 1)
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, max_steps - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ math
+    def forward(self, tokens: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        return self.model(tokens, doc_ids)
+
+    def token_losses(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-target loss ``[B, L-1]``, which targets count, and each target's kind group (-1: none)."""
+        ctx = self.model.prepare(tokens)  # layout and mask, outside the compiled forward
+        logits = self.model(tokens, ctx=ctx)[:, :-1]
+        targets = tokens[:, 1:]
+        valid = (targets != PAD) & (targets != BOS)
+        loss = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100), reduction="none")
+        group = self.kind_group[targets]
+        in_conductor = ctx.rows.track[:, 1 : tokens.shape[1]] == 0
+        group = torch.where((group == POSITION_GROUP) & in_conductor, CONDUCTOR_GROUP, group)
+        return loss, valid, group
+
+    @staticmethod
+    def group_means(loss: Tensor, valid: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean loss over valid targets, and per kind group the loss sums and target counts."""
+        n = len(KIND_GROUPS)
+        index = torch.where(valid & (group >= 0), group, n).flatten()
+        sums = torch.zeros(n + 1, device=loss.device, dtype=loss.dtype).index_add_(0, index, loss.flatten())
+        counts = torch.bincount(index, minlength=n + 1)
+        mean = loss.sum() / valid.sum().clamp(min=1)
+        return mean, sums[:n], counts[:n]
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        tokens = batch["tokens"]
+        loss, valid, group = self.token_losses(tokens)
+        mean, sums, counts = self.group_means(loss, valid, group)
+        size = tokens.shape[0]
+        self.log("train/loss", mean, prog_bar=True, batch_size=size)
+        self.log("train/ppl", torch.exp(mean.detach()), batch_size=size)
+        per_kind = {
+            f"train/loss_{name}": sums[i].detach() / counts[i] for i, name in enumerate(KIND_GROUPS) if counts[i] > 0
+        }
+        self.log_dict(per_kind, batch_size=size)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
+        self._log_throughput(int((tokens != PAD).sum()), size)
+        return mean
+
+    def _log_throughput(self, tokens: int, size: int) -> None:
+        """Non-padding tokens per second of this process, over the previous step (loading included)."""
+        now = time.perf_counter()
+        if self._last_step is not None:
+            started, previous_tokens = self._last_step
+            self.log("train/tokens_per_s", previous_tokens / max(now - started, 1e-9), batch_size=size)
+        self._last_step = (now, tokens)
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step = None  # the gap between epochs (a new loader, validation) is not throughput
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("val", batch)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step("test", batch)
+
+    def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
+        loss, valid, group = self.token_losses(batch["tokens"])
+        mean, sums, counts = self.group_means(loss, valid, group)
+        # Every metric is updated (possibly with weight 0), so all ranks compute the same metrics.
+        self.metrics[f"{stage}_all"].update(mean, valid.sum())
+        for i, name in enumerate(KIND_GROUPS):
+            self.metrics[f"{stage}_{name}"].update(sums[i] / counts[i].clamp(min=1), counts[i])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval("test")
+
+    def _log_eval(self, stage: str) -> None:
+        """Token-weighted loss and perplexity over the whole evaluation, overall and per kind group."""
+        for name in ("all", *KIND_GROUPS):
+            metric = self.metrics[f"{stage}_{name}"]
+            if not metric.update_called:
+                continue
+            value = metric.compute()  # synchronised across ranks by torchmetrics
+            metric.reset()
+            if not torch.isfinite(value):  # no target of this kind anywhere
+                continue
+            suffix = "" if name == "all" else f"_{name}"
+            self.log(f"{stage}/loss{suffix}", value, prog_bar=name == "all")
+            self.log(f"{stage}/ppl{suffix}", torch.exp(value))
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["meloformer"] = {
+            "model_config": dataclasses.asdict(self.config),
+            "tokenizer": self.tokenizer.settings,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("meloformer")
+        if saved is None:
+            raise ValueError("not a MeloFormer checkpoint (no 'meloformer' entry)")
+        check_same("tokenizer settings", saved["tokenizer"], self.tokenizer.settings)
+        check_same("model configuration", saved["model_config"], dataclasses.asdict(self.config))
+
+
+def check_same(what: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise ValueError naming every field where the checkpoint and the current run differ."""
+    differing = [k for k in sorted(set(saved) | set(current)) if _plain(saved.get(k)) != _plain(current.get(k))]
+    if differing:
+        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
+        raise ValueError(f"the checkpoint was made with other {what} ({detail})")
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _kind_groups(tokenizer: HIDTokenizer) -> np.ndarray:
+    """Token id -> index in KIND_GROUPS (-1 for PAD, BOS, EOS)."""
+    table = np.full(len(TokenKind), -1, dtype=np.int64)
+    for kind, name in _GROUP_OF_KIND.items():
+        table[kind] = KIND_GROUPS.index(name)
+    return table[tokenizer.kinds]
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MeloFormerModule:
+    """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    hparams = dict(checkpoint["hyper_parameters"])
+    hparams["overrides"] = checkpoint["meloformer"]["model_config"]  # exact config, even if presets change
+    for name in DIRECT_FIELDS:
+        hparams[name] = None
+    module = MeloFormerModule(**hparams)
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"])
+    return module.eval()
