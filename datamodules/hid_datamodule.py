@@ -26,7 +26,7 @@ from meloformer.datamodules.sampling import (
     StreamState,
     worker_init,
 )
-from meloformer.datamodules.shards import INDEX_NAME, ShardError, ShardReader
+from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
 from meloformer.hid import HIDTokenizer
 
 
@@ -164,12 +164,13 @@ class HIDDataModule(pl.LightningDataModule):
         return self.reader
 
     def setup(self, stage: str | None = None) -> None:
+        """Open the shards; the split the stage needs (train, val or test) must not be empty."""
         reader = self._open_reader()
-        splits = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", ("train", "val"))
-        for split in splits:
-            if len(reader.pieces(split)) == 0:
-                raise ShardError(f"{self.root}: the {split!r} split has no pieces")
-            if split not in self._builders:
+        needed = {"fit": "train", "validate": "val", "test": "test"}.get(stage or "fit")
+        if needed is not None and len(reader.pieces(needed)) == 0:
+            raise ShardError(f"{self.root}: the {needed!r} split has no pieces")
+        for split in SPLITS:
+            if split not in self._builders and len(reader.pieces(split)) > 0:
                 self._builders[split] = RowBuilder(
                     reader,
                     split,
@@ -210,14 +211,16 @@ class HIDDataModule(pl.LightningDataModule):
         sampler = StreamSampler(dataset, stream, rank=rank, world_size=world_size)
         return StreamLoader(dataset, sampler, plan, **self._loader_kwargs(plan.num_workers))
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
         return self._eval_loader("val")
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | list:
         return self._eval_loader("test")
 
-    def _eval_loader(self, split: str) -> DataLoader:
-        """Deterministic rows: one anchored at each piece of the split, split across ranks."""
+    def _eval_loader(self, split: str) -> DataLoader | list:
+        """Deterministic rows: one anchored at each piece of the split, split across ranks (none: no loader)."""
+        if split not in self._builders:
+            return []
         rank, world_size, _ = self._topology()
         dataset = RowDataset(self._builders[split])
         sampler = DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
