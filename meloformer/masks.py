@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks, or_masks
 
@@ -127,7 +128,9 @@ def row_layout(
         "kind_class": (kind_class, np.zeros_like(slot_doc)),
         "onset_group": (lay.onset_group, np.full_like(slot_doc, -1)),
     }
-    tensors = {k: torch.from_numpy(np.concatenate([r, s], axis=1)) for k, (r, s) in rows.items()}
+    # int32 halves memory and speeds up the mask's integer arithmetic.
+    tensors = {k: np.concatenate([r, s], axis=1) for k, (r, s) in rows.items()}
+    tensors = {k: torch.from_numpy(v if v.dtype == bool else v.astype(np.int32)) for k, v in tensors.items()}
     return RowLayout(num_regular=n, **tensors)
 
 
@@ -196,11 +199,11 @@ def summary_mask_mod(
     return or_masks(itself, and_masks(same_doc, or_masks(sr, ss, rs, rr)))
 
 
-def dense_mask(mask_mod: MaskMod, batch_size: int, q_idx: Tensor, kv_idx: Tensor, chunk: int = 512) -> Tensor:
+def dense_mask(mask_mod: MaskMod, batch_size: int, q_idx: Tensor, kv_idx: Tensor, chunk: int = 128) -> Tensor:
     """Evaluate ``mask_mod`` on broadcast index tensors: a boolean ``[B, 1, Q, KV]`` matrix (True = attend).
 
-    ``q_idx`` is ``[Q]`` or per sample ``[B, Q]``; ``kv_idx`` is ``[KV]``. Queries go in chunks so the
-    integer intermediates stay small at long context.
+    ``q_idx`` is ``[Q]`` or per sample ``[B, Q]``; ``kv_idx`` is ``[KV]``. Used for the mask rows of
+    incremental decoding; queries go in chunks so the integer intermediates stay small.
     """
     device = kv_idx.device
     b = torch.arange(batch_size, device=device)[:, None, None, None]
@@ -214,35 +217,71 @@ def dense_mask(mask_mod: MaskMod, batch_size: int, q_idx: Tensor, kv_idx: Tensor
     return out
 
 
-def full_dense_mask(mask_mod: MaskMod, rows: RowLayout) -> Tensor:
-    """The whole ``[B, 1, L + S, L + S]`` boolean mask of ``rows``: the ``sdpa`` backend's reference."""
-    idx = torch.arange(rows.length, device=rows.pos.device)
-    return dense_mask(mask_mod, rows.batch_size, idx, idx)
+def candidate_tiles(rows: RowLayout, block_size: int) -> Tensor:
+    """``[B, n, n]``: the tiles that may hold a visible pair, a superset used only to skip evaluating the rest.
+
+    Every rule of section 3 keeps ``doc(kv) == doc(q)`` and ``pos(kv) <= pos(q)``, and the remaining pairs
+    (a token or slot seeing itself) lie on the diagonal; so a tile is skipped when its queries' and keys'
+    documents are disjoint or all its keys come after all its queries. Packed rows skip most tiles this way.
+    """
+    n_blocks = -(-rows.length // block_size)
+    fill = n_blocks * block_size - rows.length
+    big = torch.iinfo(torch.int32).max
+    live = F.pad(rows.doc >= 0, (0, fill), value=False).view(rows.batch_size, n_blocks, block_size)
+    doc = F.pad(rows.doc, (0, fill), value=-1).view_as(live)
+    pos = F.pad(rows.pos, (0, fill)).view_as(live)
+    doc_lo, doc_hi = doc.masked_fill(~live, big).amin(-1), doc.masked_fill(~live, -1).amax(-1)
+    pos_lo, pos_hi = pos.masked_fill(~live, big).amin(-1), pos.masked_fill(~live, -1).amax(-1)
+    docs_meet = (doc_lo[:, :, None] <= doc_hi[:, None, :]) & (doc_lo[:, None, :] <= doc_hi[:, :, None])
+    past = pos_lo[:, None, :] <= pos_hi[:, :, None]
+    return (docs_meet & past) | torch.eye(n_blocks, dtype=torch.bool, device=live.device)
+
+
+def evaluate_tiles(
+    mask_mod: MaskMod, rows: RowLayout, block_size: int, elements: int = 1 << 20
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """``mask_mod`` on every candidate tile: their (batch, query block, key block) indices and ``[C, bs, bs]``.
+
+    The same broadcast evaluation feeds the dense ``sdpa`` matrix and the flex ``BlockMask``; tiles go in
+    chunks of about ``elements`` entries, so memory stays small at any context length.
+    """
+    t, device = rows.length, rows.pos.device
+    index = torch.nonzero(candidate_tiles(rows, block_size), as_tuple=True)
+    offsets = torch.arange(block_size, device=device)
+    h = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
+    tiles = torch.empty(len(index[0]), block_size, block_size, dtype=torch.bool, device=device)
+    step = max(1, elements // block_size**2)
+    for start in range(0, len(tiles), step):
+        b, qb, kb = (i[start : start + step, None, None] for i in index)
+        q, kv = qb * block_size + offsets[:, None], kb * block_size + offsets
+        inside = (q < t) & (kv < t)
+        tiles[start : start + step] = mask_mod(b, h, q.clamp(max=t - 1), kv.clamp(max=t - 1)) & inside
+    return index, tiles
+
+
+def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> Tensor:
+    """The whole ``[B, 1, L + S, L + S]`` boolean mask of ``rows``: the ``sdpa`` backend's attention mask."""
+    (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
+    n_blocks, t = -(-rows.length // block_size), rows.length
+    dense = torch.zeros(rows.batch_size, n_blocks, block_size, n_blocks, block_size, dtype=torch.bool)
+    dense = dense.to(tiles.device)
+    dense[b, qb, :, kb, :] = tiles
+    dense = dense.view(rows.batch_size, 1, n_blocks * block_size, n_blocks * block_size)
+    return dense[:, :, :t, :t].contiguous() if n_blocks * block_size != t else dense
 
 
 def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:
-    """The ``flex`` backend's per-sample block mask; build it once per batch and share it across layers.
-
-    Evaluated tile row by tile row with ``dense_mask`` (the same broadcast evaluation as the ``sdpa`` mask),
-    so memory stays at one strip of tiles and no compilation is needed per shape.
-    """
-    t, batch = rows.length, rows.batch_size
-    device = rows.pos.device
-    n_blocks = -(-t // block_size)
-    padded = n_blocks * block_size
-    idx = torch.arange(t, device=device)
-    partial = torch.zeros(batch, 1, n_blocks, n_blocks, dtype=torch.bool, device=device)
+    """The ``flex`` backend's per-sample block mask; build it once per batch and share it across layers."""
+    (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
+    n_blocks = -(-rows.length // block_size)
+    partial = torch.zeros(rows.batch_size, 1, n_blocks, n_blocks, dtype=torch.bool, device=tiles.device)
     full = torch.zeros_like(partial)
-    for i in range(n_blocks):
-        strip = torch.zeros(batch, 1, block_size, padded, dtype=torch.bool, device=device)
-        q = idx[i * block_size : (i + 1) * block_size]
-        strip[:, :, : len(q), :t] = dense_mask(mask_mod, batch, q, idx)
-        tiles = strip.view(batch, 1, block_size, n_blocks, block_size)
-        any_, all_ = tiles.any(dim=(2, 4)), tiles.all(dim=(2, 4))
-        partial[:, :, i] = any_ & ~all_
-        full[:, :, i] = all_
+    any_, all_ = tiles.any(dim=(1, 2)), tiles.all(dim=(1, 2))
+    partial[b, 0, qb, kb] = any_ & ~all_
+    full[b, 0, qb, kb] = all_
 
     def to_kv(blocks: Tensor) -> tuple[Tensor, Tensor]:
         return blocks.sum(-1, dtype=torch.int32), blocks.int().argsort(dim=-1, descending=True, stable=True).int()
 
+    t = rows.length
     return BlockMask.from_kv_blocks(*to_kv(partial), *to_kv(full), block_size, mask_mod, seq_lengths=(t, t))

@@ -1,0 +1,233 @@
+"""Summary-token attention: compiled FlexAttention vs SDPA with the dense mask vs plain causal SDPA.
+
+At 2,048 / 8,192 / 16,384 regular tokens (plus their summary slots), with the attention shape of the
+``small`` model (4 query heads, 2 key/value heads, head size 64): forward on CPU, forward+backward on CUDA.
+Also the tile sparsity and the time to build the masks (once per batch, shared by every layer).
+
+Rows are built like training rows (``packed``: bar-window crops of demo-corpus pieces, at most
+``--piece-tokens`` each, packed into one row with document ids), and, as the worst case, one long piece
+(``single``: every token in one document). Each time is the best of ``--repeats`` runs after a warm-up
+(compilation excluded), so a busy machine disturbs the ratios less.
+
+    python bench/attention.py [--quick] [--out bench/results/attention.json]
+"""
+
+from __future__ import annotations
+
+import sys
+
+# bench/tokenize.py shadows the standard library's `tokenize` when this folder leads sys.path.
+if sys.path and sys.path[0].rstrip("/").endswith("bench"):
+    sys.path.append(sys.path.pop(0))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import symusic  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from meloformer.hid import BOS, HIDError, HIDTokenizer  # noqa: E402
+from meloformer.masks import block_mask, full_dense_mask, row_layout, slots_for, summary_mask_mod  # noqa: E402
+from meloformer.model import compiled_flex_attention  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TOK = HIDTokenizer()
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 64
+
+
+def synthetic_piece(rng: np.random.Generator, n_bars: int) -> np.ndarray:
+    """Four tracks of random notes, for when the demo corpus is absent."""
+    score = symusic.Score(480)
+    for program, is_drum in ((0, True), (33, False), (0, False), (73, False)):
+        track = symusic.Track(program=program, is_drum=is_drum)
+        for b in range(n_bars):
+            for _ in range(int(rng.integers(2, 8))):
+                onset = b * 1920 + int(rng.integers(0, 16)) * 120
+                track.notes.append(symusic.Note(onset, 240, int(rng.integers(36, 84)), 90))
+        score.tracks.append(track)
+    return TOK.encode(score).astype(np.int64)
+
+
+def corpus(seed: int = 0) -> list[np.ndarray]:
+    """HID pieces of the demo corpus, or synthetic ones."""
+    pieces = []
+    for path in sorted((REPO / "demo" / "midi").rglob("*.mid")):
+        try:
+            pieces.append(TOK.encode(path).astype(np.int64))
+        except HIDError:
+            continue
+    if not pieces:
+        rng = np.random.default_rng(seed)
+        pieces = [synthetic_piece(rng, int(rng.integers(8, 200))) for _ in range(40)]
+    return pieces
+
+
+def crop(piece: np.ndarray, max_tokens: int, rng: np.random.Generator) -> np.ndarray:
+    """A random bar window of ``piece`` with at most ``max_tokens`` tokens (the widest that fits)."""
+    if len(piece) <= max_tokens:
+        return piece
+    n_bars = TOK.parse(piece).n_bars
+    b0 = int(rng.integers(0, n_bars))
+    best = TOK.crop_bars(piece, b0, b0 + 1)
+    width = 2
+    while b0 + width <= n_bars:
+        window = TOK.crop_bars(piece, b0, b0 + width)
+        if len(window) > max_tokens:
+            break
+        best, width = window, width * 2
+    return best[:max_tokens].astype(np.int64)
+
+
+def packed_row(pieces: list[np.ndarray], length: int, piece_tokens: int, seed: int = 0) -> np.ndarray:
+    """A training-like row: crops of random pieces, packed back to back and cut to ``length``."""
+    rng = np.random.default_rng(seed)
+    out, total = [], 0
+    while total < length:
+        c = crop(pieces[int(rng.integers(len(pieces)))], piece_tokens, rng)
+        out.append(c)
+        total += len(c)
+    return np.concatenate(out)[:length]
+
+
+def single_row(pieces: list[np.ndarray], length: int) -> np.ndarray:
+    """One long piece (repeated if no piece is long enough): every token in one document."""
+    longest = max(pieces, key=len)
+    while len(longest) < length:
+        longest = np.concatenate([longest, longest[1:]])  # drop the second BOS: still one document
+    return longest[:length]
+
+
+def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_row(tokens: np.ndarray, device: torch.device, repeats: int, block_size: int) -> dict:
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    train = device.type == "cuda"
+    dtype = torch.bfloat16 if train else torch.float32
+    n = len(tokens)
+    segments = int(row_layout(tokens[None]).num_slots)
+    rows = row_layout(tokens[None], slots_for(segments, n // 8)).to(device)
+    mask_mod = summary_mask_mod(rows)
+    t = rows.length
+
+    blocks = block_mask(mask_mod, rows, block_size)
+    dense = full_dense_mask(mask_mod, rows)
+    block_build = best_time(lambda: block_mask(mask_mod, rows, block_size), repeats, sync)
+    dense_build = best_time(lambda: full_dense_mask(mask_mod, rows), repeats, sync)
+    sparsity128 = block_mask(mask_mod, rows, 128).sparsity() if block_size != 128 else blocks.sparsity()
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(1, HEADS, t, HEAD_DIM, device=device, dtype=dtype, generator=gen, requires_grad=train)
+    k, v = (
+        torch.randn(1, KV_HEADS, t, HEAD_DIM, device=device, dtype=dtype, generator=gen, requires_grad=train)
+        for _ in range(2)
+    )
+
+    def run(attention: Callable[[], torch.Tensor]) -> Callable[[], object]:
+        if not train:
+            return lambda: attention()
+
+        def forward_backward() -> None:
+            attention().sum().backward()
+
+        return forward_backward
+
+    kernels = {
+        "flex": lambda: compiled_flex_attention(q, k, v, block_mask=blocks, enable_gqa=True),
+        "sdpa_dense_mask": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True),
+        "sdpa_causal": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
+    }
+    with torch.set_grad_enabled(train):
+        flex_out = kernels["flex"]()
+        reference = kernels["sdpa_dense_mask"]()
+        max_diff = (flex_out.float() - reference.float()).abs().max().item()
+        times = {name: best_time(run(fn), repeats, sync) for name, fn in kernels.items()}
+    return {
+        "tokens": n,
+        "summary_slots": rows.num_slots,
+        "segments": segments,
+        "documents": int((tokens == BOS).sum()),
+        "mask_density": dense.float().mean().item(),
+        "block_size": block_size,
+        "tile_sparsity": blocks.sparsity() / 100,
+        "tile_sparsity_128": sparsity128 / 100,
+        "block_mask_build_s": block_build,
+        "dense_mask_build_s": dense_build,
+        "seconds": times,
+        "flex_speedup_vs_dense_sdpa": times["sdpa_dense_mask"] / times["flex"],
+        "flex_vs_dense_max_abs_diff": max_diff,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="2,048 and 8,192 tokens, packed rows, 2 repeats")
+    parser.add_argument("--lengths", type=int, nargs="*", default=[2048, 8192, 16384])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--piece-tokens", type=int, default=2048, help="longest crop packed into a row")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--block-size", type=int, default=None, help="flex tile size (default: model's choice)")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "attention.json")
+    args = parser.parse_args()
+    lengths, repeats, workloads = args.lengths, args.repeats, ("packed", "single")
+    if args.quick:
+        lengths, repeats, workloads = [x for x in lengths if x <= 8192], 2, ("packed",)
+    device = torch.device(args.device)
+    block_size = args.block_size or (128 if device.type == "cuda" else 32)
+
+    pieces = corpus()
+    results = []
+    header = (
+        f"{'row':>7} {'tokens':>6} {'slots':>5} {'docs':>4} {'empty tiles':>11} {'mask build s':>13} "
+        f"{'flex s':>8} {'sdpa+mask s':>11} {'causal s':>8} {'speedup':>7}"
+    )
+    mode = "forward+backward, bf16" if device.type == "cuda" else "forward, fp32"
+    print(f"{device.type}: {mode}; flex tile {block_size}; best of {repeats}")
+    print(header)
+    for workload in workloads:
+        for length in lengths:
+            tokens = (
+                packed_row(pieces, length, args.piece_tokens) if workload == "packed" else single_row(pieces, length)
+            )
+            r = bench_row(tokens, device, repeats, block_size) | {"workload": workload}
+            results.append(r)
+            s = r["seconds"]
+            print(
+                f"{workload:>7} {length:>6} {r['summary_slots']:>5} {r['documents']:>4} "
+                f"{r['tile_sparsity']:>10.1%} {r['block_mask_build_s']:>6.2f}/{r['dense_mask_build_s']:<6.2f} "
+                f"{s['flex']:>8.4f} {s['sdpa_dense_mask']:>11.4f} {s['sdpa_causal']:>8.4f} "
+                f"{r['flex_speedup_vs_dense_sdpa']:>6.1f}x",
+                flush=True,
+            )
+    report = {
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "mode": mode,
+        "heads": [HEADS, KV_HEADS, HEAD_DIM],
+        "piece_tokens": args.piece_tokens,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
