@@ -127,10 +127,14 @@ class StreamLoader(DataLoader):
         return self.stream.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if int(state_dict["batch_size"]) != self.stream.batch_size:
+        """Continue the checkpoint's epoch; a finished one needs nothing (this loader starts the next)."""
+        saved = StreamState()
+        saved.load_state_dict(state_dict)
+        if saved.epoch_finished:
+            return
+        if saved.batch_size != self.stream.batch_size:
             raise ValueError(
-                f"the checkpoint's loader ran at batch size {state_dict['batch_size']}, "
-                f"this one at {self.stream.batch_size}"
+                f"the checkpoint's loader ran at batch size {saved.batch_size}, this one at {self.stream.batch_size}"
             )
         self.stream.load_state_dict(state_dict)
 
