@@ -28,14 +28,16 @@ class IncrementalDecoder:
     bounds the row length (default: the model's ``max_seq_len``); summary-slot storage grows as needed.
     """
 
-    def __init__(self, model: MeloFormer, capacity: int | None = None, backend: str | None = None) -> None:
+    def __init__(self, model: MeloFormer, capacity: int | None = None, backend: str = "sdpa") -> None:
         self.model = model
         self.capacity = capacity or model.config.max_seq_len
-        self.backend = backend  # of the prefill's full forward; None: the model's own choice
+        # The prefill's full forward: sdpa by default, since every new prompt length would compile flex anew.
+        self.backend = backend
         self.length = 0
 
     @property
     def tokens(self) -> np.ndarray:
+        """The tokens so far, ``[B, length]``."""
         return self._tokens[:, : self.length]
 
     def _allocate(self, batch: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -55,30 +57,22 @@ class IncrementalDecoder:
         if needed <= have:
             return
         grow = max(needed, 2 * have) - have
-        pad = lambda t: F.pad(t, (0, 0, 0, grow))  # noqa: E731
-        self.slot_k, self.slot_v = pad(self.slot_k), pad(self.slot_v)
-
-    def _rows(self, n: int) -> RowLayout:
-        """Side channels of the tokens so far; a slot is in use only once its segment is closed."""
-        tokens = torch.from_numpy(self._tokens[:, :n])
-        rows = self.model.row_layout(tokens, min_slots=self.slot_k.shape[3], open_last_segment=True)
-        return rows.to(self.k.device)
+        self.slot_k, self.slot_v = (F.pad(t, (0, 0, 0, grow)) for t in (self.slot_k, self.slot_v))
 
     @torch.no_grad()
     def prefill(self, prompt: Tensor) -> Tensor:
-        """Full forward on ``prompt`` ``[B, n]``; caches keys/values of its tokens and closed segments."""
+        """Full forward on ``prompt`` ``[B, n]``, returning its logits; caches its tokens and closed segments."""
         batch, n = prompt.shape
         if n > self.capacity:
             raise ValueError(f"prompt of {n} tokens exceeds the decoder capacity {self.capacity}")
-        param = next(self.model.parameters())
-        self._allocate(batch, prompt.device, param.dtype)
+        self._allocate(batch, prompt.device, next(self.model.parameters()).dtype)
         self._tokens[:, :n] = prompt.cpu().numpy()
         ctx = self.model.prepare(prompt, backend=self.backend)
         kv: list[tuple[Tensor, Tensor]] = []
         logits = self.model(prompt, ctx=ctx, kv=kv)
         rows = ctx.rows
-        closed = (rows.doc[:, n:] >= 0) & (rows.pos[:, n:] < n - 1)
-        self.slots = closed.sum(1)
+        # Slots are ordered by segment end; the one ending at the last token is still open (not cached).
+        self.slots = ((rows.doc[:, n:] >= 0) & (rows.pos[:, n:] < n - 1)).sum(1)
         self._reserve_slots(rows.num_slots)
         for layer, (k, v) in enumerate(kv):
             self.k[layer, :, :, :n], self.v[layer, :, :, :n] = k[:, :, :n], v[:, :, :n]
@@ -95,10 +89,12 @@ class IncrementalDecoder:
             raise ValueError(f"decoder capacity {self.capacity} reached")
         self._tokens[:, p] = token.cpu().numpy()
         self._reserve_slots(int(self.slots.max()) + 2)
-        rows = self._rows(p + 1)
-        closed = (rows.doc[:, p + 1 :] >= 0).sum(1)
-        if bool((closed > self.slots).any()):
-            self._summarise(rows, closed > self.slots)
+        rows = self.model.row_layout(
+            torch.from_numpy(self._tokens[:, : p + 1]), min_slots=self.slot_k.shape[3], open_last_segment=True
+        ).to(self.k.device)
+        closing = (rows.doc[:, p + 1 :] >= 0).sum(1) > self.slots
+        if bool(closing.any()):
+            self._summarise(rows, closing)
         self.length = p + 1
         return self._regular(rows, token.to(self.k.device))
 
@@ -108,44 +104,46 @@ class IncrementalDecoder:
         Rows that did not close a segment compute a throwaway slot at their next (unused) index, which
         sees only itself and is overwritten when that row closes its segment.
         """
-        model, n, p = self.model, rows.num_regular, self.length
-        slot = self.slots
-        n_slots = int(slot.max()) + 1
-        kv_idx = torch.cat([torch.arange(p), n + torch.arange(n_slots)]).to(slot.device)
-        mask = dense_mask(model.mask_mod(rows), rows.batch_size, (n + slot)[:, None], kv_idx)
+        n, slot = rows.num_regular, self.slots
         batch = torch.arange(rows.batch_size, device=slot.device)
-        pos = rows.pos[batch, n + slot]
-        x = model.embed_slots(rows.track_token[batch, n + slot])[:, None]
-        cos, sin = rope_angles(pos[:, None], model.config.head_dim, model.config.rope_base)
-        for layer, block in enumerate(model.blocks):
-            q, k, v = block.attn.qkv_heads(block.attn_norm(x), cos, sin)
-            self.slot_k[layer, batch, :, slot] = k[:, :, 0]
-            self.slot_v[layer, batch, :, slot] = v[:, :, 0]
-            keys = torch.cat([self.k[layer, :, :, :p], self.slot_k[layer, :, :, :n_slots]], dim=2)
-            values = torch.cat([self.v[layer, :, :, :p], self.slot_v[layer, :, :, :n_slots]], dim=2)
-            x = x + block.attn.output(_sdpa(q, keys, values, mask))
-            x = block.feed_forward(x)
+        x = self.model.embed_slots(rows.track_token[batch, n + slot])[:, None]
+
+        def write(layer: int, k: Tensor, v: Tensor) -> None:
+            self.slot_k[layer, batch, :, slot], self.slot_v[layer, batch, :, slot] = k[:, :, 0], v[:, :, 0]
+
+        # Its segment's tokens are all cached; the new token (at n - 1) is not part of it.
+        self._layers(x, rows, (n + slot)[:, None], n - 1, int(slot.max()) + 1, write)
         self.slots = torch.where(closing, slot + 1, slot)
 
     def _regular(self, rows: RowLayout, token: Tensor) -> Tensor:
         """Run the newest token (at ``length - 1``) through every layer; return its logits."""
-        model, n = self.model, rows.num_regular
+        n = rows.num_regular
         p = n - 1
-        n_slots = int(self.slots.max())
-        kv_idx = torch.cat([torch.arange(n), n + torch.arange(n_slots)]).to(token.device)
-        q_idx = torch.full((1,), p, device=token.device)
+        x = self.model.embed_tokens(token[:, None], rows.track_token[:, p : p + 1])
+
+        def write(layer: int, k: Tensor, v: Tensor) -> None:
+            self.k[layer, :, :, p : p + 1], self.v[layer, :, :, p : p + 1] = k, v
+
+        x = self._layers(x, rows, torch.full((1,), p, device=token.device), n, int(self.slots.max()), write)
+        return self.model.logits(x)[:, 0]
+
+    def _layers(self, x: Tensor, rows: RowLayout, q_idx: Tensor, n_regular: int, n_slots: int, write) -> Tensor:
+        """One query per row (``x`` ``[B, 1, d]``, row index ``q_idx``) through every block.
+
+        It attends to the cached regular tokens ``[0, n_regular)`` and slots ``[0, n_slots)`` under its row of
+        the model's mask; ``write`` stores its own keys and values in the cache first.
+        """
+        model = self.model
+        n = rows.num_regular
+        kv_idx = torch.cat([torch.arange(n_regular), n + torch.arange(n_slots)]).to(x.device)
         mask = dense_mask(model.mask_mod(rows), rows.batch_size, q_idx, kv_idx)
-        x = model.embed_tokens(token[:, None], rows.track_token[:, p : p + 1])
-        cos, sin = rope_angles(rows.pos[:, p : p + 1], model.config.head_dim, model.config.rope_base)
+        pos = rows.pos.gather(1, q_idx.expand(rows.batch_size, 1))
+        cos, sin = rope_angles(pos, model.config.head_dim, model.config.rope_base)
         for layer, block in enumerate(model.blocks):
             q, k, v = block.attn.qkv_heads(block.attn_norm(x), cos, sin)
-            self.k[layer, :, :, p : p + 1], self.v[layer, :, :, p : p + 1] = k, v
-            keys = torch.cat([self.k[layer, :, :, :n], self.slot_k[layer, :, :, :n_slots]], dim=2)
-            values = torch.cat([self.v[layer, :, :, :n], self.slot_v[layer, :, :, :n_slots]], dim=2)
-            x = x + block.attn.output(_sdpa(q, keys, values, mask))
-            x = block.feed_forward(x)
-        return model.logits(x)[:, 0]
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+            write(layer, k, v)
+            keys = torch.cat([self.k[layer, :, :, :n_regular], self.slot_k[layer, :, :, :n_slots]], dim=2)
+            values = torch.cat([self.v[layer, :, :, :n_regular], self.slot_v[layer, :, :, :n_slots]], dim=2)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+            x = block.feed_forward(x + block.attn.output(y))
+        return x

@@ -2,13 +2,14 @@
 
 A row of the attention holds ``L`` regular tokens and then one contiguous block of ``S`` summary slots;
 slot ``s`` summarises segment ``s`` of the row and sits at the logical position where that segment ends.
-Keeping the slots together (instead of interleaving them after their segments) leaves whole 128x128 tiles
-empty, which FlexAttention skips.
+Keeping the slots together (instead of interleaving them after their segments) leaves whole tiles empty,
+which FlexAttention skips.
 
 Every rule is a small ``mask_mod(b, h, q_idx, kv_idx)`` over per-sample side channels (``RowLayout``,
-tensors ``[B, L + S]`` indexed by the batch index ``b``), composed with ``and_masks``/``or_masks``. The
-same function is given to ``create_block_mask`` for the ``flex`` backend and evaluated on broadcast index
-tensors by ``dense_mask`` for the ``sdpa`` backend and for KV-cached decoding, so the rules exist once.
+tensors ``[B, L + S]`` indexed by the batch index ``b``), composed with ``and_masks``/``or_masks``. The one
+composed function is evaluated on broadcast index tensors, tile by tile, to build both the dense boolean
+matrix of the ``sdpa`` backend and the ``BlockMask`` of the ``flex`` backend (which also evaluates it
+inside its kernel), and row by row for KV-cached decoding; so the rules exist exactly once.
 """
 
 from __future__ import annotations
@@ -149,9 +150,11 @@ def summary_mask_mod(
     fine[[o for o in fine_bars if o > 0]] = True
 
     def itself(b, h, q, kv):
+        """Every row sees itself, so padding and unused slots (which see nothing else) give no NaN."""
         return q == kv
 
     def same_doc(b, h, q, kv):
+        """All four rules stay inside one document; padding and unused slots (doc -1) are never seen."""
         return (doc[b, q] == doc[b, kv]) & (doc[b, q] >= 0)
 
     def sr(b, h, q, kv):
@@ -167,27 +170,31 @@ def summary_mask_mod(
         return (q < n) & (kv >= n) & (pos[b, kv] < pos[b, q])
 
     def rr_causal(b, h, q, kv):
+        """A regular token sees regular tokens at or before its position, and then only when..."""
         return (q < n) & (kv <= q)
 
     def rr_global(b, h, q, kv):
+        """...the key is BOS, Track or EOS,"""
         return is_global[b, kv]
 
     def rr_same_segment(b, h, q, kv):
+        """...or in the query's segment,"""
         return (seg[b, q] == seg[b, kv]) & (seg[b, q] >= 0)
 
     def rr_fine_bar(b, h, q, kv):
-        """Same track, ``bar(q) - bar(kv)`` in ``fine_bars``."""
+        """...or in the same track, ``bar(q) - bar(kv)`` in ``fine_bars``,"""
         offset = bar[b, q] - bar[b, kv]
         in_table = (offset > 0) & (offset <= max_offset) & fine[offset.clamp(0, max_offset)]
         return (track[b, q] == track[b, kv]) & (bar[b, kv] >= 0) & in_table
 
     def rr_cross_track(b, h, q, kv):
-        """Another track, bar within ``cross_window`` (causality keeps only earlier tracks)."""
+        """...or in another track, a bar within ``cross_window`` (causality keeps only earlier tracks)."""
         near = (bar[b, q] - bar[b, kv]).abs() <= cross_window
         return (track[b, q] != track[b, kv]) & (bar[b, q] >= 0) & (bar[b, kv] >= 0) & near
 
     def rr_kind(b, h, q, kv):
-        """Optional: onset/pitch see onset/pitch, velocity sees velocity; one onset group sees itself."""
+        """Optional, on the last three: onset/pitch see onset/pitch, velocity velocity, duration duration;
+        an onset group always sees itself, and other kinds (Bar, conductor events) are not restricted."""
         cq, ck = kind_class[b, q], kind_class[b, kv]
         same_onset = (onset_group[b, q] == onset_group[b, kv]) & (onset_group[b, q] >= 0)
         return (cq == 0) | (ck == 0) | (cq == ck) | same_onset
@@ -263,8 +270,8 @@ def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -
     """The whole ``[B, 1, L + S, L + S]`` boolean mask of ``rows``: the ``sdpa`` backend's attention mask."""
     (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
     n_blocks, t = -(-rows.length // block_size), rows.length
-    dense = torch.zeros(rows.batch_size, n_blocks, block_size, n_blocks, block_size, dtype=torch.bool)
-    dense = dense.to(tiles.device)
+    shape = (rows.batch_size, n_blocks, block_size, n_blocks, block_size)
+    dense = torch.zeros(shape, dtype=torch.bool, device=tiles.device)
     dense[b, qb, :, kb, :] = tiles
     dense = dense.view(rows.batch_size, 1, n_blocks * block_size, n_blocks * block_size)
     return dense[:, :, :t, :t].contiguous() if n_blocks * block_size != t else dense

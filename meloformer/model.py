@@ -45,6 +45,8 @@ NUM_TRACK_EMBEDDINGS = 1 + 2 + 128  # none, conductor, drums, 128 programs
 
 @dataclasses.dataclass
 class MeloFormerConfig:
+    """Every setting of the model; ``attention_backend`` and ``gradient_checkpointing`` may change at any time."""
+
     vocab_size: int = DEFAULT_VOCAB_SIZE
     n_layer: int = 6
     n_head: int = 4
@@ -298,7 +300,8 @@ class MeloFormer(nn.Module):
         ``ctx`` reuses a prepared batch; a list ``kv`` receives each layer's rotated keys and values over the
         whole row (regular tokens, then slots), which is how decoding fills its cache.
         """
-        ctx = ctx or self.prepare(tokens, doc_ids)
+        if ctx is None:
+            ctx = self.prepare(tokens, doc_ids)
         n = tokens.shape[1]
         track_token = ctx.rows.track_token
         x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(track_token[:, n:])], dim=1)
