@@ -302,7 +302,7 @@ def _kind_groups(tokenizer: HIDTokenizer) -> np.ndarray:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MeloFormerModule:
     """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=False)
-    hparams = dict(checkpoint["hyper_parameters"])
+    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's
     hparams["overrides"] = checkpoint["meloformer"]["model_config"]  # exact config, even if presets change
     for name in DIRECT_FIELDS:
         hparams[name] = None
