@@ -116,7 +116,7 @@ def generate_main(argv: list[str]) -> int:
 
     from meloformer.module import load_checkpoint
     from meloformer.pianoroll import save_pianoroll
-    from meloformer.sampling import GenerationRequest, generate
+    from meloformer.sampling import GenerationRequest, check_request, generate
 
     args = generate_parser().parse_args(argv)
     try:
@@ -143,6 +143,7 @@ def generate_main(argv: list[str]) -> int:
             prompt=prompt,
             add_track=_track_token(args.add_track) if args.add_track else None,
         )
+        check_request(tok, request)
     except (ValueError, OSError) as err:
         print(f"meloformer generate: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,134 @@
+"""The real `meloformer` console script in subprocesses: fit, --print_config, overrides, bad configs, sizes."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+
+import pytest
+import torch
+import yaml
+
+from _music import REPO
+from meloformer.cli import build_cli
+from meloformer.model import SIZES, parameter_counts
+
+DEMO = str(REPO / "configs" / "demo.yaml")
+GPU_CONFIGS = ["small", "base", "large", "xlarge"]
+QUICK = ["--trainer.enable_progress_bar", "false", "--trainer.val_check_interval", "2"]
+
+
+def meloformer(*args: str, cwd, timeout: int = 600) -> subprocess.CompletedProcess:
+    script = shutil.which("meloformer")
+    assert script, "the meloformer console script is not installed (pip install -e .)"
+    return subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_fit_demo_config_a_few_steps(tmp_path):
+    """The README's main job, shortened: trains, switches phase, validates, logs and leaves checkpoints."""
+    phases = "[{start_step: 0, batch_size: 1}, {start_step: 2, batch_size: 2, num_workers: 1}]"
+    done = meloformer(
+        "fit", "--config", DEMO, "--trainer.max_steps", "4", *QUICK, "--trainer.limit_val_batches", "1",
+        "--trainer.log_every_n_steps", "1", "--trainer.callbacks.init_args.phases", phases, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "phase 2/2 from optimizer step 2: batch_size 2, num_workers 1" in done.stderr
+    (metrics,) = (tmp_path / "runs" / "demo").rglob("metrics.csv")
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    steps = {int(r["step"]): r for r in rows if r.get("train/loss")}
+    assert sorted(steps) == [0, 1, 2, 3]
+    assert [float(steps[s]["batch_size"]) for s in range(4)] == [1, 1, 2, 2]
+    assert [float(steps[s]["num_workers"]) for s in range(4)] == [0, 0, 1, 1]
+    for name in ("train/ppl", "train/lr", "train/loss_pitch", "train/loss_conductor"):
+        assert steps[3][name], name
+    assert any(r.get("val/loss") and r.get("val/ppl_velocity") for r in rows)
+    checkpoints = sorted(p.name for p in (tmp_path / "runs" / "demo").rglob("*.ckpt"))
+    assert "last.ckpt" in checkpoints
+
+
+def test_print_config_shows_one_resolved_config(tmp_path):
+    done = meloformer("fit", "--config", DEMO, "--print_config", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = yaml.safe_load(done.stdout)
+    assert config["model"]["size"] == "small" and config["model"]["attention_backend"] == "sdpa"
+    assert config["trainer"]["precision"] == "32-true"
+    assert "max_seq_len" not in config["data"]  # linked from the model: set once, in model
+    callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
+    assert "meloformer.callbacks.PhaseSwitchCallback" in callbacks
+
+
+def test_override_changes_the_model_size(tmp_path):
+    done = meloformer(
+        "fit", "--config", DEMO, "--model.size", "base", "--model.overrides", "{}", "--trainer.max_steps", "1",
+        *QUICK, "--trainer.limit_val_batches", "0", cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    (last,) = (tmp_path / "runs" / "demo").rglob("last.ckpt")
+    checkpoint = torch.load(last, weights_only=False, map_location="cpu")
+    assert checkpoint["meloformer"]["model_config"]["n_embd"] == SIZES["base"].n_embd
+    parameters = sum(t.numel() for k, t in checkpoint["state_dict"].items() if k.startswith("model."))
+    assert parameters == parameter_counts()["base"]
+
+
+@pytest.mark.parametrize(
+    ("args", "problem"),
+    [
+        (["--model.sise", "base"], "sise"),
+        (["--trainer.max_steps", "many"], "max_steps"),
+        (["--model.overrides", "{n_layers: 2}"], "unknown model setting 'n_layers'"),
+        (
+            [
+                "--trainer.callbacks.init_args.phases",
+                "[{start_step: 0, batch_size: 2}, {start_step: 0, batch_size: 4}]",
+            ],
+            "phase 2 starts at step 0, not after phase 1",
+        ),
+        (["--data.data_dir", "no/such/folder"], "no/such/folder: no dataset here"),
+        (
+            ["--model.tokenizer", "{resolution: 24}", "--data.data_dir", "{shards}"],
+            "resolution: data 12 vs expected 24",
+        ),
+    ],
+    ids=["unknown-key", "wrong-type", "unknown-model-setting", "phases-out-of-order", "missing-data", "tokenizer"],
+)
+def test_bad_config_stops_before_training(tmp_path, demo_shards, args, problem):
+    args = [a.replace("{shards}", str(demo_shards)) for a in args]
+    done = meloformer("fit", "--config", DEMO, *args, cwd=tmp_path)
+    assert done.returncode != 0
+    assert problem in done.stderr, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+@pytest.mark.parametrize("size", GPU_CONFIGS)
+def test_gpu_configs_build(size, demo_shards):
+    """The GPU configs parse and instantiate (on CPU here, with the demo shards standing in for data/shards)."""
+    cli = build_cli(
+        ["--config", str(REPO / "configs" / f"{size}.yaml"), "--data.data_dir", str(demo_shards),
+         "--trainer.accelerator", "cpu", "--trainer.precision", "32-true"],
+        run=False,
+    )  # fmt: skip
+    assert cli.model.config.n_embd == SIZES[size].n_embd
+    assert (cli.datamodule.max_seq_len, cli.datamodule.max_segments) == (8192, 1024)
+    assert cli.model.hparams.compile and cli.trainer.accumulate_grad_batches == 8
+    (phases,) = [c.phases for c in cli.trainer.callbacks if hasattr(c, "phases")]
+    assert [(p.start_step, p.batch_size, p.num_workers) for p in phases] == [(0, 1, 0), (10, 1, 8), (100, 6, 8)]
+    with open(REPO / "configs" / f"{size}.yaml") as f:
+        assert yaml.safe_load(f)["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_sizes_command_prints_real_parameter_counts(tmp_path):
+    done = meloformer("sizes", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    for name, count in parameter_counts().items():
+        assert f"{count:,}" in next(line for line in done.stdout.splitlines() if line.startswith(name))
+
+
+def test_help_lists_the_commands(tmp_path):
+    done = meloformer("--help", cwd=tmp_path)
+    assert done.returncode == 0
+    for command in ("fit", "validate", "test", "preprocess", "sizes"):
+        assert command in done.stdout
