@@ -92,6 +92,11 @@ class _Plan:
         return None if bar is None else list(bar)
 
 
+def check_request(tok: HIDTokenizer, request: GenerationRequest) -> None:
+    """Raise ValueError (HIDError) naming the control that cannot be generated, before any model runs."""
+    _Plan(tok, request)
+
+
 @torch.no_grad()
 def generate(
     model: MeloFormer,
