@@ -1,0 +1,40 @@
+"""SampleLogger: after validation it writes a sample, logs its piano roll to TensorBoard and its metrics."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import symusic
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from meloformer.callbacks import SampleLogger
+from meloformer.datamodules import HIDDataModule
+from meloformer.module import MeloFormerModule
+
+
+def test_sample_logger_logs_piano_roll_and_metrics_every_n_validations(demo_shards, tiny_model, tmp_path):
+    tensorboard = TensorBoardLogger(tmp_path, name="tb")
+    csv = CSVLogger(tmp_path, name="csv")
+    trainer = pl.Trainer(
+        max_steps=4,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=[tensorboard, csv],
+        callbacks=[SampleLogger(every_n_validations=2, bars=2, instruments=[6])],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    module = MeloFormerModule(**tiny_model, warmup_steps=1)
+    trainer.fit(module, HIDDataModule(str(demo_shards), max_seq_len=256, max_segments=64))
+    samples = sorted(p.name for p in (tmp_path / "tb").rglob("step_*.mid"))
+    assert samples == ["step_2.mid", "step_4.mid"]  # validations 2 and 4 of 4
+    for name in samples:
+        assert symusic.Score(str(next((tmp_path / "tb").rglob(name)))).note_num() > 0
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*")).parent)).Reload()
+    assert [e.step for e in events.Images("samples/pianoroll")] == [2, 4]
+    assert "sample/pitch_class_entropy" in events.Tags()["scalars"]
+    metrics = (next((tmp_path / "csv").rglob("metrics.csv"))).read_text()
+    assert "sample/groove_consistency" in metrics
