@@ -22,6 +22,7 @@ if sys.path and sys.path[0].rstrip("/").endswith("bench"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -182,8 +183,11 @@ def main() -> None:
     parser.add_argument("--piece-tokens", type=int, default=2048, help="longest crop packed into a row")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--block-size", type=int, default=None, help="flex tile size (default: model's choice)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "attention.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lengths, repeats, workloads = args.lengths, args.repeats, ("packed", "single")
     if args.quick:
         lengths, repeats, workloads = [x for x in lengths if x <= 8192], 2, ("packed",)
@@ -218,6 +222,7 @@ def main() -> None:
         "device": device.type,
         "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
         "threads": torch.get_num_threads(),
+        "load_average_1min_at_end": os.getloadavg()[0],
         "torch": torch.__version__,
         "mode": mode,
         "heads": [HEADS, KV_HEADS, HEAD_DIM],

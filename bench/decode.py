@@ -6,6 +6,9 @@ context. Cached: ``IncrementalDecoder.step``. Recompute: a full forward on all t
 ``sdpa`` backend (dense mask) and with compiled ``flex`` (rows padded to the context length, so it compiles
 once). Both paths' logits are compared, so the speed-up is for the same numbers.
 
+A decoding step is many small operations; on a machine shared with busy processes, OpenMP hand-offs
+between threads can cost milliseconds each, so compare with ``--threads 1`` there.
+
     python bench/decode.py [--quick] [--out bench/results/decode.json]
 """
 
@@ -19,6 +22,7 @@ if sys.path and sys.path[0].rstrip("/").endswith("bench"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -72,8 +76,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--contexts", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--size", default="small")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "decode.json")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cached_steps, full_steps = (32, 2) if args.quick else (128, 4)
 
     torch.manual_seed(0)
@@ -100,6 +107,7 @@ def main() -> None:
         "device": "cpu",
         "processor": platform.processor(),
         "threads": torch.get_num_threads(),
+        "load_average_1min_at_end": os.getloadavg()[0],
         "torch": torch.__version__,
         "size": args.size,
         "parameters": model.num_parameters(),
