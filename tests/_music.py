@@ -33,3 +33,14 @@ def make_score(
             track.notes.append(symusic.Note(ticks(onset), ticks(duration), pitch, velocity))
         score.tracks.append(track)
     return score
+
+
+def write_and_read_back(tok, tokens, path: Path) -> symusic.Score:
+    """Decode ``tokens`` to a MIDI file and check that symusic and miditoolkit both read it, with notes."""
+    import miditoolkit
+
+    tok.decode_to_file(tokens, path)
+    score = symusic.Score(str(path))
+    assert score.note_num() > 0
+    assert sum(len(i.notes) for i in miditoolkit.MidiFile(str(path)).instruments) == score.note_num()
+    return score
