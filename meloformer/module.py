@@ -261,8 +261,8 @@ class MeloFormerModule(pl.LightningModule):
             if not torch.isfinite(value):  # no target of this kind anywhere
                 continue
             suffix = "" if name == "all" else f"_{name}"
-            self.log(f"{stage}/loss{suffix}", value, prog_bar=name == "all")
-            self.log(f"{stage}/ppl{suffix}", torch.exp(value))
+            self.log(f"{stage}/loss{suffix}", value, prog_bar=name == "all", sync_dist=True)
+            self.log(f"{stage}/ppl{suffix}", torch.exp(value), sync_dist=True)
 
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

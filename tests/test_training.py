@@ -34,6 +34,16 @@ class Recorder(pl.Callback):
         self.rows.setdefault(trainer.global_step, []).extend(batch["row"].tolist())
 
 
+class LossRecorder(pl.Callback):
+    """The training loss of every batch."""
+
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
 def trainer(root, max_steps, *callbacks, **kwargs) -> pl.Trainer:
     kwargs = {
         "max_steps": max_steps,
@@ -107,13 +117,9 @@ def test_learning_rate_warms_up_then_decays_to_the_floor_at_max_steps(tiny_model
 
 def test_loss_falls(demo_shards, tiny_model, tmp_path):
     module = MeloFormerModule(**tiny_model, lr=3e-3, warmup_steps=5)
-    losses = []
-
-    class Losses(pl.Callback):
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            losses.append(float(outputs["loss"]))
-
-    trainer(tmp_path, 40, Losses()).fit(module, data(demo_shards, batch_size=2))
+    recorder = LossRecorder()
+    trainer(tmp_path, 40, recorder).fit(module, data(demo_shards, batch_size=2))
+    losses = recorder.losses
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
 
 
@@ -232,3 +238,18 @@ def test_ddp_on_cpu_two_processes(demo_shards, tiny_model, tmp_path):
     assert not set(rows[0]) & set(rows[1])
     assert sorted(rows[0] + rows[1]) == list(range(12))  # together: the stream, in global batches
     assert math.isfinite(float(ranks[0]["params"][0].sum()))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager(demo_shards, tiny_model, tmp_path):
+    """``compile: true`` trains through torch.compile (CPU, sdpa) with the eager model's losses."""
+    losses = {}
+    for compiled in (False, True):
+        pl.seed_everything(0)
+        module = MeloFormerModule(**tiny_model, compile=compiled, recompile_limit=16)
+        recorder = LossRecorder()
+        trainer(tmp_path, 3, recorder).fit(module, data(demo_shards))
+        losses[compiled] = recorder.losses
+        assert (module.model._compiled_call_impl is not None) == compiled
+    assert torch._dynamo.config.recompile_limit == 16
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)

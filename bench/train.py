@@ -1,0 +1,180 @@
+"""Training throughput on CPU: MeloFormer-small (summary attention, sdpa) vs a plain causal transformer, and
+the DataLoader's rows/s against what the model consumes.
+
+The plain transformer has MeloFormer-small's width, depth, heads, SwiGLU width, RMSNorm, rotary embedding
+and vocabulary, and attends with ``scaled_dot_product_attention(is_causal=True)`` over the same rows: the
+price of summary attention is the difference. A training step is forward + loss + backward + AdamW, on
+rows of the bundled demo corpus (``HIDDataModule``). The two models' steps alternate, so a busy machine
+slows both alike; the median step counts. Loader rows/s is measured in the main process (no workers).
+
+    python bench/train.py [--seq-len 2048] [--batch-size 1] [--steps 6] [--out bench/results/train.json]
+
+Goals: MeloFormer >= 0.7x the plain causal tokens/s; loader >= 10x the rows/s the model consumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from meloformer.datamodules import HIDDataModule
+from meloformer.hid import BOS, PAD
+from meloformer.model import MeloFormerConfig, apply_rope, rope_angles
+from meloformer.module import MeloFormerModule
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PlainBlock(nn.Module):
+    def __init__(self, c: MeloFormerConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        self.norm1, self.norm2 = nn.RMSNorm(c.n_embd, eps=c.norm_eps), nn.RMSNorm(c.n_embd, eps=c.norm_eps)
+        self.qkv = nn.Linear(c.n_embd, (c.n_head + 2 * c.n_kv_head) * c.head_dim, bias=False)
+        self.proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
+        self.gate = nn.Linear(c.n_embd, c.ffn_hidden, bias=False)
+        self.up = nn.Linear(c.n_embd, c.ffn_hidden, bias=False)
+        self.down = nn.Linear(c.ffn_hidden, c.n_embd, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
+        )
+        q, k, v = (y.view(b, t, -1, self.head_dim).transpose(1, 2) for y in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        x = x + self.proj(y.transpose(1, 2).reshape(b, t, -1))
+        h = self.norm2(x)
+        return x + self.down(F.silu(self.gate(h)) * self.up(h))
+
+
+class PlainCausal(nn.Module):
+    """A standard decoder-only transformer of the same shape as MeloFormer (no summary slots, no masks)."""
+
+    def __init__(self, c: MeloFormerConfig) -> None:
+        super().__init__()
+        self.config = c
+        self.tok_emb = nn.Embedding(c.vocab_size, c.n_embd)
+        self.blocks = nn.ModuleList(PlainBlock(c) for _ in range(c.n_layer))
+        self.norm = nn.RMSNorm(c.n_embd, eps=c.norm_eps)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        pos = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        cos, sin = rope_angles(pos, self.config.head_dim, self.config.rope_base)
+        x = self.tok_emb(tokens)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        return F.linear(self.norm(x), self.tok_emb.weight)
+
+
+def plain_loss(model: PlainCausal, tokens: Tensor) -> Tensor:
+    targets = tokens[:, 1:]
+    valid = (targets != PAD) & (targets != BOS)
+    logits = model(tokens)[:, :-1]
+    return F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100))
+
+
+def meloformer_loss(module: MeloFormerModule, tokens: Tensor) -> Tensor:
+    loss, valid, group = module.token_losses(tokens)
+    return module.group_means(loss, valid, group)[0]
+
+
+def timed_step(loss_fn, model: nn.Module, optimizer: torch.optim.Optimizer, tokens: Tensor) -> float:
+    started = time.perf_counter()
+    loss = loss_fn(model, tokens)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - started
+
+
+def loader_rows_per_s(data: HIDDataModule, rows: int) -> float:
+    """Rows/s of the training DataLoader (passes over the data repeat until ``rows`` rows were loaded)."""
+    loaded, started = 0, time.perf_counter()
+    while loaded < rows:
+        for batch in data.train_dataloader():
+            loaded += len(batch["tokens"])
+            if loaded >= rows:
+                break
+    return loaded / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per model (after 2 warm-up steps)")
+    parser.add_argument("--loader-rows", type=int, default=200)
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    L, B = args.seq_len, args.batch_size
+
+    module = MeloFormerModule(size="small", max_seq_len=L, attention_backend="sdpa")
+    config = module.config
+    data = HIDDataModule(max_seq_len=L, max_segments=config.summary_slots, batch_size=B)
+    data.prepare_data()
+    data.setup("fit")
+    batches = [batch["tokens"] for _, batch in zip(range(args.steps + 2), data.train_dataloader())]
+    plain = PlainCausal(config)
+    runs = {
+        "meloformer": (meloformer_loss, module, torch.optim.AdamW(module.parameters(), lr=1e-4)),
+        "plain_causal": (plain_loss, plain, torch.optim.AdamW(plain.parameters(), lr=1e-4)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i, tokens in enumerate(batches):
+        for name, (loss_fn, model, optimizer) in runs.items():
+            seconds = timed_step(loss_fn, model, optimizer, tokens)
+            if i >= 2:
+                times[name].append(seconds)
+
+    step = {name: statistics.median(t) for name, t in times.items()}
+    tokens_per_s = {name: B * L / s for name, s in step.items()}
+    model_rows_per_s = B / step["meloformer"]
+    loader = loader_rows_per_s(data, args.loader_rows)
+    fill = float(torch.cat(batches).ne(PAD).float().mean())
+    result = {
+        "seq_len": L,
+        "batch_size": B,
+        "summary_slots": config.summary_slots,
+        "parameters": {
+            "meloformer": sum(p.numel() for p in module.model.parameters()),
+            "plain_causal": sum(p.numel() for p in plain.parameters()),
+        },
+        "row_fill": fill,
+        "step_seconds": step,
+        "step_seconds_all": times,
+        "tokens_per_s": tokens_per_s,
+        "meloformer_vs_plain": tokens_per_s["meloformer"] / tokens_per_s["plain_causal"],
+        "loader_rows_per_s": loader,
+        "model_rows_per_s": model_rows_per_s,
+        "loader_vs_model": loader / model_rows_per_s,
+        "goals": {"meloformer_vs_plain": 0.7, "loader_vs_model": 10.0},
+        "host": {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()},
+    }
+    print(f"training on CPU, rows of {L} tokens (+{config.summary_slots} summary slots), batch {B}, "
+          f"{torch.get_num_threads()} threads, median of {args.steps} steps")  # fmt: skip
+    print(f"{'model':14} {'params':>10} {'step s':>8} {'tokens/s':>10}")
+    for name in runs:
+        params = result["parameters"][name]
+        print(f"{name:14} {params:>10,} {step[name]:>8.3f} {tokens_per_s[name]:>10,.0f}")
+    print(f"MeloFormer / plain causal: {result['meloformer_vs_plain']:.2f}x (goal >= 0.7x)")
+    print(f"loader {loader:,.1f} rows/s vs model {model_rows_per_s:.2f} rows/s: "
+          f"{result['loader_vs_model']:.0f}x (goal >= 10x); rows {fill:.0%} filled")  # fmt: skip
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
