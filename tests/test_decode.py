@@ -14,6 +14,15 @@ from meloformer.layout import layout
 TOK = HIDTokenizer()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine thread hand-offs dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def decode(model, tokens: torch.Tensor, prompt: int, capacity: int | None = None) -> torch.Tensor:
     """Logits ``[B, n, vocab]``: a prefill of ``prompt`` tokens, then one step per remaining token."""
     decoder = IncrementalDecoder(model, capacity=capacity or tokens.shape[1], backend="sdpa")

@@ -16,6 +16,15 @@ TOK = HIDTokenizer()
 BARS = 4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine thread hand-offs dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pos(k: int) -> int:
     return TOK.pos0 + k
 

@@ -28,6 +28,15 @@ TINY = MeloFormerConfig(
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a busy machine thread hand-offs dominate."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_score(rng: np.random.Generator, n_bars: int):
     """A few tracks (drums, bass, piano) of random notes; used when the demo corpus is absent."""
     tracks = []
