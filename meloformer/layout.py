@@ -75,13 +75,10 @@ class Layout:
         return table
 
 
-@lru_cache(maxsize=8)
-def _kinds_for(settings: tuple) -> np.ndarray:
-    return HIDTokenizer(**dict(settings)).kinds
-
-
+@lru_cache(maxsize=1)
 def _default_kinds() -> np.ndarray:
-    return _kinds_for(tuple(sorted(HIDTokenizer().settings.items())))
+    """Token kinds of the default tokenizer, built once (a tokenizer takes about a millisecond to build)."""
+    return HIDTokenizer().kinds
 
 
 def _last_index_where(mask: np.ndarray) -> np.ndarray:
