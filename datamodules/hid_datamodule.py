@@ -199,8 +199,10 @@ class HIDDataModule(pl.LightningDataModule):
         stream = self.stream
         if stream.epoch_finished:
             stream.batch_size = plan.batch_size
-            rows = self._builders["train"].rows_per_pass
-            stream.num_batches = plan.num_batches or max(1, rows // (world_size * plan.batch_size * accumulate))
+            if plan.num_batches is None:  # one pass over the pieces, in whole optimizer steps
+                rows = self._builders["train"].rows_per_pass
+                plan.num_batches = max(1, rows // (world_size * plan.batch_size * accumulate)) * accumulate
+            stream.num_batches = plan.num_batches
             stream.consumed = 0
         elif stream.batch_size != plan.batch_size:
             raise ValueError(

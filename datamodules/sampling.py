@@ -80,7 +80,8 @@ class RowDataset(Dataset):
 
 
 class StreamSampler(DistributedSampler):
-    """Yields this rank's row indices for the rest of the current epoch of ``state``.
+    """Yields this rank's row indices for the rest of the current epoch of ``state`` (for the whole next
+    epoch when the epoch is over: Lightning iterates a loader again when it does not reload it).
 
     A ``DistributedSampler`` so that Lightning does not wrap it in another one under DDP: the split across
     ranks is done here. ``set_epoch`` is ignored: the data pass follows from the stream position.
@@ -91,6 +92,8 @@ class StreamSampler(DistributedSampler):
         self.state = state
 
     def __iter__(self) -> Iterator[int]:
+        if self.state.epoch_finished:  # a loader iterated again (no reload between epochs): next epoch
+            self.state.consumed = 0
         state, size = self.state, self.state.batch_size
         start = state.position + self.rank * size
         for batch in range(state.num_batches - state.consumed):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 import warnings
 
 import lightning.pytorch as pl
@@ -128,6 +129,25 @@ def test_resumed_runs_switch_at_the_same_steps(fresh, demo_shards, tmp_path, res
     assert per_step(resumed.received) == {s: v for s, v in EXPECTED.items() if s >= resume_step}
     assert not [w for w in caught if "resumable" in w], caught
     assert resumed_trainer.current_epoch == trainer.current_epoch  # the interrupted epoch was not split
+
+
+@pytest.mark.parametrize("reload", [0, 1])
+def test_without_phases_an_epoch_is_a_pass_and_the_stream_goes_on(demo_shards, tmp_path, reload):
+    """No callback: epochs of one pass over the pieces in whole optimizer steps; the next epoch (a reloaded
+    loader, or the same loader iterated again) continues the stream."""
+    probe = Probe()
+    data = HIDDataModule(str(demo_shards), max_seq_len=128, max_segments=32, batch_size=4, num_workers=1)
+    trainer = pl.Trainer(
+        max_steps=30, accumulate_grad_batches=3, reload_dataloaders_every_n_epochs=reload, logger=False,
+        limit_val_batches=0, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(probe, data)
+    pieces = len(data.reader.pieces("train"))
+    batches_per_epoch = pieces // (4 * 3) * 3
+    assert trainer.num_training_batches == batches_per_epoch
+    assert trainer.current_epoch == math.ceil(30 * 3 / batches_per_epoch)  # counts the one max_steps cut
+    rows = [row for *_, batch_rows in probe.received for row in batch_rows]
+    assert rows == list(range(30 * 3 * 4))
 
 
 @pytest.mark.parametrize(
