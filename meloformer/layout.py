@@ -52,9 +52,7 @@ class Layout:
         ``S`` is ``num_slots`` (or the largest segment count of the batch); unused slots hold -1 (and 0 for
         ``track_token``). Segment ids are the slot indices: segment s sits in slot s.
         """
-        fields = {
-            k: np.atleast_2d(getattr(self, k)) for k in ("segment", "segment_end", "track", "bar", "doc")
-        }
+        fields = {k: np.atleast_2d(getattr(self, k)) for k in ("segment", "segment_end", "track", "bar", "doc")}
         track_token = np.atleast_2d(self.track_token)
         rows = fields["segment"].shape[0]
         counts = np.atleast_1d(self.num_segments())
