@@ -191,6 +191,9 @@ class RowBuilder:
         rng: np.random.Generator,
     ) -> tuple[np.ndarray, int] | None:
         """The crop of ``piece`` that fits, and its number of segments; None when not even one bar fits."""
+        tracks = int(self.table.tracks[piece]) + 1  # with the conductor
+        if segment_room < tracks or room < 2 * tracks + CROP_HEAD_EXTRA + 2:  # not one bar: skip the read
+            return None
         tokens = self.reader.tokens(self.table, piece)
         lay = layout(tokens, self.tokenizer)
         shape = piece_shape(lay)

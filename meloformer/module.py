@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
-from meloformer.model import MeloFormer, MeloFormerConfig
+from meloformer.model import Backend, Checkpointing, MeloFormer, MeloFormerConfig
 
 # Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
 KIND_GROUPS = ("bar", "position", "pitch", "duration", "velocity", "track", "conductor")
@@ -108,8 +108,8 @@ class MeloFormerModule(pl.LightningModule):
         size: str = "small",
         max_seq_len: int | None = None,
         summary_slots: int | None = None,
-        attention_backend: str | None = None,
-        gradient_checkpointing: str | None = None,
+        attention_backend: Backend | None = None,
+        gradient_checkpointing: Checkpointing | None = None,
         overrides: dict[str, Any] | None = None,
         tokenizer: dict[str, Any] | None = None,
         lr: float = 3e-4,
