@@ -166,8 +166,7 @@ class ShardReader:
         split = np.array([SPLITS.index(p["split"]) for p in pieces], dtype=np.int8)
         columns = {k: np.array([p[k] for p in pieces], dtype=np.int64) for k in PieceTable.__annotations__}
         self._tables = {
-            name: PieceTable(**{k: v[split == code] for k, v in columns.items()})
-            for code, name in enumerate(SPLITS)
+            name: PieceTable(**{k: v[split == code] for k, v in columns.items()}) for code, name in enumerate(SPLITS)
         }
 
     def _size_problems(self) -> list[str]:
