@@ -13,6 +13,7 @@ import yaml
 from _music import REPO
 from meloformer.cli import build_cli
 from meloformer.model import SIZES, parameter_counts
+from meloformer.module import load_checkpoint
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 GPU_CONFIGS = ["small", "base", "large", "xlarge"]
@@ -70,6 +71,7 @@ def test_override_changes_the_model_size(tmp_path):
     assert checkpoint["meloformer"]["model_config"]["n_embd"] == SIZES["base"].n_embd
     parameters = sum(t.numel() for k, t in checkpoint["state_dict"].items() if k.startswith("model."))
     assert parameters == parameter_counts()["base"]
+    assert load_checkpoint(last).model.num_parameters() == parameters  # a CLI checkpoint rebuilds alone
 
 
 @pytest.mark.parametrize(
