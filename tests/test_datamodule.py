@@ -251,6 +251,6 @@ def test_loader_host_memory_stays_flat_when_the_dataset_grows_tenfold(tmp_path):
 
     one, ten = _probe(tmp_path / "x1", rows=60), _probe(tmp_path / "x10", rows=60)
     assert ten["hwm_mb"] - one["hwm_mb"] < 0.1 * grown_by_mb, (one, ten)
-    assert ten["anon_peak_mb"] - one["anon_peak_mb"] < 0.05 * grown_by_mb, (one, ten)
+    assert ten["anon_peak_mb"] - one["anon_peak_mb"] < 0.1 * grown_by_mb, (one, ten)
     hoarding = _probe(tmp_path / "x10", rows=60, load_all=True)
     assert hoarding["hwm_mb"] - one["hwm_mb"] > 0.8 * grown_by_mb  # the probe does see memory that grows
