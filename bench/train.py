@@ -3,9 +3,7 @@ the DataLoader's rows/s against what the model consumes.
 
 The plain transformer has MeloFormer-small's width, depth, heads, SwiGLU width, RMSNorm, rotary embedding
 and vocabulary, and attends with ``scaled_dot_product_attention(is_causal=True)`` over the same rows: the
-price of summary attention is the difference. A third row, ``key_range``, is MeloFormer with a prototype of
-an exact cheaper ``sdpa`` path (not in the model yet): each block of query rows attends only to the keys
-up to its last position plus the summary slots, so the dense mask's all-masked upper triangle is skipped.
+price of summary attention is the difference.
 
 A training step is forward + loss + backward + AdamW, on rows of the bundled demo corpus (``HIDDataModule``).
 The models' steps alternate, so a busy machine slows them alike; the median step counts. Loader rows/s is
@@ -19,7 +17,6 @@ Goals: MeloFormer >= 0.7x the plain causal tokens/s; loader >= 10x the rows/s th
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -30,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import meloformer.model as model_module
 from meloformer.datamodules import HIDDataModule
 from meloformer.hid import BOS, PAD
 from meloformer.model import MeloFormerConfig, apply_rope, rope_angles
@@ -94,31 +90,6 @@ def meloformer_loss(module: MeloFormerModule, tokens: Tensor) -> Tensor:
     return module.group_means(loss, valid, group)[0]
 
 
-def key_range_attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, num_regular: int, block: int = 256) -> Tensor:
-    """``model.attend`` for a dense mask, by blocks of queries: regular queries in ``[q0, q1)`` can only see
-    regular keys before ``q1`` (causality) and the summary slots, so only those are attended to."""
-    gqa = q.shape[1] != k.shape[1]
-    n = num_regular
-    out = []
-    for q0 in range(0, n, block):
-        q1 = min(q0 + block, n)
-        keys = torch.cat([k[:, :, :q1], k[:, :, n:]], dim=2)
-        values = torch.cat([v[:, :, :q1], v[:, :, n:]], dim=2)
-        sub_mask = torch.cat([mask[:, :, q0:q1, :q1], mask[:, :, q0:q1, n:]], dim=3)
-        out.append(F.scaled_dot_product_attention(q[:, :, q0:q1], keys, values, attn_mask=sub_mask, enable_gqa=gqa))
-    out.append(F.scaled_dot_product_attention(q[:, :, n:], k, v, attn_mask=mask[:, :, n:], enable_gqa=gqa))
-    return torch.cat(out, dim=2)
-
-
-def key_range_loss(module: MeloFormerModule, tokens: Tensor) -> Tensor:
-    original = model_module.attend
-    model_module.attend = lambda q, k, v, mask: key_range_attend(q, k, v, mask, tokens.shape[1])
-    try:
-        return meloformer_loss(module, tokens)
-    finally:
-        model_module.attend = original
-
-
 def timed_step(loss_fn, model: nn.Module, optimizer: torch.optim.Optimizer, tokens: Tensor) -> float:
     started = time.perf_counter()
     loss = loss_fn(model, tokens)
@@ -157,14 +128,10 @@ def main() -> None:
     data.setup("fit")
     batches = [batch["tokens"] for _, batch in zip(range(args.steps + 2), data.train_dataloader())]
     plain = PlainCausal(config)
-    prototype = copy.deepcopy(module)
     runs = {
         "meloformer": (meloformer_loss, module, torch.optim.AdamW(module.parameters(), lr=1e-4)),
-        "key_range": (key_range_loss, prototype, torch.optim.AdamW(prototype.parameters(), lr=1e-4)),
         "plain_causal": (plain_loss, plain, torch.optim.AdamW(plain.parameters(), lr=1e-4)),
     }
-    with torch.no_grad():  # the prototype is exact
-        exact = (meloformer_loss(module, batches[0]) - key_range_loss(prototype, batches[0])).abs().item()
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i, tokens in enumerate(batches):
         for name, (loss_fn, model, optimizer) in runs.items():
@@ -183,7 +150,6 @@ def main() -> None:
         "summary_slots": config.summary_slots,
         "parameters": {
             "meloformer": sum(p.numel() for p in module.model.parameters()),
-            "key_range": sum(p.numel() for p in prototype.model.parameters()),
             "plain_causal": sum(p.numel() for p in plain.parameters()),
         },
         "row_fill": fill,
@@ -191,8 +157,6 @@ def main() -> None:
         "step_seconds_all": times,
         "tokens_per_s": tokens_per_s,
         "meloformer_vs_plain": tokens_per_s["meloformer"] / tokens_per_s["plain_causal"],
-        "key_range_vs_plain": tokens_per_s["key_range"] / tokens_per_s["plain_causal"],
-        "key_range_loss_difference": exact,
         "loader_rows_per_s": loader,
         "model_rows_per_s": model_rows_per_s,
         "loader_vs_model": loader / model_rows_per_s,
@@ -205,8 +169,7 @@ def main() -> None:
     for name in runs:
         params = result["parameters"][name]
         print(f"{name:14} {params:>10,} {step[name]:>8.3f} {tokens_per_s[name]:>10,.0f}")
-    print(f"MeloFormer / plain causal: {result['meloformer_vs_plain']:.2f}x (goal >= 0.7x); with the "
-          f"key-range prototype {result['key_range_vs_plain']:.2f}x (loss differs by {exact:.1e})")  # fmt: skip
+    print(f"MeloFormer / plain causal: {result['meloformer_vs_plain']:.2f}x (goal >= 0.7x)")
     print(f"loader {loader:,.1f} rows/s vs model {model_rows_per_s:.2f} rows/s: "
           f"{result['loader_vs_model']:.0f}x (goal >= 10x); rows {fill:.0%} filled")  # fmt: skip
     out = Path(args.out)

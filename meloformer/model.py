@@ -123,12 +123,41 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | Tensor) -> Tensor:
-    """Masked attention ``[B, H, Tq, d]``; a ``BlockMask`` runs compiled flex, a boolean tensor runs SDPA."""
+@dataclasses.dataclass
+class KeyRangeMask:
+    """The dense mask cut into blocks of queries, each with only the keys it can see.
+
+    Regular queries in ``[q0, q1)`` see no regular key at or after ``q1`` (causality), so their block keeps
+    the regular keys before ``q1`` and the summary slots; the slot queries keep every key. SDPA then skips
+    about half the work of the full matrix, as causal attention does.
+    """
+
+    num_regular: int
+    blocks: list[tuple[int, int, Tensor]]  # (q0, q1, mask [B, 1, q1 - q0, keys of the block])
+
+    @classmethod
+    def from_dense(cls, mask: Tensor, num_regular: int, block: int = 128) -> KeyRangeMask:
+        n = num_regular
+        blocks = []
+        for q0 in range(0, n, block):
+            q1 = min(q0 + block, n)
+            blocks.append((q0, q1, torch.cat([mask[:, :, q0:q1, :q1], mask[:, :, q0:q1, n:]], dim=3)))
+        blocks.append((n, mask.shape[2], mask[:, :, n:]))
+        return cls(n, blocks)
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | KeyRangeMask | Tensor) -> Tensor:
+    """Masked attention ``[B, H, Tq, d]``: a ``BlockMask`` runs compiled flex, a dense mask runs SDPA."""
     gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, BlockMask):
         return compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    if isinstance(mask, Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    n, out = mask.num_regular, []
+    for q0, q1, block_mask_ in mask.blocks:
+        keys, values = (k, v) if q0 >= n else (torch.cat([t[:, :, :q1], t[:, :, n:]], 2) for t in (k, v))
+        out.append(F.scaled_dot_product_attention(q[:, :, q0:q1], keys, values, attn_mask=block_mask_, enable_gqa=gqa))
+    return torch.cat(out, dim=2)
 
 
 @dataclasses.dataclass
@@ -136,7 +165,7 @@ class AttentionContext:
     """Everything the layers share for one batch: side channels, the mask (built once) and rotary angles."""
 
     rows: RowLayout
-    mask: BlockMask | Tensor
+    mask: BlockMask | KeyRangeMask | Tensor
     cos: Tensor
     sin: Tensor
 
@@ -273,7 +302,7 @@ class MeloFormer(nn.Module):
             size = self.config.flex_block_size or (32 if tokens.device.type == "cpu" else 128)
             mask = block_mask(mask_mod, rows, size)
         else:
-            mask = full_dense_mask(mask_mod, rows)
+            mask = KeyRangeMask.from_dense(full_dense_mask(mask_mod, rows), tokens.shape[1])
         cos, sin = rope_angles(rows.pos, self.config.head_dim, self.config.rope_base)
         return AttentionContext(rows, mask, cos, sin)
 

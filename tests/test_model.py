@@ -273,3 +273,23 @@ def test_flex_and_sdpa_agree_in_gradients_on_cuda():
         model(tokens).logsumexp(-1).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-4)
+
+
+def test_key_range_attention_equals_the_full_dense_mask():
+    """SDPA by query blocks over the keys each block can see == SDPA over the whole masked matrix."""
+    from meloformer.model import KeyRangeMask, attend
+
+    torch.manual_seed(0)
+    n, slots = 600, 40  # three query blocks of 256, the last one partial, then the slots
+    q = torch.randn(2, 4, n + slots, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 2, n + slots, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 2, n + slots, 16, dtype=torch.float64, requires_grad=True)
+    causal = torch.ones(n + slots, n + slots, dtype=torch.bool).tril()
+    mask = (causal & (torch.rand(2, 1, n + slots, n + slots) < 0.5)) | torch.eye(n + slots, dtype=torch.bool)
+    mask[:, :, :n, n:] = torch.rand(2, 1, n, slots) < 0.3  # regular queries see some slots
+    full = attend(q, k, v, mask)
+    blocked = attend(q, k, v, KeyRangeMask.from_dense(mask, n, block=256))
+    assert torch.allclose(full, blocked)
+    grads = torch.autograd.grad(full.square().sum(), (q, k, v))
+    blocked_grads = torch.autograd.grad(blocked.square().sum(), (q, k, v))
+    assert all(torch.allclose(a, b) for a, b in zip(grads, blocked_grads))
