@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from _music import DEMO_MIDI
 from meloformer.hid import HIDTokenizer
@@ -30,3 +31,13 @@ def demo_shards(tmp_path_factory):
 def tiny_model() -> dict:
     """Keyword arguments of ``MeloFormerModule`` for a tiny model (a fresh copy per test)."""
     return {**TINY_MODEL, "overrides": dict(TINY_MODEL["overrides"])}
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module of tiny tensors: they gain nothing from threads, and on a busy
+    machine the hand-offs between threads dominate (use with ``pytest.mark.usefixtures``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -14,13 +14,7 @@ from meloformer.layout import layout
 TOK = HIDTokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine thread hand-offs dominate."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def decode(model, tokens: torch.Tensor, prompt: int, capacity: int | None = None) -> torch.Tensor:
