@@ -11,7 +11,6 @@ from jsonargparse import ArgumentParser
 from meloformer.hid import HIDTokenizer
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-EXTRA_COMMANDS = ("preprocess", "generate", "evaluate", "sizes")
 USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,evaluate,sizes} ...
 
   fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config configs/demo.yaml
