@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meloformer.datamodules.shards import PieceTable, ShardReader
-from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, HIDTokenizer, TokenKind
+from meloformer.hid import PAD, HIDTokenizer
 from meloformer.layout import Layout, layout
 
 # A crop adds at most TimeSig, Pos and Tempo to its first conductor bar (the meter and tempo in force).
@@ -54,34 +54,6 @@ def piece_shape(lay: Layout) -> PieceShape:
     """The shape of one piece from its layout."""
     counts = np.bincount(lay.bar[lay.bar >= 0])
     return PieceShape(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64), int(lay.track.max()) + 1)
-
-
-def crop_window(tokens: np.ndarray, lay: Layout, tokenizer: HIDTokenizer, b0: int, b1: int) -> np.ndarray:
-    """``tokenizer.crop_bars(tokens, b0, b1)`` for a valid piece, vectorised over its layout.
-
-    ``crop_bars`` re-checks the grammar of the whole piece token by token (0.2 s for a 20k-token piece);
-    shards hold encoder output, so the loader can skip that. Tests check both give the same tokens.
-    """
-    tokens = np.asarray(tokens, dtype=np.int64)
-    kind, bar, conductor = lay.kind, lay.bar, lay.track == 0
-    signatures = np.flatnonzero(conductor & (kind == TokenKind.TIMESIG) & (bar <= b0))
-    tempos = np.flatnonzero(conductor & (kind == TokenKind.TEMPO))
-    at_start = (bar[tempos] < b0) | ((bar[tempos] == b0) & (tokens[tempos - 1] == tokenizer.pos0))
-    first = conductor & (bar == b0)
-    first_tokens, first_kinds = tokens[first], kind[first]
-    body = first_tokens[(first_kinds == TokenKind.POS) | (first_kinds == TokenKind.TEMPO)]
-    if not (len(body) >= 2 and body[0] == tokenizer.pos0):
-        body = np.concatenate([[tokenizer.pos0, tokens[tempos[at_start][-1]]], body])
-    later_conductor = conductor & (bar > b0) & (bar < b1)
-    tracks = (lay.track > 0) & ((kind == TokenKind.TRACK) | ((bar >= b0) & (bar < b1)))
-    parts = [
-        [BOS, TRACK_CONDUCTOR, BAR, tokens[signatures[-1]]],
-        first_tokens[first_kinds == TokenKind.CHORD],
-        body,
-        tokens[later_conductor | tracks],
-        [EOS],
-    ]
-    return np.concatenate(parts).astype(np.int64)
 
 
 def fit_window(
@@ -204,7 +176,7 @@ class RowBuilder:
         if (b0, b1) == (0, shape.n_bars):
             crop = tokens.astype(np.int64)
         else:
-            crop = crop_window(tokens, lay, self.tokenizer, b0, b1)
+            crop = self.tokenizer.crop_bars(tokens, b0, b1, lay=lay)
         if self.transpose:
             crop = self._transposed(crop, rng)
         if len(crop) > room:  # cannot happen while CROP_HEAD_EXTRA bounds what crop_bars adds
