@@ -38,6 +38,7 @@ from meloformer.masks import (
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 Backend = Literal["auto", "flex", "sdpa"]
+AttentionVariant = Literal["summary", "causal", "local"]
 Checkpointing = Literal["none", "ffn", "block"]
 DEFAULT_VOCAB_SIZE = HIDTokenizer().vocab_size
 NUM_TRACK_EMBEDDINGS = 1 + 2 + 128  # none, conductor, drums, 128 programs
@@ -58,6 +59,7 @@ class MeloFormerConfig:
     fine_bars: tuple[int, ...] = DEFAULT_FINE_BARS
     cross_window: int = 1
     kind_sparsity: bool = False
+    attention: AttentionVariant = "summary"  # summary | causal | local (the last two: no summary slots; ablations)
     attention_backend: Backend = "auto"
     flex_block_size: int | None = None  # None: 128 on CUDA, 32 on CPU (sparser tiles, measured faster)
     gradient_checkpointing: Checkpointing = "none"
@@ -142,7 +144,8 @@ class KeyRangeMask:
         for q0 in range(0, n, block):
             q1 = min(q0 + block, n)
             blocks.append((q0, q1, torch.cat([mask[:, :, q0:q1, :q1], mask[:, :, q0:q1, n:]], dim=3)))
-        blocks.append((n, mask.shape[2], mask[:, :, n:]))
+        if mask.shape[2] > n:
+            blocks.append((n, mask.shape[2], mask[:, :, n:]))
         return cls(n, blocks)
 
 
@@ -278,7 +281,7 @@ class MeloFormer(nn.Module):
 
     def mask_mod(self, rows: RowLayout):
         c = self.config
-        return summary_mask_mod(rows, c.fine_bars, c.cross_window, c.kind_sparsity)
+        return summary_mask_mod(rows, c.fine_bars, c.cross_window, c.kind_sparsity, c.attention)
 
     def row_layout(
         self,
@@ -289,7 +292,9 @@ class MeloFormer(nn.Module):
     ) -> RowLayout:
         """Side channels of a batch with ``summary_slots`` slots (more, rounded up to 128, if needed)."""
         min_slots = self.config.summary_slots if min_slots is None else min_slots
-        return row_layout(tokens, min_slots, doc_ids, open_last_segment=open_last_segment).to(tokens.device)
+        with_slots = self.config.attention == "summary"
+        rows = row_layout(tokens, min_slots, doc_ids, open_last_segment=open_last_segment, with_slots=with_slots)
+        return rows.to(tokens.device)
 
     def prepare(self, tokens: Tensor, doc_ids: Tensor | None = None, backend: str | None = None) -> AttentionContext:
         """Side channels, mask and rotary angles for a batch: built once, shared by every layer."""
