@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
@@ -244,7 +245,9 @@ class Block(nn.Module):
         return self.feed_forward(x)
 
 
-class MeloFormer(nn.Module):
+class MeloFormer(nn.Module, PyTorchModelHubMixin):
+    """The transformer; ``save_pretrained``/``from_pretrained`` (huggingface_hub) read and write model folders."""
+
     def __init__(self, config: MeloFormerConfig) -> None:
         super().__init__()
         self.config = config

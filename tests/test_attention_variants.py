@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from test_decode import decode, full_forward
 from test_model import FLEX_LEN, batch, hid_pieces, tiny_model
 
