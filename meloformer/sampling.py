@@ -2,9 +2,9 @@
 
 Each step masks the tokens that ``HIDGrammar`` forbids, then applies temperature, top-k and top-p, so every
 sample decodes to a valid MIDI file with notes. Controls: number of bars, instruments, tempo, time
-signature, a chord progression, and a prompt (continue it, add a track over it, or regenerate some of its
-bars: ``meloformer.infill`` builds on that). Bars taken from a prompt are copied token
-for token; the model only runs once the first free choice comes, on everything before it at once.
+signature, a chord per bar, and a prompt (continue it, add a track over it, or regenerate some of its
+bars, which ``meloformer.infill`` builds on). Bars taken from a prompt are copied token for token; the
+model only runs once the first free choice comes, on everything before it at once.
 """
 
 from __future__ import annotations
@@ -89,9 +89,11 @@ class _Plan:
             raise ValueError("regenerating bars needs a prompt")
         chords = None
         if request.chords:
+            if request.prompt is not None and (request.add_track is not None or request.regenerate):
+                raise ValueError("chords fix new bars; adding a track or regenerating bars keeps the prompt's chords")
+            if bars is None:
+                raise ValueError("chords need a number of bars")
             first = 0 if request.prompt is None else piece.n_bars  # a prompt's bars keep their own chords
-            if bars is None or bars <= first:
-                raise ValueError("chords fix the bars to generate: give a number of bars beyond the prompt's")
             chords = [None] * first + progression(tok, request.chords, bars - first)
         self.grammar = HIDGrammar(
             tok,

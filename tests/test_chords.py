@@ -138,11 +138,13 @@ def test_continuation_keeps_the_prompt_chords_and_fixes_the_new_bars(model):
 def test_chords_need_bars_to_generate():
     chorale = next(f for f in demo_files() if "bach" in str(f))
     prompt = TOK.crop_bars(TOK.encode(chorale), 0, 2)
+    with pytest.raises(ValueError, match="chords need a number of bars"):
+        check_request(TOK, GenerationRequest(bars=None, chords=["C"]))
     for request in [
-        GenerationRequest(bars=None, chords=["C"]),
         GenerationRequest(bars=None, prompt=prompt, add_track=TRACK_PROGRAM0, chords=["C"]),
+        GenerationRequest(bars=None, prompt=prompt, regenerate=[(0, 1)], chords=["C"]),
     ]:
-        with pytest.raises(ValueError, match="chords fix the bars to generate"):
+        with pytest.raises(ValueError, match="keeps the prompt's chords"):
             check_request(TOK, request)
     with pytest.raises(ValueError, match="unknown chord 'Q'"):
         check_request(TOK, GenerationRequest(bars=4, chords=["C", "Q"]))

@@ -81,7 +81,7 @@ def test_bad_chords_and_regions_are_one_line_errors(checkpoint, tmp_path, capsys
         ([*prompt, "--infill", "1-2"], "write TRACK:FIRST-LAST"),
         (["--infill", "1:1-2"], "--infill needs --prompt"),
         ([*prompt, "--infill", "1:1", "--chords", "C"], "--infill needs --prompt and keeps"),
-        ([*prompt, "--add_track", "0", "--chords", "C"], "chords fix the bars to generate"),
+        ([*prompt, "--add_track", "0", "--chords", "C"], "adding a track or regenerating bars keeps"),
     ]:
         code, _, err = generate("--ckpt_path", str(checkpoint), "--out", str(tmp_path), *args, capsys=capsys)
         assert code == 2 and problem in err, (args, err)
