@@ -64,6 +64,7 @@ class _Plan:
 
     def __init__(self, tok: HIDTokenizer, request: GenerationRequest) -> None:
         self.forced: dict[tuple[int, int], list[int]] = {}  # (track number, bar) -> tokens after Bar
+        self.last_written: tuple[int, int] | None = None  # the last (track number, bar) not copied; None: all
         tempo_bin = None
         if request.tempo is not None:
             tempo_bin = int(np.abs(np.log(tok.tempo_values) - np.log(request.tempo)).argmin())
@@ -85,6 +86,8 @@ class _Plan:
             for track, b in request.regenerate or ():
                 if self.forced.pop((track + 1, b), None) is None:
                     raise ValueError(f"bar {b} of track {track} (from 0) is not in the prompt")
+            written = [(t, b) for t in range(1 + len(instruments)) for b in range(bars) if (t, b) not in self.forced]
+            self.last_written = max(written, default=(-1, -1))
         elif request.regenerate:
             raise ValueError("regenerating bars needs a prompt")
         chords = None
@@ -105,6 +108,11 @@ class _Plan:
             chords=chords,
         )
         self.total_bars = None if bars is None else bars * (1 + len(instruments or []))
+
+    def model_needed(self) -> bool:
+        """Is a bar still to be written? Once the last one is closed, the rest is copied without the model."""
+        g = self.grammar
+        return self.last_written is None or (g.track_number, g.bars_done - 1) <= self.last_written
 
     def forced_after_bar(self) -> list[int] | None:
         """The prompt's tokens for the bar the grammar just opened, or None if it is generated."""
@@ -157,7 +165,7 @@ def generate(
         if token == BAR:
             queue = plan.forced_after_bar()
             bar_count.update(1)
-        if logits is not None and not grammar.done:
+        if logits is not None and not grammar.done and plan.model_needed():
             if len(out) >= capacity:
                 raise ValueError(f"the piece outgrew {capacity} tokens; ask for fewer bars or raise max_tokens")
             logits = decoder.step(torch.tensor([token], device=device))

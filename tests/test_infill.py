@@ -135,3 +135,18 @@ def test_regenerate_needs_bars_of_the_prompt(prompt):
         check_request(TOK, GenerationRequest(prompt=prompt, regenerate=[(0, 4)]))
     with pytest.raises(ValueError, match="needs a prompt"):
         check_request(TOK, GenerationRequest(regenerate=[(0, 0)]))
+
+
+def test_the_model_stops_once_the_last_region_bar_is_written(model, prompt, monkeypatch):
+    from meloformer.generate import IncrementalDecoder
+
+    calls = []
+    step = IncrementalDecoder.step
+    monkeypatch.setattr(IncrementalDecoder, "step", lambda self, token: calls.append(self.length) or step(self, token))
+    tokens = infill(model, TOK, GenerationRequest(prompt=prompt), [Region.parse("1:1")], seed=0)
+    moved = TOK.parse(reorder_tracks(TOK, tokens, [1, 2, 3, 0]))  # as generated: track 1 last
+    region = len(moved.tracks[3][1][0])  # tokens written in the region, after its Bar
+    bar = len(tokens) - 1 - sum(1 + len(b) for b in moved.tracks[3][1])  # where the region's Bar sits
+    # The prefill ends at that Bar; a step per token written in the region; the Bar that closes the region is
+    # sampled from the last step's logits, and the model does not run over the copied bars after it.
+    assert calls == list(range(bar + 1, bar + 1 + region))
