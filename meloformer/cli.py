@@ -115,7 +115,7 @@ def _time_signature(text: str) -> tuple[int, int]:
 def generate_main(argv: list[str]) -> int:
     import torch
 
-    from meloformer.infill import Region, check_regions, infill, track_list
+    from meloformer.infill import Region, check_infill, infill, track_list
     from meloformer.module import load_checkpoint
     from meloformer.pianoroll import save_pianoroll
     from meloformer.sampling import GenerationRequest, check_request, generate
@@ -153,7 +153,7 @@ def generate_main(argv: list[str]) -> int:
             chords=args.chords,
         )
         if regions:
-            check_regions(tok, prompt, regions)
+            check_infill(tok, request, regions)
             print(f"prompt tracks: {track_list(tok, prompt)}")
         else:
             check_request(tok, request)

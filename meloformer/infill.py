@@ -16,7 +16,7 @@ import numpy as np
 from meloformer.hid import BAR, BOS, EOS, TRACK_CONDUCTOR, HIDTokenizer
 from meloformer.model import MeloFormer
 from meloformer.pianoroll import track_label
-from meloformer.sampling import GenerationRequest, generate
+from meloformer.sampling import GenerationRequest, check_request, generate
 
 _REGION = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
 
@@ -79,6 +79,13 @@ def reorder_tracks(tok: HIDTokenizer, tokens: np.ndarray, order: list[int]) -> n
     return np.concatenate(parts).astype(np.uint16)
 
 
+def check_infill(tok: HIDTokenizer, request: GenerationRequest, regions: list[Region]) -> None:
+    """ValueError (one line) for a region outside ``request.prompt``, or a request the sampler refuses."""
+    check_regions(tok, request.prompt, regions)
+    for track, bars in _bars_by_track(regions).items():
+        check_request(tok, _track_request(tok, request, request.prompt, track, bars)[1])
+
+
 def infill(
     model: MeloFormer,
     tok: HIDTokenizer,
@@ -91,17 +98,29 @@ def infill(
 
     Outside the regions every token of the prompt is kept, and the track order is the prompt's.
     """
+    check_regions(tok, request.prompt, regions)
     tokens = request.prompt
-    check_regions(tok, tokens, regions)
-    n_tracks = len(tok.parse(tokens).tracks)
-    bars_of: dict[int, set[int]] = {}  # track from 0 -> bars from 0, tracks in the order first named
-    for region in regions:
-        bars_of.setdefault(region.track - 1, set()).update(range(region.first - 1, region.last))
-    for track, bars in bars_of.items():
-        order = [t for t in range(n_tracks) if t != track] + [track]
-        moved = reorder_tracks(tok, tokens, order)
-        regenerate = [(n_tracks - 1, b) for b in sorted(bars)]
-        step = dataclasses.replace(request, prompt=moved, bars=None, add_track=None, regenerate=regenerate)
-        out = generate(model, tok, step, seed=seed, progress=progress)
+    for track, bars in _bars_by_track(regions).items():
+        order, track_request = _track_request(tok, request, tokens, track, bars)
+        out = generate(model, tok, track_request, seed=seed, progress=progress)
         tokens = reorder_tracks(tok, out, list(np.argsort(order)))
     return tokens
+
+
+def _bars_by_track(regions: list[Region]) -> dict[int, set[int]]:
+    """Track -> bars to regenerate, both from 0; tracks in the order first named."""
+    bars_of: dict[int, set[int]] = {}
+    for region in regions:
+        bars_of.setdefault(region.track - 1, set()).update(range(region.first - 1, region.last))
+    return bars_of
+
+
+def _track_request(
+    tok: HIDTokenizer, request: GenerationRequest, tokens: np.ndarray, track: int, bars: set[int]
+) -> tuple[list[int], GenerationRequest]:
+    """The track order with ``track`` moved last, and the request that regenerates its ``bars`` there."""
+    n_tracks = len(tok.parse(tokens).tracks)
+    order = [t for t in range(n_tracks) if t != track] + [track]
+    regenerate = [(n_tracks - 1, b) for b in sorted(bars)]
+    moved = reorder_tracks(tok, tokens, order)
+    return order, dataclasses.replace(request, prompt=moved, bars=None, add_track=None, regenerate=regenerate)

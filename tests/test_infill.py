@@ -10,7 +10,7 @@ import meloformer.infill as infill_module
 from _music import demo_files
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import NOTE_COLUMNS, HIDTokenizer
-from meloformer.infill import Region, check_regions, infill, reorder_tracks, track_list
+from meloformer.infill import Region, check_infill, check_regions, infill, reorder_tracks, track_list
 from meloformer.model import MeloFormer, MeloFormerConfig
 from meloformer.sampling import GenerationRequest, check_request
 
@@ -128,6 +128,15 @@ def test_regions_outside_the_prompt_are_refused_naming_the_tracks(prompt):
     with pytest.raises(ValueError, match=r"bars 3-5 are outside the prompt's 4 bars"):
         check_regions(TOK, prompt, [Region.parse("1:1"), Region.parse("2:3-5")])
     check_regions(TOK, prompt, [Region.parse("4:1-4")])
+
+
+def test_check_infill_refuses_what_the_sampler_refuses(prompt):
+    regions = [Region.parse("2:1-2"), Region.parse("4:3")]
+    check_infill(TOK, GenerationRequest(prompt=prompt, bars=99, instruments=[6]), regions)  # both ignored
+    with pytest.raises(ValueError, match="keeps the prompt's chords"):
+        check_infill(TOK, GenerationRequest(prompt=prompt, chords=["C"]), regions)
+    with pytest.raises(ValueError, match="track 5 is out of range"):
+        check_infill(TOK, GenerationRequest(prompt=prompt), [Region.parse("5:1")])
 
 
 def test_regenerate_needs_bars_of_the_prompt(prompt):
