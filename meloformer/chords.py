@@ -2,7 +2,7 @@
 
 A name is a root (a letter A-G, then ``#`` or ``b`` at most once) and a quality suffix from ``SPELLINGS``.
 Enharmonic roots are one pitch class (Db = C#, Cb = B). The result indexes ``HIDTokenizer.chords``, the
-(root pitch class, quality) pairs whose tokens the conductor writes once per bar. numpy-free.
+(root pitch class, quality) pairs whose tokens the conductor writes once per bar.
 """
 
 from __future__ import annotations
