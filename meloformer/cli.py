@@ -88,6 +88,8 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--bars", type=int, default=None, help="bars in all (default 8; prompt + 8 to continue)")
     parser.add_argument("--tempo", type=float, default=None, help="quarter notes per minute")
     parser.add_argument("--time_signature", type=str, default=None, help="e.g. 3/4")
+    parser.add_argument("--chords", nargs="+", default=None, help="a chord per bar, repeated: C G Am F")
+    parser.add_argument("--infill", nargs="+", default=None, help="with --prompt: regenerate TRACK:FIRST-LAST bars")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
     parser.add_argument("--top_p", type=float, default=0.95, help="1.0: off")
@@ -119,6 +121,7 @@ def _time_signature(text: str) -> tuple[int, int]:
 def generate_main(argv: list[str]) -> int:
     import torch
 
+    from meloformer.infill import Region, check_infill, infill, track_list
     from meloformer.pianoroll import save_pianoroll
     from meloformer.pretrained import load_model
     from meloformer.sampling import GenerationRequest, check_request, generate
@@ -127,6 +130,12 @@ def generate_main(argv: list[str]) -> int:
     try:
         if args.prompt and (args.tempo is not None or args.time_signature):
             raise ValueError("--tempo and --time_signature come from the prompt; drop them or the prompt")
+        if args.infill and (not args.prompt or args.add_track or args.bars or args.instruments or args.chords):
+            raise ValueError(
+                "--infill needs --prompt and keeps its bars, tracks and chords (no --bars, "
+                "--instruments, --add_track or --chords)"
+            )
+        regions = [Region.parse(text) for text in args.infill or ()]
         model, tok = load_model(args.ckpt_path, device=args.device)
         prompt = None
         bars = args.bars
@@ -135,7 +144,7 @@ def generate_main(argv: list[str]) -> int:
             if args.prompt_bars:
                 prompt = tok.crop_bars(prompt, 0, min(args.prompt_bars, tok.parse(prompt).n_bars))
             prompt_bars = tok.parse(prompt).n_bars
-            bars = prompt_bars if args.add_track else (bars or prompt_bars + 8)
+            bars = prompt_bars if args.add_track or regions else (bars or prompt_bars + 8)
         request = GenerationRequest(
             bars=bars or 8,
             instruments=[_track_token(x) for x in args.instruments] if args.instruments else None,
@@ -146,8 +155,13 @@ def generate_main(argv: list[str]) -> int:
             top_p=args.top_p,
             prompt=prompt,
             add_track=_track_token(args.add_track) if args.add_track else None,
+            chords=args.chords,
         )
-        check_request(tok, request)
+        if regions:
+            check_infill(tok, request, regions)
+            print(f"prompt tracks: {track_list(tok, prompt)}")
+        else:
+            check_request(tok, request)
     except (ValueError, OSError) as err:
         print(f"meloformer generate: error: {err}", file=sys.stderr)
         return 2
@@ -155,7 +169,10 @@ def generate_main(argv: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for k in range(args.num_samples):
-        tokens = generate(model, tok, request, seed=args.seed + k, progress=not args.no_progress)
+        if regions:
+            tokens = infill(model, tok, request, regions, seed=args.seed + k, progress=not args.no_progress)
+        else:
+            tokens = generate(model, tok, request, seed=args.seed + k, progress=not args.no_progress)
         tok.decode_to_file(tokens, out / f"sample_{k}.mid")
         save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
         piece = tok.parse(tokens)

@@ -2,8 +2,9 @@
 
 Each step masks the tokens that ``HIDGrammar`` forbids, then applies temperature, top-k and top-p, so every
 sample decodes to a valid MIDI file with notes. Controls: number of bars, instruments, tempo, time
-signature, and a prompt (continue it, or add a track over it). Bars taken from a prompt are copied token
-for token; the model only runs once the first free choice comes, on everything before it at once.
+signature, a chord per bar, and a prompt (continue it, add a track over it, or regenerate some of its
+bars, which ``meloformer.infill`` builds on). Bars taken from a prompt are copied token for token; the
+model only runs once the first free choice comes, on everything before it at once.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from meloformer.chords import progression
 from meloformer.generate import IncrementalDecoder
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import BAR, HIDTokenizer, TokenKind
@@ -25,7 +27,8 @@ from meloformer.model import MeloFormer
 class GenerationRequest:
     """What to generate. ``prompt`` is an encoded piece: continue it (``bars`` > its bars: every prompt
     bar is kept, later bars are generated for every prompt track) or, with ``add_track``, keep it whole and
-    write one new track (appended last, so it sees every prompt track)."""
+    write one new track (appended last, so it sees every prompt track), or keep it all but the
+    ``regenerate`` bars. ``chords`` (names such as ``Am``) fix the chord of each generated bar, repeated."""
 
     bars: int | None = 8
     instruments: list[int] | None = None  # Track token ids, in order; None: the model chooses
@@ -36,6 +39,8 @@ class GenerationRequest:
     top_p: float = 1.0
     prompt: np.ndarray | None = None
     add_track: int | None = None  # a Track token id
+    chords: list[str] | None = None
+    regenerate: list[tuple[int, int]] | None = None  # (instrument track, bar) of the prompt, both from 0
     max_tokens: int | None = None
 
 
@@ -59,6 +64,7 @@ class _Plan:
 
     def __init__(self, tok: HIDTokenizer, request: GenerationRequest) -> None:
         self.forced: dict[tuple[int, int], list[int]] = {}  # (track number, bar) -> tokens after Bar
+        self.last_written: tuple[int, int] | None = None  # the last (track number, bar) not copied; None: all
         tempo_bin = None
         if request.tempo is not None:
             tempo_bin = int(np.abs(np.log(tok.tempo_values) - np.log(request.tempo)).argmin())
@@ -70,11 +76,28 @@ class _Plan:
             if request.add_track is not None:
                 instruments = instruments + [request.add_track]
                 bars = piece.n_bars
+            elif request.regenerate:
+                bars = piece.n_bars
             elif bars is None or bars <= piece.n_bars:
                 raise ValueError(f"to continue a {piece.n_bars}-bar prompt, ask for more bars (got {bars})")
             for number, track_bars in enumerate(tracks):
                 for b, bar in enumerate(track_bars):
                     self.forced[(number, b)] = bar.tolist()
+            for track, b in request.regenerate or ():
+                if self.forced.pop((track + 1, b), None) is None:
+                    raise ValueError(f"bar {b} of track {track} (from 0) is not in the prompt")
+            written = [(t, b) for t in range(1 + len(instruments)) for b in range(bars) if (t, b) not in self.forced]
+            self.last_written = max(written, default=(-1, -1))
+        elif request.regenerate:
+            raise ValueError("regenerating bars needs a prompt")
+        chords = None
+        if request.chords:
+            if request.prompt is not None and (request.add_track is not None or request.regenerate):
+                raise ValueError("chords fix new bars; adding a track or regenerating bars keeps the prompt's chords")
+            if bars is None:
+                raise ValueError("chords need a number of bars")
+            first = 0 if request.prompt is None else piece.n_bars  # a prompt's bars keep their own chords
+            chords = [None] * first + progression(tok, request.chords, bars - first)
         self.grammar = HIDGrammar(
             tok,
             n_bars=bars,
@@ -82,8 +105,14 @@ class _Plan:
             tempo_bin=tempo_bin,
             instruments=instruments,
             free_track_order=request.add_track is not None,
+            chords=chords,
         )
         self.total_bars = None if bars is None else bars * (1 + len(instruments or []))
+
+    def model_needed(self) -> bool:
+        """Is a bar still to be written? Once the last one is closed, the rest is copied without the model."""
+        g = self.grammar
+        return self.last_written is None or (g.track_number, g.bars_done - 1) <= self.last_written
 
     def forced_after_bar(self) -> list[int] | None:
         """The prompt's tokens for the bar the grammar just opened, or None if it is generated."""
@@ -136,7 +165,7 @@ def generate(
         if token == BAR:
             queue = plan.forced_after_bar()
             bar_count.update(1)
-        if logits is not None and not grammar.done:
+        if logits is not None and not grammar.done and plan.model_needed():
             if len(out) >= capacity:
                 raise ValueError(f"the piece outgrew {capacity} tokens; ask for fewer bars or raise max_tokens")
             logits = decoder.step(torch.tensor([token], device=device))
