@@ -536,7 +536,7 @@ class HIDTokenizer:
         tokens = np.asarray(tokens, dtype=np.int64)
         if lay is None:
             n = self.parse(tokens).n_bars
-            lay = layout(tokens, self)
+            lay = layout(tokens, self.kinds)
         else:
             n = int(lay.bar[lay.track == 0].max()) + 1
         if not 0 <= b0 < b1 <= n:
@@ -566,7 +566,7 @@ class HIDTokenizer:
         from meloformer.layout import layout  # layout depends on this module, not the other way round
 
         tokens = np.asarray(tokens)
-        lay = layout(tokens, self)
+        lay = layout(tokens, self.kinds)
         drum_track = lay.track_token == TRACK_DRUMS
         pitch = (lay.kind == TokenKind.PITCH) & ~drum_track
         moved = tokens.astype(np.int64)
@@ -584,7 +584,7 @@ class HIDTokenizer:
         """Lowest and highest non-drum pitch, or None; tells which transpositions stay in range."""
         from meloformer.layout import layout
 
-        lay = layout(np.asarray(tokens), self)
+        lay = layout(np.asarray(tokens), self.kinds)
         pitch = (lay.kind == TokenKind.PITCH) & (lay.track_token != TRACK_DRUMS)
         if not pitch.any():
             return None

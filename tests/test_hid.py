@@ -159,7 +159,7 @@ def test_transpose_moves_pitched_notes_and_chords_not_drums():
 def test_layout_side_channels_of_a_small_piece():
     score = make_score([(33, False, [(0, 1, 36, 90), (4, 1, 38, 90)]), (0, False, [(0, 1, 60, 90), (1, 1, 62, 90)])])
     tokens = TOK.encode(score)
-    lay = layout(tokens)
+    lay = layout(tokens, TOK.kinds)
     seq = names(tokens)
     # conductor (track 0), bass (1), piano (2); two bars each -> six segments in order.
     b33, b0 = seq.index("Track_33"), seq.index("Track_0")
@@ -177,10 +177,10 @@ def test_layout_side_channels_of_a_small_piece():
     assert lay.onset_group[pitch_62] == lay.onset_group[pitch_62 - 1]  # with its Pos
     assert lay.onset_group[pitch_62] != lay.onset_group[seq.index("Pitch_60")]
     packed = np.concatenate([tokens, tokens, np.zeros(5, np.uint16)])
-    both = layout(packed)
+    both = layout(packed, TOK.kinds)
     assert both.doc.tolist() == [1] * len(tokens) + [2] * len(tokens) + [-1] * 5
     assert both.num_segments() == 12
-    assert np.array_equal(layout(np.stack([packed, packed])).segment[1], both.segment)
+    assert np.array_equal(layout(np.stack([packed, packed]), TOK.kinds).segment[1], both.segment)
 
 
 @pytest.mark.parametrize(
