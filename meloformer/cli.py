@@ -110,18 +110,58 @@ def _time_signature(text: str) -> tuple[int, int]:
     return numerator, denominator
 
 
-def generate_main(argv: list[str]) -> int:
+def open_checkpoint(path: str, device: str):
+    """The trained module of ``path`` on ``device``; ValueError with one line for a missing, foreign or damaged file
+    or a device this machine lacks."""
     import torch
 
     from meloformer.module import load_checkpoint
+
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if where.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    if not Path(path).is_file():
+        raise ValueError(f"--ckpt_path {path}: no such file")
+    try:
+        return load_checkpoint(path, map_location=where)
+    except ValueError:
+        raise
+    except Exception as err:  # a foreign or damaged file fails anywhere in torch.load/pickle: name it, no traceback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--ckpt_path {path}: not a readable MeloFormer checkpoint ({reason})") from None
+
+
+def _output_folder(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path}: is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def generate_main(argv: list[str]) -> int:
+    import torch
+
     from meloformer.pianoroll import save_pianoroll
-    from meloformer.sampling import GenerationRequest, check_request, generate
+    from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
 
     args = generate_parser().parse_args(argv)
     try:
+        if args.num_samples < 1:
+            raise ValueError(f"--num_samples must be at least 1, got {args.num_samples}")
+        for name in ("bars", "prompt_bars"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.prompt and (args.tempo is not None or args.time_signature):
             raise ValueError("--tempo and --time_signature come from the prompt; drop them or the prompt")
-        module = load_checkpoint(args.ckpt_path, map_location=args.device)
+        if args.add_track and not args.prompt:
+            raise ValueError("--add_track needs a --prompt to add the track to")
+        module = open_checkpoint(args.ckpt_path, args.device)
         tok = module.tokenizer
         prompt = None
         bars = args.bars
@@ -142,17 +182,27 @@ def generate_main(argv: list[str]) -> int:
             prompt=prompt,
             add_track=_track_token(args.add_track) if args.add_track else None,
         )
+        capacity = context_of(module.model, request)
         check_request(tok, request)
+        request, notice = fit_to_context(tok, request, capacity)
+        check_request(tok, request, capacity)
+        out = _output_folder(args.out)
     except (ValueError, OSError) as err:
         print(f"meloformer generate: error: {err}", file=sys.stderr)
         return 2
+    if notice:
+        print(f"meloformer generate: {notice}", file=sys.stderr)
     model = module.model.to(torch.device(args.device))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for k in range(args.num_samples):
-        tokens = generate(model, tok, request, seed=args.seed + k, progress=not args.no_progress)
-        tok.decode_to_file(tokens, out / f"sample_{k}.mid")
-        save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+        desc = f"sample {k + 1}/{args.num_samples}"
+        try:
+            tokens = generate(model, tok, request, seed=args.seed + k, progress=not args.no_progress, desc=desc)
+            tok.decode_to_file(tokens, out / f"sample_{k}.mid")
+            save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+        except (ValueError, OSError, RuntimeError) as err:  # keep what was written; name the sample that failed
+            kept = f"samples 0..{k - 1} are in {out}" if k else "no sample was written"
+            print(f"meloformer generate: error: sample {k} failed ({err}); {kept}", file=sys.stderr)
+            return 1
         piece = tok.parse(tokens)
         notes = len(tok.note_table(piece))
         print(f"{out / f'sample_{k}.mid'}: {piece.n_bars} bars, {len(piece.tracks)} tracks, {notes} notes")
