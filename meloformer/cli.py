@@ -4,6 +4,7 @@ and sizes."""
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
@@ -40,31 +41,51 @@ def preprocess_parser() -> ArgumentParser:
     return parser
 
 
+def parse(parser: ArgumentParser, argv: list[str]):
+    """Parse ``argv``; a mistake raises ValueError with jsonargparse's message on one line (no usage dump)."""
+    parser.exit_on_error = False
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as err:
+        raise ValueError(f"{' '.join(str(err).split())} (see {parser.prog} --help)") from None
+
+
+def fail(command: str, err: Exception) -> int:
+    """Print a user's mistake as one line on stderr; exit status 2."""
+    print(f"meloformer {command}: error: {err}", file=sys.stderr)
+    return 2
+
+
 def preprocess_main(argv: list[str]) -> int:
     from meloformer.datamodules.shards import verify_shards
     from meloformer.preprocess import preprocess
 
-    parser = preprocess_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse(preprocess_parser(), argv)
+        if args.verify:
+            problems = verify_shards(Path(args.verify))
+        elif not args.input_dir or not args.output_dir:
+            raise ValueError("give INPUT_DIR and OUTPUT_DIR (or --verify DIR)")
+        else:
+            summary = preprocess(
+                args.input_dir,
+                args.output_dir,
+                HIDTokenizer(**args.tokenizer.as_dict()),
+                workers=args.workers,
+                val_fraction=args.val_fraction,
+                test_fraction=args.test_fraction,
+                shard_files=args.shard_files,
+                progress=not args.no_progress,
+            )
+    except (ValueError, OSError) as err:
+        return fail("preprocess", err)
+    except KeyError as err:  # an index.json without one of its fields
+        return fail("preprocess", ValueError(f"{args.verify or args.output_dir}: index.json lacks the field {err}"))
     if args.verify:
-        problems = verify_shards(Path(args.verify))
         for problem in problems:
             print(f"DAMAGED {problem}")
         print(f"{args.verify}: {'all shards intact' if not problems else f'{len(problems)} damaged shard(s)'}")
         return 1 if problems else 0
-    if not args.input_dir or not args.output_dir:
-        parser.error("give INPUT_DIR and OUTPUT_DIR (or --verify DIR)")
-    tokenizer = HIDTokenizer(**args.tokenizer.as_dict())
-    summary = preprocess(
-        args.input_dir,
-        args.output_dir,
-        tokenizer,
-        workers=args.workers,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        shard_files=args.shard_files,
-        progress=not args.no_progress,
-    )
     for line in summary.lines():
         print(line)
     print(f"report: {Path(args.output_dir) / 'report.txt'}")
@@ -150,8 +171,8 @@ def generate_main(argv: list[str]) -> int:
     from meloformer.pianoroll import save_pianoroll
     from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
 
-    args = generate_parser().parse_args(argv)
     try:
+        args = parse(generate_parser(), argv)
         if args.num_samples < 1:
             raise ValueError(f"--num_samples must be at least 1, got {args.num_samples}")
         for name in ("bars", "prompt_bars"):
@@ -188,8 +209,7 @@ def generate_main(argv: list[str]) -> int:
         check_request(tok, request, capacity)
         out = _output_folder(args.out)
     except (ValueError, OSError) as err:
-        print(f"meloformer generate: error: {err}", file=sys.stderr)
-        return 2
+        return fail("generate", err)
     if notice:
         print(f"meloformer generate: {notice}", file=sys.stderr)
     model = module.model.to(torch.device(args.device))
@@ -228,22 +248,25 @@ def evaluate_parser() -> ArgumentParser:
 def evaluate_main(argv: list[str]) -> int:
     from meloformer.evaluate import evaluate_checkpoint, evaluate_music, loss_table, music_table, write_json
 
-    parser = evaluate_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parse(evaluate_parser(), argv)
+        if args.out and Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: is a folder; give the JSON file to write")
         if args.generated or args.reference:
             if not (args.generated and args.reference):
-                parser.error("give both --generated and --reference")
+                raise ValueError("give both --generated and --reference")
             result = evaluate_music(args.generated, args.reference)
             print(music_table(result))
         elif args.ckpt_path and args.data:
-            result = evaluate_checkpoint(args.ckpt_path, args.data, args.split, args.batch_size, args.device)
+            if args.split not in ("val", "test"):
+                raise ValueError(f"--split must be val or test, got {args.split!r}")
+            module = open_checkpoint(args.ckpt_path, args.device)
+            result = evaluate_checkpoint(module, args.data, args.split, args.batch_size, args.device)
             print(loss_table(result))
         else:
-            parser.error("give --ckpt_path and --data, or --generated and --reference")
+            raise ValueError("give --ckpt_path and --data, or --generated and --reference")
     except (ValueError, OSError) as err:
-        print(f"meloformer evaluate: error: {err}", file=sys.stderr)
-        return 2
+        return fail("evaluate", err)
     write_json(result, args.out)
     return 0
 
