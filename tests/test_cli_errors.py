@@ -161,3 +161,35 @@ def test_console_script_prints_no_traceback(files):
         f"meloformer generate: error: --ckpt_path {files['root']}/truncated.ckpt: not a readable MeloFormer "
         + done.stderr.split("not a readable MeloFormer ", 1)[1].strip()
     ]
+
+
+def test_a_failing_sample_keeps_the_ones_before_it(files, tmp_path, monkeypatch, capsys):
+    import meloformer.sampling
+
+    real, calls = meloformer.sampling.generate, []
+
+    def fail_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(meloformer.sampling, "generate", fail_third)
+    out = tmp_path / "samples"
+    args = ["generate", "--ckpt_path", files["ckpt"], "--out", str(out), "--bars", "2", "--num_samples", "4"]
+    assert main([*args, "--no_progress"]) == 1
+    assert sorted(p.name for p in out.glob("*.mid")) == ["sample_0.mid", "sample_1.mid"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"meloformer generate: error: sample 2 failed (out of memory); samples 0..1 are in {out}"]
+
+
+def test_a_long_prompt_is_cropped_with_a_notice(files, tmp_path, capsys):
+    out = tmp_path / "continued"
+    chorale = f"{files['root']}/chorale.mid"
+    args = ["generate", "--ckpt_path", files["ckpt"], "--prompt", chorale, "--out", str(out), "--no_progress"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    (notice,) = [line for line in captured.err.splitlines() if "prompt" in line]
+    assert notice.startswith("meloformer generate: the prompt's ") and "256-token context" in notice
+    kept = int(notice.split("using its last ")[1].split()[0])
+    assert f"{kept + 8} bars" in captured.out  # the default: 8 new bars after what was kept
