@@ -102,7 +102,7 @@ def find_midi_files(root: Path, problems: dict[str, str] | None = None) -> list[
             if path.is_file():
                 found.append(path)
             else:
-                problems[_relative(path, root)] = "dangling link"
+                problems[_relative(path, root)] = "not a regular file (a dangling link?)"
     return sorted(found)
 
 
