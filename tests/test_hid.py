@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import miditoolkit
 import mido
 import numpy as np
@@ -134,6 +136,39 @@ def test_settings_round_trip_and_other_format_versions_are_refused():
     assert HIDTokenizer(**tok.settings).vocab == tok.vocab
     with pytest.raises(HIDError, match="format version 2"):
         HIDTokenizer(format_version=2)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"velocity_bins": 0}, "velocity_bins must be an integer 1..128, got 0"),
+        ({"velocity_bins": 200}, "velocity_bins must be an integer 1..128, got 200"),
+        ({"tempo_bins": 1}, "tempo_bins must be an integer 2..1024, got 1"),
+        ({"tempo_min": 0.0}, "need 0 < tempo_min < tempo_max"),
+        ({"tempo_min": 200.0, "tempo_max": 100.0}, "need 0 < tempo_min < tempo_max"),
+        ({"max_bar_quarters": 0}, "max_bar_quarters must be an integer 1..64"),
+        ({"max_tracks": 0}, "max_tracks must be"),
+        ({"max_bars": 0}, "max_bars must be an integer at least 1"),
+        ({"resolution": 6}, "resolution must be a positive multiple of 4"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(settings, message):
+    with pytest.raises(HIDError, match=re.escape(message)):
+        HIDTokenizer(**settings)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (None, "got object of shape ()"),
+        (np.array([[1, 4], [1, 4]]), "got int64 of shape (2, 2)"),
+        (np.array([1.0, 4.0, 3.0]), "got float64 of shape (3,)"),
+        ([1, 4, 3], None),  # a list of ints is fine as far as types go (then: grammar)
+    ],
+)
+def test_decode_names_input_that_is_not_a_token_sequence(tokens, message):
+    with pytest.raises(HIDError, match=re.escape(message) if message else "conductor|Bar|bars"):
+        TOK.decode(tokens)
 
 
 def test_transpose_moves_pitched_notes_and_chords_not_drums():
