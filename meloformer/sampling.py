@@ -194,24 +194,21 @@ class _Budget:
         """``allowed`` less what the budget cannot pay for; never empty while the grammar allows something."""
         g = self.plan.grammar
         free = self.capacity - used - self.reserve(None)
+        allowed = allowed.copy()
+        if allowed[EOS] and free < self._new_track_cost():
+            allowed &= ~self.is_track  # an extra track the piece does not need
+        if g.in_conductor and g.n_bars is None and free < 1 + self._tracks_to_open():
+            allowed[BAR] = False  # another bar would cost a Bar in every track still to come
         ends, content = allowed & self.ends_bar, allowed & ~self.ends_bar
         first_note = g.notes == 0 and not g.in_conductor and not self.plan.has_notes
         if first_note:
             free += OPEN_COST  # the reserve held for the piece's first note is this note's to spend
-        if content.any() and ends.any() and first_note and self.plan.instruments is None:
-            n_bars = g.n_bars or g.bars_done
-            if g.bars_done >= n_bars:
+            if content.any() and ends.any() and self.plan.instruments is None and g.bars_done >= (g.n_bars or 1):
                 return content  # write the piece's note in this track rather than opening another
         spent = self.segment_free - free
         if content.any() and free >= OPEN_COST and (spent + OPEN_COST // 2 <= self.segment_share or first_note):
-            optional_track = ends & self.is_track
-            if optional_track.any() and allowed[EOS] and free < self._new_track_cost():
-                return allowed & ~optional_track
             return allowed
         if ends.any():
-            optional_track = ends & self.is_track
-            if optional_track.any() and allowed[EOS] and free < self._new_track_cost():
-                return ends & ~optional_track
             return ends
         for candidate in (content & ~self.pos_or_chord, content & ~self.is_chord):
             if candidate.any():

@@ -106,6 +106,14 @@ def test_every_track_gets_every_bar_inside_the_budget(model, instruments, budget
         write_and_read_back(TOK, tokens, tmp_path / f"{seed}.mid")
 
 
+def test_budget_holds_when_the_model_chooses_bars_and_tracks(model):
+    """bars=None: the conductor decides how many bars; instruments=None: the model decides the tracks."""
+    for seed in range(3):
+        tokens = generate(model, TOK, GenerationRequest(bars=None, max_tokens=60), seed=seed)
+        bars = _bars_per_track(tokens)
+        assert len(tokens) <= 60 and len(bars) >= 2 and bars == [bars[0]] * len(bars)
+
+
 def test_tightest_budget_is_the_hand_counted_minimum(model):
     """Two bars, drums and piano. The shortest piece: BOS Track_conductor, Bar TimeSig Pos_0 Tempo, Bar;
     Track_drums Bar Bar; Track_0 Bar Bar; EOS (14 tokens), plus one note held back as Pos Pitch Dur Vel (4)."""
