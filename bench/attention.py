@@ -121,8 +121,8 @@ def bench_row(tokens: np.ndarray, device: torch.device, repeats: int, block_size
     train = device.type == "cuda"
     dtype = torch.bfloat16 if train else torch.float32
     n = len(tokens)
-    segments = int(row_layout(tokens[None]).num_slots)
-    rows = row_layout(tokens[None], slots_for(segments, n // 8)).to(device)
+    segments = int(row_layout(tokens[None], TOK.kinds).num_slots)
+    rows = row_layout(tokens[None], TOK.kinds, slots_for(segments, n // 8)).to(device)
     mask_mod = summary_mask_mod(rows)
     t = rows.length
 

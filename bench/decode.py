@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from attention import corpus, single_row  # noqa: E402
 
 from meloformer.generate import IncrementalDecoder  # noqa: E402
-from meloformer.hid import PAD  # noqa: E402
+from meloformer.hid import PAD, HIDTokenizer  # noqa: E402
 from meloformer.model import MeloFormer, MeloFormerConfig  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +85,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     config = MeloFormerConfig.from_size(args.size, max_seq_len=max(args.contexts))
-    model = MeloFormer(config).eval()
+    model = MeloFormer(config, HIDTokenizer().kinds).eval()
     piece = torch.as_tensor(single_row(corpus(), max(args.contexts)))[None]
     print(f"{args.size} model ({model.num_parameters() / 1e6:.1f}M parameters), cpu, {torch.get_num_threads()} threads")
     print(

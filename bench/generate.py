@@ -36,7 +36,8 @@ def main() -> None:
 
     tok = HIDTokenizer()
     torch.manual_seed(0)
-    model = MeloFormer(MeloFormerConfig.from_size(args.size, vocab_size=tok.vocab_size, max_seq_len=8192)).eval()
+    config = MeloFormerConfig.from_size(args.size, vocab_size=tok.vocab_size, max_seq_len=8192)
+    model = MeloFormer(config, tok.kinds).eval()
     request = GenerationRequest(bars=args.bars, instruments=[TRACK_PROGRAM0 + p for p in args.instruments])
     generate(model, tok, GenerationRequest(bars=1, instruments=request.instruments[:1]), seed=0)  # warm-up
 

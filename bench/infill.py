@@ -39,7 +39,9 @@ def main() -> None:
 
     tok = HIDTokenizer()
     torch.manual_seed(0)
-    model = MeloFormer(MeloFormerConfig.from_size(args.size, vocab_size=tok.vocab_size, max_seq_len=8192)).eval()
+    model = MeloFormer(
+        MeloFormerConfig.from_size(args.size, vocab_size=tok.vocab_size, max_seq_len=8192), tok.kinds
+    ).eval()
     prompt = tok.crop_bars(tok.encode(args.midi), 0, args.bars)
     request = GenerationRequest(prompt=prompt)
     n, t = args.bars, args.track

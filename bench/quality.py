@@ -106,7 +106,7 @@ def test_losses(module: MeloFormerModule, data_dir: Path, batch_size: int) -> di
     for batch in data.test_dataloader():
         tokens = batch["tokens"]
         loss, valid, group = module.token_losses(tokens)
-        bars = bucket_of(layout(tokens.numpy(), module.tokenizer).bar[:, 1:])
+        bars = bucket_of(layout(tokens.numpy(), module.tokenizer.kinds).bar[:, 1:])
         loss, valid, group = loss.numpy(), valid.numpy(), group.numpy()
         sums[-1], counts[-1] = sums[-1] + loss[valid].sum(), counts[-1] + valid.sum()
         for index, offset in ((group, 0), (bars, groups)):

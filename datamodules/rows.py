@@ -167,7 +167,7 @@ class RowBuilder:
         if segment_room < tracks or room < 2 * tracks + CROP_HEAD_EXTRA + 2:  # not one bar: skip the read
             return None
         tokens = self.reader.tokens(self.table, piece)
-        lay = layout(tokens, self.tokenizer)
+        lay = layout(tokens, self.tokenizer.kinds)
         shape = piece_shape(lay)
         window = fit_window(shape, room, segment_room, window_rng)
         if window is None:

@@ -4,6 +4,7 @@ and sizes."""
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 
 from jsonargparse import ArgumentParser
@@ -41,31 +42,51 @@ def preprocess_parser() -> ArgumentParser:
     return parser
 
 
+def parse(parser: ArgumentParser, argv: list[str]):
+    """Parse ``argv``; a mistake raises ValueError with jsonargparse's message on one line (no usage dump)."""
+    parser.exit_on_error = False
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as err:
+        raise ValueError(f"{' '.join(str(err).split())} (see {parser.prog} --help)") from None
+
+
+def fail(command: str, err: Exception) -> int:
+    """Print a user's mistake as one line on stderr; exit status 2."""
+    print(f"meloformer {command}: error: {err}", file=sys.stderr)
+    return 2
+
+
 def preprocess_main(argv: list[str]) -> int:
     from meloformer.datamodules.shards import verify_shards
     from meloformer.preprocess import preprocess
 
-    parser = preprocess_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse(preprocess_parser(), argv)
+        if args.verify:
+            problems = verify_shards(Path(args.verify))
+        elif not args.input_dir or not args.output_dir:
+            raise ValueError("give INPUT_DIR and OUTPUT_DIR (or --verify DIR)")
+        else:
+            summary = preprocess(
+                args.input_dir,
+                args.output_dir,
+                HIDTokenizer(**args.tokenizer.as_dict()),
+                workers=args.workers,
+                val_fraction=args.val_fraction,
+                test_fraction=args.test_fraction,
+                shard_files=args.shard_files,
+                progress=not args.no_progress,
+            )
+    except (ValueError, OSError) as err:
+        return fail("preprocess", err)
+    except KeyError as err:  # an index.json without one of its fields
+        return fail("preprocess", ValueError(f"{args.verify or args.output_dir}: index.json lacks the field {err}"))
     if args.verify:
-        problems = verify_shards(Path(args.verify))
         for problem in problems:
             print(f"DAMAGED {problem}")
         print(f"{args.verify}: {'all shards intact' if not problems else f'{len(problems)} damaged shard(s)'}")
         return 1 if problems else 0
-    if not args.input_dir or not args.output_dir:
-        parser.error("give INPUT_DIR and OUTPUT_DIR (or --verify DIR)")
-    tokenizer = HIDTokenizer(**args.tokenizer.as_dict())
-    summary = preprocess(
-        args.input_dir,
-        args.output_dir,
-        tokenizer,
-        workers=args.workers,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        shard_files=args.shard_files,
-        progress=not args.no_progress,
-    )
     for line in summary.lines():
         print(line)
     print(f"report: {Path(args.output_dir) / 'report.txt'}")
@@ -118,25 +139,70 @@ def _time_signature(text: str) -> tuple[int, int]:
     return numerator, denominator
 
 
+def open_checkpoint(path: str | None, device: str):
+    """The trained module of a checkpoint or model folder (``None``: the shipped model) on ``device``; ValueError
+    with one line for a missing, foreign or damaged file or a device this machine lacks."""
+    import torch
+
+    from meloformer.module import load_checkpoint, module_from_folder
+    from meloformer.pretrained import default_model_folder, is_model_folder
+
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if where.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    path = str(default_model_folder()) if path is None else path
+    if is_model_folder(path):
+        return module_from_folder(path).to(where)
+    if not Path(path).is_file():
+        raise ValueError(f"--ckpt_path {path}: no such file or model folder")
+    try:
+        return load_checkpoint(path, map_location=where)
+    except ValueError:
+        raise
+    except Exception as err:  # a foreign or damaged file fails anywhere in torch.load/pickle: name it, no traceback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--ckpt_path {path}: not a readable MeloFormer checkpoint ({reason})") from None
+
+
+def _output_folder(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path}: is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def generate_main(argv: list[str]) -> int:
     import torch
 
     from meloformer.infill import Region, check_infill, infill, track_list
     from meloformer.pianoroll import save_pianoroll
-    from meloformer.pretrained import load_model
-    from meloformer.sampling import GenerationRequest, check_request, generate
+    from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
 
-    args = generate_parser().parse_args(argv)
     try:
+        args = parse(generate_parser(), argv)
+        if args.num_samples < 1:
+            raise ValueError(f"--num_samples must be at least 1, got {args.num_samples}")
+        for name in ("bars", "prompt_bars"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.prompt and (args.tempo is not None or args.time_signature):
             raise ValueError("--tempo and --time_signature come from the prompt; drop them or the prompt")
+        if args.add_track and not args.prompt:
+            raise ValueError("--add_track needs a --prompt to add the track to")
         if args.infill and (not args.prompt or args.add_track or args.bars or args.instruments or args.chords):
             raise ValueError(
                 "--infill needs --prompt and keeps its bars, tracks and chords (no --bars, "
                 "--instruments, --add_track or --chords)"
             )
         regions = [Region.parse(text) for text in args.infill or ()]
-        model, tok = load_model(args.ckpt_path, device=args.device)
+        module = open_checkpoint(args.ckpt_path, args.device)
+        tok = module.tokenizer
         prompt = None
         bars = args.bars
         if args.prompt:
@@ -157,24 +223,35 @@ def generate_main(argv: list[str]) -> int:
             add_track=_track_token(args.add_track) if args.add_track else None,
             chords=args.chords,
         )
-        if regions:
+        capacity = context_of(module.model, request)
+        notice = None
+        if regions:  # the prompt is kept whole (its bars are the regions' coordinates): it must fit as it is
             check_infill(tok, request, regions)
             print(f"prompt tracks: {track_list(tok, prompt)}")
         else:
             check_request(tok, request)
+            request, notice = fit_to_context(tok, request, capacity)
+        check_request(tok, request, capacity)
+        out = _output_folder(args.out)
     except (ValueError, OSError) as err:
-        print(f"meloformer generate: error: {err}", file=sys.stderr)
-        return 2
-    model = model.to(torch.device(args.device))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        return fail("generate", err)
+    if notice:
+        print(f"meloformer generate: {notice}", file=sys.stderr)
+    model = module.model.to(torch.device(args.device))
     for k in range(args.num_samples):
-        if regions:
-            tokens = infill(model, tok, request, regions, seed=args.seed + k, progress=not args.no_progress)
-        else:
-            tokens = generate(model, tok, request, seed=args.seed + k, progress=not args.no_progress)
-        tok.decode_to_file(tokens, out / f"sample_{k}.mid")
-        save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+        desc = f"sample {k + 1}/{args.num_samples}"
+        progress = not args.no_progress
+        try:
+            if regions:
+                tokens = infill(model, tok, request, regions, seed=args.seed + k, progress=progress)
+            else:
+                tokens = generate(model, tok, request, seed=args.seed + k, progress=progress, desc=desc)
+            tok.decode_to_file(tokens, out / f"sample_{k}.mid")
+            save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+        except (ValueError, OSError, RuntimeError) as err:  # keep what was written; name the sample that failed
+            kept = f"samples 0..{k - 1} are in {out}" if k else "no sample was written"
+            print(f"meloformer generate: error: sample {k} failed ({err}); {kept}", file=sys.stderr)
+            return 1
         piece = tok.parse(tokens)
         notes = len(tok.note_table(piece))
         print(f"{out / f'sample_{k}.mid'}: {piece.n_bars} bars, {len(piece.tracks)} tracks, {notes} notes")
@@ -200,22 +277,25 @@ def evaluate_parser() -> ArgumentParser:
 def evaluate_main(argv: list[str]) -> int:
     from meloformer.evaluate import evaluate_checkpoint, evaluate_music, loss_table, music_table, write_json
 
-    parser = evaluate_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parse(evaluate_parser(), argv)
+        if args.out and Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: is a folder; give the JSON file to write")
         if args.generated or args.reference:
             if not (args.generated and args.reference):
-                parser.error("give both --generated and --reference")
+                raise ValueError("give both --generated and --reference")
             result = evaluate_music(args.generated, args.reference)
             print(music_table(result))
         elif args.ckpt_path and args.data:
-            result = evaluate_checkpoint(args.ckpt_path, args.data, args.split, args.batch_size, args.device)
+            if args.split not in ("val", "test"):
+                raise ValueError(f"--split must be val or test, got {args.split!r}")
+            module = open_checkpoint(args.ckpt_path, args.device)
+            result = evaluate_checkpoint(module, args.data, args.split, args.batch_size, args.device)
             print(loss_table(result))
         else:
-            parser.error("give --ckpt_path and --data, or --generated and --reference")
+            raise ValueError("give --ckpt_path and --data, or --generated and --reference")
     except (ValueError, OSError) as err:
-        print(f"meloformer evaluate: error: {err}", file=sys.stderr)
-        return 2
+        return fail("evaluate", err)
     write_json(result, args.out)
     return 0
 

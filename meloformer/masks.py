@@ -15,7 +15,6 @@ inside its kernel), and row by row for KV-cached decoding; so the rules exist ex
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks, or_masks
 
-from meloformer.hid import HIDTokenizer, TokenKind
+from meloformer.hid import TokenKind
 from meloformer.layout import layout
 
 DEFAULT_FINE_BARS = (1, 2, 4, 8, 12, 16, 24, 32)
@@ -77,12 +76,6 @@ class RowLayout:
         return dataclasses.replace(self, **{k: v.to(device) for k, v in tensors.items()})
 
 
-@functools.cache
-def _default_tokenizer() -> HIDTokenizer:
-    """Built once: ``layout`` would otherwise rebuild the vocabulary on every call (costly per decoding step)."""
-    return HIDTokenizer()
-
-
 def slots_for(num_segments: int, minimum: int) -> int:
     """Summary slots for a batch: ``minimum`` (static shapes), or the next multiple of 128 that fits."""
     if num_segments <= minimum:
@@ -92,13 +85,15 @@ def slots_for(num_segments: int, minimum: int) -> int:
 
 def row_layout(
     tokens: np.ndarray | Tensor,
+    kinds: np.ndarray | Tensor,
     min_slots: int | None = None,
     doc_ids: np.ndarray | Tensor | None = None,
-    tokenizer: HIDTokenizer | None = None,
     open_last_segment: bool = False,
     with_slots: bool = True,
 ) -> RowLayout:
     """Build the per-row side channels of a batch ``[B, L]`` with one call to ``meloformer.layout.layout``.
+
+    ``kinds`` is the tokenizer's kind table (``HIDTokenizer.kinds``; the model carries it as ``model.kinds``).
 
     Rows get ``min_slots`` summary slots, or ``slots_for`` more when a row has more segments; ``None`` gives
     exactly the largest segment count. With ``open_last_segment`` the segment holding the last token of a
@@ -110,8 +105,10 @@ def row_layout(
         tokens = tokens.detach().cpu().numpy()
     if isinstance(doc_ids, Tensor):
         doc_ids = doc_ids.detach().cpu().numpy()
+    if isinstance(kinds, Tensor):
+        kinds = kinds.detach().cpu().numpy()
     tokens = np.atleast_2d(tokens)
-    lay = layout(tokens, tokenizer or _default_tokenizer(), doc_ids)
+    lay = layout(tokens, kinds, doc_ids)
     if with_slots:
         segments = int(np.max(lay.num_segments(), initial=0))
         table = lay.segment_table(segments if min_slots is None else slots_for(segments, min_slots))

@@ -18,6 +18,7 @@ import dataclasses
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
@@ -100,9 +101,10 @@ SIZES: dict[str, MeloFormerConfig] = {
 def parameter_counts(vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict[str, int]:
     """Real parameter count of every size (built on the meta device, so nothing is allocated)."""
     counts = {}
+    kinds = np.zeros(vocab_size, dtype=np.int64)  # the kind table holds no parameters
     for name in SIZES:
         with torch.device("meta"):
-            model = MeloFormer(MeloFormerConfig.from_size(name, vocab_size=vocab_size))
+            model = MeloFormer(MeloFormerConfig.from_size(name, vocab_size=vocab_size), kinds)
         counts[name] = model.num_parameters()
     return counts
 
@@ -246,11 +248,20 @@ class Block(nn.Module):
 
 
 class MeloFormer(nn.Module, PyTorchModelHubMixin):
-    """The transformer; ``save_pretrained``/``from_pretrained`` (huggingface_hub) read and write model folders."""
+    """The network of ``config`` for the tokenizer whose kind table is ``kinds`` (``HIDTokenizer.kinds``).
 
-    def __init__(self, config: MeloFormerConfig) -> None:
+    The side channels (tracks, bars, segments) are read off the token ids through ``kinds``, so the model
+    keeps it as a non-persistent buffer: it follows the model across devices but stays out of state dicts.
+    ``save_pretrained``/``from_pretrained`` (huggingface_hub) write and read model folders
+    (``meloformer.pretrained``).
+    """
+
+    def __init__(self, config: MeloFormerConfig, kinds: np.ndarray | Tensor) -> None:
         super().__init__()
+        if len(kinds) != config.vocab_size:
+            raise ValueError(f"the kind table has {len(kinds)} entries but vocab_size is {config.vocab_size}")
         self.config = config
+        self.register_buffer("kinds", torch.as_tensor(np.asarray(kinds), dtype=torch.long), persistent=False)
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.track_emb = nn.Embedding(NUM_TRACK_EMBEDDINGS, config.n_embd)
         self.summary_emb = nn.Parameter(torch.empty(config.n_embd))
@@ -296,7 +307,7 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         """Side channels of a batch with ``summary_slots`` slots (more, rounded up to 128, if needed)."""
         min_slots = self.config.summary_slots if min_slots is None else min_slots
         with_slots = self.config.attention == "summary"
-        rows = row_layout(tokens, min_slots, doc_ids, open_last_segment=open_last_segment, with_slots=with_slots)
+        rows = row_layout(tokens, self.kinds, min_slots, doc_ids, open_last_segment, with_slots)
         return rows.to(tokens.device)
 
     def prepare(self, tokens: Tensor, doc_ids: Tensor | None = None, backend: str | None = None) -> AttentionContext:

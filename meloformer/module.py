@@ -137,7 +137,7 @@ class MeloFormerModule(pl.LightningModule):
             raise ValueError("model: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
         self.save_hyperparameters()
         self.hparams["tokenizer"] = self.tokenizer.settings  # resolved, so checkpoints are self-contained
-        self.model = MeloFormer(self.config)
+        self.model = MeloFormer(self.config, self.tokenizer.kinds)
         self.register_buffer("kind_group", torch.from_numpy(_kind_groups(self.tokenizer)), persistent=False)
         self.metrics = nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("all", *KIND_GROUPS)}

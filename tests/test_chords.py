@@ -109,7 +109,7 @@ def test_grammar_allows_only_the_fixed_chord_in_each_conductor_bar():
 def model() -> MeloFormer:
     torch.manual_seed(0)
     config = MeloFormerConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=2048, summary_slots=64)
-    return MeloFormer(config).eval()
+    return MeloFormer(config, TOK.kinds).eval()
 
 
 def markers(tokens: np.ndarray) -> list[tuple[int, str]]:

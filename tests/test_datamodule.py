@@ -41,7 +41,7 @@ def test_crop_with_the_loaders_layout_equals_the_checked_crop(demo_shards):
         table = reader.pieces(split)
         for i in range(len(table)):
             tokens = np.array(reader.tokens(table, i))
-            lay = layout(tokens, TOKENIZER)
+            lay = layout(tokens, TOKENIZER.kinds)
             n = int(table.bars[i])
             b0, b1 = [(0, 1), (n - 1, n), sorted(rng.choice(n + 1, 2, replace=False))][checked % 3]
             unchecked = TOKENIZER.crop_bars(tokens, b0, b1, lay=lay)
@@ -63,7 +63,7 @@ def test_rows_are_full_length_packs_of_valid_pieces(demo_shards, split):
         pieces = documents(row)
         for piece in pieces:
             TOKENIZER.parse(piece)  # every crop is a complete, valid piece
-        lay = layout(row, TOKENIZER)
+        lay = layout(row, TOKENIZER.kinds)
         assert len(set(lay.doc[lay.doc >= 0].tolist())) == len(pieces)
         assert lay.num_segments() <= 256
         fill.append(used / len(row))
@@ -72,7 +72,7 @@ def test_rows_are_full_length_packs_of_valid_pieces(demo_shards, split):
 
 def test_rows_respect_a_small_segment_budget(demo_shards):
     rows = builder(demo_shards, max_seq_len=2048, max_segments=24)
-    counts = [int(layout(rows.row(i), TOKENIZER).num_segments()) for i in range(20)]
+    counts = [int(layout(rows.row(i), TOKENIZER.kinds).num_segments()) for i in range(20)]
     assert max(counts) <= 24 and min(counts) > 0
 
 
@@ -102,7 +102,7 @@ def test_transposition_moves_pitched_notes_and_chords_not_drums(demo_shards):
     for index in range(30):
         a, b = documents(plain.row(index))[0], documents(moved.row(index))[0]  # the anchor crop: same window
         assert len(a) == len(b)
-        lay = layout(a, TOKENIZER)
+        lay = layout(a, TOKENIZER.kinds)
         pitched = (lay.kind == TokenKind.PITCH) & (lay.track_token != TRACK_DRUMS)
         delta = set((b[pitched] - a[pitched]).tolist())
         assert len(delta) == 1, "one shift for every pitched note of a crop"
@@ -129,7 +129,7 @@ def test_transposition_stays_within_the_pitch_range(tmp_path):
     room_up, shifts = [], []
     for index in range(40):
         a, b = documents(plain.row(index))[0], documents(moved.row(index))[0]  # raises if a shift left 0..127
-        lay = layout(a, TOKENIZER)
+        lay = layout(a, TOKENIZER.kinds)
         pitched = (lay.kind == TokenKind.PITCH) & (lay.track_token != TRACK_DRUMS)
         room_up.append(127 - int(a[pitched].max() - TOKENIZER.pitch0))
         shifts.append(int(b[pitched][0]) - int(a[pitched][0]))

@@ -22,7 +22,7 @@ TRACK, BAR = NOTE_COLUMNS.index("track"), NOTE_COLUMNS.index("bar")
 def model() -> MeloFormer:
     torch.manual_seed(0)
     config = MeloFormerConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=2048, summary_slots=64)
-    return MeloFormer(config).eval()
+    return MeloFormer(config, TOK.kinds).eval()
 
 
 @pytest.fixture(scope="module")

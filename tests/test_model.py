@@ -77,7 +77,7 @@ def batch(rows: list[np.ndarray], length: int = FLEX_LEN) -> torch.Tensor:
 
 def tiny_model(seed: int = 0, **overrides) -> MeloFormer:
     torch.manual_seed(seed)
-    return MeloFormer(dataclasses.replace(TINY, **overrides))
+    return MeloFormer(dataclasses.replace(TINY, **overrides), TOK.kinds)
 
 
 def test_sizes_and_real_parameter_counts():
@@ -85,7 +85,7 @@ def test_sizes_and_real_parameter_counts():
     assert (small.n_embd, small.n_layer, small.n_head) == (256, 6, 4)
     counts = parameter_counts(TOK.vocab_size)
     assert list(counts) == list(SIZES) and sorted(counts.values()) == list(counts.values())
-    assert counts["small"] == sum(p.numel() for p in MeloFormer(small).parameters())
+    assert counts["small"] == sum(p.numel() for p in MeloFormer(small, TOK.kinds).parameters())
     with pytest.raises(ValueError, match="unknown size"):
         MeloFormerConfig.from_size("huge")
 
@@ -146,7 +146,7 @@ def _assert_causal(model: MeloFormer, pieces: list[np.ndarray], trials: int, see
         tokens = batch([pieces[i % len(pieces)]])
         changed, p = _perturb(tokens, rng)
         both = torch.cat([tokens, changed])
-        assert row_layout(both).num_slots <= FLEX_SLOTS
+        assert row_layout(both, TOK.kinds).num_slots <= FLEX_SLOTS
         logits = model(both)
         assert torch.equal(logits[0, :p], logits[1, :p]) or torch.allclose(logits[0, :p], logits[1, :p], atol=1e-5), p
         assert not torch.allclose(logits[0, p], logits[1, p], atol=1e-5), "the changed token itself must matter"
