@@ -14,7 +14,7 @@ Arms train in parallel (one thread each), checkpoint every 100 steps and resume 
 script can be rerun after an interruption. Results go to ``--out`` (JSON, PNG plots, ``results.md``).
 
     python scripts/build_demo_corpus.py --reference --out data/reference-midi   # once (needs music21)
-    python bench/quality.py [--steps 600] [--samples 16] [--out docs/results]
+    python bench/quality.py [--steps 400] [--samples 16] [--out docs/results]
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument("--midi", type=Path, default=REPO / "data" / "reference-midi")
     parser.add_argument("--data", type=Path, default=REPO / "data" / "reference-shards")
     parser.add_argument("--runs", type=Path, default=REPO / "runs" / "ablation")
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--bars", type=int, default=16)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
