@@ -3,10 +3,11 @@ and sizes."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 from meloformer.hid import HIDTokenizer
 
@@ -221,8 +222,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI of ``meloformer fit|validate|test`` (``run=False``: parse and instantiate only)."""
     from lightning.pytorch.cli import LightningCLI
 
+    from meloformer.checkpoint import CheckpointError, read_checkpoint
     from meloformer.datamodules import HIDDataModule
-    from meloformer.module import MeloFormerModule
+    from meloformer.module import MeloFormerModule, check_same
 
     class MeloFormerCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -233,9 +235,48 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                     "model", f"data.{target}", compute_fn=_config_field(source), apply_on="instantiate"
                 )
 
+        def parse_arguments(self, parser, args) -> None:
+            """Parse errors as one short line (``ConfigError``), not after the whole usage."""
+            for each in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+                each.exit_on_error = False
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:
+                raise ConfigError(str(err)) from None
+
+        def before_instantiate_classes(self) -> None:
+            if self.config.get("subcommand") == "fit":
+                max_steps = self.config.fit.trainer.max_steps
+                if max_steps is None or max_steps <= 0:
+                    raise ConfigError(
+                        f"trainer.max_steps must be a positive number of optimizer steps (the horizon of the "
+                        f"learning-rate schedule), got {max_steps}"
+                    )
+
+        def _parse_ckpt_path(self) -> None:
+            """Check ``--ckpt_path`` before anything uses it, and keep its settings for the comparison below.
+
+            (LightningCLI would instead copy the checkpoint's hyperparameters over the config, so a resume
+            with other settings would silently train the checkpoint's model.)"""
+            self.saved_settings = None
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+            if ckpt_path is None or ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry"):
+                return
+            try:
+                self.saved_settings = read_checkpoint(ckpt_path, mmap=True)["meloformer"]
+            except CheckpointError as err:
+                raise ConfigError(f"--ckpt_path {err}") from err
+
         def instantiate_classes(self) -> None:
             try:
                 super().instantiate_classes()
+                if self.subcommand is not None:  # open the data now: an empty split or too short rows fail here
+                    self.datamodule.prepare_data()
+                    self.datamodule.setup(self.subcommand)
+                if self.saved_settings is not None:
+                    check_same("tokenizer settings", self.saved_settings["tokenizer"], self.model.tokenizer.settings)
+                    model_config = dataclasses.asdict(self.model.config)
+                    check_same("model configuration", self.saved_settings["model_config"], model_config)
             except (ValueError, TypeError, OSError) as err:  # ShardError is a ValueError
                 raise ConfigError(str(err)) from err
 
@@ -249,6 +290,17 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "meloformer"},
     )
+
+
+def _one_line(message: str, limit: int = 300) -> str:
+    """One line of a message: jsonargparse lists what every type of a union said, and the first type
+    (ours) is the one that matters; the rest is cut."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if "Errors:" in lines:
+        first = lines[lines.index("Errors:") + 1 :][:1]
+        lines = [line for line in lines[:1] if line.startswith("Parser key")] + [x.removeprefix("- ") for x in first]
+    line = " ".join(lines)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _config_field(name: str):
@@ -266,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             build_cli(None if from_command_line else argv)
         except ConfigError as err:
-            print(f"meloformer: error: {err}", file=sys.stderr)
+            print(f"meloformer: error: {_one_line(str(err))}", file=sys.stderr)
             return 2
         return 0
     if command == "preprocess":

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from meloformer.checkpoint import read_checkpoint
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.model import Backend, Checkpointing, MeloFormer, MeloFormerConfig
 
@@ -300,8 +301,9 @@ def _kind_groups(tokenizer: HIDTokenizer) -> np.ndarray:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MeloFormerModule:
-    """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone (checked first:
+    a damaged or foreign file is a ``CheckpointError``)."""
+    checkpoint = read_checkpoint(path, map_location=map_location)
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's
     hparams["overrides"] = checkpoint["meloformer"]["model_config"]  # exact config, even if presets change
     for name in DIRECT_FIELDS:
