@@ -222,6 +222,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI of ``meloformer fit|validate|test`` (``run=False``: parse and instantiate only)."""
     from lightning.pytorch.cli import LightningCLI
 
+    from meloformer.callbacks import StopCheckpoint
     from meloformer.checkpoint import CheckpointError, read_checkpoint
     from meloformer.datamodules import HIDDataModule
     from meloformer.module import MeloFormerModule, check_same
@@ -259,26 +260,33 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             (LightningCLI would instead copy the checkpoint's hyperparameters over the config, so a resume
             with other settings would silently train the checkpoint's model.)"""
             self.saved_settings = None
-            ckpt_path = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
-            if ckpt_path is None or ckpt_path in ("last", "best", "hpc") or ckpt_path.startswith("registry"):
+            subcommand = self.config.get("subcommand")
+            self.ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if self.ckpt_path in (None, "last", "best", "hpc") or self.ckpt_path.startswith("registry"):
                 return
             try:
-                self.saved_settings = read_checkpoint(ckpt_path, mmap=True)["meloformer"]
+                self.saved_settings = read_checkpoint(self.ckpt_path, mmap=True)["meloformer"]
             except CheckpointError as err:
                 raise ConfigError(f"--ckpt_path {err}") from err
 
         def instantiate_classes(self) -> None:
             try:
                 super().instantiate_classes()
-                if self.subcommand is not None:  # open the data now: an empty split or too short rows fail here
-                    self.datamodule.prepare_data()
-                    self.datamodule.setup(self.subcommand)
-                if self.saved_settings is not None:
+            except (ValueError, TypeError, OSError) as err:  # ShardError is a ValueError
+                raise ConfigError(str(err)) from err
+            if self.saved_settings is not None:
+                try:
                     check_same("tokenizer settings", self.saved_settings["tokenizer"], self.model.tokenizer.settings)
                     model_config = dataclasses.asdict(self.model.config)
                     check_same("model configuration", self.saved_settings["model_config"], model_config)
-            except (ValueError, TypeError, OSError) as err:  # ShardError is a ValueError
-                raise ConfigError(str(err)) from err
+                except ValueError as err:
+                    raise ConfigError(f"--ckpt_path {self.ckpt_path}: {err}") from err
+            if self.subcommand is not None:  # open the data now: an empty split or too short rows fail here
+                try:
+                    self.datamodule.prepare_data()
+                    self.datamodule.setup(self.subcommand)
+                except (ValueError, OSError) as err:
+                    raise ConfigError(str(err)) from err
 
     return MeloFormerCLI(
         MeloFormerModule,
@@ -288,6 +296,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         seed_everything_default=0,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [StopCheckpoint()]},  # SIGTERM / Ctrl-C: checkpoint, then stop
         parser_kwargs={"prog": "meloformer"},
     )
 
@@ -315,11 +324,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else None
     if command in LIGHTNING_COMMANDS:
+        from meloformer.callbacks import TrainingStopped
+
         try:
             build_cli(None if from_command_line else argv)
         except ConfigError as err:
             print(f"meloformer: error: {_one_line(str(err))}", file=sys.stderr)
             return 2
+        except TrainingStopped as stopped:  # its message is already printed
+            return 128 + stopped.signum
         return 0
     if command == "preprocess":
         return preprocess_main(argv[1:])
