@@ -10,6 +10,7 @@ interrupts at once, without a checkpoint.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -39,15 +40,19 @@ class StopCheckpoint(pl.Callback):
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
         self._step_at_batch_start = 0
+        self._pid = os.getpid()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After Lightning's own SIGTERM handler is registered, which would stop inside an accumulated step.
         self.received = None
+        self._pid = os.getpid()
         if threading.current_thread() is threading.main_thread():  # signals can only be caught there
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker (Ctrl-C reaches them too): the main process decides
+            return
         if signum == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt  # the second Ctrl-C: stop now
         if self.received is None:
