@@ -293,24 +293,36 @@ def test_max_steps_leaves_the_last_step(demo_shards, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_console_script(demo_shards, tmp_path):
-    """A scheduler's SIGTERM to a real `meloformer fit`: one line, exit 143, last.ckpt of the step reached."""
+@pytest.mark.parametrize(
+    ("signum", "after"),
+    [(signal.SIGTERM, "phase 1/2"), (signal.SIGINT, "phase 2/2")],
+    ids=["SIGTERM-to-the-process", "Ctrl-C-to-the-group-with-a-worker"],
+)
+def test_a_signal_to_the_console_script(demo_shards, tmp_path, signum, after):
+    """A real `meloformer fit`: SIGTERM from a scheduler, or Ctrl-C (SIGINT to the whole process group, its
+    DataLoader worker included, in the demo's second phase): one notice, one line, exit 128 + signal, and
+    last.ckpt of the step reached."""
     script = shutil.which("meloformer")
     args = [*TINY_FIT[1:], "--data.data_dir", str(demo_shards), "--trainer.max_steps", "100000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    fit = subprocess.Popen([script, "fit", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True, env=env)
-    for line in fit.stderr:  # the first phase's line: training has started
-        if line.startswith("phase 1/2"):
+    fit = subprocess.Popen(
+        [script, "fit", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,
+    )  # fmt: skip
+    for line in fit.stderr:  # the phase has started
+        if line.startswith(after):
             break
+    os.killpg(fit.pid, signum) if signum == signal.SIGINT else fit.send_signal(signum)
+    out, err = fit.communicate(timeout=300)
+    name = signal.Signals(signum).name
+    assert fit.returncode == 128 + signum, err[-3000:]
+    assert "Traceback" not in err
+    assert out.count(f"{name}: stopping after this optimizer step") == 1  # the worker stays quiet
+    (line,) = [x for x in err.splitlines() if x.startswith(f"stopped by {name}")]
     last = (tmp_path / "runs" / "demo" / "checkpoints").resolve() / "last.ckpt"
-    fit.send_signal(signal.SIGTERM)
-    rest = fit.stderr.read()
-    assert fit.wait(timeout=120) == 128 + signal.SIGTERM, rest[-3000:]
-    assert "Traceback" not in rest
-    (line,) = [x for x in rest.splitlines() if x.startswith("stopped by SIGTERM")]
     step = torch.load(last, weights_only=True)["global_step"]
     assert f"after optimizer step {step}; saved {last}" in line
-    assert 1 <= step < 100000
+    assert (1 if signum == signal.SIGTERM else 50) <= step < 100000
 
 
 # ---------------------------------------------------------------------------------------------- fit mistakes
