@@ -127,6 +127,18 @@ def test_a_cache_entry_of_other_content_does_not_pass_a_shard(shards):
         ShardReader(shards)
 
 
+def test_a_dataset_folder_that_cannot_be_written_is_still_verified(shards, monkeypatch):
+    def read_only(src, dst):
+        raise PermissionError(13, "Read-only file system", str(dst))
+
+    monkeypatch.setattr(datamodules.shards.os, "replace", read_only)
+    ShardReader(shards)  # passes, remembers nothing
+    assert not (shards / VERIFIED_NAME).exists() and not list(shards.glob(".*.tmp"))
+    flip(shards / "shard_00000.u16", 10, count=2)
+    with pytest.raises(ShardError, match="shard_00000.u16"):
+        ShardReader(shards)
+
+
 def test_verify_checksums_false_checks_sizes_only(shards):
     flip(shards / "shard_00000.u16", 100, count=2)
     ShardReader(shards, verify_checksums=False)
