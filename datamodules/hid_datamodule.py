@@ -27,7 +27,7 @@ from meloformer.datamodules.sampling import (
     worker_init,
 )
 from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
-from meloformer.hid import HIDTokenizer
+from meloformer.hid import PAD, HIDTokenizer
 
 
 class LoaderSchedule(Protocol):
@@ -72,7 +72,8 @@ class HIDDataModule(pl.LightningDataModule):
         random_windows: random crop windows for training rows (else windows start at bar 0).
         tokenizer: HID tokenizer settings the shards must have been made with (None: the defaults).
         max_open_shards: bound of the LRU of memory-mapped shards.
-        verify_checksums: check every shard's sha256 in ``setup`` (sizes are always checked).
+        verify_checksums: check every shard's sha256 when the shards are opened; a shard unchanged (size and
+            mtime) since it last passed is not hashed again. False: sizes only.
     """
 
     def __init__(
@@ -88,7 +89,7 @@ class HIDDataModule(pl.LightningDataModule):
         random_windows: bool = True,
         tokenizer: dict[str, Any] | None = None,
         max_open_shards: int = 8,
-        verify_checksums: bool = False,
+        verify_checksums: bool = True,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -168,7 +169,10 @@ class HIDDataModule(pl.LightningDataModule):
         reader = self._open_reader()
         needed = {"fit": "train", "validate": "val", "test": "test"}.get(stage or "fit")
         if needed is not None and len(reader.pieces(needed)) == 0:
-            raise ShardError(f"{self.root}: the {needed!r} split has no pieces")
+            raise ShardError(
+                f"{self.root}: the {needed!r} split has no pieces (rerun `meloformer preprocess` with more files "
+                "or smaller --val_fraction/--test_fraction)"
+            )
         for split in SPLITS:
             if split not in self._builders and len(reader.pieces(split)) > 0:
                 self._builders[split] = RowBuilder(
@@ -181,6 +185,21 @@ class HIDDataModule(pl.LightningDataModule):
                     random_windows=self.random_windows,
                     transpose=self.transpose,
                 )
+        if needed == "train":
+            self._check_rows_hold_pieces()
+
+    def _check_rows_hold_pieces(self, probe: int = 32) -> None:
+        """Refuse rows too short (or with too few summary slots) for a bar of most training pieces: most rows
+        would be only padding, and a batch of them trains at a loss of 0."""
+        builder = self._builders["train"]
+        rows = range(min(probe, builder.rows_per_pass))
+        empty = sum(not (builder.row(i) != PAD).any() for i in rows)
+        if 2 * empty > len(rows):
+            raise ValueError(
+                f"model.max_seq_len {self.max_seq_len} (with {self.max_segments} summary slots) is too short for "
+                f"the pieces in {self.root}: {empty} of the first {len(rows)} training rows would be only "
+                "padding (not one bar fits); raise it"
+            )
 
     # ------------------------------------------------------------------ loaders
     def _topology(self) -> tuple[int, int, int]:

@@ -3,11 +3,11 @@ and sizes."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
-from argparse import ArgumentError
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 from meloformer.hid import HIDTokenizer
 
@@ -349,8 +349,10 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI of ``meloformer fit|validate|test`` (``run=False``: parse and instantiate only)."""
     from lightning.pytorch.cli import LightningCLI
 
+    from meloformer.callbacks import StopCheckpoint
+    from meloformer.checkpoint import CheckpointError, read_checkpoint
     from meloformer.datamodules import HIDDataModule
-    from meloformer.module import MeloFormerModule
+    from meloformer.module import MeloFormerModule, check_same
 
     class MeloFormerCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -361,11 +363,57 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                     "model", f"data.{target}", compute_fn=_config_field(source), apply_on="instantiate"
                 )
 
+        def parse_arguments(self, parser, args) -> None:
+            """Parse errors as one short line (``ConfigError``), not after the whole usage."""
+            for each in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+                each.exit_on_error = False
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:
+                raise ConfigError(str(err)) from None
+
+        def before_instantiate_classes(self) -> None:
+            if self.config.get("subcommand") == "fit":
+                max_steps = self.config.fit.trainer.max_steps
+                if max_steps is None or max_steps <= 0:
+                    raise ConfigError(
+                        f"trainer.max_steps must be a positive number of optimizer steps (the horizon of the "
+                        f"learning-rate schedule), got {max_steps}"
+                    )
+
+        def _parse_ckpt_path(self) -> None:
+            """Check ``--ckpt_path`` before anything uses it, and keep its settings for the comparison below.
+
+            (LightningCLI would instead copy the checkpoint's hyperparameters over the config, so a resume
+            with other settings would silently train the checkpoint's model.)"""
+            self.saved_settings = None
+            subcommand = self.config.get("subcommand")
+            self.ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if self.ckpt_path in (None, "last", "best", "hpc") or self.ckpt_path.startswith("registry"):
+                return
+            try:
+                self.saved_settings = read_checkpoint(self.ckpt_path, mmap=True)["meloformer"]
+            except CheckpointError as err:
+                raise ConfigError(f"--ckpt_path {err}") from err
+
         def instantiate_classes(self) -> None:
             try:
                 super().instantiate_classes()
             except (ValueError, TypeError, OSError) as err:  # ShardError is a ValueError
                 raise ConfigError(str(err)) from err
+            if self.saved_settings is not None:
+                try:
+                    check_same("tokenizer settings", self.saved_settings["tokenizer"], self.model.tokenizer.settings)
+                    model_config = dataclasses.asdict(self.model.config)
+                    check_same("model configuration", self.saved_settings["model_config"], model_config)
+                except ValueError as err:
+                    raise ConfigError(f"--ckpt_path {self.ckpt_path}: {err}") from err
+            if self.subcommand is not None:  # open the data now: an empty split or too short rows fail here
+                try:
+                    self.datamodule.prepare_data()
+                    self.datamodule.setup(self.subcommand)
+                except (ValueError, OSError) as err:
+                    raise ConfigError(str(err)) from err
 
     return MeloFormerCLI(
         MeloFormerModule,
@@ -375,8 +423,20 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         seed_everything_default=0,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [StopCheckpoint()]},  # SIGTERM / Ctrl-C: checkpoint, then stop
         parser_kwargs={"prog": "meloformer"},
     )
+
+
+def _one_line(message: str, limit: int = 300) -> str:
+    """One line of a message: jsonargparse lists what every type of a union said, and the first type
+    (ours) is the one that matters; the rest is cut."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if "Errors:" in lines:
+        first = lines[lines.index("Errors:") + 1 :][:1]
+        lines = [line for line in lines[:1] if line.startswith("Parser key")] + [x.removeprefix("- ") for x in first]
+    line = " ".join(lines)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _config_field(name: str):
@@ -391,11 +451,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else None
     if command in LIGHTNING_COMMANDS:
+        from meloformer.callbacks import TrainingStopped
+
         try:
             build_cli(None if from_command_line else argv)
         except ConfigError as err:
-            print(f"meloformer: error: {err}", file=sys.stderr)
+            print(f"meloformer: error: {_one_line(str(err))}", file=sys.stderr)
             return 2
+        except TrainingStopped as stopped:  # its message is already printed
+            return 128 + stopped.signum
         return 0
     if command == "preprocess":
         return preprocess_main(argv[1:])

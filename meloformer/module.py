@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from meloformer.checkpoint import read_checkpoint
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.model import Backend, Checkpointing, MeloFormer, MeloFormerConfig
 
@@ -301,7 +302,7 @@ def _kind_groups(tokenizer: HIDTokenizer) -> np.ndarray:
 
 def model_card(module: MeloFormerModule, ckpt_path: str | Path) -> str:
     """A plain model card for ``meloformer export``: what the model is and how to use it."""
-    step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", "?")
+    step = read_checkpoint(ckpt_path).get("global_step", "?")
     c = module.config
     return (
         f"# MeloFormer model\n\nExported from `{Path(ckpt_path).name}` after {step} optimizer steps.\n\n"
@@ -323,8 +324,9 @@ def module_from_folder(folder: str | Path) -> MeloFormerModule:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MeloFormerModule:
-    """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone (checked first:
+    a damaged or foreign file is a ``CheckpointError``)."""
+    checkpoint = read_checkpoint(path, map_location=map_location)
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's
     hparams["overrides"] = checkpoint["meloformer"]["model_config"]  # exact config, even if presets change
     for name in DIRECT_FIELDS:
