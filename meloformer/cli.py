@@ -225,13 +225,13 @@ def generate_main(argv: list[str]) -> int:
         )
         capacity = context_of(module.model, request)
         notice = None
-        if regions:  # the prompt is kept whole (its bars are the regions' coordinates): it must fit as it is
+        if regions:  # the prompt is kept whole: its bars are the regions' coordinates
             check_infill(tok, request, regions)
             print(f"prompt tracks: {track_list(tok, prompt)}")
         else:
             check_request(tok, request)
             request, notice = fit_to_context(tok, request, capacity)
-        check_request(tok, request, capacity)
+            check_request(tok, request, capacity)
         out = _output_folder(args.out)
     except (ValueError, OSError) as err:
         return fail("generate", err)
