@@ -15,7 +15,7 @@ from meloformer.hid import HIDTokenizer
 from meloformer.model import MeloFormer, MeloFormerConfig
 
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = "meloformer-chorales"
+DEFAULT_MODEL = "meloformer-pd-1m"
 
 
 def save_model_folder(model: MeloFormer, tokenizer: HIDTokenizer, folder: str | Path, card: str) -> Path:
