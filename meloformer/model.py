@@ -86,11 +86,12 @@ class MeloFormerConfig:
         return dataclasses.replace(SIZES[name], **overrides)
 
 
+# The original's sizes (17M, 85M, 200M, 450M parameters): head size 64, 4 query heads per key/value head.
 SIZES: dict[str, MeloFormerConfig] = {
-    "small": MeloFormerConfig(n_layer=6, n_head=4, n_kv_head=2, n_embd=256, max_seq_len=2048, summary_slots=256),
-    "base": MeloFormerConfig(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, max_seq_len=4096, summary_slots=512),
-    "large": MeloFormerConfig(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, max_seq_len=8192, summary_slots=1024),
-    "xlarge": MeloFormerConfig(n_layer=24, n_head=16, n_kv_head=8, n_embd=1024, max_seq_len=16384, summary_slots=2048),
+    "small": MeloFormerConfig(n_layer=6, n_head=8, n_kv_head=2, n_embd=512, max_seq_len=2048, summary_slots=256),
+    "base": MeloFormerConfig(n_layer=14, n_head=12, n_kv_head=3, n_embd=768, max_seq_len=4096, summary_slots=512),
+    "large": MeloFormerConfig(n_layer=18, n_head=16, n_kv_head=4, n_embd=1024, max_seq_len=8192, summary_slots=1024),
+    "xlarge": MeloFormerConfig(n_layer=18, n_head=24, n_kv_head=6, n_embd=1536, max_seq_len=16384, summary_slots=2048),
 }
 
 

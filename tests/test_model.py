@@ -82,10 +82,21 @@ def tiny_model(seed: int = 0, **overrides) -> MeloFormer:
 
 def test_sizes_and_real_parameter_counts():
     small = MeloFormerConfig.from_size("small", vocab_size=TOK.vocab_size)
-    assert (small.n_embd, small.n_layer, small.n_head) == (256, 6, 4)
+    assert (small.n_embd, small.n_layer, small.n_head) == (512, 6, 8)
     counts = parameter_counts(TOK.vocab_size)
     assert list(counts) == list(SIZES) and sorted(counts.values()) == list(counts.values())
     assert counts["small"] == sum(p.numel() for p in MeloFormer(small).parameters())
+    # Pinned, and hand-checked below against the original's 17M/85M/200M/450M (within 10%).
+    pinned = {"small": 17_387_008, "base": 87_434_496, "large": 200_342_528, "xlarge": 447_379_968}
+    assert counts == pinned
+    for name, target in {"small": 17e6, "base": 85e6, "large": 200e6, "xlarge": 450e6}.items():
+        assert abs(counts[name] / target - 1) < 0.1, name
+        c = SIZES[name]
+        assert c.head_dim == 64 and c.n_head > c.n_kv_head
+        ffn = -(-8 * c.n_embd // 3 // 64) * 64
+        per_layer = 2 * c.n_embd + c.n_embd * (c.n_head + 2 * c.n_kv_head) * 64 + c.n_embd**2 + 3 * c.n_embd * ffn
+        embeddings = (TOK.vocab_size + 131 + 2) * c.n_embd  # tokens (tied head), tracks, summary, final norm
+        assert counts[name] == c.n_layer * per_layer + embeddings, name
     with pytest.raises(ValueError, match="unknown size"):
         MeloFormerConfig.from_size("huge")
 
