@@ -18,7 +18,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from meloformer.datamodules.rows import RowBuilder
-from meloformer.datamodules.sampling import (
+from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
+from meloformer.datamodules.stream import (
     LoaderPlan,
     RowDataset,
     StreamLoader,
@@ -26,7 +27,6 @@ from meloformer.datamodules.sampling import (
     StreamState,
     worker_init,
 )
-from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
 from meloformer.hid import HIDTokenizer
 
 

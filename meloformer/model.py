@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from meloformer.arith import ceil_div
 from meloformer.hid import TRACK_CONDUCTOR, HIDTokenizer
 from meloformer.masks import (
     DEFAULT_FINE_BARS,
@@ -67,7 +68,7 @@ class MeloFormerConfig:
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
-            self.ffn_hidden = -(-8 * self.n_embd // 3 // 64) * 64
+            self.ffn_hidden = ceil_div(8 * self.n_embd // 3, 64) * 64
         self.fine_bars = tuple(self.fine_bars)
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must divide into n_head heads, and n_head into n_kv_head groups")
@@ -328,7 +329,8 @@ class MeloFormer(nn.Module):
         """Logits ``[B, L, vocab]`` of the regular tokens ``[B, L]``.
 
         ``ctx`` reuses a prepared batch; a list ``kv`` receives each layer's rotated keys and values over the
-        whole row (regular tokens, then slots), which is how decoding fills its cache.
+        whole row (regular tokens, then slots), which is how decoding fills its cache. Blocks that fill ``kv``
+        are never checkpointed: a recompute would append every layer a second time.
         """
         if ctx is None:
             ctx = self.prepare(tokens, doc_ids)
@@ -336,8 +338,8 @@ class MeloFormer(nn.Module):
         track_token = ctx.rows.track_token
         x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(track_token[:, n:])], dim=1)
         for block in self.blocks:
-            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, kv, use_reentrant=False)
+            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled() and kv is None:
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
                 x = block(x, ctx, kv)
         return self.logits(x[:, :n])
