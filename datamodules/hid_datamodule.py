@@ -1,4 +1,4 @@
-"""``HIDDataModule``: packed, resumable, rank-split rows of HID tokens from a shard folder (DESIGN section 4).
+"""``HIDDataModule``: packed, resumable, rank-split rows of HID tokens from a shard folder (docs/design.md section 6).
 
 Batches are dicts: ``tokens`` int64 ``[B, max_seq_len]`` (crops that each start with ``BOS``, then
 ``PAD``), ``row`` (the stream index of each row) and ``num_workers`` (the worker count of the loader that

@@ -1,4 +1,4 @@
-"""Summary-token attention masks (DESIGN section 3), written as FlexAttention ``mask_mod``s.
+"""Summary-token attention masks (docs/design.md section 4), written as FlexAttention ``mask_mod``s.
 
 A row of the attention holds ``L`` regular tokens and then one contiguous block of ``S`` summary slots;
 slot ``s`` summarises segment ``s`` of the row and sits at the logical position where that segment ends.
@@ -142,7 +142,7 @@ def summary_mask_mod(
     cross_window: int = 1,
     kind_sparsity: bool = False,
 ) -> MaskMod:
-    """The full mask of DESIGN section 3 for the rows of ``rows`` (query and key index the same row)."""
+    """The full mask of docs/design.md section 4 for the rows of ``rows`` (query and key index the same row)."""
     n = rows.num_regular
     doc, pos, seg, track, bar = rows.doc, rows.pos, rows.segment, rows.track, rows.bar
     is_global, kind_class, onset_group = rows.is_global, rows.kind_class, rows.onset_group

@@ -1,4 +1,4 @@
-"""The MeloFormer transformer: summary-token attention (DESIGN section 3) in plain PyTorch.
+"""The MeloFormer transformer: summary-token attention (docs/design.md sections 4 and 5) in plain PyTorch.
 
 Each row is ``L`` regular tokens followed by ``S`` summary slots (one per bar segment, see ``masks``). Every
 layer runs one attention over both under the summary mask, so slots summarise their segment and regular
