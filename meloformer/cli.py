@@ -14,7 +14,7 @@ from meloformer.hid import HIDTokenizer
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,evaluate,sizes} ...
 
-  fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config configs/demo.yaml
+  fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config demo.yaml
                         (--print_config, dotted overrides such as --model.size base, --trainer.strategy ddp
                         --trainer.num_nodes N --trainer.devices M; `meloformer fit --help` lists everything)
   preprocess            tokenise a folder of MIDI files into HID shards
