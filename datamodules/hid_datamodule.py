@@ -1,4 +1,4 @@
-"""``HIDDataModule``: packed, resumable, rank-split rows of HID tokens from a shard folder (DESIGN section 4).
+"""``HIDDataModule``: packed, resumable, rank-split rows of HID tokens from a shard folder (docs/design.md section 6).
 
 Batches are dicts: ``tokens`` int64 ``[B, max_seq_len]`` (crops that each start with ``BOS``, then
 ``PAD``), ``row`` (the stream index of each row) and ``num_workers`` (the worker count of the loader that
@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,7 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from meloformer.datamodules.rows import RowBuilder
-from meloformer.datamodules.sampling import (
+from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
+from meloformer.datamodules.stream import (
     LoaderPlan,
     RowDataset,
     StreamLoader,
@@ -26,7 +28,6 @@ from meloformer.datamodules.sampling import (
     StreamState,
     worker_init,
 )
-from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
 from meloformer.hid import PAD, HIDTokenizer
 
 
@@ -37,19 +38,21 @@ class LoaderSchedule(Protocol):
 
 
 def find_demo_corpus() -> Path:
-    """The bundled demo MIDI folder: next to the package source (a checkout), or under the working folder."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (root / "demo" / "midi").is_dir():
-            return root / "demo" / "midi"
-    raise FileNotFoundError(
-        "no data_dir given and the bundled demo corpus (demo/midi) was not found next to the package or in "
-        f"{Path.cwd()}; pass --data.data_dir with a folder made by `meloformer preprocess`"
-    )
+    """The bundled demo MIDI folder, shipped as package data (``meloformer.demo``; ``demo/`` in a checkout)."""
+    corpus = Path(str(resources.files("meloformer.demo") / "midi"))
+    if not corpus.is_dir():
+        raise FileNotFoundError(
+            f"no data_dir given and the bundled demo corpus is missing (looked in {corpus}); "
+            "pass --data.data_dir with a folder made by `meloformer preprocess`"
+        )
+    return corpus
 
 
 def demo_cache_dir(tokenizer: HIDTokenizer) -> Path:
-    """Where the demo corpus is preprocessed to: ``data/demo-shards`` (one folder per tokenizer setting)."""
-    root = find_demo_corpus().parents[1] / "data"
+    """Where the demo corpus is preprocessed to: ``data/demo-shards`` (one folder per tokenizer setting), in
+    the checkout the corpus lives in, or in the working folder when the package is installed."""
+    checkout = find_demo_corpus().parents[1]
+    root = (checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()) / "data"
     if tokenizer.settings == HIDTokenizer().settings:
         return root / "demo-shards"
     digest = hashlib.sha256(json.dumps(tokenizer.settings, sort_keys=True).encode()).hexdigest()[:10]

@@ -1,4 +1,4 @@
-"""Fixed-length training rows packed from bar-window crops of pieces (DESIGN section 4).
+"""Fixed-length training rows packed from bar-window crops of pieces (docs/design.md section 6).
 
 Every row is a pure function of ``(seed, split, row index)``, so any row can be rebuilt on its own: a
 resumed run, a DataLoader worker and another DDP rank all get the same row for the same index.

@@ -1,4 +1,4 @@
-"""Token shards: flat ``uint16`` files plus one JSON index (DESIGN section 4).
+"""Token shards: flat ``uint16`` files plus one JSON index (docs/design.md section 6).
 
 A dataset folder holds ``index.json`` and ``shard_NNNNN.u16`` files. The index lists every shard (token
 count, sha256) and every piece (shard, offset, length, bars, tracks, notes, source path, hashes, split), and

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+from importlib import resources
 from pathlib import Path
 
 from jsonargparse import ArgumentError, ArgumentParser
@@ -14,7 +15,7 @@ from meloformer.hid import HIDTokenizer
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,evaluate,export,sizes} ...
 
-  fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config configs/demo.yaml
+  fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config demo.yaml
                         (--print_config, dotted overrides such as --model.size base, --trainer.strategy ddp
                         --trainer.num_nodes N --trainer.devices M; `meloformer fit --help` lists everything)
   preprocess            tokenise a folder of MIDI files into HID shards
@@ -439,6 +440,36 @@ def _one_line(message: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The YAML configs shipped inside the package (``configs/`` of the repository), by file name."""
+    folder = resources.files("meloformer.configs")
+    return {p.name: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value: a file as given, else a bare name (``small`` or ``small.yaml``) of a shipped config."""
+    if Path(value).is_file() or Path(value).name != value:
+        return value  # a path: jsonargparse reports a missing file with its name
+    shipped = shipped_configs()
+    for name in (value, f"{value}.yaml"):
+        if name in shipped:
+            return str(shipped[name])
+    raise ConfigError(
+        f"--config {value}: no such file and no shipped config of that name; shipped: {', '.join(sorted(shipped))}"
+    )
+
+
+def resolve_config_arguments(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config``/``-c`` value passed through ``resolve_config``."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.removeprefix("--config="))
+    return out
+
+
 def _config_field(name: str):
     def field(module) -> int:
         return getattr(module.config, name)
@@ -454,6 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         from meloformer.callbacks import TrainingStopped
 
         try:
+            argv = resolve_config_arguments(argv)
+            if from_command_line:
+                sys.argv[1:] = argv  # LightningCLI reads the command line itself (args= is for Python callers)
             build_cli(None if from_command_line else argv)
         except ConfigError as err:
             print(f"meloformer: error: {_one_line(str(err))}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """HID encoding (Hierarchical Instrument-Decoupled), format version 1.
 
-A piece is written track by track, and inside a track bar by bar (DESIGN section 1)::
+A piece is written track by track, and inside a track bar by bar (docs/design.md section 2)::
 
     BOS
     Track(conductor)  { Bar [TimeSig] [Chord] [Pos Tempo]... }  x n_bars

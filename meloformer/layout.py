@@ -1,4 +1,4 @@
-"""Side channels of HID token sequences (DESIGN section 2): one pure function of the tokens.
+"""Side channels of HID token sequences (docs/design.md section 3): one pure function of the tokens.
 
 ``layout(tokens, kinds)`` works on one sequence ``[N]`` or a batch ``[B, N]`` (rows may pack several pieces, each
 starting with ``BOS``) and is vectorised numpy, so training, evaluation and generation all call it.

@@ -1,4 +1,4 @@
-"""Summary-token attention masks (DESIGN section 3), written as FlexAttention ``mask_mod``s.
+"""Summary-token attention masks (docs/design.md section 4), written as FlexAttention ``mask_mod``s.
 
 A row of the attention holds ``L`` regular tokens and then one contiguous block of ``S`` summary slots;
 slot ``s`` summarises segment ``s`` of the row and sits at the logical position where that segment ends.
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks, or_masks
 
+from meloformer.arith import ceil_div
 from meloformer.hid import TokenKind
 from meloformer.layout import layout
 
@@ -80,7 +81,7 @@ def slots_for(num_segments: int, minimum: int) -> int:
     """Summary slots for a batch: ``minimum`` (static shapes), or the next multiple of 128 that fits."""
     if num_segments <= minimum:
         return minimum
-    return -(-num_segments // SLOT_MULTIPLE) * SLOT_MULTIPLE
+    return ceil_div(num_segments, SLOT_MULTIPLE) * SLOT_MULTIPLE
 
 
 def row_layout(
@@ -151,7 +152,7 @@ def summary_mask_mod(
 ) -> MaskMod:
     """The mask of one attention variant for the rows of ``rows`` (query and key index the same row).
 
-    ``summary`` is the full mask of DESIGN section 3 (SR, SS, RS and RR). The two ablations use rows without
+    ``summary`` is the full mask of docs/design.md section 4 (SR, SS, RS and RR). The two ablations use rows without
     summary slots: ``causal`` lets a regular token see every earlier token of its document (full attention),
     and ``local`` keeps only the RR rules (what the summaries add on top of them).
     """
@@ -247,7 +248,7 @@ def candidate_tiles(rows: RowLayout, block_size: int) -> Tensor:
     (a token or slot seeing itself) lie on the diagonal; so a tile is skipped when its queries' and keys'
     documents are disjoint or all its keys come after all its queries. Packed rows skip most tiles this way.
     """
-    n_blocks = -(-rows.length // block_size)
+    n_blocks = ceil_div(rows.length, block_size)
     fill = n_blocks * block_size - rows.length
     big = torch.iinfo(torch.int32).max
     live = F.pad(rows.doc >= 0, (0, fill), value=False).view(rows.batch_size, n_blocks, block_size)
@@ -285,7 +286,7 @@ def evaluate_tiles(
 def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> Tensor:
     """The whole ``[B, 1, L + S, L + S]`` boolean mask of ``rows``: the ``sdpa`` backend's attention mask."""
     (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
-    n_blocks, t = -(-rows.length // block_size), rows.length
+    n_blocks, t = ceil_div(rows.length, block_size), rows.length
     shape = (rows.batch_size, n_blocks, block_size, n_blocks, block_size)
     dense = torch.zeros(shape, dtype=torch.bool, device=tiles.device)
     dense[b, qb, :, kb, :] = tiles
@@ -296,7 +297,7 @@ def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -
 def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:
     """The ``flex`` backend's per-sample block mask; build it once per batch and share it across layers."""
     (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
-    n_blocks = -(-rows.length // block_size)
+    n_blocks = ceil_div(rows.length, block_size)
     partial = torch.zeros(rows.batch_size, 1, n_blocks, n_blocks, dtype=torch.bool, device=tiles.device)
     full = torch.zeros_like(partial)
     any_, all_ = tiles.any(dim=(1, 2)), tiles.all(dim=(1, 2))

@@ -1,4 +1,4 @@
-"""The MeloFormer transformer: summary-token attention (DESIGN section 3) in plain PyTorch.
+"""The MeloFormer transformer: summary-token attention (docs/design.md sections 4 and 5) in plain PyTorch.
 
 Each row is ``L`` regular tokens followed by ``S`` summary slots (one per bar segment, see ``masks``). Every
 layer runs one attention over both under the summary mask, so slots summarise their segment and regular
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from meloformer.arith import ceil_div
 from meloformer.hid import TRACK_CONDUCTOR, HIDTokenizer
 from meloformer.masks import (
     DEFAULT_FINE_BARS,
@@ -71,7 +72,7 @@ class MeloFormerConfig:
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
-            self.ffn_hidden = -(-8 * self.n_embd // 3 // 64) * 64
+            self.ffn_hidden = ceil_div(8 * self.n_embd // 3, 64) * 64
         self.fine_bars = tuple(self.fine_bars)
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must divide into n_head heads, and n_head into n_kv_head groups")
@@ -90,11 +91,12 @@ class MeloFormerConfig:
         return dataclasses.replace(SIZES[name], **overrides)
 
 
+# The original's sizes (17M, 85M, 200M, 450M parameters): head size 64, 4 query heads per key/value head.
 SIZES: dict[str, MeloFormerConfig] = {
-    "small": MeloFormerConfig(n_layer=6, n_head=4, n_kv_head=2, n_embd=256, max_seq_len=2048, summary_slots=256),
-    "base": MeloFormerConfig(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, max_seq_len=4096, summary_slots=512),
-    "large": MeloFormerConfig(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, max_seq_len=8192, summary_slots=1024),
-    "xlarge": MeloFormerConfig(n_layer=24, n_head=16, n_kv_head=8, n_embd=1024, max_seq_len=16384, summary_slots=2048),
+    "small": MeloFormerConfig(n_layer=6, n_head=8, n_kv_head=2, n_embd=512, max_seq_len=2048, summary_slots=256),
+    "base": MeloFormerConfig(n_layer=14, n_head=12, n_kv_head=3, n_embd=768, max_seq_len=4096, summary_slots=512),
+    "large": MeloFormerConfig(n_layer=18, n_head=16, n_kv_head=4, n_embd=1024, max_seq_len=8192, summary_slots=1024),
+    "xlarge": MeloFormerConfig(n_layer=18, n_head=24, n_kv_head=6, n_embd=1536, max_seq_len=16384, summary_slots=2048),
 }
 
 
@@ -346,7 +348,8 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         """Logits ``[B, L, vocab]`` of the regular tokens ``[B, L]``.
 
         ``ctx`` reuses a prepared batch; a list ``kv`` receives each layer's rotated keys and values over the
-        whole row (regular tokens, then slots), which is how decoding fills its cache.
+        whole row (regular tokens, then slots), which is how decoding fills its cache. Blocks that fill ``kv``
+        are never checkpointed: a recompute would append every layer a second time.
         """
         if ctx is None:
             ctx = self.prepare(tokens, doc_ids)
@@ -354,8 +357,8 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         track_token = ctx.rows.track_token
         x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(track_token[:, n:])], dim=1)
         for block in self.blocks:
-            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, kv, use_reentrant=False)
+            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled() and kv is None:
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
                 x = block(x, ctx, kv)
         return self.logits(x[:, :n])

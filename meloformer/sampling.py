@@ -1,4 +1,4 @@
-"""Grammar-constrained sampling of whole pieces with the KV-cached decoder (DESIGN section 6).
+"""Grammar-constrained sampling of whole pieces with the KV-cached decoder (docs/design.md section 8).
 
 Each step masks the tokens that ``HIDGrammar`` forbids, then applies temperature, top-k and top-p, so every
 sample decodes to a valid MIDI file with notes. Controls: number of bars, instruments, tempo, time

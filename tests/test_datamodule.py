@@ -12,8 +12,8 @@ import pytest
 from _music import demo_files, make_score
 from meloformer.datamodules import HIDDataModule, StreamState, hid_datamodule
 from meloformer.datamodules.rows import RowBuilder
-from meloformer.datamodules.sampling import StreamSampler
 from meloformer.datamodules.shards import ShardError, ShardReader, empty_index, write_index, write_shard
+from meloformer.datamodules.stream import StreamSampler
 from meloformer.hid import BOS, CHORD_QUALITIES, PAD, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.layout import layout
 from meloformer.preprocess import preprocess

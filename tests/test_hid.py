@@ -1,4 +1,4 @@
-"""HID format version 1: hand-written pieces with known token sequences, one per rule of DESIGN section 1."""
+"""HID format version 1: hand-written pieces with known token sequences, one per rule of docs/design.md section 2."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Summary-token attention mask (DESIGN section 3) on a hand-written two-track piece, rule by rule."""
+"""Summary-token attention mask (docs/design.md section 4) on a hand-written two-track piece, rule by rule."""
 
 from __future__ import annotations
 
