@@ -11,13 +11,15 @@ from jsonargparse import ArgumentParser
 from meloformer.hid import HIDTokenizer
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,evaluate,sizes} ...
+USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,render,serve,evaluate,sizes} ...
 
   fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config configs/demo.yaml
                         (--print_config, dotted overrides such as --model.size base, --trainer.strategy ddp
                         --trainer.num_nodes N --trainer.devices M; `meloformer fit --help` lists everything)
   preprocess            tokenise a folder of MIDI files into HID shards
-  generate              sample MIDI files (and piano rolls) from a checkpoint
+  generate              sample MIDI files (and piano rolls, --audio WAV files) from a checkpoint
+  render                synthesize a MIDI file to WAV: meloformer render in.mid out.wav
+  serve                 the web app (Gradio): meloformer serve --ckpt_path CKPT [--port 7860]
   evaluate              loss/perplexity of a checkpoint on a split, or music metrics of generated MIDI
   sizes                 the model sizes and their real parameter counts
 """
@@ -88,6 +90,7 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="sample K uses seed + K")
     parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--audio", action="store_true", help="also write sample_K.wav (General MIDI SoundFont)")
     parser.add_argument("--no_progress", action="store_true")
     return parser
 
@@ -113,6 +116,7 @@ def _time_signature(text: str) -> tuple[int, int]:
 def generate_main(argv: list[str]) -> int:
     import torch
 
+    from meloformer.audio import render_midi
     from meloformer.module import load_checkpoint
     from meloformer.pianoroll import save_pianoroll
     from meloformer.sampling import GenerationRequest, check_request, generate
@@ -153,9 +157,36 @@ def generate_main(argv: list[str]) -> int:
         tokens = generate(model, tok, request, seed=args.seed + k, progress=not args.no_progress)
         tok.decode_to_file(tokens, out / f"sample_{k}.mid")
         save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+        if args.audio:
+            render_midi(tok.decode(tokens), out / f"sample_{k}.wav")
         piece = tok.parse(tokens)
         notes = len(tok.note_table(piece))
         print(f"{out / f'sample_{k}.mid'}: {piece.n_bars} bars, {len(piece.tracks)} tracks, {notes} notes")
+    return 0
+
+
+def render_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="meloformer render", description="Synthesize a MIDI file to a WAV file.")
+    parser.add_argument("midi", help="a .mid/.midi file")
+    parser.add_argument("wav", help="the WAV file to write (16-bit stereo)")
+    parser.add_argument("--sample_rate", type=int, default=22050)
+    return parser
+
+
+def render_main(argv: list[str]) -> int:
+    from meloformer.audio import render_midi
+
+    args = render_parser().parse_args(argv)
+    try:
+        if not Path(args.midi).is_file():
+            raise OSError(f"{args.midi}: no such file")
+        if not 8000 <= args.sample_rate <= 96000:
+            raise ValueError(f"--sample_rate {args.sample_rate}: give 8000 to 96000")
+        seconds = render_midi(args.midi, args.wav, args.sample_rate)
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"meloformer render: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.wav}: {seconds:.2f} s")
     return 0
 
 
@@ -273,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
         return preprocess_main(argv[1:])
     if command == "generate":
         return generate_main(argv[1:])
+    if command == "render":
+        return render_main(argv[1:])
+    if command == "serve":
+        from meloformer.serve import serve_main
+
+        return serve_main(argv[1:])
     if command == "evaluate":
         return evaluate_main(argv[1:])
     if command == "sizes":

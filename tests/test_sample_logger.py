@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import wave
+
 import lightning.pytorch as pl
 import symusic
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -35,6 +37,13 @@ def test_sample_logger_logs_piano_roll_and_metrics_every_n_validations(demo_shar
         assert symusic.Score(str(next((tmp_path / "tb").rglob(name)))).note_num() > 0
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*")).parent)).Reload()
     assert [e.step for e in events.Images("samples/pianoroll")] == [2, 4]
+    clips = events.Audio("samples/audio")
+    assert [e.step for e in clips] == [2, 4] and all(e.sample_rate == 22050 and e.length_frames > 0 for e in clips)
+    for name in samples:  # the WAV beside each MIDI file is as long as the piece
+        wav = next((tmp_path / "tb").rglob(name.replace(".mid", ".wav")))
+        seconds = symusic.Score(str(wav.with_suffix(".mid"))).to("second").end()
+        with wave.open(str(wav)) as audio:
+            assert abs(audio.getnframes() / audio.getframerate() - seconds) < 0.05
     assert "sample/pitch_class_entropy" in events.Tags()["scalars"]
     metrics = (next((tmp_path / "csv").rglob("metrics.csv"))).read_text()
     assert "sample/groove_consistency" in metrics
