@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 import symusic
 
+from meloformer.hid import HIDError, read_midi
+
 SAMPLE_RATE = 22050
 SOUNDFONT = "TimGM6mb.sf2"
 
@@ -56,8 +58,8 @@ def render_midi(midi: str | Path | symusic.Score, wav: str | Path, sample_rate: 
         score = midi
     else:
         try:
-            score = symusic.Score(str(midi))
-        except (RuntimeError, ValueError) as err:
+            score = read_midi(midi)
+        except HIDError as err:
             raise ValueError(f"{midi}: not a readable MIDI file ({err})") from err
     audio = render_score(score, sample_rate)
     if not Path(wav).parent.is_dir():
