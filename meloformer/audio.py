@@ -8,6 +8,7 @@ value``); ``pyproject.toml`` excludes that release and ``render_score`` names th
 from __future__ import annotations
 
 import importlib.util
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -16,8 +17,12 @@ import symusic
 
 from meloformer.hid import HIDError, read_midi
 
-SAMPLE_RATE = 22050
+SAMPLE_RATE = 48000
 SOUNDFONT = "TimGM6mb.sf2"
+# symusic 0.5.9's synthesizer never returns on some pitched notes far above a TimGM6mb instrument's samples
+# (at 48 kHz: pitches 102-108 of about a third of the programs, none below; rendering every program x pitch
+# found them; at 22.05 kHz it starts at 93). Such notes sound whole octaves lower instead.
+HIGHEST_PITCH = 101
 
 
 def soundfont_path() -> Path:
@@ -29,15 +34,26 @@ def soundfont_path() -> Path:
     return path
 
 
-@lru_cache(maxsize=2)
-def _synthesizer(sample_rate: int):
-    return symusic.Synthesizer(str(soundfont_path()), sample_rate=sample_rate)
+@lru_cache(maxsize=1)
+def _synthesizer():
+    return symusic.Synthesizer(str(soundfont_path()), sample_rate=SAMPLE_RATE)
 
 
-def render_score(score: symusic.Score, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Stereo float32 audio [2, samples] of a score, scaled down only if it would clip."""
+def playable(score: symusic.Score) -> symusic.Score:
+    """A copy of the score whose pitched notes above HIGHEST_PITCH move down by whole octaves."""
+    score = score.copy(deep=True)
+    for track in score.tracks:
+        if not track.is_drum:
+            for note in track.notes:
+                if note.pitch > HIGHEST_PITCH:
+                    note.pitch -= 12 * math.ceil((note.pitch - HIGHEST_PITCH) / 12)
+    return score
+
+
+def render_score(score: symusic.Score) -> np.ndarray:
+    """Stereo float32 audio [2, samples] at SAMPLE_RATE of a score, scaled down only if it would clip."""
     try:
-        audio = np.asarray(_synthesizer(sample_rate).render(score, stereo=True), dtype=np.float32)
+        audio = np.asarray(_synthesizer().render(playable(score), stereo=True), dtype=np.float32)
     except TypeError as err:
         raise RuntimeError(
             f"symusic {symusic.__version__} cannot render audio ({str(err).splitlines()[0]}); "
@@ -47,12 +63,12 @@ def render_score(score: symusic.Score, sample_rate: int = SAMPLE_RATE) -> np.nda
     return audio * (0.99 / peak) if peak > 0.99 else audio
 
 
-def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write [channels, samples] float audio in [-1, 1] as 16-bit PCM."""
-    symusic.dump_wav(str(path), np.asfortranarray(audio, dtype=np.float32), sample_rate, use_int16=True)
+def write_wav(path: str | Path, audio: np.ndarray) -> None:
+    """Write [channels, samples] float audio in [-1, 1] at SAMPLE_RATE as 16-bit PCM."""
+    symusic.dump_wav(str(path), np.asfortranarray(audio, dtype=np.float32), SAMPLE_RATE, use_int16=True)
 
 
-def render_midi(midi: str | Path | symusic.Score, wav: str | Path, sample_rate: int = SAMPLE_RATE) -> float:
+def render_midi(midi: str | Path | symusic.Score, wav: str | Path) -> float:
     """Render a MIDI file (or score) to a WAV file; returns its duration in seconds."""
     if isinstance(midi, symusic.Score):
         score = midi
@@ -61,8 +77,8 @@ def render_midi(midi: str | Path | symusic.Score, wav: str | Path, sample_rate: 
             score = read_midi(midi)
         except HIDError as err:
             raise ValueError(f"{midi}: not a readable MIDI file ({err})") from err
-    audio = render_score(score, sample_rate)
+    audio = render_score(score)
     if not Path(wav).parent.is_dir():
         raise OSError(f"{wav}: its folder does not exist")
-    write_wav(wav, audio, sample_rate)
-    return audio.shape[-1] / sample_rate
+    write_wav(wav, audio)
+    return audio.shape[-1] / SAMPLE_RATE

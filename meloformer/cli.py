@@ -168,8 +168,7 @@ def generate_main(argv: list[str]) -> int:
 def render_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="meloformer render", description="Synthesize a MIDI file to a WAV file.")
     parser.add_argument("midi", help="a .mid/.midi file")
-    parser.add_argument("wav", help="the WAV file to write (16-bit stereo)")
-    parser.add_argument("--sample_rate", type=int, default=22050)
+    parser.add_argument("wav", help="the WAV file to write (16-bit stereo, 48 kHz)")
     return parser
 
 
@@ -180,9 +179,7 @@ def render_main(argv: list[str]) -> int:
     try:
         if not Path(args.midi).is_file():
             raise OSError(f"{args.midi}: no such file")
-        if not 8000 <= args.sample_rate <= 96000:
-            raise ValueError(f"--sample_rate {args.sample_rate}: give 8000 to 96000")
-        seconds = render_midi(args.midi, args.wav, args.sample_rate)
+        seconds = render_midi(args.midi, args.wav)
     except (ValueError, OSError, RuntimeError) as err:
         print(f"meloformer render: error: {err}", file=sys.stderr)
         return 2
