@@ -131,10 +131,10 @@ def test_page_generates_a_sample_with_piano_roll_audio_and_midi(page, tmp_path):
     page.locator("#bars input").fill("2")
     page.locator("#generate").click()
     page.locator("#pianoroll img").wait_for(state="visible")
-    page.locator("#audio audio").wait_for(state="attached")
+    page.locator("#audio audio[src]").first.wait_for(state="attached")  # the player has loaded the WAV
     assert "2 bars, 2 tracks" in page.locator("#status").inner_text()
     with page.expect_download() as download:
-        page.locator("#midi a").first.click()
+        page.locator("#midi a.download-link").first.click()
     download.value.save_as(tmp_path / "sample.mid")
     score = symusic.Score(str(tmp_path / "sample.mid"))
     assert score.note_num() > 0 and [t.program for t in score.tracks] == [0, 33]
