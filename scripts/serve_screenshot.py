@@ -1,7 +1,7 @@
 """Take docs/serve.png: start `meloformer serve` on a checkpoint, generate one sample in headless Chromium (the
 browser test's set-up: Debian's chromium-headless-shell driven by playwright), and screenshot the page.
 
-    python scripts/serve_screenshot.py --ckpt_path runs/demo/checkpoints/last.ckpt [--out docs/serve.png]
+    python scripts/serve_screenshot.py --ckpt_path runs/demo/checkpoints/last.ckpt --bars 8 --seed 1
 """
 
 from __future__ import annotations
