@@ -20,8 +20,8 @@ from meloformer.hid import HIDError, read_midi
 SAMPLE_RATE = 48000
 SOUNDFONT = "TimGM6mb.sf2"
 # symusic 0.5.9's synthesizer never returns on some pitched notes far above a TimGM6mb instrument's samples
-# (at 48 kHz: pitches 102-108 of about a third of the programs, none below; rendering every program x pitch
-# found them; at 22.05 kHz it starts at 93). Such notes sound whole octaves lower instead.
+# (at 48 kHz: pitches 102-108 of about a third of the programs, found by rendering every program x pitch; at
+# 22.05 kHz from 93 on). Such notes sound whole octaves lower instead; tests render every program x pitch.
 HIGHEST_PITCH = 101
 
 

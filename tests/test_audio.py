@@ -85,6 +85,16 @@ def test_notes_above_the_highest_pitch_move_down_whole_octaves():
     assert [n.pitch for n in score.tracks[0].notes] == [60, 101, 102, 113, 114, 127]  # the input is untouched
 
 
+def test_symusic_0_6_0_render_error_names_the_fix(monkeypatch):
+    class Broken:  # what symusic 0.6.0's Synthesizer.render does
+        def render(self, score, stereo):
+            raise TypeError("Unable to convert function return value to a Python type! The signature was\n ...")
+
+    monkeypatch.setattr("meloformer.audio._synthesizer", Broken)
+    with pytest.raises(RuntimeError, match=r"cannot render audio \(Unable to convert .*symusic>=0.5.8,!=0.6.0"):
+        render_score(make_score([(0, False, [(0.0, 1.0, 60, 90)])]))
+
+
 def test_render_cli_writes_a_wav_as_long_as_the_midi(tmp_path):
     midi = next(f for f in demo_files() if "bach" in str(f))
     assert main(["render", str(midi), str(tmp_path / "out.wav")]) == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import wave
 
 import lightning.pytorch as pl
+import pytest
 import symusic
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -49,3 +50,27 @@ def test_sample_logger_logs_piano_roll_and_metrics_every_n_validations(demo_shar
     assert "sample/pitch_class_entropy" in events.Tags()["scalars"]
     metrics = (next((tmp_path / "csv").rglob("metrics.csv"))).read_text()
     assert "sample/groove_consistency" in metrics
+
+
+def test_sample_logger_without_a_synthesizer_warns_and_keeps_training(demo_shards, tiny_model, tmp_path, monkeypatch):
+    def broken(score):
+        raise RuntimeError("symusic 0.6.0 cannot render audio")
+
+    monkeypatch.setattr("meloformer.callbacks.sample_logger.render_score", broken)
+    trainer = pl.Trainer(
+        max_steps=1,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=[SampleLogger(bars=1, instruments=[6])],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(UserWarning, match="SampleLogger: no audio: symusic 0.6.0"):
+        data = HIDDataModule(str(demo_shards), max_seq_len=256, max_segments=64)
+        trainer.fit(MeloFormerModule(**tiny_model, warmup_steps=1), data)
+    assert trainer.global_step == 1
+    assert sorted(p.name for p in (tmp_path / "tb").rglob("step_*.*")) == ["step_1.mid", "step_1.png"]  # no .wav
