@@ -103,7 +103,7 @@ class MeloFormerModule(pl.LightningModule):
             batch size is one more compiled shape.
     """
 
-    def __init__(
+    def __init__(  # pragma: no mutate block (Lightning's save_hyperparameters reads the arguments of this frame)
         self,
         size: str = "small",
         max_seq_len: int | None = None,

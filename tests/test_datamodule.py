@@ -33,21 +33,45 @@ def documents(row: np.ndarray) -> list[np.ndarray]:
     return np.split(body, starts[1:])
 
 
-def test_crop_with_the_loaders_layout_equals_the_checked_crop(demo_shards):
+def _window(tokens: np.ndarray, b0: int, b1: int) -> dict:
+    """What bars [b0, b1) of a piece sound like, from its decoded score: notes per track (times from b0), and
+    the time signature and tempo in force at b0."""
+    starts = np.append(TOKENIZER.parse(tokens).bar_starts(TOKENIZER), np.iinfo(np.int64).max)
+    lo, hi = int(starts[b0]), int(starts[b1])
+    score = TOKENIZER.decode(tokens)
+    notes = [
+        sorted((n.time - lo, n.pitch, n.duration, n.velocity) for n in t.notes if lo <= n.time < hi)
+        for t in score.tracks
+    ]
+    signature = [(s.numerator, s.denominator) for s in score.time_signatures if s.time <= lo][-1]
+    tempo = [round(t.qpm, 3) for t in score.tempos if t.time <= lo][-1]
+    return {
+        "programs": [(t.program, t.is_drum) for t in score.tracks],
+        "notes": notes,
+        "meter": signature,
+        "tempo": tempo,
+    }
+
+
+def test_crops_sound_like_their_bars_of_the_piece(demo_shards):
+    """Every fourth demo piece cropped at a first, last or random window, with and without the loader's layout,
+    decodes to the notes, meter and tempo of those bars of the whole piece (read from its decoded score)."""
     reader = ShardReader(demo_shards)
     rng = np.random.default_rng(0)
     checked = 0
     for split in ("train", "val", "test"):
         table = reader.pieces(split)
-        for i in range(len(table)):
+        for i in range(0, len(table), 4):
             tokens = np.array(reader.tokens(table, i))
             lay = layout(tokens, TOKENIZER)
             n = int(table.bars[i])
             b0, b1 = [(0, 1), (n - 1, n), sorted(rng.choice(n + 1, 2, replace=False))][checked % 3]
-            unchecked = TOKENIZER.crop_bars(tokens, b0, b1, lay=lay)
-            assert np.array_equal(unchecked, TOKENIZER.crop_bars(tokens, b0, b1))
+            crop = TOKENIZER.crop_bars(tokens, b0, b1, lay=lay)
+            assert np.array_equal(crop, TOKENIZER.crop_bars(tokens, b0, b1))
+            assert TOKENIZER.parse(crop).n_bars == b1 - b0
+            assert _window(crop, 0, b1 - b0) == _window(tokens, b0, b1), (split, i, b0, b1)
             checked += 1
-    assert checked > 100
+    assert checked > 25
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -86,6 +110,39 @@ def test_rows_are_a_function_of_seed_and_index(demo_shards):
     assert sum(not np.array_equal(other.row(i), first[i]) for i in first) >= 3
     val_a, val_b = builder(demo_shards, "val", seed=3), builder(demo_shards, "val", seed=3)
     assert all(np.array_equal(val_a.row(i), val_b.row(i)) for i in range(5))
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_rows_are_untransposed_crops_from_bar_0(demo_shards, split):
+    """Validation and test rows ignore the augmentation settings: each crop is a piece's opening bars as
+    stored, and row i opens with piece i. Training rows with the same settings do not."""
+    reader = ShardReader(demo_shards)
+
+    def pieces(split: str) -> list[tuple[np.ndarray, object]]:
+        table = reader.pieces(split)
+        tokens = [np.array(reader.tokens(table, i), dtype=np.int64) for i in range(len(table))]
+        return [(t, layout(t, TOKENIZER)) for t in tokens]
+
+    def openings(doc: np.ndarray, stored: list) -> set[int]:
+        """The pieces whose first bars ``doc`` is."""
+        bars, tracks = TOKENIZER.parse(doc).n_bars, doc[TOKENIZER.kinds[doc] == TokenKind.TRACK]
+        return {
+            i
+            for i, (s, lay) in enumerate(stored)
+            if np.array_equal(s[lay.kind == TokenKind.TRACK], tracks)
+            and lay.bar.max() + 1 >= bars
+            and np.array_equal(doc, TOKENIZER.crop_bars(s, 0, bars, lay=lay))
+        }
+
+    stored = pieces(split)
+    rows = builder(demo_shards, split, max_seq_len=256, max_segments=64, transpose=6, random_windows=True)
+    for index in range(2 * len(stored)):
+        docs = documents(rows.row(index))
+        assert index % len(stored) in openings(docs[0], stored)
+        assert all(openings(doc, stored) for doc in docs[1:])
+    train = builder(demo_shards, "train", max_seq_len=256, max_segments=64, transpose=6, random_windows=True)
+    stored = pieces("train")
+    assert sum(not openings(documents(train.row(i))[0], stored) for i in range(30)) > 20
 
 
 def test_every_piece_anchors_one_row_per_pass(demo_shards):
