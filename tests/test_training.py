@@ -90,6 +90,8 @@ def test_loss_covers_regular_tokens_only_and_groups_kinds(demo_shards, tiny_mode
     names = np.array([*KIND_GROUPS, "-"])[group[0].numpy()]
     assert (names[(kind == TokenKind.POS) & (track == 0)] == "conductor").all()
     assert (names[(kind == TokenKind.POS) & (track > 0)] == "position").all()
+    for token_kind, name in ((TokenKind.DUR, "duration"), (TokenKind.VEL, "velocity"), (TokenKind.TRACK, "track")):
+        assert (names[kind == token_kind] == name).all(), name
     assert (names[np.isin(kind, [TokenKind.TIMESIG, TokenKind.CHORD, TokenKind.TEMPO])] == "conductor").all()
     assert (names[kind == TokenKind.PITCH] == "pitch").all() and (names[kind == TokenKind.BAR] == "bar").all()
     assert set(names[valid[0].numpy()]) >= {"bar", "position", "pitch", "duration", "velocity", "track", "conductor"}
@@ -105,7 +107,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor_at_max_steps(tiny_model
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert lrs[:10] == pytest.approx([1e-3 * (k + 1) / 11 for k in range(10)], rel=1e-9)  # never 0
     assert lrs[10] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
@@ -113,6 +115,30 @@ def test_learning_rate_warms_up_then_decays_to_the_floor_at_max_steps(tiny_model
     module.trainer = pl.Trainer(max_steps=-1, logger=False)
     with pytest.raises(ValueError, match="max_steps"):
         module.configure_optimizers()
+
+
+def test_weight_decay_only_on_matrices(tiny_model):
+    """Embeddings and projections decay; RMSNorm gains and the summary vector (1-D) do not."""
+    module = MeloFormerModule(**tiny_model, weight_decay=0.1)
+    module.trainer = pl.Trainer(max_steps=10, logger=False)
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in no_decay["params"]) == [
+        "model.blocks.0.attn_norm.weight",
+        "model.blocks.0.ffn_norm.weight",
+        "model.norm.weight",
+        "model.summary_emb",
+    ]
+    assert sorted(names[id(p)] for p in decay["params"]) == [
+        "model.blocks.0.attn.proj.weight",
+        "model.blocks.0.attn.qkv.weight",
+        "model.blocks.0.ffn.down.weight",
+        "model.blocks.0.ffn.gate.weight",
+        "model.blocks.0.ffn.up.weight",
+        "model.tok_emb.weight",
+        "model.track_emb.weight",
+    ]
 
 
 def test_loss_falls(demo_shards, tiny_model, tmp_path):
