@@ -103,7 +103,7 @@ class MeloFormerModule(pl.LightningModule):
             batch size is one more compiled shape.
     """
 
-    def __init__(  # pragma: no mutate block (Lightning's save_hyperparameters reads the arguments of this frame)
+    def __init__(
         self,
         size: str = "small",
         max_seq_len: int | None = None,
@@ -120,7 +120,7 @@ class MeloFormerModule(pl.LightningModule):
         compile: bool = False,
         recompile_limit: int | None = None,
         accumulated_recompile_limit: int | None = None,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (mutmut's wrapper would hide these arguments from save_hyperparameters)
         super().__init__()
         try:
             self.tokenizer = HIDTokenizer(**(tokenizer or {}))
