@@ -10,7 +10,7 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask, fl
 
 from _music import demo_files
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
-from meloformer.masks import block_mask, full_dense_mask, row_layout, slots_for, summary_mask_mod
+from meloformer.masks import block_mask, dense_mask, full_dense_mask, row_layout, slots_for, summary_mask_mod
 from meloformer.model import compiled_flex_attention
 
 TOK = HIDTokenizer()
@@ -333,6 +333,22 @@ def test_tiles_skip_no_visible_pair_wherever_segments_end(shifted_demo_rows: np.
         fill = n_blocks * size - rows.length
         tiles = F.pad(reference, (0, fill, 0, fill)).view(rows.batch_size, 1, n_blocks, size, n_blocks, size)
         assert torch.equal(block_mask(mod, rows, size).to_dense().bool(), tiles.any(5).any(3)), size
+
+
+def test_mask_rows_of_decoding_equal_the_full_mask(shifted_demo_rows: np.ndarray):
+    """``dense_mask`` on chosen queries (shared or per sample, in small chunks) and a key range."""
+    rows = row_layout(shifted_demo_rows[::16])
+    mod = summary_mask_mod(rows)
+    full = full_dense_mask(mod, rows)
+    kv = torch.arange(rows.length)
+    queries = torch.tensor([0, 5, 64, 65, rows.num_regular - 1, rows.num_regular, rows.length - 1])
+    assert torch.equal(dense_mask(mod, rows.batch_size, queries, kv, chunk=3), full[:, :, queries])
+    per_sample = torch.stack(
+        [torch.randperm(rows.length, generator=torch.Generator().manual_seed(b))[:9] for b in range(rows.batch_size)]
+    )
+    expected = torch.stack([full[b, :, per_sample[b]] for b in range(rows.batch_size)])
+    assert torch.equal(dense_mask(mod, rows.batch_size, per_sample, kv, chunk=4), expected)
+    assert torch.equal(dense_mask(mod, rows.batch_size, queries, kv[:100]), full[:, :, queries, :100])
 
 
 @pytest.mark.parametrize("size", [16, 32, 128])
