@@ -11,7 +11,7 @@ import pytest
 
 from _music import demo_files, make_score
 from meloformer.datamodules import HIDDataModule, StreamState, hid_datamodule
-from meloformer.datamodules.rows import RowBuilder
+from meloformer.datamodules.rows import PieceShape, RowBuilder, fit_window
 from meloformer.datamodules.sampling import StreamSampler
 from meloformer.datamodules.shards import ShardError, ShardReader, empty_index, write_index, write_shard
 from meloformer.hid import BOS, CHORD_QUALITIES, PAD, TRACK_DRUMS, HIDTokenizer, TokenKind
@@ -92,6 +92,33 @@ def test_rows_are_full_length_packs_of_valid_pieces(demo_shards, split):
         assert lay.num_segments() <= 256
         fill.append(used / len(row))
     assert np.mean(fill) > 0.9
+
+
+class FixedStart:
+    """Stands in for the window generator: the window starts at bar ``start``."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def integers(self, n: int) -> int:
+        assert self.start < n
+        return self.start
+
+
+def test_fit_window_by_hand():
+    """Four bars of 10, 20, 30 and 40 tokens over two tracks: 7 tokens outside the bars (BOS, two Track
+    tokens, at most 3 for the crop head, EOS), two segments per bar."""
+    shape = PieceShape(np.array([0, 10, 30, 60, 100]), n_tracks=2)
+    assert shape.fixed_tokens() == 7 and shape.n_bars == 4 and shape.crop_tokens(1, 3) == 57
+    assert fit_window(shape, 107, 8, None) == (0, 4)  # the whole piece fits exactly
+    assert fit_window(shape, 107, 8, FixedStart(2)) == (0, 4)  # whole pieces ignore the start
+    assert fit_window(shape, 106, 8, None) == (0, 3)  # one token short: bars 0-2 (60 tokens)
+    assert fit_window(shape, 107, 5, None) == (0, 2)  # 5 segments: two bars of two tracks
+    assert fit_window(shape, 57, 8, FixedStart(1)) == (1, 3)  # 50 tokens: bars 1-2 exactly
+    assert fit_window(shape, 102, 8, FixedStart(2)) == (1, 4)  # from bar 2 it hits the end: moved back to 1
+    assert fit_window(shape, 102, 4, FixedStart(3)) == (2, 4)  # moved back, but only 2 bars of segments
+    assert fit_window(shape, 16, 8, None) is None  # 9 tokens: not even bar 0
+    assert fit_window(shape, 7, 8, None) is None and fit_window(shape, 100, 1, None) is None
 
 
 def test_rows_respect_a_small_segment_budget(demo_shards):
