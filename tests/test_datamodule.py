@@ -116,6 +116,7 @@ def test_fit_window_by_hand():
     assert fit_window(shape, 107, 5, None) == (0, 2)  # 5 segments: two bars of two tracks
     assert fit_window(shape, 57, 8, FixedStart(1)) == (1, 3)  # 50 tokens: bars 1-2 exactly
     assert fit_window(shape, 102, 8, FixedStart(2)) == (1, 4)  # from bar 2 it hits the end: moved back to 1
+    assert fit_window(shape, 97, 8, FixedStart(2)) == (1, 4)  # moved back as far as 90 tokens allow, exactly
     assert fit_window(shape, 102, 4, FixedStart(3)) == (2, 4)  # moved back, but only 2 bars of segments
     assert fit_window(shape, 16, 8, None) is None  # 9 tokens: not even bar 0
     assert fit_window(shape, 7, 8, None) is None and fit_window(shape, 100, 1, None) is None
