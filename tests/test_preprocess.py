@@ -86,6 +86,14 @@ def test_rerun_is_idempotent_and_more_files_keep_earlier_splits(mixed_folder, tm
     out = tmp_path / "out"
     _run(src, out)
     first = json.loads((out / "index.json").read_text())
+    reasons = {s["source"]: s["reason"] for s in first["skipped"]}  # here tokenised in this process
+    assert reasons == {
+        "truncated.mid": "unreadable",
+        "random.midi": "unreadable",
+        "empty.mid": "unreadable",
+        "no_notes.mid": "no notes",
+        "too_long.mid": "max_bars",
+    }
     _run(src, out)
     assert json.loads((out / "index.json").read_text()) == first
     for name, score in list(_good_scores(20))[12:]:
