@@ -10,7 +10,15 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask, fl
 
 from _music import demo_files
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
-from meloformer.masks import block_mask, dense_mask, full_dense_mask, row_layout, slots_for, summary_mask_mod
+from meloformer.masks import (
+    block_mask,
+    candidate_tiles,
+    dense_mask,
+    full_dense_mask,
+    row_layout,
+    slots_for,
+    summary_mask_mod,
+)
 from meloformer.model import compiled_flex_attention
 
 TOK = HIDTokenizer()
@@ -333,6 +341,18 @@ def test_tiles_skip_no_visible_pair_wherever_segments_end(shifted_demo_rows: np.
         fill = n_blocks * size - rows.length
         tiles = F.pad(reference, (0, fill, 0, fill)).view(rows.batch_size, 1, n_blocks, size, n_blocks, size)
         assert torch.equal(block_mask(mod, rows, size).to_dense().bool(), tiles.any(5).any(3)), size
+
+
+def test_tiles_between_documents_are_skipped():
+    """Two pieces packed in a row: no tile with queries of one and keys of the other is evaluated."""
+    n = len(TOKENS)
+    rows = row_layout(np.array(TOKENS + TOKENS + [PAD] * (256 - 2 * n)), 16)
+    candidates = candidate_tiles(rows, 8)[0]
+    doc = torch.cat([rows.doc[0], torch.full((-rows.length % 8,), -1, dtype=rows.doc.dtype)]).view(-1, 8)
+    first, second = (doc == 1).all(1), (doc == 2).all(1)
+    assert first.sum() > 5 and second.sum() > 5
+    assert not candidates[second][:, first].any() and not candidates[first][:, second].any()
+    assert candidates[second][:, second].any() and candidates[first][:, first].any()
 
 
 def test_mask_rows_of_decoding_equal_the_full_mask(shifted_demo_rows: np.ndarray):
