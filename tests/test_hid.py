@@ -191,6 +191,8 @@ def test_layout_side_channels_of_a_small_piece():
         lambda t: np.concatenate([t[:3], t[4:]]),  # no time signature in bar 0
         lambda t: np.insert(t, np.flatnonzero(t == 3)[-1] + 1, TOK.pitch0 + 60),  # a pitch before any position
         lambda t: np.array([1, 4, 3, 5000], dtype=np.int64),  # id outside the vocabulary
+        lambda t: np.array([1, 2]),  # BOS EOS: no conductor
+        lambda t: np.insert(t, 5, 0),  # PAD inside a piece
     ],
 )
 def test_decoding_bad_sequences_raises_hid_error(mutate):

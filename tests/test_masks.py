@@ -298,6 +298,16 @@ def test_padding_and_unused_slots_see_only_themselves_and_are_never_seen():
         assert dense.any(dim=1).all(), "every row attends somewhere: no NaN"
 
 
+def test_open_last_segment_leaves_its_slot_unused():
+    """In decoding, the segment of a row's last token has no summary yet: only its slot is dead."""
+    for cut in (AT["piano.1.Pitch2"] + 1, AT["piano.1.Pos2"] + 1):
+        tokens = np.array(TOKENS[:cut])
+        closed, open_ = row_layout(tokens, 16), row_layout(tokens, 16, open_last_segment=True)
+        n = closed.num_regular
+        changed = (closed.doc[0, n:] != open_.doc[0, n:]).nonzero().flatten().tolist()
+        assert changed == [int(closed.segment[0, cut - 1])] and open_.doc[0, n + changed[0]] == -1
+
+
 def test_slots_round_up_to_a_multiple_of_128():
     assert slots_for(10, 64) == 64
     assert slots_for(64, 64) == 64

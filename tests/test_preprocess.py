@@ -94,6 +94,7 @@ def test_rerun_is_idempotent_and_more_files_keep_earlier_splits(mixed_folder, tm
         "no_notes.mid": "no notes",
         "too_long.mid": "max_bars",
     }
+    assert {s["error"].split(":")[0] for s in first["skipped"] if s["reason"] != "unreadable"} == {"HIDError"}
     _run(src, out)
     assert json.loads((out / "index.json").read_text()) == first
     for name, score in list(_good_scores(20))[12:]:

@@ -52,8 +52,16 @@ def _folder(root, names, first: int = 0):
 
 
 def _index(src, out) -> dict:
-    preprocess(src, out, HIDTokenizer(max_bars=32), workers=1, progress=False, **FRACTIONS)
-    return json.loads((out / "index.json").read_text())
+    summary = preprocess(src, out, HIDTokenizer(max_bars=32), workers=1, progress=False, **FRACTIONS)
+    index = json.loads((out / "index.json").read_text())
+    splits = [p["split"] for p in index["pieces"]]
+    n, duplicates = len(index["pieces"]), len(index["duplicates"])
+    assert summary.lines()[:2] == [
+        f"files seen {n + duplicates}, processed now {n + duplicates}, kept {n}, "
+        f"duplicates {duplicates}, skipped 0 (none)",
+        f"pieces per split: train {splits.count('train')}, val {splits.count('val')}, test {splits.count('test')}",
+    ]
+    return index
 
 
 def _splits(index: dict) -> dict[str, str]:
