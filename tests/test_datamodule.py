@@ -11,7 +11,7 @@ import pytest
 
 from _music import demo_files, make_score
 from meloformer.datamodules import HIDDataModule, StreamState, hid_datamodule
-from meloformer.datamodules.rows import PieceShape, RowBuilder, fit_window
+from meloformer.datamodules.rows import PieceShape, RowBuilder, fit_window, piece_shape
 from meloformer.datamodules.sampling import StreamSampler
 from meloformer.datamodules.shards import ShardError, ShardReader, empty_index, write_index, write_shard
 from meloformer.hid import BOS, CHORD_QUALITIES, PAD, TRACK_DRUMS, HIDTokenizer, TokenKind
@@ -122,6 +122,34 @@ def test_fit_window_by_hand():
     assert fit_window(shape, 7, 8, None) is None and fit_window(shape, 100, 1, None) is None
 
 
+def test_piece_shape_by_hand():
+    """Bass and piano over two bars: conductor bar 0 holds Bar TimeSig Chord Pos Tempo, bar 1 Bar Chord; each
+    instrument bar Bar Pos Pitch Dur Vel; so 5 + 5 + 5 = 15 tokens in bar 0 and 2 + 5 + 5 = 12 in bar 1."""
+    score = make_score([(33, False, [(0, 1, 36, 90), (4, 1, 38, 90)]), (0, False, [(0, 1, 60, 90), (4, 1, 62, 90)])])
+    tokens = TOKENIZER.encode(score)
+    assert len(tokens) == 1 + 27 + 3 + 1  # BOS, the bars, three Track tokens, EOS
+    shape = piece_shape(layout(tokens, TOKENIZER))
+    assert shape.bar_tokens.tolist() == [0, 15, 27] and shape.n_tracks == 3
+
+
+def test_a_piece_whose_tracks_just_fit_the_segments_is_cropped_to_one_bar(demo_shards):
+    reader = ShardReader(demo_shards)
+    table = reader.pieces("val")
+    tracks = int(table.tracks[0]) + 1
+    rows = builder(demo_shards, "val", max_seq_len=1024, max_segments=tracks)
+    first = documents(rows.row(0))[0]
+    assert np.array_equal(first, TOKENIZER.crop_bars(np.array(reader.tokens(table, 0)), 0, 1))
+
+
+def test_fill_attempts_bound_the_crops_of_a_row(demo_shards):
+    """The anchor, then at most ``fill_attempts`` fillers (a filler that does not fit is skipped)."""
+    alone = builder(demo_shards, max_seq_len=4096, max_segments=4096, fill_attempts=0)
+    assert [len(documents(alone.row(i))) for i in range(6)] == [1] * 6
+    two = builder(demo_shards, max_seq_len=4096, max_segments=4096, fill_attempts=2)
+    counts = [len(documents(two.row(i))) for i in range(6)]
+    assert max(counts) == 3 and min(counts) >= 1, counts
+
+
 def test_rows_respect_a_small_segment_budget(demo_shards):
     rows = builder(demo_shards, max_seq_len=2048, max_segments=24)
     counts = [int(layout(rows.row(i), TOKENIZER).num_segments()) for i in range(20)]
@@ -220,6 +248,8 @@ def test_transposition_stays_within_the_pitch_range(tmp_path):
         shifts.append(int(b[pitched][0]) - int(a[pitched][0]))
     assert all(shift <= room for shift, room in zip(shifts, room_up))
     assert max(room_up) < 12 and min(shifts) < -6  # the limit binds upwards only
+    with pytest.raises(ValueError, match="^the 'val' split has no pieces$"):
+        builder(tmp_path / "shards", "val").row(0)
 
 
 def test_sampler_splits_the_stream_across_ranks_in_batches():
