@@ -17,22 +17,18 @@ Goals: MeloFormer >= 0.7x the plain causal tokens/s; loader >= 10x the rows/s th
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import add_common_arguments, print_header, set_threads, write_report
 from torch import Tensor, nn
 
 from meloformer.datamodules import HIDDataModule
 from meloformer.hid import BOS, PAD
 from meloformer.model import MeloFormerConfig, apply_rope, rope_angles
 from meloformer.module import MeloFormerModule
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class PlainBlock(nn.Module):
@@ -116,8 +112,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per model (after 2 warm-up steps)")
     parser.add_argument("--loader-rows", type=int, default=200)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    add_common_arguments(parser, "train")
     args = parser.parse_args()
+    set_threads(args.threads)
     torch.manual_seed(0)
     L, B = args.seq_len, args.batch_size
 
@@ -161,10 +158,9 @@ def main() -> None:
         "model_rows_per_s": model_rows_per_s,
         "loader_vs_model": loader / model_rows_per_s,
         "goals": {"meloformer_vs_plain": 0.7, "loader_vs_model": 10.0},
-        "host": {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine()},
     }
-    print(f"training on CPU, rows of {L} tokens (+{config.summary_slots} summary slots), batch {B}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps")  # fmt: skip
+    print_header(f"training, rows of {L} tokens (+{config.summary_slots} summary slots), batch {B}, "
+                 f"median of {args.steps} steps")  # fmt: skip
     print(f"{'model':14} {'params':>10} {'step s':>8} {'tokens/s':>10}")
     for name in runs:
         params = result["parameters"][name]
@@ -172,10 +168,7 @@ def main() -> None:
     print(f"MeloFormer / plain causal: {result['meloformer_vs_plain']:.2f}x (goal >= 0.7x)")
     print(f"loader {loader:,.1f} rows/s vs model {model_rows_per_s:.2f} rows/s: "
           f"{result['loader_vs_model']:.0f}x (goal >= 10x); rows {fill:.0%} filled")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_report(args.out, result)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Summary-token attention masks (DESIGN section 3), written as FlexAttention ``mask_mod``s.
+"""Summary-token attention masks (docs/design.md section 4), written as FlexAttention ``mask_mod``s.
 
 A row of the attention holds ``L`` regular tokens and then one contiguous block of ``S`` summary slots;
 slot ``s`` summarises segment ``s`` of the row and sits at the logical position where that segment ends.
@@ -15,7 +15,6 @@ inside its kernel), and row by row for KV-cached decoding; so the rules exist ex
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -24,7 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks, or_masks
 
-from meloformer.hid import HIDTokenizer, TokenKind
+from meloformer.arith import ceil_div
+from meloformer.hid import TokenKind
 from meloformer.layout import layout
 
 DEFAULT_FINE_BARS = (1, 2, 4, 8, 12, 16, 24, 32)
@@ -77,41 +77,46 @@ class RowLayout:
         return dataclasses.replace(self, **{k: v.to(device) for k, v in tensors.items()})
 
 
-@functools.cache
-def _default_tokenizer() -> HIDTokenizer:
-    """Built once: ``layout`` would otherwise rebuild the vocabulary on every call (costly per decoding step)."""
-    return HIDTokenizer()
-
-
 def slots_for(num_segments: int, minimum: int) -> int:
     """Summary slots for a batch: ``minimum`` (static shapes), or the next multiple of 128 that fits."""
     if num_segments <= minimum:
         return minimum
-    return -(-num_segments // SLOT_MULTIPLE) * SLOT_MULTIPLE
+    return ceil_div(num_segments, SLOT_MULTIPLE) * SLOT_MULTIPLE
 
 
 def row_layout(
     tokens: np.ndarray | Tensor,
+    kinds: np.ndarray | Tensor,
     min_slots: int | None = None,
     doc_ids: np.ndarray | Tensor | None = None,
-    tokenizer: HIDTokenizer | None = None,
     open_last_segment: bool = False,
+    with_slots: bool = True,
 ) -> RowLayout:
     """Build the per-row side channels of a batch ``[B, L]`` with one call to ``meloformer.layout.layout``.
+
+    ``kinds`` is the tokenizer's kind table (``HIDTokenizer.kinds``; the model carries it as ``model.kinds``).
 
     Rows get ``min_slots`` summary slots, or ``slots_for`` more when a row has more segments; ``None`` gives
     exactly the largest segment count. With ``open_last_segment`` the segment holding the last token of a
     row is treated as still open (its slot unused), as in incremental decoding, where a summary exists only
-    once the next token has closed its segment.
+    once the next token has closed its segment. ``with_slots=False`` gives rows without summary slots (the
+    ``causal`` and ``local`` attention variants).
     """
     if isinstance(tokens, Tensor):
         tokens = tokens.detach().cpu().numpy()
     if isinstance(doc_ids, Tensor):
         doc_ids = doc_ids.detach().cpu().numpy()
+    if isinstance(kinds, Tensor):
+        kinds = kinds.detach().cpu().numpy()
     tokens = np.atleast_2d(tokens)
-    lay = layout(tokens, tokenizer or _default_tokenizer(), doc_ids)
-    segments = int(np.max(lay.num_segments(), initial=0))
-    table = lay.segment_table(segments if min_slots is None else slots_for(segments, min_slots))
+    lay = layout(tokens, kinds, doc_ids)
+    if with_slots:
+        segments = int(np.max(lay.num_segments(), initial=0))
+        table = lay.segment_table(segments if min_slots is None else slots_for(segments, min_slots))
+    else:
+        table = {
+            k: np.zeros((tokens.shape[0], 0), dtype=np.int64) for k in ("end", "track", "bar", "doc", "track_token")
+        }
     n = tokens.shape[1]
     slot_doc = table["doc"]
     if open_last_segment:
@@ -135,13 +140,24 @@ def row_layout(
     return RowLayout(num_regular=n, **tensors)
 
 
+ATTENTION_VARIANTS = ("summary", "causal", "local")
+
+
 def summary_mask_mod(
     rows: RowLayout,
     fine_bars: Sequence[int] = DEFAULT_FINE_BARS,
     cross_window: int = 1,
     kind_sparsity: bool = False,
+    attention: str = "summary",
 ) -> MaskMod:
-    """The full mask of DESIGN section 3 for the rows of ``rows`` (query and key index the same row)."""
+    """The mask of one attention variant for the rows of ``rows`` (query and key index the same row).
+
+    ``summary`` is the full mask of docs/design.md section 4 (SR, SS, RS and RR). The two ablations use rows without
+    summary slots: ``causal`` lets a regular token see every earlier token of its document (full attention),
+    and ``local`` keeps only the RR rules (what the summaries add on top of them).
+    """
+    if attention not in ATTENTION_VARIANTS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
     n = rows.num_regular
     doc, pos, seg, track, bar = rows.doc, rows.pos, rows.segment, rows.track, rows.bar
     is_global, kind_class, onset_group = rows.is_global, rows.kind_class, rows.onset_group
@@ -203,7 +219,8 @@ def summary_mask_mod(
     if kind_sparsity:
         local = and_masks(local, rr_kind)
     rr = and_masks(rr_causal, or_masks(rr_global, local))
-    return or_masks(itself, and_masks(same_doc, or_masks(sr, ss, rs, rr)))
+    visible = {"summary": or_masks(sr, ss, rs, rr), "causal": rr_causal, "local": rr}[attention]
+    return or_masks(itself, and_masks(same_doc, visible))
 
 
 def dense_mask(mask_mod: MaskMod, batch_size: int, q_idx: Tensor, kv_idx: Tensor, chunk: int = 128) -> Tensor:
@@ -231,7 +248,7 @@ def candidate_tiles(rows: RowLayout, block_size: int) -> Tensor:
     (a token or slot seeing itself) lie on the diagonal; so a tile is skipped when its queries' and keys'
     documents are disjoint or all its keys come after all its queries. Packed rows skip most tiles this way.
     """
-    n_blocks = -(-rows.length // block_size)
+    n_blocks = ceil_div(rows.length, block_size)
     fill = n_blocks * block_size - rows.length
     big = torch.iinfo(torch.int32).max
     live = F.pad(rows.doc >= 0, (0, fill), value=False).view(rows.batch_size, n_blocks, block_size)
@@ -269,7 +286,7 @@ def evaluate_tiles(
 def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> Tensor:
     """The whole ``[B, 1, L + S, L + S]`` boolean mask of ``rows``: the ``sdpa`` backend's attention mask."""
     (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
-    n_blocks, t = -(-rows.length // block_size), rows.length
+    n_blocks, t = ceil_div(rows.length, block_size), rows.length
     shape = (rows.batch_size, n_blocks, block_size, n_blocks, block_size)
     dense = torch.zeros(shape, dtype=torch.bool, device=tiles.device)
     dense[b, qb, :, kb, :] = tiles
@@ -280,7 +297,7 @@ def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -
 def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:
     """The ``flex`` backend's per-sample block mask; build it once per batch and share it across layers."""
     (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
-    n_blocks = -(-rows.length // block_size)
+    n_blocks = ceil_div(rows.length, block_size)
     partial = torch.zeros(rows.batch_size, 1, n_blocks, n_blocks, dtype=torch.bool, device=tiles.device)
     full = torch.zeros_like(partial)
     any_, all_ = tiles.any(dim=(1, 2)), tiles.all(dim=(1, 2))

@@ -1,4 +1,4 @@
-"""The MeloFormer transformer: summary-token attention (DESIGN section 3) in plain PyTorch.
+"""The MeloFormer transformer: summary-token attention (docs/design.md sections 4 and 5) in plain PyTorch.
 
 Each row is ``L`` regular tokens followed by ``S`` summary slots (one per bar segment, see ``masks``). Every
 layer runs one attention over both under the summary mask, so slots summarise their segment and regular
@@ -18,12 +18,15 @@ import dataclasses
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from meloformer.arith import ceil_div
 from meloformer.hid import TRACK_CONDUCTOR, HIDTokenizer
 from meloformer.masks import (
     DEFAULT_FINE_BARS,
@@ -38,6 +41,7 @@ from meloformer.masks import (
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 Backend = Literal["auto", "flex", "sdpa"]
+AttentionVariant = Literal["summary", "causal", "local"]
 Checkpointing = Literal["none", "ffn", "block"]
 DEFAULT_VOCAB_SIZE = HIDTokenizer().vocab_size
 NUM_TRACK_EMBEDDINGS = 1 + 2 + 128  # none, conductor, drums, 128 programs
@@ -58,6 +62,7 @@ class MeloFormerConfig:
     fine_bars: tuple[int, ...] = DEFAULT_FINE_BARS
     cross_window: int = 1
     kind_sparsity: bool = False
+    attention: AttentionVariant = "summary"  # summary | causal | local (the last two: no summary slots; ablations)
     attention_backend: Backend = "auto"
     flex_block_size: int | None = None  # None: 128 on CUDA, 32 on CPU (sparser tiles, measured faster)
     gradient_checkpointing: Checkpointing = "none"
@@ -67,7 +72,7 @@ class MeloFormerConfig:
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
-            self.ffn_hidden = -(-8 * self.n_embd // 3 // 64) * 64
+            self.ffn_hidden = ceil_div(8 * self.n_embd // 3, 64) * 64
         self.fine_bars = tuple(self.fine_bars)
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must divide into n_head heads, and n_head into n_kv_head groups")
@@ -86,20 +91,22 @@ class MeloFormerConfig:
         return dataclasses.replace(SIZES[name], **overrides)
 
 
+# The original's sizes (17M, 85M, 200M, 450M parameters): head size 64, 4 query heads per key/value head.
 SIZES: dict[str, MeloFormerConfig] = {
-    "small": MeloFormerConfig(n_layer=6, n_head=4, n_kv_head=2, n_embd=256, max_seq_len=2048, summary_slots=256),
-    "base": MeloFormerConfig(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, max_seq_len=4096, summary_slots=512),
-    "large": MeloFormerConfig(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, max_seq_len=8192, summary_slots=1024),
-    "xlarge": MeloFormerConfig(n_layer=24, n_head=16, n_kv_head=8, n_embd=1024, max_seq_len=16384, summary_slots=2048),
+    "small": MeloFormerConfig(n_layer=6, n_head=8, n_kv_head=2, n_embd=512, max_seq_len=2048, summary_slots=256),
+    "base": MeloFormerConfig(n_layer=14, n_head=12, n_kv_head=3, n_embd=768, max_seq_len=4096, summary_slots=512),
+    "large": MeloFormerConfig(n_layer=18, n_head=16, n_kv_head=4, n_embd=1024, max_seq_len=8192, summary_slots=1024),
+    "xlarge": MeloFormerConfig(n_layer=18, n_head=24, n_kv_head=6, n_embd=1536, max_seq_len=16384, summary_slots=2048),
 }
 
 
 def parameter_counts(vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict[str, int]:
     """Real parameter count of every size (built on the meta device, so nothing is allocated)."""
     counts = {}
+    kinds = np.zeros(vocab_size, dtype=np.int64)  # the kind table holds no parameters
     for name in SIZES:
         with torch.device("meta"):
-            model = MeloFormer(MeloFormerConfig.from_size(name, vocab_size=vocab_size))
+            model = MeloFormer(MeloFormerConfig.from_size(name, vocab_size=vocab_size), kinds)
         counts[name] = model.num_parameters()
     return counts
 
@@ -142,7 +149,8 @@ class KeyRangeMask:
         for q0 in range(0, n, block):
             q1 = min(q0 + block, n)
             blocks.append((q0, q1, torch.cat([mask[:, :, q0:q1, :q1], mask[:, :, q0:q1, n:]], dim=3)))
-        blocks.append((n, mask.shape[2], mask[:, :, n:]))
+        if mask.shape[2] > n:
+            blocks.append((n, mask.shape[2], mask[:, :, n:]))
         return cls(n, blocks)
 
 
@@ -241,10 +249,21 @@ class Block(nn.Module):
         return self.feed_forward(x)
 
 
-class MeloFormer(nn.Module):
-    def __init__(self, config: MeloFormerConfig) -> None:
+class MeloFormer(nn.Module, PyTorchModelHubMixin):
+    """The network of ``config`` for the tokenizer whose kind table is ``kinds`` (``HIDTokenizer.kinds``).
+
+    The side channels (tracks, bars, segments) are read off the token ids through ``kinds``, so the model
+    keeps it as a non-persistent buffer: it follows the model across devices but stays out of state dicts.
+    ``save_pretrained``/``from_pretrained`` (huggingface_hub) write and read model folders
+    (``meloformer.pretrained``).
+    """
+
+    def __init__(self, config: MeloFormerConfig, kinds: np.ndarray | Tensor) -> None:
         super().__init__()
+        if len(kinds) != config.vocab_size:
+            raise ValueError(f"the kind table has {len(kinds)} entries but vocab_size is {config.vocab_size}")
         self.config = config
+        self.register_buffer("kinds", torch.as_tensor(np.asarray(kinds), dtype=torch.long), persistent=False)
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.track_emb = nn.Embedding(NUM_TRACK_EMBEDDINGS, config.n_embd)
         self.summary_emb = nn.Parameter(torch.empty(config.n_embd))
@@ -278,7 +297,7 @@ class MeloFormer(nn.Module):
 
     def mask_mod(self, rows: RowLayout):
         c = self.config
-        return summary_mask_mod(rows, c.fine_bars, c.cross_window, c.kind_sparsity)
+        return summary_mask_mod(rows, c.fine_bars, c.cross_window, c.kind_sparsity, c.attention)
 
     def row_layout(
         self,
@@ -289,7 +308,9 @@ class MeloFormer(nn.Module):
     ) -> RowLayout:
         """Side channels of a batch with ``summary_slots`` slots (more, rounded up to 128, if needed)."""
         min_slots = self.config.summary_slots if min_slots is None else min_slots
-        return row_layout(tokens, min_slots, doc_ids, open_last_segment=open_last_segment).to(tokens.device)
+        with_slots = self.config.attention == "summary"
+        rows = row_layout(tokens, self.kinds, min_slots, doc_ids, open_last_segment, with_slots)
+        return rows.to(tokens.device)
 
     def prepare(self, tokens: Tensor, doc_ids: Tensor | None = None, backend: str | None = None) -> AttentionContext:
         """Side channels, mask and rotary angles for a batch: built once, shared by every layer."""
@@ -327,7 +348,8 @@ class MeloFormer(nn.Module):
         """Logits ``[B, L, vocab]`` of the regular tokens ``[B, L]``.
 
         ``ctx`` reuses a prepared batch; a list ``kv`` receives each layer's rotated keys and values over the
-        whole row (regular tokens, then slots), which is how decoding fills its cache.
+        whole row (regular tokens, then slots), which is how decoding fills its cache. Blocks that fill ``kv``
+        are never checkpointed: a recompute would append every layer a second time.
         """
         if ctx is None:
             ctx = self.prepare(tokens, doc_ids)
@@ -335,8 +357,8 @@ class MeloFormer(nn.Module):
         track_token = ctx.rows.track_token
         x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(track_token[:, n:])], dim=1)
         for block in self.blocks:
-            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, kv, use_reentrant=False)
+            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled() and kv is None:
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
                 x = block(x, ctx, kv)
         return self.logits(x[:, :n])

@@ -12,8 +12,8 @@ import pytest
 from _music import demo_files, make_score
 from meloformer.datamodules import HIDDataModule, StreamState, hid_datamodule
 from meloformer.datamodules.rows import PieceShape, RowBuilder, fit_window, piece_shape
-from meloformer.datamodules.sampling import StreamSampler
 from meloformer.datamodules.shards import ShardError, ShardReader, empty_index, write_index, write_shard
+from meloformer.datamodules.stream import StreamSampler
 from meloformer.hid import BOS, CHORD_QUALITIES, PAD, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.layout import layout
 from meloformer.preprocess import preprocess
@@ -63,7 +63,7 @@ def test_crops_sound_like_their_bars_of_the_piece(demo_shards):
         table = reader.pieces(split)
         for i in range(0, len(table), 4):
             tokens = np.array(reader.tokens(table, i))
-            lay = layout(tokens, TOKENIZER)
+            lay = layout(tokens, TOKENIZER.kinds)
             n = int(table.bars[i])
             b0, b1 = [(0, 1), (n - 1, n), sorted(rng.choice(n + 1, 2, replace=False))][checked % 3]
             crop = TOKENIZER.crop_bars(tokens, b0, b1, lay=lay)
@@ -87,7 +87,7 @@ def test_rows_are_full_length_packs_of_valid_pieces(demo_shards, split):
         pieces = documents(row)
         for piece in pieces:
             TOKENIZER.parse(piece)  # every crop is a complete, valid piece
-        lay = layout(row, TOKENIZER)
+        lay = layout(row, TOKENIZER.kinds)
         assert len(set(lay.doc[lay.doc >= 0].tolist())) == len(pieces)
         assert lay.num_segments() <= 256
         fill.append(used / len(row))
@@ -128,7 +128,7 @@ def test_piece_shape_by_hand():
     score = make_score([(33, False, [(0, 1, 36, 90), (4, 1, 38, 90)]), (0, False, [(0, 1, 60, 90), (4, 1, 62, 90)])])
     tokens = TOKENIZER.encode(score)
     assert len(tokens) == 1 + 27 + 3 + 1  # BOS, the bars, three Track tokens, EOS
-    shape = piece_shape(layout(tokens, TOKENIZER))
+    shape = piece_shape(layout(tokens, TOKENIZER.kinds))
     assert shape.bar_tokens.tolist() == [0, 15, 27] and shape.n_tracks == 3
 
 
@@ -152,7 +152,7 @@ def test_fill_attempts_bound_the_crops_of_a_row(demo_shards):
 
 def test_rows_respect_a_small_segment_budget(demo_shards):
     rows = builder(demo_shards, max_seq_len=2048, max_segments=24)
-    counts = [int(layout(rows.row(i), TOKENIZER).num_segments()) for i in range(20)]
+    counts = [int(layout(rows.row(i), TOKENIZER.kinds).num_segments()) for i in range(20)]
     assert max(counts) <= 24 and min(counts) > 0
 
 
@@ -177,7 +177,7 @@ def test_evaluation_rows_are_untransposed_crops_from_bar_0(demo_shards, split):
     def pieces(split: str) -> list[tuple[np.ndarray, object]]:
         table = reader.pieces(split)
         tokens = [np.array(reader.tokens(table, i), dtype=np.int64) for i in range(len(table))]
-        return [(t, layout(t, TOKENIZER)) for t in tokens]
+        return [(t, layout(t, TOKENIZER.kinds)) for t in tokens]
 
     def openings(doc: np.ndarray, stored: list) -> set[int]:
         """The pieces whose first bars ``doc`` is."""
@@ -215,7 +215,7 @@ def test_transposition_moves_pitched_notes_and_chords_not_drums(demo_shards):
     for index in range(30):
         a, b = documents(plain.row(index))[0], documents(moved.row(index))[0]  # the anchor crop: same window
         assert len(a) == len(b)
-        lay = layout(a, TOKENIZER)
+        lay = layout(a, TOKENIZER.kinds)
         pitched = (lay.kind == TokenKind.PITCH) & (lay.track_token != TRACK_DRUMS)
         delta = set((b[pitched] - a[pitched]).tolist())
         assert len(delta) == 1, "one shift for every pitched note of a crop"
@@ -242,7 +242,7 @@ def test_transposition_stays_within_the_pitch_range(tmp_path):
     room_up, shifts = [], []
     for index in range(40):
         a, b = documents(plain.row(index))[0], documents(moved.row(index))[0]  # raises if a shift left 0..127
-        lay = layout(a, TOKENIZER)
+        lay = layout(a, TOKENIZER.kinds)
         pitched = (lay.kind == TokenKind.PITCH) & (lay.track_token != TRACK_DRUMS)
         room_up.append(127 - int(a[pitched].max() - TOKENIZER.pitch0))
         shifts.append(int(b[pitched][0]) - int(a[pitched][0]))

@@ -64,10 +64,10 @@ def rows() -> np.ndarray:
 
 
 def test_layout_equals_the_token_by_token_reference(rows: np.ndarray):
-    batch = layout(rows)
+    batch = layout(rows, TOK.kinds)
     for r, row in enumerate(rows):
         expected = reference(row)
-        single = layout(row)
+        single = layout(row, TOK.kinds)
         for name in ("doc", "track", "track_token", "bar", "segment", "segment_end"):
             assert getattr(batch, name)[r].tolist() == expected[name], (r, name)
             assert getattr(single, name).tolist() == expected[name], (r, name)
@@ -81,13 +81,13 @@ def test_layout_equals_the_token_by_token_reference(rows: np.ndarray):
 
 def test_doc_ids_override_the_bos_count(rows: np.ndarray):
     doc_ids = np.arange(rows.size).reshape(rows.shape) // 7
-    lay = layout(rows, doc_ids=doc_ids)
+    lay = layout(rows, TOK.kinds, doc_ids=doc_ids)
     assert np.array_equal(lay.doc, np.where(rows == PAD, -1, doc_ids))
-    assert np.array_equal(lay.segment, layout(rows).segment)
+    assert np.array_equal(lay.segment, layout(rows, TOK.kinds).segment)
 
 
 def test_segment_table(rows: np.ndarray):
-    lay = layout(rows)
+    lay = layout(rows, TOK.kinds)
     table = lay.segment_table(200)
     for r in range(len(rows)):
         count = int(lay.num_segments()[r])

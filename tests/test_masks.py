@@ -1,4 +1,4 @@
-"""Summary-token attention mask (DESIGN section 3) on a hand-written two-track piece, rule by rule."""
+"""Summary-token attention mask (docs/design.md section 4) on a hand-written two-track piece, rule by rule."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ class Mask:
     """The dense mask of a batch, addressed by token names and ``sigma(track, bar)`` slot names."""
 
     def __init__(self, tokens: np.ndarray, min_slots: int | None = None, row: int = 0, offset: int = 0, **settings):
-        self.rows = row_layout(tokens, min_slots)
+        self.rows = row_layout(tokens, TOK.kinds, min_slots)
         self.dense = full_dense_mask(summary_mask_mod(self.rows, **settings), self.rows)[row, 0]
         self.row, self.offset = row, offset
 
@@ -302,7 +302,7 @@ def test_open_last_segment_leaves_its_slot_unused():
     """In decoding, the segment of a row's last token has no summary yet: only its slot is dead."""
     for cut in (AT["piano.1.Pitch2"] + 1, AT["piano.1.Pos2"] + 1):
         tokens = np.array(TOKENS[:cut])
-        closed, open_ = row_layout(tokens, 16), row_layout(tokens, 16, open_last_segment=True)
+        closed, open_ = row_layout(tokens, TOK.kinds, 16), row_layout(tokens, TOK.kinds, 16, open_last_segment=True)
         n = closed.num_regular
         changed = (closed.doc[0, n:] != open_.doc[0, n:]).nonzero().flatten().tolist()
         assert changed == [int(closed.segment[0, cut - 1])] and open_.doc[0, n + changed[0]] == -1
@@ -313,13 +313,13 @@ def test_slots_round_up_to_a_multiple_of_128():
     assert slots_for(64, 64) == 64
     assert slots_for(65, 64) == 128
     assert slots_for(300, 256) == 384
-    assert row_layout(np.array(TOKENS), 4).num_slots == 128
+    assert row_layout(np.array(TOKENS), TOK.kinds, 4).num_slots == 128
 
 
 def test_broadcast_evaluation_equals_torch_vmap_evaluation():
     tokens = np.array([TOKENS + [PAD] * 7, TOKENS[:40] + TOKENS[:35]])
     for settings in ({}, {"kind_sparsity": True, "fine_bars": (1, 3), "cross_window": 2}):
-        rows = row_layout(tokens, 16)
+        rows = row_layout(tokens, TOK.kinds, 16)
         mod = summary_mask_mod(rows, **settings)
         reference = create_mask(mod, 2, 1, rows.length, rows.length, device="cpu")
         assert torch.equal(full_dense_mask(mod, rows), reference)
@@ -340,7 +340,7 @@ def shifted_demo_rows() -> np.ndarray:
 
 def test_tiles_skip_no_visible_pair_wherever_segments_end(shifted_demo_rows: np.ndarray):
     """Dense and block masks against torch's own evaluation of the same ``mask_mod``, at four tile sizes."""
-    rows = row_layout(shifted_demo_rows)
+    rows = row_layout(shifted_demo_rows, TOK.kinds)
     mod = summary_mask_mod(rows)
     reference = create_mask(mod, rows.batch_size, 1, rows.length, rows.length, device="cpu")
     for size in (8, 16, 32, 128):
@@ -356,7 +356,7 @@ def test_tiles_skip_no_visible_pair_wherever_segments_end(shifted_demo_rows: np.
 def test_tiles_between_documents_are_skipped():
     """Two pieces packed in a row: no tile with queries of one and keys of the other is evaluated."""
     n = len(TOKENS)
-    rows = row_layout(np.array(TOKENS + TOKENS + [PAD] * (256 - 2 * n)), 16)
+    rows = row_layout(np.array(TOKENS + TOKENS + [PAD] * (256 - 2 * n)), TOK.kinds, 16)
     candidates = candidate_tiles(rows, 8)[0]
     doc = torch.cat([rows.doc[0], torch.full((-rows.length % 8,), -1, dtype=rows.doc.dtype)]).view(-1, 8)
     first, second = (doc == 1).all(1), (doc == 2).all(1)
@@ -367,7 +367,7 @@ def test_tiles_between_documents_are_skipped():
 
 def test_mask_rows_of_decoding_equal_the_full_mask(shifted_demo_rows: np.ndarray):
     """``dense_mask`` on chosen queries (shared or per sample, in small chunks) and a key range."""
-    rows = row_layout(shifted_demo_rows[::16])
+    rows = row_layout(shifted_demo_rows[::16], TOK.kinds)
     mod = summary_mask_mod(rows)
     full = full_dense_mask(mod, rows)
     kv = torch.arange(rows.length)
@@ -384,7 +384,7 @@ def test_mask_rows_of_decoding_equal_the_full_mask(shifted_demo_rows: np.ndarray
 @pytest.mark.parametrize("size", [16, 32, 128])
 def test_block_mask_equals_torch_create_block_mask(size: int):
     tokens = np.array([TOKENS + TOKENS[:30], TOKENS[:50] + [PAD] * (len(TOKENS) - 20)])
-    rows = row_layout(tokens, 24)
+    rows = row_layout(tokens, TOK.kinds, 24)
     mod = summary_mask_mod(rows)
     ours = block_mask(mod, rows, size)
     reference = create_block_mask(mod, 2, None, rows.length, rows.length, "cpu", size)
@@ -402,7 +402,7 @@ def test_flex_eager_and_compiled_equal_sdpa_with_the_dense_mask():
     pad = FLEX_LEN - 2 * len(TOKENS) + 30
     rest = FLEX_LEN - 2 * len(TOKENS)
     tokens = np.array([TOKENS + TOKENS[:-30] + [PAD] * pad, TOKENS + TOKENS[::-1] + TOKENS[:rest]])
-    rows = row_layout(tokens, FLEX_SLOTS)
+    rows = row_layout(tokens, TOK.kinds, FLEX_SLOTS)
     mod = summary_mask_mod(rows)
     dense, blocks = full_dense_mask(mod, rows), block_mask(mod, rows, 32)
     q = torch.randn(2, 4, rows.length, 8)

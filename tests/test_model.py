@@ -87,14 +87,26 @@ def batch(rows: list[np.ndarray], length: int = FLEX_LEN) -> torch.Tensor:
 
 def tiny_model(seed: int = 0, **overrides) -> MeloFormer:
     torch.manual_seed(seed)
-    return MeloFormer(dataclasses.replace(TINY, **overrides))
+    return MeloFormer(dataclasses.replace(TINY, **overrides), TOK.kinds)
 
 
 def test_sizes_and_real_parameter_counts():
     small = MeloFormerConfig.from_size("small", vocab_size=TOK.vocab_size)
-    assert (small.n_embd, small.n_layer, small.n_head) == (256, 6, 4)
+    assert (small.n_embd, small.n_layer, small.n_head) == (512, 6, 8)
     counts = parameter_counts(TOK.vocab_size)
     assert list(counts) == list(SIZES) and sorted(counts.values()) == list(counts.values())
+    assert counts["small"] == sum(p.numel() for p in MeloFormer(small, TOK.kinds).parameters())
+    # Pinned, and hand-checked below against the original's 17M/85M/200M/450M (within 10%).
+    pinned = {"small": 17_387_008, "base": 87_434_496, "large": 200_342_528, "xlarge": 447_379_968}
+    assert counts == pinned
+    for name, target in {"small": 17e6, "base": 85e6, "large": 200e6, "xlarge": 450e6}.items():
+        assert abs(counts[name] / target - 1) < 0.1, name
+        c = SIZES[name]
+        assert c.head_dim == 64 and c.n_head > c.n_kv_head
+        ffn = math.ceil(8 * c.n_embd / 3 / 64) * 64
+        per_layer = 2 * c.n_embd + c.n_embd * (c.n_head + 2 * c.n_kv_head) * 64 + c.n_embd**2 + 3 * c.n_embd * ffn
+        embeddings = (TOK.vocab_size + 131 + 2) * c.n_embd  # tokens (tied head), tracks, summary, final norm
+        assert counts[name] == c.n_layer * per_layer + embeddings, name
     with pytest.raises(ValueError, match="unknown size"):
         MeloFormerConfig.from_size("huge")
 
@@ -105,7 +117,7 @@ def test_parameter_count_of_a_given_config_counted_by_hand():
     attention = 32 * (4 + 2 * 2) * 8 + 32 * 32  # qkv with head size 8, output projection
     block = 32 + attention + 32 + 3 * 32 * 64  # two RMSNorm gains, SwiGLU gate/up/down
     assert embeddings + 2 * block + 32 == 48_096
-    assert MeloFormer(config).num_parameters() == 48_096
+    assert MeloFormer(config, TOK.kinds).num_parameters() == 48_096
     assert MeloFormerConfig(n_embd=32, n_head=4).ffn_hidden == 128  # 8/3 * 32 = 85.3, up to a multiple of 64
     assert MeloFormerConfig(n_embd=48, n_head=4).ffn_hidden == 128  # 8/3 * 48 = 128 exactly
 
@@ -181,7 +193,7 @@ def _assert_causal(model: MeloFormer, pieces: list[np.ndarray], trials: int, see
         tokens = batch([pieces[i % len(pieces)]])
         changed, p = _perturb(tokens, rng)
         both = torch.cat([tokens, changed])
-        assert row_layout(both).num_slots <= FLEX_SLOTS
+        assert row_layout(both, TOK.kinds).num_slots <= FLEX_SLOTS
         logits = model(both)
         assert torch.equal(logits[0, :p], logits[1, :p]) or torch.allclose(logits[0, :p], logits[1, :p], atol=1e-5), p
         assert not torch.allclose(logits[0, p], logits[1, p], atol=1e-5), "the changed token itself must matter"
@@ -285,6 +297,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert torch.allclose(grads["none"], grads["ffn"], atol=1e-6)
     assert torch.allclose(grads["none"], grads["block"], atol=1e-6)
+
+
+def test_block_checkpointing_records_each_layer_once_in_kv():
+    """A checkpointed block re-runs in backward; with a ``kv`` list it must not run checkpointed at all."""
+    tokens = batch(hid_pieces(1, FLEX_LEN, seed=11))
+    model = tiny_model(gradient_checkpointing="block")
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model(tokens, kv=kv).logsumexp(-1).mean().backward()
+    assert len(kv) == model.config.n_layer
+    plain: list[tuple[torch.Tensor, torch.Tensor]] = []
+    tiny_model()(tokens, kv=plain)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(kv, plain))
 
 
 def test_rows_longer_than_max_seq_len_are_refused():

@@ -58,7 +58,7 @@ def _index(src, out) -> dict:
     n, duplicates = len(index["pieces"]), len(index["duplicates"])
     assert summary.lines()[:2] == [
         f"files seen {n + duplicates}, processed now {n + duplicates}, kept {n}, "
-        f"duplicates {duplicates}, skipped 0 (none)",
+        f"duplicates {duplicates}, skipped 0 (none), unreadable 0",
         f"pieces per split: train {splits.count('train')}, val {splits.count('val')}, test {splits.count('test')}",
     ]
     return index

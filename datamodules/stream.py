@@ -1,4 +1,4 @@
-"""The resumable, rank-split row stream behind the training DataLoader (DESIGN sections 4 and 5).
+"""The resumable, rank-split row stream behind the training DataLoader (docs/design.md sections 6 and 7).
 
 Training rows form one endless stream of row indices (``RowBuilder`` turns an index into a row). The
 stream's cursor, ``StreamState.position``, counts the rows that all ranks together have consumed. A
