@@ -277,6 +277,75 @@ def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -
     return dense[:, :, :t, :t].contiguous() if n_blocks * block_size != t else dense
 
 
+@dataclasses.dataclass
+class SparseCall:
+    """One SDPA call of a ``BlockSparseMask``: ``G`` query blocks that each see exactly ``M`` key blocks.
+
+    ``query`` ``[G]`` and ``keys`` ``[G, M]`` index the flattened (batch, block) grids of queries and keys;
+    ``mask`` ``[G, 1, query_block, M * key_block]`` is the mask restricted to those tiles.
+    """
+
+    query: Tensor
+    keys: Tensor
+    mask: Tensor
+
+
+@dataclasses.dataclass
+class BlockSparseMask:
+    """The mask as a list of SDPA calls over only the tiles that hold a visible pair (the ``sdpa`` backend).
+
+    Query blocks are grouped by how many key blocks they see, so each group is one batched SDPA call over
+    its gathered keys, with no padding; ``order`` puts the calls' concatenated outputs back in (batch,
+    query block) order. Autograd through the gathers gives the backward, which skips the same tiles.
+    """
+
+    length: int
+    query_block: int
+    key_block: int
+    calls: list[SparseCall]
+    order: Tensor
+
+
+def block_sparse_mask(
+    mask_mod: MaskMod, rows: RowLayout, query_block: int = 128, key_block: int = 32
+) -> BlockSparseMask:
+    """Build a ``BlockSparseMask`` from the evaluated ``key_block`` tiles, never the full dense matrix.
+
+    ``query_block`` is a multiple of ``key_block``: a query block sees a key block when any of its tiles
+    holds a visible pair. Query rows past the row's end (block padding) see the first gathered key, so no
+    row is empty (their outputs are dropped).
+    """
+    if query_block % key_block:
+        raise ValueError(f"query_block {query_block} must be a multiple of key_block {key_block}")
+    (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, key_block)
+    seen = tiles.any(dim=(1, 2))
+    b, qb, kb, tiles = b[seen], qb[seen], kb[seen], tiles[seen]
+    t, batch, per = rows.length, rows.batch_size, query_block // key_block
+    n_keys, n_queries = -(-t // key_block), -(-t // query_block)
+    device = tiles.device
+    # Tile id of every (batch, query block, key block); the extra last tile is all False.
+    tile_id = torch.full((batch, n_queries * per, n_keys), len(tiles), dtype=torch.long, device=device)
+    tile_id[b, qb, kb] = torch.arange(len(tiles), device=device)
+    tiles = torch.cat([tiles, tiles.new_zeros(1, key_block, key_block)])
+    tile_id = tile_id.view(batch * n_queries, per, n_keys)
+    visible = (tile_id < len(tiles) - 1).any(dim=1)  # [B * n_queries, n_keys]
+    counts = visible.sum(dim=1)
+    rows_pad = torch.arange(n_queries, device=device).repeat(batch)[:, None] * query_block
+    rows_pad = rows_pad + torch.arange(query_block, device=device) >= t  # [B * n_queries, query_block]
+    calls, flat_queries = [], []
+    for m in counts.unique().tolist():
+        query = torch.nonzero(counts == m).squeeze(1)
+        key = torch.nonzero(visible[query])[:, 1].view(len(query), m)
+        ids = tile_id[query[:, None, None], torch.arange(per, device=device)[:, None], key[:, None, :]]
+        mask = tiles[ids].permute(0, 1, 3, 2, 4).reshape(len(query), 1, query_block, m * key_block)
+        mask[:, 0, :, 0] |= rows_pad[query]
+        batch_of = torch.div(query, n_queries, rounding_mode="floor")
+        calls.append(SparseCall(query, batch_of[:, None] * n_keys + key, mask))
+        flat_queries.append(query)
+    order = torch.argsort(torch.cat(flat_queries))
+    return BlockSparseMask(t, query_block, key_block, calls, order)
+
+
 def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:
     """The ``flex`` backend's per-sample block mask; build it once per batch and share it across layers."""
     (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)

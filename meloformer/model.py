@@ -27,9 +27,10 @@ from torch.utils.checkpoint import checkpoint
 from meloformer.hid import TRACK_CONDUCTOR, HIDTokenizer
 from meloformer.masks import (
     DEFAULT_FINE_BARS,
+    BlockSparseMask,
     RowLayout,
     block_mask,
-    full_dense_mask,
+    block_sparse_mask,
     row_layout,
     summary_mask_mod,
 )
@@ -123,41 +124,39 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-@dataclasses.dataclass
-class KeyRangeMask:
-    """The dense mask cut into blocks of queries, each with only the keys it can see.
+def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMask) -> Tensor:
+    """SDPA over only the tiles of ``mask`` that hold a visible pair: gather, one call per group, scatter."""
+    batch, heads, t, d = q.shape
+    kv_heads, bq, bk = k.shape[1], mask.query_block, mask.key_block
+    n_queries, n_keys = -(-t // bq), -(-t // bk)
+    q = F.pad(q, (0, 0, 0, n_queries * bq - t)).view(batch, heads, n_queries, bq, d).transpose(1, 2)
+    q = q.reshape(batch * n_queries, heads, bq, d)
+    k, v = (
+        F.pad(x, (0, 0, 0, n_keys * bk - t)).view(batch, kv_heads, n_keys, bk, d).transpose(1, 2).flatten(0, 1)
+        for x in (k, v)
+    )
+    out = []
+    for call in mask.calls:
+        g, m = call.keys.shape
+        keys, values = (x[call.keys.flatten()].view(g, m, kv_heads, bk, d).transpose(1, 2) for x in (k, v))
+        keys, values = keys.flatten(2, 3), values.flatten(2, 3)
+        out.append(
+            F.scaled_dot_product_attention(
+                q[call.query], keys, values, attn_mask=call.mask, enable_gqa=heads != kv_heads
+            )
+        )
+    y = torch.cat(out)[mask.order].view(batch, n_queries, heads, bq, d).transpose(1, 2)
+    return y.reshape(batch, heads, n_queries * bq, d)[:, :, :t]
 
-    Regular queries in ``[q0, q1)`` see no regular key at or after ``q1`` (causality), so their block keeps
-    the regular keys before ``q1`` and the summary slots; the slot queries keep every key. SDPA then skips
-    about half the work of the full matrix, as causal attention does.
-    """
 
-    num_regular: int
-    blocks: list[tuple[int, int, Tensor]]  # (q0, q1, mask [B, 1, q1 - q0, keys of the block])
-
-    @classmethod
-    def from_dense(cls, mask: Tensor, num_regular: int, block: int = 128) -> KeyRangeMask:
-        n = num_regular
-        blocks = []
-        for q0 in range(0, n, block):
-            q1 = min(q0 + block, n)
-            blocks.append((q0, q1, torch.cat([mask[:, :, q0:q1, :q1], mask[:, :, q0:q1, n:]], dim=3)))
-        blocks.append((n, mask.shape[2], mask[:, :, n:]))
-        return cls(n, blocks)
-
-
-def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | KeyRangeMask | Tensor) -> Tensor:
-    """Masked attention ``[B, H, Tq, d]``: a ``BlockMask`` runs compiled flex, a dense mask runs SDPA."""
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | BlockSparseMask | Tensor) -> Tensor:
+    """Masked attention ``[B, H, Tq, d]``: a ``BlockMask`` runs compiled flex, the others SDPA."""
     gqa = q.shape[1] != k.shape[1]
     if isinstance(mask, BlockMask):
         return compiled_flex_attention(q, k, v, block_mask=mask, enable_gqa=gqa)
     if isinstance(mask, Tensor):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-    n, out = mask.num_regular, []
-    for q0, q1, block_mask_ in mask.blocks:
-        keys, values = (k, v) if q0 >= n else (torch.cat([t[:, :, :q1], t[:, :, n:]], 2) for t in (k, v))
-        out.append(F.scaled_dot_product_attention(q[:, :, q0:q1], keys, values, attn_mask=block_mask_, enable_gqa=gqa))
-    return torch.cat(out, dim=2)
+    return block_sparse_attention(q, k, v, mask)
 
 
 @dataclasses.dataclass
@@ -165,7 +164,7 @@ class AttentionContext:
     """Everything the layers share for one batch: side channels, the mask (built once) and rotary angles."""
 
     rows: RowLayout
-    mask: BlockMask | KeyRangeMask | Tensor
+    mask: BlockMask | BlockSparseMask | Tensor
     cos: Tensor
     sin: Tensor
 
@@ -302,7 +301,7 @@ class MeloFormer(nn.Module):
             size = self.config.flex_block_size or (32 if tokens.device.type == "cpu" else 128)
             mask = block_mask(mask_mod, rows, size)
         else:
-            mask = KeyRangeMask.from_dense(full_dense_mask(mask_mod, rows), tokens.shape[1])
+            mask = block_sparse_mask(mask_mod, rows)
         cos, sin = rope_angles(rows.pos, self.config.head_dim, self.config.rope_base)
         return AttentionContext(rows, mask, cos, sin)
 

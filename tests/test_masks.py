@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
-from meloformer.masks import block_mask, full_dense_mask, row_layout, slots_for, summary_mask_mod
+from meloformer.masks import (
+    block_mask,
+    block_sparse_mask,
+    full_dense_mask,
+    row_layout,
+    slots_for,
+    summary_mask_mod,
+)
 from meloformer.model import compiled_flex_attention
 
 TOK = HIDTokenizer()
@@ -299,6 +306,31 @@ def test_block_mask_equals_torch_create_block_mask(size: int):
     reference = create_block_mask(mod, 2, None, rows.length, rows.length, "cpu", size)
     assert torch.equal(ours.to_dense(), reference.to_dense())
     assert ours.full_kv_num_blocks is not None and torch.equal(ours.full_kv_num_blocks, reference.full_kv_num_blocks)
+
+
+@pytest.mark.parametrize(("query_block", "key_block"), [(16, 16), (32, 8), (64, 32)])
+def test_block_sparse_mask_holds_exactly_the_dense_mask(query_block: int, key_block: int):
+    """Scattered back to (query, key) positions, the calls' masks rebuild the dense mask: every visible pair is
+    in exactly one call, no gathered key block is empty, and the query blocks are each in one call."""
+    tokens = np.array([TOKENS + TOKENS[:-30] + [PAD] * 37, TOKENS + TOKENS[::-1] + TOKENS[:7]])
+    rows = row_layout(tokens, 24)
+    for settings in ({}, {"kind_sparsity": True, "fine_bars": (1, 3)}):
+        mod = summary_mask_mod(rows, **settings)
+        dense, sparse = full_dense_mask(mod, rows)[:, 0], block_sparse_mask(mod, rows, query_block, key_block)
+        t, n_queries, n_keys = rows.length, -(-rows.length // query_block), -(-rows.length // key_block)
+        rebuilt = torch.zeros(2, n_queries * query_block, n_keys * key_block, dtype=torch.int64)
+        for call in sparse.calls:
+            g, m = call.keys.shape
+            batch, block = call.query // n_queries, call.query % n_queries
+            assert torch.equal(call.keys // n_keys, batch[:, None].expand(g, m)), "keys from the query's own row"
+            q = block[:, None] * query_block + torch.arange(query_block)
+            k = ((call.keys % n_keys)[:, :, None] * key_block + torch.arange(key_block)).flatten(1)
+            mask = call.mask[:, 0]
+            real = (q < t)[:, :, None]
+            assert (mask & real).view(g, query_block, m, key_block).any(dim=(1, 3)).all()
+            rebuilt.index_put_((batch[:, None, None], q[:, :, None], k[:, None, :]), (mask & real).long(), True)
+        assert torch.equal(rebuilt[:, :t, :t], dense.long())
+        assert torch.equal(torch.sort(torch.cat([c.query for c in sparse.calls]))[0], torch.arange(2 * n_queries))
 
 
 # Shared with test_model/test_decode: one compiled-flex shape for the whole test session.

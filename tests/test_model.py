@@ -7,12 +7,21 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from _music import demo_files, make_score
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_PROGRAM0, HIDTokenizer
-from meloformer.masks import row_layout
-from meloformer.model import SIZES, MeloFormer, MeloFormerConfig, apply_rope, parameter_counts, rope_angles
+from meloformer.masks import BlockSparseMask, block_sparse_mask, full_dense_mask, row_layout, summary_mask_mod
+from meloformer.model import (
+    SIZES,
+    MeloFormer,
+    MeloFormerConfig,
+    apply_rope,
+    attend,
+    parameter_counts,
+    rope_angles,
+)
 
 TOK = HIDTokenizer()
 # One shape for every compiled-flex call of the session (compiling costs seconds per shape on CPU).
@@ -269,21 +278,48 @@ def test_flex_and_sdpa_agree_in_gradients_on_cuda():
     assert torch.allclose(grads[0], grads[1], atol=1e-4)
 
 
-def test_key_range_attention_equals_the_full_dense_mask():
-    """SDPA by query blocks over the keys each block can see == SDPA over the whole masked matrix."""
-    from meloformer.model import KeyRangeMask, attend
+def packed_rows(seed: int, length: int) -> torch.Tensor:
+    """Two rows: three or more pieces packed to exactly ``length`` tokens, and two pieces then padding."""
+    pieces = hid_pieces(8, length // 3, seed=seed)
+    packed = np.concatenate(pieces)[:length]
+    return batch([packed, np.concatenate(pieces[-2:])], length)
 
+
+@pytest.mark.parametrize(("query_block", "key_block"), [(16, 16), (64, 16), (128, 32)])
+def test_block_sparse_attention_equals_sdpa_with_the_dense_mask(query_block: int, key_block: int):
+    """Outputs and gradients of q, k, v equal the dense-mask SDPA on packed rows with padding (float64)."""
+    tokens = packed_rows(seed=11, length=300)  # not a multiple of any block: the last blocks are partial
+    rows = row_layout(tokens, 40)
+    mod = summary_mask_mod(rows)
+    sparse, dense = block_sparse_mask(mod, rows, query_block, key_block), full_dense_mask(mod, rows)
+    assert (rows.doc[0, : rows.num_regular].unique() >= 0).sum() >= 3 and (tokens[1] == PAD).any()
+    assert len(sparse.calls) > 1
     torch.manual_seed(0)
-    n, slots = 600, 40  # three query blocks of 256, the last one partial, then the slots
-    q = torch.randn(2, 4, n + slots, 16, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 2, n + slots, 16, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 2, n + slots, 16, dtype=torch.float64, requires_grad=True)
-    causal = torch.ones(n + slots, n + slots, dtype=torch.bool).tril()
-    mask = (causal & (torch.rand(2, 1, n + slots, n + slots) < 0.5)) | torch.eye(n + slots, dtype=torch.bool)
-    mask[:, :, :n, n:] = torch.rand(2, 1, n, slots) < 0.3  # regular queries see some slots
-    full = attend(q, k, v, mask)
-    blocked = attend(q, k, v, KeyRangeMask.from_dense(mask, n, block=256))
-    assert torch.allclose(full, blocked)
-    grads = torch.autograd.grad(full.square().sum(), (q, k, v))
-    blocked_grads = torch.autograd.grad(blocked.square().sum(), (q, k, v))
-    assert all(torch.allclose(a, b) for a, b in zip(grads, blocked_grads))
+    q = torch.randn(2, 4, rows.length, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, rows.length, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    out = attend(q, k, v, sparse)
+    assert torch.allclose(out, reference, atol=1e-12)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((reference * weights).sum(), (q, k, v))
+    sparse_grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, sparse_grads))
+
+
+def test_block_sparse_training_equals_the_dense_mask_in_loss_and_gradients():
+    """The whole model: the sdpa backend (block-sparse) gives the dense-mask loss and parameter gradients."""
+    tokens = packed_rows(seed=12, length=FLEX_LEN)
+    model = tiny_model().double()
+    results = []
+    for dense in (False, True):
+        ctx = model.prepare(tokens, backend="sdpa")
+        assert isinstance(ctx.mask, BlockSparseMask)
+        if dense:
+            ctx.mask = full_dense_mask(model.mask_mod(ctx.rows), ctx.rows)
+        loss = model(tokens, ctx=ctx).logsumexp(-1).mean()
+        model.zero_grad()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (dense_loss, dense_grads) = results
+    assert torch.allclose(loss, dense_loss, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, dense_grads))
