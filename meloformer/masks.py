@@ -95,14 +95,11 @@ def row_layout(
     min_slots: int | None = None,
     doc_ids: np.ndarray | Tensor | None = None,
     tokenizer: HIDTokenizer | None = None,
-    open_last_segment: bool = False,
 ) -> RowLayout:
     """Build the per-row side channels of a batch ``[B, L]`` with one call to ``meloformer.layout.layout``.
 
     Rows get ``min_slots`` summary slots, or ``slots_for`` more when a row has more segments; ``None`` gives
-    exactly the largest segment count. With ``open_last_segment`` the segment holding the last token of a
-    row is treated as still open (its slot unused), as in incremental decoding, where a summary exists only
-    once the next token has closed its segment.
+    exactly the largest segment count.
     """
     if isinstance(tokens, Tensor):
         tokens = tokens.detach().cpu().numpy()
@@ -114,8 +111,6 @@ def row_layout(
     table = lay.segment_table(segments if min_slots is None else slots_for(segments, min_slots))
     n = tokens.shape[1]
     slot_doc = table["doc"]
-    if open_last_segment:
-        slot_doc = np.where(table["end"] == n - 1, -1, slot_doc)
     slots = table["end"].shape[1]
     kind_class = _KIND_CLASS[lay.kind]
     rows = {
@@ -158,43 +153,45 @@ def summary_mask_mod(
         return (doc[b, q] == doc[b, kv]) & (doc[b, q] >= 0)
 
     def sr(b, h, q, kv):
-        """sigma(s) sees every regular token of s."""
+        """The summary slot of segment s sees every regular token of s."""
         return (q >= n) & (kv < n) & (seg[b, kv] == seg[b, q])
 
     def ss(b, h, q, kv):
-        """sigma(s) sees sigma(s') when s' ended before s ended."""
+        """The summary slot of segment s sees the slot of every segment s' that ended before s ended."""
         return (q >= n) & (kv >= n) & (pos[b, kv] < pos[b, q])
 
     def rs(b, h, q, kv):
-        """A regular token at p sees sigma(s') when s' ended before p."""
+        """A regular token at position p sees the slot of every segment s' that ended before p."""
         return (q < n) & (kv >= n) & (pos[b, kv] < pos[b, q])
 
     def rr_causal(b, h, q, kv):
-        """A regular token sees regular tokens at or before its position, and then only when..."""
+        """A regular token sees only regular tokens at or before its own position (one of the rules below)."""
         return (q < n) & (kv <= q)
 
     def rr_global(b, h, q, kv):
-        """...the key is BOS, Track or EOS,"""
+        """A regular token sees every earlier global token of its piece: BOS, Track and EOS."""
         return is_global[b, kv]
 
     def rr_same_segment(b, h, q, kv):
-        """...or in the query's segment,"""
+        """A regular token sees the earlier tokens of its own segment."""
         return (seg[b, q] == seg[b, kv]) & (seg[b, q] >= 0)
 
     def rr_fine_bar(b, h, q, kv):
-        """...or in the same track, ``bar(q) - bar(kv)`` in ``fine_bars``,"""
+        """A regular token sees the tokens of its own track whose bar lies ``fine_bars`` bars before its own."""
         offset = bar[b, q] - bar[b, kv]
         in_table = (offset > 0) & (offset <= max_offset) & fine[offset.clamp(0, max_offset)]
         return (track[b, q] == track[b, kv]) & (bar[b, kv] >= 0) & in_table
 
     def rr_cross_track(b, h, q, kv):
-        """...or in another track, a bar within ``cross_window`` (causality keeps only earlier tracks)."""
+        """A regular token sees the tokens of other tracks within ``cross_window`` bars of its own bar (causality
+        keeps only the tracks before it)."""
         near = (bar[b, q] - bar[b, kv]).abs() <= cross_window
         return (track[b, q] != track[b, kv]) & (bar[b, q] >= 0) & (bar[b, kv] >= 0) & near
 
     def rr_kind(b, h, q, kv):
-        """Optional, on the last three: onset/pitch see onset/pitch, velocity velocity, duration duration;
-        an onset group always sees itself, and other kinds (Bar, conductor events) are not restricted."""
+        """With ``kind_sparsity``, the three local rules only pair kinds of one class: onsets and pitches see
+        onsets and pitches, velocities velocities, durations durations; an onset group always sees itself, and
+        other kinds (Bar, conductor events) are not restricted."""
         cq, ck = kind_class[b, q], kind_class[b, kv]
         same_onset = (onset_group[b, q] == onset_group[b, kv]) & (onset_group[b, q] >= 0)
         return (cq == 0) | (ck == 0) | (cq == ck) | same_onset
@@ -344,6 +341,23 @@ def block_sparse_mask(
         flat_queries.append(query)
     order = torch.argsort(torch.cat(flat_queries))
     return BlockSparseMask(t, query_block, key_block, calls, order)
+
+
+def attention_mask(
+    mask_mod: MaskMod, rows: RowLayout, backend: str, block_size: int | None = None
+) -> BlockSparseMask | BlockMask | Tensor:
+    """The mask of one batch as its backend runs it, built from the evaluated tiles in one call.
+
+    ``sdpa`` gets the ``BlockSparseMask``, ``flex`` the ``BlockMask`` (``block_size``: 128 on CUDA, 32 on CPU,
+    where sparser tiles measured faster) and ``dense`` the full boolean matrix (the reference).
+    """
+    if backend == "sdpa":
+        return block_sparse_mask(mask_mod, rows)
+    if backend == "flex":
+        return block_mask(mask_mod, rows, block_size or (32 if rows.pos.device.type == "cpu" else 128))
+    if backend == "dense":
+        return full_dense_mask(mask_mod, rows)
+    raise ValueError(f"unknown attention mask backend {backend!r}")
 
 
 def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:

@@ -29,8 +29,7 @@ from meloformer.masks import (
     DEFAULT_FINE_BARS,
     BlockSparseMask,
     RowLayout,
-    block_mask,
-    block_sparse_mask,
+    attention_mask,
     row_layout,
     summary_mask_mod,
 )
@@ -284,24 +283,18 @@ class MeloFormer(nn.Module):
         tokens: Tensor,
         doc_ids: Tensor | None = None,
         min_slots: int | None = None,
-        open_last_segment: bool = False,
     ) -> RowLayout:
         """Side channels of a batch with ``summary_slots`` slots (more, rounded up to 128, if needed)."""
         min_slots = self.config.summary_slots if min_slots is None else min_slots
-        return row_layout(tokens, min_slots, doc_ids, open_last_segment=open_last_segment).to(tokens.device)
+        return row_layout(tokens, min_slots, doc_ids).to(tokens.device)
 
     def prepare(self, tokens: Tensor, doc_ids: Tensor | None = None, backend: str | None = None) -> AttentionContext:
         """Side channels, mask and rotary angles for a batch: built once, shared by every layer."""
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"{tokens.shape[1]} tokens exceed max_seq_len={self.config.max_seq_len}")
         rows = self.row_layout(tokens, doc_ids)
-        mask_mod = self.mask_mod(rows)
         backend = backend or self.backend(tokens.device)
-        if backend == "flex":
-            size = self.config.flex_block_size or (32 if tokens.device.type == "cpu" else 128)
-            mask = block_mask(mask_mod, rows, size)
-        else:
-            mask = block_sparse_mask(mask_mod, rows)
+        mask = attention_mask(self.mask_mod(rows), rows, backend, self.config.flex_block_size)
         cos, sin = rope_angles(rows.pos, self.config.head_dim, self.config.rope_base)
         return AttentionContext(rows, mask, cos, sin)
 
