@@ -72,9 +72,16 @@ class RowLayout:
     def num_slots(self) -> int:
         return self.length - self.num_regular
 
+    def tensors(self) -> dict[str, Tensor]:
+        """The side channels as a dict of tensors: how a batch carries them from the DataLoader workers."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_regular"}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], num_regular: int) -> RowLayout:
+        return cls(num_regular=num_regular, **tensors)
+
     def to(self, device: torch.device | str) -> RowLayout:
-        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_regular"}
-        return dataclasses.replace(self, **{k: v.to(device) for k, v in tensors.items()})
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
 
 @functools.cache

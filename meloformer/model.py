@@ -288,11 +288,21 @@ class MeloFormer(nn.Module):
         min_slots = self.config.summary_slots if min_slots is None else min_slots
         return row_layout(tokens, min_slots, doc_ids).to(tokens.device)
 
-    def prepare(self, tokens: Tensor, doc_ids: Tensor | None = None, backend: str | None = None) -> AttentionContext:
-        """Side channels, mask and rotary angles for a batch: built once, shared by every layer."""
+    def prepare(
+        self,
+        tokens: Tensor,
+        doc_ids: Tensor | None = None,
+        backend: str | None = None,
+        rows: RowLayout | None = None,
+    ) -> AttentionContext:
+        """Side channels, mask and rotary angles for a batch: built once, shared by every layer.
+
+        ``rows`` are side channels computed beforehand (by the DataLoader workers); by default they are
+        computed here from ``tokens`` and ``doc_ids``.
+        """
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"{tokens.shape[1]} tokens exceed max_seq_len={self.config.max_seq_len}")
-        rows = self.row_layout(tokens, doc_ids)
+        rows = self.row_layout(tokens, doc_ids) if rows is None else rows.to(tokens.device)
         backend = backend or self.backend(tokens.device)
         mask = attention_mask(self.mask_mod(rows), rows, backend, self.config.flex_block_size)
         cos, sin = rope_angles(rows.pos, self.config.head_dim, self.config.rope_base)

@@ -238,6 +238,18 @@ def test_doc_ids_override_the_documents_from_bos():
         assert not torch.allclose(model(tokens)[0, len(a) :], merged[0, len(a) :], atol=1e-4)
 
 
+def test_side_channels_computed_beforehand_are_used():
+    """``prepare(rows=...)`` (the DataLoader's layout) uses the given rows instead of computing its own."""
+    a, b = hid_pieces(2, FLEX_LEN // 2, seed=7)
+    tokens = batch([np.concatenate([a, b])], len(a) + len(b))
+    merged = torch.zeros_like(tokens)
+    model = tiny_model().eval()
+    with torch.no_grad():
+        given = model(tokens, ctx=model.prepare(tokens, rows=row_layout(tokens, TINY.summary_slots, merged)))
+        assert torch.equal(given, model(tokens, doc_ids=merged))
+        assert not torch.allclose(given, model(tokens), atol=1e-4)
+
+
 def test_more_segments_than_summary_slots_rounds_up():
     pieces = hid_pieces(2, FLEX_LEN, seed=8)
     tokens = batch(pieces)
