@@ -2,10 +2,12 @@
 the DataLoader's rows/s against what the model consumes.
 
 MeloFormer runs the ``sdpa`` backend's block-sparse attention with each ``--sparse`` grouping
-(``QUERYxKEY`` block sizes; the first is the model's default) and, with ``--dense``, SDPA over the whole
-dense mask. Rows hold ``--summary-slots`` slots, by default one per 8 tokens as the configs use (256 at
-2,048 tokens, 1,024 at 8,192). The table splits each MeloFormer step into its layout + mask building
-(``prepare``) and the rest.
+(``QUERYxKEY`` block sizes; the model's default is 64x32) and, with ``--dense``, SDPA over the whole
+dense mask. The layout comes from the DataLoader (``batch["layout"]``, as in training); ``--main-layout``
+adds the first grouping with the layout computed in the step, as before it moved to the loader. Rows hold
+``--summary-slots`` slots, by default one per 8 tokens as the configs use (256 at 2,048 tokens, 1,024 at
+8,192). The table's "mask share" is the share of each MeloFormer step spent building its layout (when
+computed in the step) and its mask.
 
 The plain transformer has MeloFormer-small's width, depth, heads, SwiGLU width, RMSNorm, rotary embedding
 and vocabulary, and attends with ``scaled_dot_product_attention(is_causal=True)`` over the same rows: the
@@ -15,7 +17,7 @@ A training step is forward + loss + backward + AdamW, on rows of the bundled dem
 The models' steps alternate, so a busy machine slows them alike; the median step counts. Loader rows/s is
 measured in the main process (no workers).
 
-    python bench/train.py --threads 1 [--seq-len 2048] [--summary-slots 256] [--sparse 128x32 64x32] [--dense]
+    python bench/train.py --threads 1 [--seq-len 2048] [--summary-slots 256] [--sparse 64x32 128x32] [--dense]
 
 Goals: MeloFormer >= 0.9x the plain causal tokens/s at 2,048 tokens and >= 1.0x at 8,192; loader >= 10x the
 rows/s the model consumes.
@@ -38,7 +40,7 @@ from torch import Tensor, nn
 
 from meloformer.datamodules import HIDDataModule
 from meloformer.hid import BOS, PAD
-from meloformer.masks import block_sparse_mask, full_dense_mask
+from meloformer.masks import RowLayout, block_sparse_mask, full_dense_mask
 from meloformer.model import AttentionContext, MeloFormerConfig, apply_rope, rope_angles
 from meloformer.module import MeloFormerModule
 
@@ -88,18 +90,22 @@ class PlainCausal(nn.Module):
         return F.linear(self.norm(x), self.tok_emb.weight)
 
 
-def plain_loss(model: PlainCausal, tokens: Tensor) -> Tensor:
+def plain_loss(model: PlainCausal, batch: dict[str, Tensor]) -> Tensor:
+    tokens = batch["tokens"]
     targets = tokens[:, 1:]
     valid = (targets != PAD) & (targets != BOS)
     logits = model(tokens)[:, :-1]
     return F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100))
 
 
-def meloformer_loss(module: MeloFormerModule, tokens: Tensor, sparse: tuple[int, int] | None) -> tuple[Tensor, float]:
-    """The module's training loss with the given attention mask, and the seconds spent building it."""
+def meloformer_loss(
+    module: MeloFormerModule, batch: dict[str, Tensor], sparse: tuple[int, int] | None, loader_layout: bool
+) -> tuple[Tensor, float]:
+    """The module's training loss with the given attention mask, and the seconds spent building the layout
+    (unless the loader built it) and the mask."""
     started = time.perf_counter()
-    model, config = module.model, module.model.config
-    rows = model.row_layout(tokens)
+    tokens, model, config = batch["tokens"], module.model, module.model.config
+    rows = RowLayout.from_tensors(batch["layout"], tokens.shape[1]) if loader_layout else model.row_layout(tokens)
     mask_mod = model.mask_mod(rows)
     mask = full_dense_mask(mask_mod, rows) if sparse is None else block_sparse_mask(mask_mod, rows, *sparse)
     ctx = AttentionContext(rows, mask, *rope_angles(rows.pos, config.head_dim, config.rope_base))
@@ -110,10 +116,12 @@ def meloformer_loss(module: MeloFormerModule, tokens: Tensor, sparse: tuple[int,
     return F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100)), prepare
 
 
-def timed_step(loss_fn, model: nn.Module, optimizer: torch.optim.Optimizer, tokens: Tensor) -> tuple[float, float]:
+def timed_step(
+    loss_fn, model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor]
+) -> tuple[float, float]:
     """Seconds of one training step, and of its layout + mask building (0 for the plain model)."""
     started = time.perf_counter()
-    loss = loss_fn(model, tokens)
+    loss = loss_fn(model, batch)
     loss, prepare = loss if isinstance(loss, tuple) else (loss, 0.0)
     loss.backward()
     optimizer.step()
@@ -138,8 +146,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per model (after 2 warm-up steps)")
     parser.add_argument("--summary-slots", type=int, default=None, help="default: seq-len / 8, as the configs")
-    parser.add_argument("--sparse", nargs="*", default=["128x32"], help="block-sparse groupings QUERYxKEY")
+    parser.add_argument("--sparse", nargs="*", default=["64x32"], help="block-sparse groupings QUERYxKEY")
     parser.add_argument("--dense", action="store_true", help="also time SDPA over the whole dense mask")
+    parser.add_argument("--main-layout", action="store_true", help="also the first grouping without the layout "
+                        "from the loader (computed in the step, as before)")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--loader-rows", type=int, default=200)
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
@@ -155,21 +165,23 @@ def main() -> None:
     data = HIDDataModule(max_seq_len=L, max_segments=config.summary_slots, batch_size=B)
     data.prepare_data()
     data.setup("fit")
-    batches = [batch["tokens"] for _, batch in zip(range(args.steps + 2), data.train_dataloader())]
+    batches = [batch for _, batch in zip(range(args.steps + 2), data.train_dataloader())]
     plain = PlainCausal(config)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    variants = {f"sparse {v}": tuple(int(x) for x in v.split("x")) for v in args.sparse}
-    variants |= {"dense mask": None} if args.dense else {}
+    variants = {f"sparse {v}": (tuple(int(x) for x in v.split("x")), True) for v in args.sparse}
+    if args.main_layout:
+        variants[f"sparse {args.sparse[0]}, layout in step"] = (variants[f"sparse {args.sparse[0]}"][0], False)
+    variants |= {"dense mask": (None, True)} if args.dense else {}
     runs = {
-        f"meloformer {name}": (functools.partial(meloformer_loss, sparse=blocks), module, optimizer)
-        for name, blocks in variants.items()
+        f"meloformer {name}": (functools.partial(meloformer_loss, sparse=blocks, loader_layout=on), module, optimizer)
+        for name, (blocks, on) in variants.items()
     }
     runs["plain_causal"] = (plain_loss, plain, torch.optim.AdamW(plain.parameters(), lr=1e-4))
     times: dict[str, list[float]] = {name: [] for name in runs}
     prepare_times: dict[str, list[float]] = {name: [] for name in runs}
-    for i, tokens in enumerate(batches):
+    for i, batch in enumerate(batches):
         for name, (loss_fn, model, optimizer) in runs.items():
-            seconds, prepare = timed_step(loss_fn, model, optimizer, tokens)
+            seconds, prepare = timed_step(loss_fn, model, optimizer, batch)
             if i >= 2:
                 times[name].append(seconds)
                 prepare_times[name].append(prepare)
@@ -180,7 +192,7 @@ def main() -> None:
     first = next(iter(runs))
     model_rows_per_s = B / step[first]
     loader = loader_rows_per_s(data, args.loader_rows)
-    fill = float(torch.cat(batches).ne(PAD).float().mean())
+    fill = float(torch.cat([batch["tokens"] for batch in batches]).ne(PAD).float().mean())
     result = {
         "seq_len": L,
         "batch_size": B,

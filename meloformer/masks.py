@@ -311,7 +311,7 @@ class BlockSparseMask:
 
 
 def block_sparse_mask(
-    mask_mod: MaskMod, rows: RowLayout, query_block: int = 128, key_block: int = 32
+    mask_mod: MaskMod, rows: RowLayout, query_block: int = 64, key_block: int = 32
 ) -> BlockSparseMask:
     """Build a ``BlockSparseMask`` from the evaluated ``key_block`` tiles, never the full dense matrix.
 

@@ -134,16 +134,15 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMas
         F.pad(x, (0, 0, 0, n_keys * bk - t)).view(batch, kv_heads, n_keys, bk, d).transpose(1, 2).flatten(0, 1)
         for x in (k, v)
     )
+    # One gather per tensor for all calls, so the backward scatters into one gradient, not one per call.
+    queries = q[torch.cat([call.query for call in mask.calls])].split([len(call.query) for call in mask.calls])
+    index, sizes = torch.cat([call.keys.flatten() for call in mask.calls]), [call.keys.numel() for call in mask.calls]
+    keys, values = k[index].split(sizes), v[index].split(sizes)
     out = []
-    for call in mask.calls:
+    for call, q_, k_, v_ in zip(mask.calls, queries, keys, values):
         g, m = call.keys.shape
-        keys, values = (x[call.keys.flatten()].view(g, m, kv_heads, bk, d).transpose(1, 2) for x in (k, v))
-        keys, values = keys.flatten(2, 3), values.flatten(2, 3)
-        out.append(
-            F.scaled_dot_product_attention(
-                q[call.query], keys, values, attn_mask=call.mask, enable_gqa=heads != kv_heads
-            )
-        )
+        k_, v_ = (x.view(g, m, kv_heads, bk, d).transpose(1, 2).flatten(2, 3) for x in (k_, v_))
+        out.append(F.scaled_dot_product_attention(q_, k_, v_, attn_mask=call.mask, enable_gqa=heads != kv_heads))
     y = torch.cat(out)[mask.order].view(batch, n_queries, heads, bq, d).transpose(1, 2)
     return y.reshape(batch, heads, n_queries * bq, d)[:, :, :t]
 
