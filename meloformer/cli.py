@@ -11,14 +11,15 @@ from jsonargparse import ArgumentParser
 from meloformer.hid import HIDTokenizer
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,evaluate,sizes} ...
+USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,evaluate,export,sizes} ...
 
   fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config configs/demo.yaml
                         (--print_config, dotted overrides such as --model.size base, --trainer.strategy ddp
                         --trainer.num_nodes N --trainer.devices M; `meloformer fit --help` lists everything)
   preprocess            tokenise a folder of MIDI files into HID shards
-  generate              sample MIDI files (and piano rolls) from a checkpoint
+  generate              sample MIDI files (and piano rolls) from a checkpoint, a model folder or the shipped model
   evaluate              loss/perplexity of a checkpoint on a split, or music metrics of generated MIDI
+  export                turn a training checkpoint into a model folder (safetensors, config.json, model card)
   sizes                 the model sizes and their real parameter counts
 """
 
@@ -73,7 +74,12 @@ def preprocess_main(argv: list[str]) -> int:
 
 def generate_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="meloformer generate", description="Sample MIDI files from a checkpoint.")
-    parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint of `meloformer fit`")
+    parser.add_argument(
+        "--ckpt_path",
+        type=str,
+        default=None,
+        help="a checkpoint of `meloformer fit` or a model folder (default: the shipped model)",
+    )
     parser.add_argument("--out", type=str, required=True, help="folder for sample_K.mid and sample_K.png")
     parser.add_argument("--prompt", type=str, default=None, help="MIDI file to continue (or to add a track to)")
     parser.add_argument("--prompt_bars", type=int, default=None, help="use only the prompt's first bars")
@@ -113,16 +119,15 @@ def _time_signature(text: str) -> tuple[int, int]:
 def generate_main(argv: list[str]) -> int:
     import torch
 
-    from meloformer.module import load_checkpoint
     from meloformer.pianoroll import save_pianoroll
+    from meloformer.pretrained import load_model
     from meloformer.sampling import GenerationRequest, check_request, generate
 
     args = generate_parser().parse_args(argv)
     try:
         if args.prompt and (args.tempo is not None or args.time_signature):
             raise ValueError("--tempo and --time_signature come from the prompt; drop them or the prompt")
-        module = load_checkpoint(args.ckpt_path, map_location=args.device)
-        tok = module.tokenizer
+        model, tok = load_model(args.ckpt_path, device=args.device)
         prompt = None
         bars = args.bars
         if args.prompt:
@@ -146,7 +151,7 @@ def generate_main(argv: list[str]) -> int:
     except (ValueError, OSError) as err:
         print(f"meloformer generate: error: {err}", file=sys.stderr)
         return 2
-    model = module.model.to(torch.device(args.device))
+    model = model.to(torch.device(args.device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for k in range(args.num_samples):
@@ -195,6 +200,32 @@ def evaluate_main(argv: list[str]) -> int:
         print(f"meloformer evaluate: error: {err}", file=sys.stderr)
         return 2
     write_json(result, args.out)
+    return 0
+
+
+def export_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="meloformer export", description="A training checkpoint -> a model folder.")
+    parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint of `meloformer fit`")
+    parser.add_argument("--out", type=str, required=True, help="the model folder to write")
+    parser.add_argument("--card", type=str, default=None, help="a Markdown model card (default: a generated one)")
+    return parser
+
+
+def export_main(argv: list[str]) -> int:
+    """Write ``model.safetensors``, ``config.json`` and ``README.md`` from a training checkpoint."""
+    from meloformer.module import load_checkpoint, model_card
+    from meloformer.pretrained import save_model_folder
+
+    args = export_parser().parse_args(argv)
+    try:
+        module = load_checkpoint(args.ckpt_path)
+        card = Path(args.card).read_text() if args.card else model_card(module, args.ckpt_path)
+        folder = save_model_folder(module.model, module.tokenizer, args.out, card)
+    except (ValueError, OSError) as err:
+        print(f"meloformer export: error: {err}", file=sys.stderr)
+        return 2
+    size = (folder / "model.safetensors").stat().st_size
+    print(f"{folder}: model.safetensors ({size / 1e6:.1f} MB), config.json, README.md")
     return 0
 
 
@@ -275,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         return generate_main(argv[1:])
     if command == "evaluate":
         return evaluate_main(argv[1:])
+    if command == "export":
+        return export_main(argv[1:])
     if command == "sizes":
         return sizes_main(argv[1:])
     print(USAGE, file=sys.stdout if command in ("-h", "--help") else sys.stderr)

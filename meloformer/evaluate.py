@@ -14,15 +14,18 @@ from meloformer.metrics import PIECE_METRICS, MusicMetrics, similarity_error
 def evaluate_checkpoint(
     ckpt_path: str | Path, data_dir: str | Path, split: str = "val", batch_size: int = 4, device: str = "cpu"
 ) -> dict[str, float]:
-    """Token-weighted loss and perplexity, overall and per token kind, of ``split`` (val or test)."""
+    """Token-weighted loss and perplexity, overall and per token kind, of ``split`` (val or test).
+
+    ``ckpt_path`` is a training checkpoint or a model folder."""
     import lightning.pytorch as pl
 
     from meloformer.datamodules import HIDDataModule
-    from meloformer.module import load_checkpoint
+    from meloformer.module import load_checkpoint, module_from_folder
+    from meloformer.pretrained import is_model_folder
 
     if split not in ("val", "test"):
         raise ValueError(f"split must be val or test, got {split!r}")
-    module = load_checkpoint(ckpt_path)
+    module = module_from_folder(ckpt_path) if is_model_folder(ckpt_path) else load_checkpoint(ckpt_path)
     data = HIDDataModule(
         data_dir=str(data_dir),
         max_seq_len=module.config.max_seq_len,

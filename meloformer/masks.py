@@ -80,6 +80,11 @@ class RowLayout:
     def from_tensors(cls, tensors: dict[str, Tensor], num_regular: int) -> RowLayout:
         return cls(num_regular=num_regular, **tensors)
 
+    def without_slots(self) -> RowLayout:
+        """The regular tokens' side channels alone (attention variants without summary slots)."""
+        n = self.num_regular
+        return dataclasses.replace(self, **{k: v[:, :n] for k, v in self.tensors().items()})
+
     def to(self, device: torch.device | str) -> RowLayout:
         return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
@@ -102,11 +107,13 @@ def row_layout(
     min_slots: int | None = None,
     doc_ids: np.ndarray | Tensor | None = None,
     tokenizer: HIDTokenizer | None = None,
+    with_slots: bool = True,
 ) -> RowLayout:
     """Build the per-row side channels of a batch ``[B, L]`` with one call to ``meloformer.layout.layout``.
 
     Rows get ``min_slots`` summary slots, or ``slots_for`` more when a row has more segments; ``None`` gives
-    exactly the largest segment count.
+    exactly the largest segment count. ``with_slots=False`` gives rows without summary slots (the ``causal``
+    and ``local`` attention variants).
     """
     if isinstance(tokens, Tensor):
         tokens = tokens.detach().cpu().numpy()
@@ -114,8 +121,13 @@ def row_layout(
         doc_ids = doc_ids.detach().cpu().numpy()
     tokens = np.atleast_2d(tokens)
     lay = layout(tokens, tokenizer or _default_tokenizer(), doc_ids)
-    segments = int(np.max(lay.num_segments(), initial=0))
-    table = lay.segment_table(segments if min_slots is None else slots_for(segments, min_slots))
+    if with_slots:
+        segments = int(np.max(lay.num_segments(), initial=0))
+        table = lay.segment_table(segments if min_slots is None else slots_for(segments, min_slots))
+    else:
+        table = {
+            k: np.zeros((tokens.shape[0], 0), dtype=np.int64) for k in ("end", "track", "bar", "doc", "track_token")
+        }
     n = tokens.shape[1]
     slot_doc = table["doc"]
     slots = table["end"].shape[1]
@@ -137,13 +149,24 @@ def row_layout(
     return RowLayout(num_regular=n, **tensors)
 
 
+ATTENTION_VARIANTS = ("summary", "causal", "local")
+
+
 def summary_mask_mod(
     rows: RowLayout,
     fine_bars: Sequence[int] = DEFAULT_FINE_BARS,
     cross_window: int = 1,
     kind_sparsity: bool = False,
+    attention: str = "summary",
 ) -> MaskMod:
-    """The full mask of DESIGN section 3 for the rows of ``rows`` (query and key index the same row)."""
+    """The mask of one attention variant for the rows of ``rows`` (query and key index the same row).
+
+    ``summary`` is the full mask of DESIGN section 3 (SR, SS, RS and RR). The two ablations use rows without
+    summary slots: ``causal`` lets a regular token see every earlier token of its document (full attention),
+    and ``local`` keeps only the RR rules (what the summaries add on top of them).
+    """
+    if attention not in ATTENTION_VARIANTS:
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
     n = rows.num_regular
     doc, pos, seg, track, bar = rows.doc, rows.pos, rows.segment, rows.track, rows.bar
     is_global, kind_class, onset_group = rows.is_global, rows.kind_class, rows.onset_group
@@ -207,7 +230,8 @@ def summary_mask_mod(
     if kind_sparsity:
         local = and_masks(local, rr_kind)
     rr = and_masks(rr_causal, or_masks(rr_global, local))
-    return or_masks(itself, and_masks(same_doc, or_masks(sr, ss, rs, rr)))
+    visible = {"summary": or_masks(sr, ss, rs, rr), "causal": rr_causal, "local": rr}[attention]
+    return or_masks(itself, and_masks(same_doc, visible))
 
 
 def dense_mask(mask_mod: MaskMod, batch_size: int, q_idx: Tensor, kv_idx: Tensor, chunk: int = 128) -> Tensor:

@@ -20,6 +20,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
@@ -38,6 +39,7 @@ from meloformer.masks import (
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 Backend = Literal["auto", "flex", "sdpa"]
+AttentionVariant = Literal["summary", "causal", "local"]
 Checkpointing = Literal["none", "ffn", "block"]
 DEFAULT_VOCAB_SIZE = HIDTokenizer().vocab_size
 NUM_TRACK_EMBEDDINGS = 1 + 2 + 128  # none, conductor, drums, 128 programs
@@ -58,6 +60,7 @@ class MeloFormerConfig:
     fine_bars: tuple[int, ...] = DEFAULT_FINE_BARS
     cross_window: int = 1
     kind_sparsity: bool = False
+    attention: AttentionVariant = "summary"  # summary | causal | local (the last two: no summary slots; ablations)
     attention_backend: Backend = "auto"
     flex_block_size: int | None = None  # None: 128 on CUDA, 32 on CPU (sparser tiles, measured faster)
     gradient_checkpointing: Checkpointing = "none"
@@ -238,7 +241,9 @@ class Block(nn.Module):
         return self.feed_forward(x)
 
 
-class MeloFormer(nn.Module):
+class MeloFormer(nn.Module, PyTorchModelHubMixin):
+    """The transformer; ``save_pretrained``/``from_pretrained`` (huggingface_hub) read and write model folders."""
+
     def __init__(self, config: MeloFormerConfig) -> None:
         super().__init__()
         self.config = config
@@ -275,7 +280,7 @@ class MeloFormer(nn.Module):
 
     def mask_mod(self, rows: RowLayout):
         c = self.config
-        return summary_mask_mod(rows, c.fine_bars, c.cross_window, c.kind_sparsity)
+        return summary_mask_mod(rows, c.fine_bars, c.cross_window, c.kind_sparsity, c.attention)
 
     def row_layout(
         self,
@@ -285,7 +290,8 @@ class MeloFormer(nn.Module):
     ) -> RowLayout:
         """Side channels of a batch with ``summary_slots`` slots (more, rounded up to 128, if needed)."""
         min_slots = self.config.summary_slots if min_slots is None else min_slots
-        return row_layout(tokens, min_slots, doc_ids).to(tokens.device)
+        with_slots = self.config.attention == "summary"
+        return row_layout(tokens, min_slots, doc_ids, with_slots=with_slots).to(tokens.device)
 
     def prepare(
         self,
@@ -301,7 +307,10 @@ class MeloFormer(nn.Module):
         """
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"{tokens.shape[1]} tokens exceed max_seq_len={self.config.max_seq_len}")
-        rows = self.row_layout(tokens, doc_ids) if rows is None else rows.to(tokens.device)
+        if rows is None:
+            rows = self.row_layout(tokens, doc_ids)
+        else:  # the loader's rows always hold summary slots; the causal and local variants use none
+            rows = (rows if self.config.attention == "summary" else rows.without_slots()).to(tokens.device)
         backend = backend or self.backend(tokens.device)
         mask = attention_mask(self.mask_mod(rows), rows, backend, self.config.flex_block_size)
         cos, sin = rope_angles(rows.pos, self.config.head_dim, self.config.rope_base)

@@ -304,6 +304,29 @@ def _kind_groups(tokenizer: HIDTokenizer) -> np.ndarray:
     return table[tokenizer.kinds]
 
 
+def model_card(module: MeloFormerModule, ckpt_path: str | Path) -> str:
+    """A plain model card for ``meloformer export``: what the model is and how to use it."""
+    step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", "?")
+    c = module.config
+    return (
+        f"# MeloFormer model\n\nExported from `{Path(ckpt_path).name}` after {step} optimizer steps.\n\n"
+        f"- {module.model.num_parameters():,} parameters: {c.n_layer} layers, width {c.n_embd}, {c.n_head} heads "
+        f"({c.n_kv_head} key/value), `{c.attention}` attention, rows of {c.max_seq_len} tokens\n"
+        f"- HID tokenizer settings: `{module.tokenizer.settings}`\n\n"
+        "```bash\nmeloformer generate --ckpt_path THIS_FOLDER --out samples\n```\n"
+    )
+
+
+def module_from_folder(folder: str | Path) -> MeloFormerModule:
+    """A module (for evaluation) around the model and tokenizer of a model folder."""
+    from meloformer.pretrained import load_model_folder
+
+    model, tokenizer = load_model_folder(folder)
+    module = MeloFormerModule(overrides=dataclasses.asdict(model.config), tokenizer=tokenizer.settings)
+    module.model.load_state_dict(model.state_dict())
+    return module.eval()
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MeloFormerModule:
     """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone."""
     checkpoint = torch.load(path, map_location=map_location, weights_only=False)

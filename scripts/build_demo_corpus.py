@@ -3,7 +3,8 @@
 
 Usage::
 
-    python scripts/build_demo_corpus.py --out demo/midi
+    python scripts/build_demo_corpus.py --out demo/midi                      # the bundled demo (116 files)
+    python scripts/build_demo_corpus.py --reference --out data/reference-midi  # every file that passes
 
 Reads scores that ship inside the installed ``music21`` package
 (``music21.corpus``), converts each one to a Type-1 MIDI file with one track
@@ -20,7 +21,11 @@ MeloFormer package.  symusic and miditoolkit are used for the final check.
 
 The selection is deterministic (fixed candidate lists in natural-sorted
 order, evenly spaced picks, fixed quotas), so rerunning the script rebuilds
-the same files.  Conversion runs in a 2-process pool.
+the same files.  ``--reference`` applies the same licence rules and program
+mapping but takes every candidate of every collection (all chorales, all
+movements of the listed quartets, every tune of the tune books) with no quota
+and a larger size cap: the reference corpus for real training runs, built,
+not committed.  Conversion runs in a 2-process pool.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from pathlib import Path
 
 MAX_MIDI_BYTES = 80 * 1024  # skip pieces whose MIDI would exceed this
 MAX_SOURCE_BYTES = 120 * 1024  # do not even try to convert bigger sources
+REFERENCE_MAX_BYTES = 1024 * 1024  # both caps for the reference corpus
 
 # ---------------------------------------------------------------------------
 # Part name -> General MIDI program (0-based)
@@ -291,8 +297,15 @@ def corpus_root() -> Path:
     return Path(music21.corpus.__file__).resolve().parent
 
 
-def build_candidates() -> dict[str, list[dict]]:
+def build_candidates(reference: bool = False) -> dict[str, list[dict]]:
+    """Candidates per collection: evenly spaced picks for the demo, everything for ``reference``."""
     root = corpus_root()
+    pick = (
+        (lambda items, coll: list(items))
+        if reference
+        else (lambda items, coll: _spread(items, QUOTAS[coll] + MARGIN[coll]))
+    )
+    max_source = REFERENCE_MAX_BYTES if reference else MAX_SOURCE_BYTES
     cands: dict[str, list[dict]] = {}
 
     # Bach chorales: bach/bwv<N>.<M>.mxl and bach/bwv<N>.mxl only (no variants)
@@ -304,7 +317,7 @@ def build_candidates() -> dict[str, list[dict]]:
         ),  # 846 = WTC prelude, not a chorale
         key=_natural_key,
     )
-    picks = _spread(chorales, QUOTAS["bach_chorales"] + MARGIN["bach_chorales"])
+    picks = pick(chorales, "bach_chorales")
     cands["bach_chorales"] = [dict(path=f"bach/{n}", out=n[:-4].replace(".", "_")) for n in picks]
 
     # String quartets: every movement file of the listed works (source size
@@ -312,7 +325,7 @@ def build_candidates() -> dict[str, list[dict]]:
     per_composer: dict[str, list[dict]] = collections.OrderedDict()
     for work in QUARTET_TITLES:
         for p in sorted((root / work).glob("*.mxl"), key=lambda p: _natural_key(p.name)):
-            if p.stat().st_size <= MAX_SOURCE_BYTES:
+            if p.stat().st_size <= max_source:
                 rel = f"{work}/{p.name}"
                 per_composer.setdefault(work.split("/")[0], []).append(dict(path=rel, out=rel[:-4].replace("/", "_")))
     q = []
@@ -329,30 +342,29 @@ def build_candidates() -> dict[str, list[dict]]:
         ),
         key=_natural_key,
     )
-    picks = _spread(mads, QUOTAS["monteverdi_madrigals"] + MARGIN["monteverdi_madrigals"])
+    picks = pick(mads, "monteverdi_madrigals")
     cands["monteverdi_madrigals"] = [dict(path=f"monteverdi/{n}", out=n[:-4].replace(".", "_")) for n in picks]
 
     cands["pd_cc_marked"] = [
         dict(path=p, out=Path(p).with_suffix("").as_posix().replace("/", "_")) for p, *_ in PD_CC_FILES
     ]
 
-    # O'Neill's: the first tune (lowest X:) of evenly spaced book files
+    # O'Neill's: the first tune (lowest X:) of evenly spaced book files; every tune for the reference corpus
     files = sorted((p.name for p in (root / "oneills1850").glob("*.abc")), key=_natural_key)
-    picks = _spread(files, QUOTAS["oneills_1850"] + MARGIN["oneills_1850"])
     c = []
-    for n in picks:
+    for n in pick(files, "oneills_1850"):
         text = (root / "oneills1850" / n).read_text(encoding="utf-8", errors="replace")
         xs = [int(x) for x in re.findall(r"^X:\s*(\d+)", text, re.M)]
         xs = [x for x in xs if x > 0]
-        if xs:
-            x = xs[0]  # first tune of the file
+        for x in xs if reference else xs[:1]:
             c.append(dict(path=f"oneills1850/{n}", number=x, out=f"oneills_{n[:-4]}_x{x}"))
     cands["oneills_1850"] = c
 
     # Ryan's Mammoth: evenly spaced single-tune files
     files = sorted((p.name for p in (root / "ryansMammoth").glob("*.abc")), key=_natural_key)
-    picks = _spread(files, QUOTAS["ryans_mammoth"] + MARGIN["ryans_mammoth"])
-    cands["ryans_mammoth"] = [dict(path=f"ryansMammoth/{n}", out=f"ryans_{n[:-4]}") for n in picks]
+    cands["ryans_mammoth"] = [
+        dict(path=f"ryansMammoth/{n}", out=f"ryans_{n[:-4]}") for n in pick(files, "ryans_mammoth")
+    ]
 
     for coll, lst in cands.items():
         for d in lst:
@@ -592,17 +604,20 @@ GM_NAMES = {
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="demo/midi", help="output folder for .mid files")
-    ap.add_argument("--sources", default=None, help="path of SOURCES.md (default: <out>/../SOURCES.md)")
+    ap.add_argument("--sources", default=None, help="SOURCES.md path (default: <out>/../, --reference: <out>/)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reference", action="store_true", help="every candidate that passes, no quotas (see above)")
     args = ap.parse_args(argv)
 
     import music21
 
     out_dir = Path(args.out)
-    sources_md = Path(args.sources) if args.sources else out_dir.parent / "SOURCES.md"
+    sources_md = Path(args.sources or (out_dir / "SOURCES.md" if args.reference else out_dir.parent / "SOURCES.md"))
     t0 = time.time()
 
-    cands = build_candidates()
+    cands = build_candidates(args.reference)
+    quota = (lambda coll: len(cands[coll])) if args.reference else QUOTAS.__getitem__
+    max_midi = REFERENCE_MAX_BYTES if args.reference else MAX_MIDI_BYTES
     flat = [c for coll in cands.values() for c in coll]
     print(f"music21 {music21.__version__}: {len(flat)} candidates, {args.workers} workers", flush=True)
 
@@ -637,14 +652,14 @@ def main(argv=None) -> int:
                 # collections whose licence is established at collection level
                 skipped.append((label, f"unexpected <rights> notice: {res['src_rights']}"))
                 continue
-            if len(res["data"]) > MAX_MIDI_BYTES:
-                skipped.append((label, f"MIDI too large ({len(res['data'])} bytes > {MAX_MIDI_BYTES})"))
+            if len(res["data"]) > max_midi:
+                skipped.append((label, f"MIDI too large ({len(res['data'])} bytes > {max_midi})"))
                 continue
-            if taken < QUOTAS[coll]:
+            if taken < quota(coll):
                 selected.append(res)
                 taken += 1
-        if taken < QUOTAS[coll]:
-            print(f"WARNING: {coll}: only {taken}/{QUOTAS[coll]} files", flush=True)
+        if taken < quota(coll):
+            print(f"WARNING: {coll}: only {taken}/{quota(coll)} files", flush=True)
 
     # Write files (clear previous .mid output first so reruns are exact).
     if out_dir.exists():
@@ -673,12 +688,15 @@ def main(argv=None) -> int:
     for label, why in skipped:
         print("skipped:", label, "-", why)
 
-    write_sources(sources_md, out_dir, selected, skipped, rep, music21.__version__)
-    print(f"wrote {sources_md}  ({time.time() - t0:.0f}s total)")
+    command = (
+        f"python scripts/build_demo_corpus.py {'--reference ' if args.reference else ''}--out {out_dir.as_posix()}"
+    )
+    write_sources(sources_md, out_dir, selected, skipped, rep, music21.__version__, command, max_midi)
+    print(f"wrote {sources_md}  ({time.time() - t0:.0f}s total, {args.workers} workers)")
     return 1 if rep["problems"] else 0
 
 
-def write_sources(path: Path, out_dir: Path, selected, skipped, rep, m21_version):
+def write_sources(path: Path, out_dir: Path, selected, skipped, rep, m21_version, command, max_midi):
     from music21.corpus import chorales
 
     chorale_titles = {k: v.get("title") for k, v in chorales.ChoraleListRKBWV().byBWV.items()}
@@ -698,7 +716,7 @@ def write_sources(path: Path, out_dir: Path, selected, skipped, rep, m21_version
         f"from scores in the corpus that ships with **music21 {m21_version}** "
         "(`music21.corpus`). Rebuild with:\n"
     )
-    L.append("```\npip install music21\npython scripts/build_demo_corpus.py --out demo/midi\n```\n")
+    L.append(f"```\npip install music21\n{command}\n```\n")
     L.append("## Summary\n")
     L.append("| collection | files | bytes | tracks per file |")
     L.append("|---|---:|---:|---|")
@@ -741,11 +759,11 @@ def write_sources(path: Path, out_dir: Path, selected, skipped, rep, m21_version
     L.append(
         "* Lyrics are dropped (they are not needed, and lyric-only events make some readers "
         "report extra empty tracks). Nothing is truncated; pieces whose MIDI would exceed "
-        f"{MAX_MIDI_BYTES // 1024} KB are skipped instead."
+        f"{max_midi // 1024} KB are skipped instead."
     )
     L.append(
         "* Selection is deterministic: natural-sorted candidate lists, evenly spaced picks, "
-        "fixed quotas per collection.\n"
+        "fixed quotas per collection (`--reference`: every candidate, no quotas).\n"
     )
     L.append("## Why these encodings may be redistributed\n")
     L.append(

@@ -238,6 +238,15 @@ def test_doc_ids_override_the_documents_from_bos():
         assert not torch.allclose(model(tokens)[0, len(a) :], merged[0, len(a) :], atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["causal", "local"])
+def test_loader_rows_with_slots_serve_the_variants_without_slots(attention: str):
+    tokens = packed_rows(seed=13, length=FLEX_LEN)
+    model = tiny_model(attention=attention).eval()
+    with torch.no_grad():
+        given = model(tokens, ctx=model.prepare(tokens, rows=row_layout(tokens, TINY.summary_slots)))
+        assert torch.equal(given, model(tokens))
+
+
 def test_side_channels_computed_beforehand_are_used():
     """``prepare(rows=...)`` (the DataLoader's layout) uses the given rows instead of computing its own."""
     a, b = hid_pieces(2, FLEX_LEN // 2, seed=7)
@@ -318,10 +327,12 @@ def test_block_sparse_attention_equals_sdpa_with_the_dense_mask(query_block: int
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, sparse_grads))
 
 
-def test_block_sparse_training_equals_the_dense_mask_in_loss_and_gradients():
-    """The whole model: the sdpa backend (block-sparse) gives the dense-mask loss and parameter gradients."""
+@pytest.mark.parametrize("attention", ["summary", "causal", "local"])
+def test_block_sparse_training_equals_the_dense_mask_in_loss_and_gradients(attention: str):
+    """The whole model, every attention variant: the sdpa backend (block-sparse) gives the dense-mask loss and
+    parameter gradients."""
     tokens = packed_rows(seed=12, length=FLEX_LEN)
-    model = tiny_model().double()
+    model = tiny_model(attention=attention).double()
     results = []
     for backend in ("sdpa", "dense"):
         ctx = model.prepare(tokens, backend=backend)

@@ -1,0 +1,74 @@
+"""Model folders: export a training checkpoint, load it back, generate and evaluate from it; the shipped model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import symusic
+import torch
+from test_generate_cli import checkpoint, meloformer  # noqa: F401 (the fixture)
+from test_model import hid_pieces
+
+from _music import REPO
+from meloformer.hid import HIDTokenizer
+from meloformer.model import MeloFormer
+from meloformer.module import load_checkpoint
+from meloformer.pretrained import DEFAULT_MODEL, SHIPPED_MODELS, is_model_folder, load_model, load_model_folder
+from meloformer.sampling import GenerationRequest, generate
+
+SHIPPED = SHIPPED_MODELS / DEFAULT_MODEL
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):  # noqa: F811
+    out = tmp_path_factory.mktemp("export") / "model"
+    done = meloformer("export", "--ckpt_path", str(checkpoint), "--out", str(out), cwd=out.parent)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_export_then_from_pretrained_gives_equal_logits(checkpoint, exported):  # noqa: F811
+    assert {p.name for p in exported.iterdir()} >= {"model.safetensors", "config.json", "README.md"}
+    saved = json.loads((exported / "config.json").read_text())
+    module = load_checkpoint(checkpoint)
+    assert saved["tokenizer"] == module.tokenizer.settings and saved["n_layer"] == module.config.n_layer
+    model, tokenizer = load_model_folder(exported)
+    assert model.config == module.config and tokenizer.settings == module.tokenizer.settings
+    tokens = torch.as_tensor(hid_pieces(1, 256, seed=2)[0])[None]
+    with torch.no_grad():
+        assert torch.equal(model(tokens), module.model(tokens))
+    # The mixin's own entry point reads the same folder.
+    direct = MeloFormer.from_pretrained(exported, config=model.config)
+    assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), model.state_dict().values()))
+
+
+def test_generate_and_evaluate_accept_a_model_folder(exported, demo_shards, tmp_path):
+    args = ["--ckpt_path", str(exported), "--bars", "2", "--instruments", "0", "--no_progress", "--seed", "3"]
+    from_folder = meloformer("generate", *args, "--out", str(tmp_path / "f"), cwd=tmp_path)
+    assert from_folder.returncode == 0, from_folder.stderr[-3000:]
+    assert symusic.Score(str(tmp_path / "f" / "sample_0.mid")).note_num() > 0
+    done = meloformer("evaluate", "--ckpt_path", str(exported), "--data", str(demo_shards), "--split", "val",
+                      "--out", str(tmp_path / "loss.json"), cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert 0 < json.loads((tmp_path / "loss.json").read_text())["loss"] < 10
+
+
+def test_a_folder_without_config_is_refused(tmp_path):
+    assert not is_model_folder(tmp_path)
+    with pytest.raises(ValueError, match="not a model folder"):
+        load_model_folder(tmp_path)
+
+
+@pytest.mark.skipif(not is_model_folder(SHIPPED), reason="no shipped model in this checkout")
+def test_the_shipped_model_writes_a_valid_two_bar_sample(tmp_path):
+    model, tokenizer = load_model(None)
+    assert model.config.vocab_size == HIDTokenizer(**tokenizer.settings).vocab_size
+    assert (SHIPPED / "model.safetensors").stat().st_size <= 25 * 2**20
+    tokens = generate(model, tokenizer, GenerationRequest(bars=2), seed=0, progress=False)
+    tokenizer.decode_to_file(tokens, tmp_path / "s.mid")
+    assert tokenizer.parse(tokens).n_bars == 2
+    assert symusic.Score(str(tmp_path / "s.mid")).note_num() > 0
+    done = meloformer("generate", "--out", str(tmp_path / "cli"), "--bars", "2", "--no_progress", cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "cli" / "sample_0.mid").exists()
