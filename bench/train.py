@@ -220,10 +220,10 @@ def main() -> None:
     }
     print(f"training on CPU, rows of {L} tokens (+{config.summary_slots} summary slots), batch {B}, "
           f"{torch.get_num_threads()} threads, median of {args.steps} steps")  # fmt: skip
-    print(f"{'model':28} {'params':>10} {'step s':>8} {'mask share':>10} {'tokens/s':>10} {'vs plain':>9}")
+    print(f"{'model':40} {'params':>10} {'step s':>8} {'mask share':>10} {'tokens/s':>10} {'vs plain':>9}")
     for name in runs:
         params, ratio = result["parameters"][name], result["vs_plain"][name]
-        print(f"{name:28} {params:>10,} {step[name]:>8.3f} {prepare_share[name]:>10.1%} "
+        print(f"{name:40} {params:>10,} {step[name]:>8.3f} {prepare_share[name]:>10.1%} "
               f"{tokens_per_s[name]:>10,.0f} {ratio:>8.2f}x")  # fmt: skip
     print(f"goal: {first} >= {result['goals']['vs_plain']}x plain causal; load average {os.getloadavg()[0]:.1f}")
     print(f"loader {loader:,.1f} rows/s vs model {model_rows_per_s:.2f} rows/s: "
