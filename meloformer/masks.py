@@ -7,9 +7,10 @@ which FlexAttention skips.
 
 Every rule is a small ``mask_mod(b, h, q_idx, kv_idx)`` over per-sample side channels (``RowLayout``,
 tensors ``[B, L + S]`` indexed by the batch index ``b``), composed with ``and_masks``/``or_masks``. The one
-composed function is evaluated on broadcast index tensors, tile by tile, to build both the dense boolean
-matrix of the ``sdpa`` backend and the ``BlockMask`` of the ``flex`` backend (which also evaluates it
-inside its kernel), and row by row for KV-cached decoding; so the rules exist exactly once.
+composed function is evaluated on broadcast index tensors, tile by tile (``evaluate_tiles``), to build
+every representation of the mask (``attention_mask``): the ``BlockSparseMask`` of the ``sdpa`` backend, the
+``BlockMask`` of the ``flex`` backend (which also evaluates it inside its kernel) and the dense boolean
+matrix of the tests; and row by row for KV-cached decoding. So the rules exist exactly once.
 """
 
 from __future__ import annotations
