@@ -127,6 +127,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
+@torch.compiler.disable  # its calls' shapes change with every batch: a compiled model runs it eagerly
 def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMask) -> Tensor:
     """SDPA over only the tiles of ``mask`` that hold a visible pair: gather, one call per group, scatter."""
     batch, heads, t, d = q.shape
