@@ -1,7 +1,7 @@
 """Summary-token attention: compiled FlexAttention vs SDPA with the dense mask vs plain causal SDPA.
 
 At 2,048 / 8,192 / 16,384 regular tokens (plus their summary slots), with the attention shape of the
-``small`` model (4 query heads, 2 key/value heads, head size 64): forward on CPU, forward+backward on CUDA.
+``small`` model (8 query heads, 2 key/value heads, head size 64): forward on CPU, forward+backward on CUDA.
 Also the tile sparsity and the time to build the masks (once per batch, shared by every layer).
 
 Rows are built like training rows (``packed``: bar-window crops of demo-corpus pieces, at most
@@ -14,32 +14,21 @@ Rows are built like training rows (``packed``: bar-window crops of demo-corpus p
 
 from __future__ import annotations
 
-import sys
+import argparse
+from collections.abc import Callable
 
-# bench/tokenize.py shadows the standard library's `tokenize` when this folder leads sys.path.
-if sys.path and sys.path[0].rstrip("/").endswith("bench"):
-    sys.path.append(sys.path.pop(0))
+import numpy as np
+import symusic
+import torch
+import torch.nn.functional as F
+from common import REPO, add_common_arguments, best_time, print_header, set_threads, write_report
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
+from meloformer.hid import BOS, HIDError, HIDTokenizer
+from meloformer.masks import block_mask, full_dense_mask, row_layout, slots_for, summary_mask_mod
+from meloformer.model import SIZES, compiled_flex_attention
 
-import numpy as np  # noqa: E402
-import symusic  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from meloformer.hid import BOS, HIDError, HIDTokenizer  # noqa: E402
-from meloformer.masks import block_mask, full_dense_mask, row_layout, slots_for, summary_mask_mod  # noqa: E402
-from meloformer.model import compiled_flex_attention  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 TOK = HIDTokenizer()
-HEADS, KV_HEADS, HEAD_DIM = 4, 2, 64
+HEADS, KV_HEADS, HEAD_DIM = SIZES["small"].n_head, SIZES["small"].n_kv_head, SIZES["small"].head_dim
 
 
 def synthetic_piece(rng: np.random.Generator, n_bars: int) -> np.ndarray:
@@ -104,25 +93,13 @@ def single_row(pieces: list[np.ndarray], length: int) -> np.ndarray:
     return longest[:length]
 
 
-def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None]) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def bench_row(tokens: np.ndarray, device: torch.device, repeats: int, block_size: int) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     train = device.type == "cuda"
     dtype = torch.bfloat16 if train else torch.float32
     n = len(tokens)
-    segments = int(row_layout(tokens[None]).num_slots)
-    rows = row_layout(tokens[None], slots_for(segments, n // 8)).to(device)
+    segments = int(row_layout(tokens[None], TOK.kinds).num_slots)
+    rows = row_layout(tokens[None], TOK.kinds, slots_for(segments, n // 8)).to(device)
     mask_mod = summary_mask_mod(rows)
     t = rows.length
 
@@ -183,11 +160,9 @@ def main() -> None:
     parser.add_argument("--piece-tokens", type=int, default=2048, help="longest crop packed into a row")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--block-size", type=int, default=None, help="flex tile size (default: model's choice)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "attention.json")
+    add_common_arguments(parser, "attention")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     lengths, repeats, workloads = args.lengths, args.repeats, ("packed", "single")
     if args.quick:
         lengths, repeats, workloads = [x for x in lengths if x <= 8192], 2, ("packed",)
@@ -201,7 +176,7 @@ def main() -> None:
         f"{'flex s':>8} {'sdpa+mask s':>11} {'causal s':>8} {'speedup':>7}"
     )
     mode = "forward+backward, bf16" if device.type == "cuda" else "forward, fp32"
-    print(f"{device.type}: {mode}; flex tile {block_size}; best of {repeats}")
+    print_header(f"attention {mode}, flex tile {block_size}, best of {repeats}", device.type)
     print(header)
     for workload in workloads:
         for length in lengths:
@@ -218,20 +193,8 @@ def main() -> None:
                 f"{r['flex_speedup_vs_dense_sdpa']:>6.1f}x",
                 flush=True,
             )
-    report = {
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-        "threads": torch.get_num_threads(),
-        "load_average_1min_at_end": os.getloadavg()[0],
-        "torch": torch.__version__,
-        "mode": mode,
-        "heads": [HEADS, KV_HEADS, HEAD_DIM],
-        "piece_tokens": args.piece_tokens,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    report = {"mode": mode, "heads": [HEADS, KV_HEADS, HEAD_DIM], "piece_tokens": args.piece_tokens, "results": results}
+    write_report(args.out, report, device.type)
 
 
 if __name__ == "__main__":

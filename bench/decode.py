@@ -14,27 +14,16 @@ between threads can cost milliseconds each, so compare with ``--threads 1`` ther
 
 from __future__ import annotations
 
-import sys
+import argparse
+import time
 
-# bench/tokenize.py shadows the standard library's `tokenize` when this folder leads sys.path.
-if sys.path and sys.path[0].rstrip("/").endswith("bench"):
-    sys.path.append(sys.path.pop(0))
+import torch
+from attention import corpus, single_row
+from common import add_common_arguments, print_header, set_threads, write_report
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
-from attention import corpus, single_row  # noqa: E402
-
-from meloformer.generate import IncrementalDecoder  # noqa: E402
-from meloformer.hid import PAD  # noqa: E402
-from meloformer.model import MeloFormer, MeloFormerConfig  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
+from meloformer.generate import IncrementalDecoder
+from meloformer.hid import PAD, HIDTokenizer
+from meloformer.model import MeloFormer, MeloFormerConfig
 
 
 def recompute(model: MeloFormer, tokens: torch.Tensor, backend: str, pad_to: int) -> torch.Tensor:
@@ -76,18 +65,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer steps")
     parser.add_argument("--contexts", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--size", default="small")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "decode.json")
+    add_common_arguments(parser, "decode")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     cached_steps, full_steps = (32, 2) if args.quick else (128, 4)
 
     torch.manual_seed(0)
     config = MeloFormerConfig.from_size(args.size, max_seq_len=max(args.contexts))
-    model = MeloFormer(config).eval()
+    model = MeloFormer(config, HIDTokenizer().kinds).eval()
     piece = torch.as_tensor(single_row(corpus(), max(args.contexts)))[None]
-    print(f"{args.size} model ({model.num_parameters() / 1e6:.1f}M parameters), cpu, {torch.get_num_threads()} threads")
+    print_header(f"decoding, {args.size} model ({model.num_parameters() / 1e6:.1f}M parameters)")
     print(
         f"{'context':>7} {'cached tok/s':>12} {'recompute sdpa':>14} {'recompute flex':>14} "
         f"{'speedup':>8} {'max diff':>9}"
@@ -103,19 +90,7 @@ def main() -> None:
                 f"{r['recompute_flex_tokens_per_s']:>14.2f} {r['speedup_vs_fastest_recompute']:>7.1f}x {diff:>9.1e}",
                 flush=True,
             )
-    report = {
-        "device": "cpu",
-        "processor": platform.processor(),
-        "threads": torch.get_num_threads(),
-        "load_average_1min_at_end": os.getloadavg()[0],
-        "torch": torch.__version__,
-        "size": args.size,
-        "parameters": model.num_parameters(),
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, {"size": args.size, "parameters": model.num_parameters(), "results": results})
 
 
 if __name__ == "__main__":

@@ -10,17 +10,14 @@ original prototype decoded). Speed does not depend on the weights, so the model 
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from common import add_common_arguments, print_header, set_threads, write_report
 
 from meloformer.hid import TRACK_PROGRAM0, HIDTokenizer
 from meloformer.model import MeloFormer, MeloFormerConfig
 from meloformer.sampling import GenerationRequest, generate
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -28,15 +25,14 @@ def main() -> None:
     parser.add_argument("--size", default="small")
     parser.add_argument("--bars", type=int, default=4)
     parser.add_argument("--instruments", type=int, nargs="+", default=[0, 33, 73], help="GM programs")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "generate.json")
+    add_common_arguments(parser, "generate")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
 
     tok = HIDTokenizer()
     torch.manual_seed(0)
-    model = MeloFormer(MeloFormerConfig.from_size(args.size, vocab_size=tok.vocab_size, max_seq_len=8192)).eval()
+    config = MeloFormerConfig.from_size(args.size, vocab_size=tok.vocab_size, max_seq_len=8192)
+    model = MeloFormer(config, tok.kinds).eval()
     request = GenerationRequest(bars=args.bars, instruments=[TRACK_PROGRAM0 + p for p in args.instruments])
     generate(model, tok, GenerationRequest(bars=1, instruments=request.instruments[:1]), seed=0)  # warm-up
 
@@ -57,15 +53,14 @@ def main() -> None:
         "uncached": {"seconds": uncached, "tokens_per_s": len(tokens) / uncached, "seconds_per_bar": uncached / bars},
     }
     params = sum(p.numel() for p in model.parameters())
-    print(f"MeloFormer-{args.size} ({params / 1e6:.1f}M parameters), {len(tokens)} tokens, {bars} bars, CPU")
+    print_header(f"generation, MeloFormer-{args.size} ({params / 1e6:.1f}M), {len(tokens)} tokens, {bars} bars")
     print(f"{'decoding':<10} {'tokens/s':>10} {'s/bar':>8} {'total s':>9}")
     for name, row in rows.items():
         print(f"{name:<10} {row['tokens_per_s']:>10.1f} {row['seconds_per_bar']:>8.3f} {row['seconds']:>9.2f}")
     speedup = rows["cached"]["tokens_per_s"] / rows["uncached"]["tokens_per_s"]
     print(f"cached / uncached: {speedup:.1f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     report = {"size": args.size, "parameters": params, "tokens": len(tokens), "bars": bars, "rows": rows}
-    args.out.write_text(json.dumps(report | {"speedup": speedup}, indent=2))
+    write_report(args.out, report | {"speedup": speedup})
 
 
 if __name__ == "__main__":

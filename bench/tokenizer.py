@@ -9,25 +9,13 @@ encoded ``--repeats`` times by both and the best time kept, so the ratio is robu
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
 import symusic
+from common import REPO, add_common_arguments, best_time, print_header, write_report
 from miditok import REMI, TokenizerConfig
 
 from meloformer.hid import HIDError, HIDTokenizer
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def best_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -35,7 +23,7 @@ def main() -> None:
     parser.add_argument("--midi", type=Path, default=REPO / "demo" / "midi")
     parser.add_argument("--limit", type=int, default=0, help="use at most this many files (0 = all)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "tokenizer.json")
+    add_common_arguments(parser, "tokenizer")
     args = parser.parse_args()
 
     files = sorted(p for p in args.midi.rglob("*") if p.suffix.lower() in (".mid", ".midi"))
@@ -70,7 +58,7 @@ def main() -> None:
         "files_per_s_hid_over_remi": rows["hid"]["files_per_s"] / rows["remi"]["files_per_s"],
         "tokens_per_note_hid_over_remi": rows["hid"]["tokens_per_note"] / rows["remi"]["tokens_per_note"],
     }
-    print(f"{used} files, {notes:,} notes from {args.midi}")
+    print_header(f"tokenizers, {used} files, {notes:,} notes from {args.midi}")
     print(f"{'tokenizer':<10} {'files/s':>10} {'tokens/note':>12} {'tokens':>12}")
     for name, row in rows.items():
         print(f"{name:<10} {row['files_per_s']:>10.1f} {row['tokens_per_note']:>12.2f} {row['tokens']:>12,}")
@@ -78,8 +66,7 @@ def main() -> None:
         f"HID/REMI: {ratio['files_per_s_hid_over_remi']:.2f}x files/s, "
         f"{100 * (1 - ratio['tokens_per_note_hid_over_remi']):.0f}% fewer tokens per note"
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"files": used, "notes": notes, "rows": rows, "ratio": ratio}, indent=2))
+    write_report(args.out, {"files": used, "notes": notes, "rows": rows, "ratio": ratio})
 
 
 if __name__ == "__main__":

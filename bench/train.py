@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
-import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import add_common_arguments, print_header, set_threads, write_report
 from torch import Tensor, nn
 
 from meloformer.datamodules import HIDDataModule
@@ -43,8 +41,6 @@ from meloformer.hid import BOS, PAD
 from meloformer.masks import RowLayout, block_sparse_mask, full_dense_mask
 from meloformer.model import AttentionContext, MeloFormerConfig, apply_rope, rope_angles
 from meloformer.module import MeloFormerModule
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class PlainBlock(nn.Module):
@@ -150,12 +146,10 @@ def main() -> None:
     parser.add_argument("--dense", action="store_true", help="also time SDPA over the whole dense mask")
     parser.add_argument("--main-layout", action="store_true", help="also the first grouping without the layout "
                         "from the loader (computed in the step, as before)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--loader-rows", type=int, default=200)
-    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    add_common_arguments(parser, "train")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     torch.manual_seed(0)
     L, B = args.seq_len, args.batch_size
     slots = args.summary_slots or L // 8
@@ -211,15 +205,9 @@ def main() -> None:
         "model_rows_per_s": model_rows_per_s,
         "loader_vs_model": loader / model_rows_per_s,
         "goals": {"vs_plain": 1.0 if L >= 8192 else 0.9, "loader_vs_model": 10.0},
-        "host": {
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "machine": platform.machine(),
-            "load_average_1min_at_end": os.getloadavg()[0],
-        },
     }
-    print(f"training on CPU, rows of {L} tokens (+{config.summary_slots} summary slots), batch {B}, "
-          f"{torch.get_num_threads()} threads, median of {args.steps} steps")  # fmt: skip
+    print_header(f"training, rows of {L} tokens (+{config.summary_slots} summary slots), batch {B}, "
+                 f"median of {args.steps} steps")  # fmt: skip
     print(f"{'model':40} {'params':>10} {'step s':>8} {'mask share':>10} {'tokens/s':>10} {'vs plain':>9}")
     for name in runs:
         params, ratio = result["parameters"][name], result["vs_plain"][name]
@@ -228,10 +216,7 @@ def main() -> None:
     print(f"goal: {first} >= {result['goals']['vs_plain']}x plain causal; load average {os.getloadavg()[0]:.1f}")
     print(f"loader {loader:,.1f} rows/s vs model {model_rows_per_s:.2f} rows/s: "
           f"{result['loader_vs_model']:.0f}x (goal >= 10x); rows {fill:.0%} filled")  # fmt: skip
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_report(args.out, result)
 
 
 if __name__ == "__main__":

@@ -2,5 +2,6 @@
 
 from meloformer.callbacks.phase_switch import Phase, PhaseSwitchCallback
 from meloformer.callbacks.sample_logger import SampleLogger
+from meloformer.callbacks.stop_checkpoint import StopCheckpoint, TrainingStopped
 
-__all__ = ["Phase", "PhaseSwitchCallback", "SampleLogger"]
+__all__ = ["Phase", "PhaseSwitchCallback", "SampleLogger", "StopCheckpoint", "TrainingStopped"]

@@ -1,4 +1,4 @@
-"""``PhaseSwitchCallback``: batch size and DataLoader workers by optimizer step (DESIGN section 5).
+"""``PhaseSwitchCallback``: batch size and DataLoader workers by optimizer step (docs/design.md section 7).
 
 Lightning builds the training DataLoader once per epoch, so every phase boundary ends a Lightning epoch:
 

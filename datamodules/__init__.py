@@ -10,9 +10,9 @@ from typing import Any
 _EXPORTS = {
     "HIDDataModule": "hid_datamodule",
     "LoaderSchedule": "hid_datamodule",
-    "LoaderPlan": "sampling",
-    "StreamLoader": "sampling",
-    "StreamState": "sampling",
+    "LoaderPlan": "stream",
+    "StreamLoader": "stream",
+    "StreamState": "stream",
 }
 __all__ = list(_EXPORTS)
 

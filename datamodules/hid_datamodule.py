@@ -1,4 +1,4 @@
-"""``HIDDataModule``: packed, resumable, rank-split rows of HID tokens from a shard folder (DESIGN section 4).
+"""``HIDDataModule``: packed, resumable, rank-split rows of HID tokens from a shard folder (docs/design.md section 6).
 
 Batches are dicts: ``tokens`` int64 ``[B, max_seq_len]`` (crops that each start with ``BOS``, then
 ``PAD``), ``row`` (the stream index of each row) and ``num_workers`` (the worker count of the loader that
@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -18,7 +19,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, DistributedSampler
 
 from meloformer.datamodules.rows import RowBuilder
-from meloformer.datamodules.sampling import (
+from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
+from meloformer.datamodules.stream import (
     CollateWithLayout,
     LoaderPlan,
     RowDataset,
@@ -27,8 +29,7 @@ from meloformer.datamodules.sampling import (
     StreamState,
     worker_init,
 )
-from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
-from meloformer.hid import HIDTokenizer
+from meloformer.hid import PAD, HIDTokenizer
 
 
 class LoaderSchedule(Protocol):
@@ -38,19 +39,21 @@ class LoaderSchedule(Protocol):
 
 
 def find_demo_corpus() -> Path:
-    """The bundled demo MIDI folder: next to the package source (a checkout), or under the working folder."""
-    for root in (Path(__file__).resolve().parents[1], Path.cwd()):
-        if (root / "demo" / "midi").is_dir():
-            return root / "demo" / "midi"
-    raise FileNotFoundError(
-        "no data_dir given and the bundled demo corpus (demo/midi) was not found next to the package or in "
-        f"{Path.cwd()}; pass --data.data_dir with a folder made by `meloformer preprocess`"
-    )
+    """The bundled demo MIDI folder, shipped as package data (``meloformer.demo``; ``demo/`` in a checkout)."""
+    corpus = Path(str(resources.files("meloformer.demo") / "midi"))
+    if not corpus.is_dir():
+        raise FileNotFoundError(
+            f"no data_dir given and the bundled demo corpus is missing (looked in {corpus}); "
+            "pass --data.data_dir with a folder made by `meloformer preprocess`"
+        )
+    return corpus
 
 
 def demo_cache_dir(tokenizer: HIDTokenizer) -> Path:
-    """Where the demo corpus is preprocessed to: ``data/demo-shards`` (one folder per tokenizer setting)."""
-    root = find_demo_corpus().parents[1] / "data"
+    """Where the demo corpus is preprocessed to: ``data/demo-shards`` (one folder per tokenizer setting), in
+    the checkout the corpus lives in, or in the working folder when the package is installed."""
+    checkout = find_demo_corpus().parents[1]
+    root = (checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()) / "data"
     if tokenizer.settings == HIDTokenizer().settings:
         return root / "demo-shards"
     digest = hashlib.sha256(json.dumps(tokenizer.settings, sort_keys=True).encode()).hexdigest()[:10]
@@ -73,7 +76,8 @@ class HIDDataModule(pl.LightningDataModule):
         random_windows: random crop windows for training rows (else windows start at bar 0).
         tokenizer: HID tokenizer settings the shards must have been made with (None: the defaults).
         max_open_shards: bound of the LRU of memory-mapped shards.
-        verify_checksums: check every shard's sha256 in ``setup`` (sizes are always checked).
+        verify_checksums: check every shard's sha256 when the shards are opened; a shard unchanged (size and
+            mtime) since it last passed is not hashed again. False: sizes only.
     """
 
     def __init__(
@@ -89,7 +93,7 @@ class HIDDataModule(pl.LightningDataModule):
         random_windows: bool = True,
         tokenizer: dict[str, Any] | None = None,
         max_open_shards: int = 8,
-        verify_checksums: bool = False,
+        verify_checksums: bool = True,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -169,7 +173,10 @@ class HIDDataModule(pl.LightningDataModule):
         reader = self._open_reader()
         needed = {"fit": "train", "validate": "val", "test": "test"}.get(stage or "fit")
         if needed is not None and len(reader.pieces(needed)) == 0:
-            raise ShardError(f"{self.root}: the {needed!r} split has no pieces")
+            raise ShardError(
+                f"{self.root}: the {needed!r} split has no pieces (rerun `meloformer preprocess` with more files "
+                "or smaller --val_fraction/--test_fraction)"
+            )
         for split in SPLITS:
             if split not in self._builders and len(reader.pieces(split)) > 0:
                 self._builders[split] = RowBuilder(
@@ -182,6 +189,21 @@ class HIDDataModule(pl.LightningDataModule):
                     random_windows=self.random_windows,
                     transpose=self.transpose,
                 )
+        if needed == "train":
+            self._check_rows_hold_pieces()
+
+    def _check_rows_hold_pieces(self, probe: int = 32) -> None:
+        """Refuse rows too short (or with too few summary slots) for a bar of most training pieces: most rows
+        would be only padding, and a batch of them trains at a loss of 0."""
+        builder = self._builders["train"]
+        rows = range(min(probe, builder.rows_per_pass))
+        empty = sum(not (builder.row(i) != PAD).any() for i in rows)
+        if 2 * empty > len(rows):
+            raise ValueError(
+                f"model.max_seq_len {self.max_seq_len} (with {self.max_segments} summary slots) is too short for "
+                f"the pieces in {self.root}: {empty} of the first {len(rows)} training rows would be only "
+                "padding (not one bar fits); raise it"
+            )
 
     # ------------------------------------------------------------------ loaders
     def _topology(self) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""Fixed-length training rows packed from bar-window crops of pieces (DESIGN section 4).
+"""Fixed-length training rows packed from bar-window crops of pieces (docs/design.md section 6).
 
 Every row is a pure function of ``(seed, split, row index)``, so any row can be rebuilt on its own: a
 resumed run, a DataLoader worker and another DDP rank all get the same row for the same index.
@@ -167,7 +167,7 @@ class RowBuilder:
         if segment_room < tracks or room < 2 * tracks + CROP_HEAD_EXTRA + 2:  # not one bar: skip the read
             return None
         tokens = self.reader.tokens(self.table, piece)
-        lay = layout(tokens, self.tokenizer)
+        lay = layout(tokens, self.tokenizer.kinds)
         shape = piece_shape(lay)
         window = fit_window(shape, room, segment_room, window_rng)
         if window is None:

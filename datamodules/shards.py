@@ -1,4 +1,4 @@
-"""Token shards: flat ``uint16`` files plus one JSON index (DESIGN section 4).
+"""Token shards: flat ``uint16`` files plus one JSON index (docs/design.md section 6).
 
 A dataset folder holds ``index.json`` and ``shard_NNNNN.u16`` files. The index lists every shard (token
 count, sha256) and every piece (shard, offset, length, bars, tracks, notes, source path, hashes, split), and
@@ -6,7 +6,9 @@ the tokenizer settings the tokens were made with. Shards are only ever appended,
 replaced atomically after a shard is complete, so an interrupted writer leaves a consistent dataset.
 
 Readers open shards through ``numpy.memmap`` with a bounded LRU, so host memory does not grow with the
-dataset and DataLoader workers share the page cache.
+dataset and DataLoader workers share the page cache. Before that, every shard's sha256 is checked against the
+index; a shard that passed is remembered in ``verified.json`` by its size and modification time, so later
+runs hash only shards that changed (or are new).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 
 INDEX_NAME = "index.json"
+VERIFIED_NAME = "verified.json"
 INDEX_FORMAT = "meloformer-shards"
 INDEX_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -98,21 +101,51 @@ def write_shard(root: Path, number: int, pieces: list[np.ndarray]) -> dict:
     return {"file": name, "tokens": int(data.size), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
 
 
-def verify_shards(root: Path) -> list[str]:
-    """Names of shards whose size or sha256 does not match the index, each with the problem."""
+def verify_shards(root: Path, shards: list[dict] | None = None, use_cache: bool = False) -> list[str]:
+    """Names of shards whose size or sha256 does not match the index, each with the problem.
+
+    ``use_cache``: skip hashing a shard whose size and mtime are those it had when it last passed (recorded
+    in ``verified.json``; a read-only folder just means hashing every time).
+    """
     root = Path(root)
+    shards = read_index(root)["shards"] if shards is None else shards
+    cache = _read_verified(root) if use_cache else {}
+    passed = {}
     problems = []
-    for shard in read_index(root)["shards"]:
-        path = root / shard["file"]
+    for shard in shards:
+        name, path = shard["file"], root / shard["file"]
         if not path.is_file():
-            problems.append(f"{shard['file']}: missing")
-        elif path.stat().st_size != 2 * shard["tokens"]:
-            problems.append(
-                f"{shard['file']}: {path.stat().st_size} bytes, expected {2 * shard['tokens']} (truncated?)"
-            )
-        elif sha256_file(path) != shard["sha256"]:
-            problems.append(f"{shard['file']}: sha256 mismatch (damaged)")
+            problems.append(f"{name}: missing")
+            continue
+        stat = path.stat()
+        stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": shard["sha256"]}
+        if stat.st_size != 2 * shard["tokens"]:
+            problems.append(f"{name}: {stat.st_size} bytes, expected {2 * shard['tokens']} (truncated?)")
+        elif cache.get(name) == stamp or sha256_file(path) == shard["sha256"]:
+            passed[name] = stamp
+        else:
+            problems.append(f"{name}: sha256 mismatch (damaged)")
+    if use_cache and passed != cache:
+        _write_verified(root, passed)
     return problems
+
+
+def _read_verified(root: Path) -> dict[str, dict]:
+    try:
+        cache = json.loads((root / VERIFIED_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _write_verified(root: Path, passed: dict[str, dict]) -> None:
+    """Record the shards that passed (atomically; concurrent readers each write a complete file)."""
+    tmp = root / f".{VERIFIED_NAME}.{os.getpid()}.tmp"
+    try:
+        tmp.write_text(json.dumps(passed, indent=1))
+        os.replace(tmp, root / VERIFIED_NAME)
+    except OSError:  # a read-only dataset: nothing remembered, every open hashes again
+        tmp.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)
@@ -133,7 +166,9 @@ class ShardReader:
     """Read pieces from a dataset folder through memory maps, keeping at most ``max_open_shards`` open.
 
     ``expected_settings`` (tokenizer ``vocab_settings()``) must match what the data was made with.
-    With ``verify_checksums`` every shard's sha256 is checked once, here; sizes are always checked.
+    With ``verify_checksums`` every shard's sha256 is checked here (a shard unchanged since it last passed
+    is not hashed again, see ``verify_shards``); sizes are always checked. A damaged shard is a
+    ``ShardError`` naming it and the command that rebuilds it.
     """
 
     def __init__(
@@ -141,7 +176,7 @@ class ShardReader:
         root: str | Path,
         max_open_shards: int = 8,
         expected_settings: dict[str, Any] | None = None,
-        verify_checksums: bool = False,
+        verify_checksums: bool = True,
     ) -> None:
         self.root = Path(root)
         index = read_index(self.root)
@@ -156,9 +191,12 @@ class ShardReader:
                 detail = ", ".join(f"{k}: data {a!r} vs expected {b!r}" for k, (a, b) in differing.items())
                 raise ShardError(f"{self.root}: shards were made with other tokenizer settings ({detail})")
         self.shards = index["shards"]
-        problems = verify_shards(self.root) if verify_checksums else self._size_problems()
+        problems = verify_shards(self.root, self.shards, use_cache=True) if verify_checksums else self._size_problems()
         if problems:
-            raise ShardError(f"{self.root}: damaged dataset: " + "; ".join(problems))
+            raise ShardError(
+                f"{self.root}: damaged dataset ({'; '.join(problems)}); rebuild it by rerunning "
+                f"`meloformer preprocess MIDI_FOLDER {self.root}` on the folder it was made from"
+            )
         self.max_open_shards = max_open_shards
         self._open: OrderedDict[int, np.memmap] = OrderedDict()
         pieces = index["pieces"]

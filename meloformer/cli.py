@@ -3,17 +3,19 @@ and sizes."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+from importlib import resources
 from pathlib import Path
 
-from jsonargparse import ArgumentParser
+from jsonargparse import ArgumentError, ArgumentParser
 
 from meloformer.hid import HIDTokenizer
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
 USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,evaluate,export,sizes} ...
 
-  fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config configs/demo.yaml
+  fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config demo.yaml
                         (--print_config, dotted overrides such as --model.size base, --trainer.strategy ddp
                         --trainer.num_nodes N --trainer.devices M; `meloformer fit --help` lists everything)
   preprocess            tokenise a folder of MIDI files into HID shards
@@ -41,31 +43,51 @@ def preprocess_parser() -> ArgumentParser:
     return parser
 
 
+def parse(parser: ArgumentParser, argv: list[str]):
+    """Parse ``argv``; a mistake raises ValueError with jsonargparse's message on one line (no usage dump)."""
+    parser.exit_on_error = False
+    try:
+        return parser.parse_args(argv)
+    except ArgumentError as err:
+        raise ValueError(f"{' '.join(str(err).split())} (see {parser.prog} --help)") from None
+
+
+def fail(command: str, err: Exception) -> int:
+    """Print a user's mistake as one line on stderr; exit status 2."""
+    print(f"meloformer {command}: error: {err}", file=sys.stderr)
+    return 2
+
+
 def preprocess_main(argv: list[str]) -> int:
     from meloformer.datamodules.shards import verify_shards
     from meloformer.preprocess import preprocess
 
-    parser = preprocess_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parse(preprocess_parser(), argv)
+        if args.verify:
+            problems = verify_shards(Path(args.verify))
+        elif not args.input_dir or not args.output_dir:
+            raise ValueError("give INPUT_DIR and OUTPUT_DIR (or --verify DIR)")
+        else:
+            summary = preprocess(
+                args.input_dir,
+                args.output_dir,
+                HIDTokenizer(**args.tokenizer.as_dict()),
+                workers=args.workers,
+                val_fraction=args.val_fraction,
+                test_fraction=args.test_fraction,
+                shard_files=args.shard_files,
+                progress=not args.no_progress,
+            )
+    except (ValueError, OSError) as err:
+        return fail("preprocess", err)
+    except KeyError as err:  # an index.json without one of its fields
+        return fail("preprocess", ValueError(f"{args.verify or args.output_dir}: index.json lacks the field {err}"))
     if args.verify:
-        problems = verify_shards(Path(args.verify))
         for problem in problems:
             print(f"DAMAGED {problem}")
         print(f"{args.verify}: {'all shards intact' if not problems else f'{len(problems)} damaged shard(s)'}")
         return 1 if problems else 0
-    if not args.input_dir or not args.output_dir:
-        parser.error("give INPUT_DIR and OUTPUT_DIR (or --verify DIR)")
-    tokenizer = HIDTokenizer(**args.tokenizer.as_dict())
-    summary = preprocess(
-        args.input_dir,
-        args.output_dir,
-        tokenizer,
-        workers=args.workers,
-        val_fraction=args.val_fraction,
-        test_fraction=args.test_fraction,
-        shard_files=args.shard_files,
-        progress=not args.no_progress,
-    )
     for line in summary.lines():
         print(line)
     print(f"report: {Path(args.output_dir) / 'report.txt'}")
@@ -88,6 +110,8 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--bars", type=int, default=None, help="bars in all (default 8; prompt + 8 to continue)")
     parser.add_argument("--tempo", type=float, default=None, help="quarter notes per minute")
     parser.add_argument("--time_signature", type=str, default=None, help="e.g. 3/4")
+    parser.add_argument("--chords", nargs="+", default=None, help="a chord per bar, repeated: C G Am F")
+    parser.add_argument("--infill", nargs="+", default=None, help="with --prompt: regenerate TRACK:FIRST-LAST bars")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
     parser.add_argument("--top_p", type=float, default=0.95, help="1.0: off")
@@ -116,18 +140,70 @@ def _time_signature(text: str) -> tuple[int, int]:
     return numerator, denominator
 
 
+def open_checkpoint(path: str | None, device: str):
+    """The trained module of a checkpoint or model folder (``None``: the shipped model) on ``device``; ValueError
+    with one line for a missing, foreign or damaged file or a device this machine lacks."""
+    import torch
+
+    from meloformer.module import load_checkpoint, module_from_folder
+    from meloformer.pretrained import default_model_folder, is_model_folder
+
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if where.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    path = str(default_model_folder()) if path is None else path
+    if is_model_folder(path):
+        return module_from_folder(path).to(where)
+    if not Path(path).is_file():
+        raise ValueError(f"--ckpt_path {path}: no such file or model folder")
+    try:
+        return load_checkpoint(path, map_location=where)
+    except ValueError:
+        raise
+    except Exception as err:  # a foreign or damaged file fails anywhere in torch.load/pickle: name it, no traceback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--ckpt_path {path}: not a readable MeloFormer checkpoint ({reason})") from None
+
+
+def _output_folder(path: str) -> Path:
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {path}: is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def generate_main(argv: list[str]) -> int:
     import torch
 
+    from meloformer.infill import Region, check_infill, infill, track_list
     from meloformer.pianoroll import save_pianoroll
-    from meloformer.pretrained import load_model
-    from meloformer.sampling import GenerationRequest, check_request, generate
+    from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
 
-    args = generate_parser().parse_args(argv)
     try:
+        args = parse(generate_parser(), argv)
+        if args.num_samples < 1:
+            raise ValueError(f"--num_samples must be at least 1, got {args.num_samples}")
+        for name in ("bars", "prompt_bars"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.prompt and (args.tempo is not None or args.time_signature):
             raise ValueError("--tempo and --time_signature come from the prompt; drop them or the prompt")
-        model, tok = load_model(args.ckpt_path, device=args.device)
+        if args.add_track and not args.prompt:
+            raise ValueError("--add_track needs a --prompt to add the track to")
+        if args.infill and (not args.prompt or args.add_track or args.bars or args.instruments or args.chords):
+            raise ValueError(
+                "--infill needs --prompt and keeps its bars, tracks and chords (no --bars, "
+                "--instruments, --add_track or --chords)"
+            )
+        regions = [Region.parse(text) for text in args.infill or ()]
+        module = open_checkpoint(args.ckpt_path, args.device)
+        tok = module.tokenizer
         prompt = None
         bars = args.bars
         if args.prompt:
@@ -135,7 +211,7 @@ def generate_main(argv: list[str]) -> int:
             if args.prompt_bars:
                 prompt = tok.crop_bars(prompt, 0, min(args.prompt_bars, tok.parse(prompt).n_bars))
             prompt_bars = tok.parse(prompt).n_bars
-            bars = prompt_bars if args.add_track else (bars or prompt_bars + 8)
+            bars = prompt_bars if args.add_track or regions else (bars or prompt_bars + 8)
         request = GenerationRequest(
             bars=bars or 8,
             instruments=[_track_token(x) for x in args.instruments] if args.instruments else None,
@@ -146,18 +222,37 @@ def generate_main(argv: list[str]) -> int:
             top_p=args.top_p,
             prompt=prompt,
             add_track=_track_token(args.add_track) if args.add_track else None,
+            chords=args.chords,
         )
-        check_request(tok, request)
+        capacity = context_of(module.model, request)
+        notice = None
+        if regions:  # the prompt is kept whole: its bars are the regions' coordinates
+            check_infill(tok, request, regions)
+            print(f"prompt tracks: {track_list(tok, prompt)}")
+        else:
+            check_request(tok, request)
+            request, notice = fit_to_context(tok, request, capacity)
+            check_request(tok, request, capacity)
+        out = _output_folder(args.out)
     except (ValueError, OSError) as err:
-        print(f"meloformer generate: error: {err}", file=sys.stderr)
-        return 2
-    model = model.to(torch.device(args.device))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        return fail("generate", err)
+    if notice:
+        print(f"meloformer generate: {notice}", file=sys.stderr)
+    model = module.model.to(torch.device(args.device))
     for k in range(args.num_samples):
-        tokens = generate(model, tok, request, seed=args.seed + k, progress=not args.no_progress)
-        tok.decode_to_file(tokens, out / f"sample_{k}.mid")
-        save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+        desc = f"sample {k + 1}/{args.num_samples}"
+        progress = not args.no_progress
+        try:
+            if regions:
+                tokens = infill(model, tok, request, regions, seed=args.seed + k, progress=progress)
+            else:
+                tokens = generate(model, tok, request, seed=args.seed + k, progress=progress, desc=desc)
+            tok.decode_to_file(tokens, out / f"sample_{k}.mid")
+            save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+        except (ValueError, OSError, RuntimeError) as err:  # keep what was written; name the sample that failed
+            kept = f"samples 0..{k - 1} are in {out}" if k else "no sample was written"
+            print(f"meloformer generate: error: sample {k} failed ({err}); {kept}", file=sys.stderr)
+            return 1
         piece = tok.parse(tokens)
         notes = len(tok.note_table(piece))
         print(f"{out / f'sample_{k}.mid'}: {piece.n_bars} bars, {len(piece.tracks)} tracks, {notes} notes")
@@ -183,22 +278,25 @@ def evaluate_parser() -> ArgumentParser:
 def evaluate_main(argv: list[str]) -> int:
     from meloformer.evaluate import evaluate_checkpoint, evaluate_music, loss_table, music_table, write_json
 
-    parser = evaluate_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parse(evaluate_parser(), argv)
+        if args.out and Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: is a folder; give the JSON file to write")
         if args.generated or args.reference:
             if not (args.generated and args.reference):
-                parser.error("give both --generated and --reference")
+                raise ValueError("give both --generated and --reference")
             result = evaluate_music(args.generated, args.reference)
             print(music_table(result))
         elif args.ckpt_path and args.data:
-            result = evaluate_checkpoint(args.ckpt_path, args.data, args.split, args.batch_size, args.device)
+            if args.split not in ("val", "test"):
+                raise ValueError(f"--split must be val or test, got {args.split!r}")
+            module = open_checkpoint(args.ckpt_path, args.device)
+            result = evaluate_checkpoint(module, args.data, args.split, args.batch_size, args.device)
             print(loss_table(result))
         else:
-            parser.error("give --ckpt_path and --data, or --generated and --reference")
+            raise ValueError("give --ckpt_path and --data, or --generated and --reference")
     except (ValueError, OSError) as err:
-        print(f"meloformer evaluate: error: {err}", file=sys.stderr)
-        return 2
+        return fail("evaluate", err)
     write_json(result, args.out)
     return 0
 
@@ -252,8 +350,10 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI of ``meloformer fit|validate|test`` (``run=False``: parse and instantiate only)."""
     from lightning.pytorch.cli import LightningCLI
 
+    from meloformer.callbacks import StopCheckpoint
+    from meloformer.checkpoint import CheckpointError, read_checkpoint
     from meloformer.datamodules import HIDDataModule
-    from meloformer.module import MeloFormerModule
+    from meloformer.module import MeloFormerModule, check_same
 
     class MeloFormerCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -264,11 +364,57 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                     "model", f"data.{target}", compute_fn=_config_field(source), apply_on="instantiate"
                 )
 
+        def parse_arguments(self, parser, args) -> None:
+            """Parse errors as one short line (``ConfigError``), not after the whole usage."""
+            for each in (parser, *getattr(self, "_subcommand_parsers", {}).values()):
+                each.exit_on_error = False
+            try:
+                super().parse_arguments(parser, args)
+            except ArgumentError as err:
+                raise ConfigError(str(err)) from None
+
+        def before_instantiate_classes(self) -> None:
+            if self.config.get("subcommand") == "fit":
+                max_steps = self.config.fit.trainer.max_steps
+                if max_steps is None or max_steps <= 0:
+                    raise ConfigError(
+                        f"trainer.max_steps must be a positive number of optimizer steps (the horizon of the "
+                        f"learning-rate schedule), got {max_steps}"
+                    )
+
+        def _parse_ckpt_path(self) -> None:
+            """Check ``--ckpt_path`` before anything uses it, and keep its settings for the comparison below.
+
+            (LightningCLI would instead copy the checkpoint's hyperparameters over the config, so a resume
+            with other settings would silently train the checkpoint's model.)"""
+            self.saved_settings = None
+            subcommand = self.config.get("subcommand")
+            self.ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+            if self.ckpt_path in (None, "last", "best", "hpc") or self.ckpt_path.startswith("registry"):
+                return
+            try:
+                self.saved_settings = read_checkpoint(self.ckpt_path, mmap=True)["meloformer"]
+            except CheckpointError as err:
+                raise ConfigError(f"--ckpt_path {err}") from err
+
         def instantiate_classes(self) -> None:
             try:
                 super().instantiate_classes()
             except (ValueError, TypeError, OSError) as err:  # ShardError is a ValueError
                 raise ConfigError(str(err)) from err
+            if self.saved_settings is not None:
+                try:
+                    check_same("tokenizer settings", self.saved_settings["tokenizer"], self.model.tokenizer.settings)
+                    model_config = dataclasses.asdict(self.model.config)
+                    check_same("model configuration", self.saved_settings["model_config"], model_config)
+                except ValueError as err:
+                    raise ConfigError(f"--ckpt_path {self.ckpt_path}: {err}") from err
+            if self.subcommand is not None:  # open the data now: an empty split or too short rows fail here
+                try:
+                    self.datamodule.prepare_data()
+                    self.datamodule.setup(self.subcommand)
+                except (ValueError, OSError) as err:
+                    raise ConfigError(str(err)) from err
 
     return MeloFormerCLI(
         MeloFormerModule,
@@ -278,8 +424,50 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         seed_everything_default=0,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [StopCheckpoint()]},  # SIGTERM / Ctrl-C: checkpoint, then stop
         parser_kwargs={"prog": "meloformer"},
     )
+
+
+def _one_line(message: str, limit: int = 300) -> str:
+    """One line of a message: jsonargparse lists what every type of a union said, and the first type
+    (ours) is the one that matters; the rest is cut."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if "Errors:" in lines:
+        first = lines[lines.index("Errors:") + 1 :][:1]
+        lines = [line for line in lines[:1] if line.startswith("Parser key")] + [x.removeprefix("- ") for x in first]
+    line = " ".join(lines)
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The YAML configs shipped inside the package (``configs/`` of the repository), by file name."""
+    folder = resources.files("meloformer.configs")
+    return {p.name: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config(value: str) -> str:
+    """A ``--config`` value: a file as given, else a bare name (``small`` or ``small.yaml``) of a shipped config."""
+    if Path(value).is_file() or Path(value).name != value:
+        return value  # a path: jsonargparse reports a missing file with its name
+    shipped = shipped_configs()
+    for name in (value, f"{value}.yaml"):
+        if name in shipped:
+            return str(shipped[name])
+    raise ConfigError(
+        f"--config {value}: no such file and no shipped config of that name; shipped: {', '.join(sorted(shipped))}"
+    )
+
+
+def resolve_config_arguments(argv: list[str]) -> list[str]:
+    """``argv`` with every ``--config``/``-c`` value passed through ``resolve_config``."""
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+        elif arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.removeprefix("--config="))
+    return out
 
 
 def _config_field(name: str):
@@ -294,11 +482,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv else None
     if command in LIGHTNING_COMMANDS:
+        from meloformer.callbacks import TrainingStopped
+
         try:
+            argv = resolve_config_arguments(argv)
+            if from_command_line:
+                sys.argv[1:] = argv  # LightningCLI reads the command line itself (args= is for Python callers)
             build_cli(None if from_command_line else argv)
         except ConfigError as err:
-            print(f"meloformer: error: {err}", file=sys.stderr)
+            print(f"meloformer: error: {_one_line(str(err))}", file=sys.stderr)
             return 2
+        except TrainingStopped as stopped:  # its message is already printed
+            return 128 + stopped.signum
         return 0
     if command == "preprocess":
         return preprocess_main(argv[1:])

@@ -6,26 +6,28 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meloformer.metrics import PIECE_METRICS, MusicMetrics, similarity_error
 
+if TYPE_CHECKING:
+    from meloformer.module import MeloFormerModule
+
 
 def evaluate_checkpoint(
-    ckpt_path: str | Path, data_dir: str | Path, split: str = "val", batch_size: int = 4, device: str = "cpu"
+    module: MeloFormerModule, data_dir: str | Path, split: str = "val", batch_size: int = 4, device: str = "cpu"
 ) -> dict[str, float]:
-    """Token-weighted loss and perplexity, overall and per token kind, of ``split`` (val or test).
-
-    ``ckpt_path`` is a training checkpoint or a model folder."""
+    """Token-weighted loss and perplexity, overall and per token kind, of a trained module on ``split``."""
     import lightning.pytorch as pl
 
     from meloformer.datamodules import HIDDataModule
-    from meloformer.module import load_checkpoint, module_from_folder
-    from meloformer.pretrained import is_model_folder
 
     if split not in ("val", "test"):
-        raise ValueError(f"split must be val or test, got {split!r}")
-    module = module_from_folder(ckpt_path) if is_model_folder(ckpt_path) else load_checkpoint(ckpt_path)
+        raise ValueError(f"--split must be val or test, got {split!r}")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
+    if not Path(data_dir).is_dir():
+        raise ValueError(f"--data {data_dir}: no such dataset folder")
     data = HIDDataModule(
         data_dir=str(data_dir),
         max_seq_len=module.config.max_seq_len,

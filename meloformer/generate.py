@@ -1,4 +1,4 @@
-"""KV-cached incremental decoding (DESIGN section 6), the core that sampling and the CLI build on.
+"""KV-cached incremental decoding (docs/design.md section 8), the core that sampling and the CLI build on.
 
 Regular tokens are appended one at a time. When a new token closes a segment (it is ``Bar``, ``Track`` or
 ``EOS``), that segment's summary slot is computed once, layer by layer, from the cached keys and values of

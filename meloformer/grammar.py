@@ -4,9 +4,10 @@
 moves the state on. The rules are those that ``HIDTokenizer.parse`` checks (order of tracks and bars, a
 pitch after a position, the first note of a bar carrying duration and velocity, positions rising inside
 the bar's length, tempo after position), plus the controls of generation: a fixed number of bars (every
-track gets exactly as many bars as the conductor), a fixed time signature and tempo, and a fixed list of
-instrument tracks. Without a list, instrument tracks follow the canonical priority order (drums, bass,
-chords/pads, melodic lines). A piece cannot end without at least one note.
+track gets exactly as many bars as the conductor), a fixed time signature and tempo, a fixed list of
+instrument tracks, and a chord per bar (the conductor must write it). Without a list, instrument tracks
+follow the canonical priority order (drums, bass, chords/pads, melodic lines). A piece cannot end without
+at least one note.
 
 numpy only: the sampler in ``meloformer.generate`` applies the mask to the model's logits.
 """
@@ -48,6 +49,7 @@ class HIDGrammar:
         tempo_bin: int | None = None,
         instruments: list[int] | None = None,
         free_track_order: bool = False,
+        chords: list[int | None] | None = None,
     ) -> None:
         if time_signature is not None and tuple(time_signature) not in tok.time_signatures:
             raise HIDError(f"unsupported time signature {time_signature[0]}/{time_signature[1]}")
@@ -59,6 +61,7 @@ class HIDGrammar:
         self.tempo_bin = tempo_bin
         self.instruments = list(instruments) if instruments is not None else None
         self.free_track_order = free_track_order
+        self.chords = list(chords) if chords is not None else []  # per bar: index into tok.chords, None = free
         kinds = tok.kinds
         self._of_kind = {k: kinds == k for k in TokenKind}
         self._pos = np.arange(tok.bar_positions)
@@ -181,6 +184,10 @@ class HIDGrammar:
             if first_bar:
                 return
         if stage in ("bar", "timesig"):
+            chord = self.chords[self.bars_done - 1] if self.bars_done <= len(self.chords) else None
+            if chord is not None:  # the bar's chord comes next (a time signature may still precede it)
+                mask[tok.chord0 + chord] = True
+                return
             mask |= self._of_kind[TokenKind.CHORD]
         if first_bar and self.last_pos < 0:
             mask[tok.pos0] = True  # bar 0 sets the tempo at its first position

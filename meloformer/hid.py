@@ -1,6 +1,6 @@
 """HID encoding (Hierarchical Instrument-Decoupled), format version 1.
 
-A piece is written track by track, and inside a track bar by bar (DESIGN section 1)::
+A piece is written track by track, and inside a track bar by bar (docs/design.md section 2)::
 
     BOS
     Track(conductor)  { Bar [TimeSig] [Chord] [Pos Tempo]... }  x n_bars
@@ -130,6 +130,19 @@ class HIDTokenizer:
             raise HIDError(f"HID format version {format_version} is not supported (this is {FORMAT_VERSION})")
         if resolution % 4 or resolution <= 0:
             raise HIDError(f"resolution must be a positive multiple of 4, got {resolution}")
+        for name, value, low, high in (
+            ("max_bar_quarters", max_bar_quarters, 1, 64),
+            ("tempo_bins", tempo_bins, 2, 1024),
+            ("velocity_bins", velocity_bins, 1, 128),
+            ("max_tracks", max_tracks, 1, 129),
+            ("max_bars", max_bars, 1, None),
+            ("max_tokens", max_tokens, 2, None),
+        ):
+            if not isinstance(value, int) or value < low or (high is not None and value > high):
+                bounds = f"{low}..{high}" if high is not None else f"at least {low}"
+                raise HIDError(f"{name} must be an integer {bounds}, got {value!r}")
+        if not 0 < tempo_min < tempo_max:
+            raise HIDError(f"need 0 < tempo_min < tempo_max, got tempo_min={tempo_min}, tempo_max={tempo_max}")
         self.resolution = resolution
         self.max_bar_quarters = max_bar_quarters
         self.tempo_bins = tempo_bins
@@ -536,7 +549,7 @@ class HIDTokenizer:
         tokens = np.asarray(tokens, dtype=np.int64)
         if lay is None:
             n = self.parse(tokens).n_bars
-            lay = layout(tokens, self)
+            lay = layout(tokens, self.kinds)
         else:
             n = int(lay.bar[lay.track == 0].max()) + 1
         if not 0 <= b0 < b1 <= n:
@@ -566,7 +579,7 @@ class HIDTokenizer:
         from meloformer.layout import layout  # layout depends on this module, not the other way round
 
         tokens = np.asarray(tokens)
-        lay = layout(tokens, self)
+        lay = layout(tokens, self.kinds)
         drum_track = lay.track_token == TRACK_DRUMS
         pitch = (lay.kind == TokenKind.PITCH) & ~drum_track
         moved = tokens.astype(np.int64)
@@ -584,7 +597,7 @@ class HIDTokenizer:
         """Lowest and highest non-drum pitch, or None; tells which transpositions stay in range."""
         from meloformer.layout import layout
 
-        lay = layout(np.asarray(tokens), self)
+        lay = layout(np.asarray(tokens), self.kinds)
         pitch = (lay.kind == TokenKind.PITCH) & (lay.track_token != TRACK_DRUMS)
         if not pitch.any():
             return None
@@ -608,8 +621,11 @@ class Piece:
 
     @classmethod
     def parse(cls, tok: HIDTokenizer, tokens: np.ndarray) -> Piece:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
+            raise HIDError(f"tokens must be one 1-D array of integer ids, got {tokens.dtype} of shape {tokens.shape}")
         tokens = tokens.astype(np.int64)
-        if tokens.ndim != 1 or len(tokens) < 2:
+        if len(tokens) < 2:
             raise HIDError("a piece needs at least BOS and a conductor track")
         if tokens.min() < 0 or tokens.max() >= tok.vocab_size:
             raise HIDError(f"token id out of range 0..{tok.vocab_size - 1}")

@@ -1,6 +1,6 @@
-"""Side channels of HID token sequences (DESIGN section 2): one pure function of the tokens.
+"""Side channels of HID token sequences (docs/design.md section 3): one pure function of the tokens.
 
-``layout(tokens)`` works on one sequence ``[N]`` or a batch ``[B, N]`` (rows may pack several pieces, each
+``layout(tokens, kinds)`` works on one sequence ``[N]`` or a batch ``[B, N]`` (rows may pack several pieces, each
 starting with ``BOS``) and is vectorised numpy, so training, evaluation and generation all call it.
 
 Per token:
@@ -22,11 +22,10 @@ A segment is a ``Bar`` token and the tokens up to the next ``Bar``, ``Track`` or
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
 
 import numpy as np
 
-from meloformer.hid import BAR, BOS, EOS, PAD, HIDTokenizer, TokenKind
+from meloformer.hid import BAR, BOS, EOS, PAD, TokenKind
 
 
 @dataclasses.dataclass
@@ -73,12 +72,6 @@ class Layout:
         return table
 
 
-@lru_cache(maxsize=1)
-def _default_kinds() -> np.ndarray:
-    """Token kinds of the default tokenizer, built once (a tokenizer takes about a millisecond to build)."""
-    return HIDTokenizer().kinds
-
-
 def _last_index_where(mask: np.ndarray) -> np.ndarray:
     """For each position, the index of the latest True at or before it (-1 if none), along the last axis."""
     idx = np.broadcast_to(np.arange(mask.shape[-1]), mask.shape)
@@ -90,13 +83,19 @@ def _gather(values: np.ndarray, index: np.ndarray, fill: int) -> np.ndarray:
     return np.where(index >= 0, out, fill)
 
 
-def layout(tokens, tokenizer: HIDTokenizer | None = None, doc_ids: np.ndarray | None = None) -> Layout:
-    """Side channels of ``tokens`` (``[N]`` or ``[B, N]``); ``doc_ids`` overrides the BOS-derived documents."""
+def layout(tokens, kinds: np.ndarray, doc_ids: np.ndarray | None = None) -> Layout:
+    """Side channels of ``tokens`` (``[N]`` or ``[B, N]``); ``doc_ids`` overrides the BOS-derived documents.
+
+    ``kinds`` is the tokenizer's kind table (``HIDTokenizer.kinds``, token id -> ``TokenKind``): which id is
+    a ``Pos`` or a ``Track`` depends on the tokenizer's settings, so it is always passed, never assumed.
+    """
     tokens = np.asarray(tokens).astype(np.int64)
     one_row = tokens.ndim == 1
     tokens = np.atleast_2d(tokens)
-    kinds_table = _default_kinds() if tokenizer is None else tokenizer.kinds
-    kind = kinds_table[tokens]
+    kinds = np.asarray(kinds)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= len(kinds)):
+        raise ValueError(f"token ids must lie in [0, {len(kinds)}) for this tokenizer's kind table")
+    kind = kinds[tokens]
     n = tokens.shape[-1]
 
     is_pad = tokens == PAD

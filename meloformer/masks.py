@@ -1,4 +1,4 @@
-"""Summary-token attention masks (DESIGN section 3), written as FlexAttention ``mask_mod``s.
+"""Summary-token attention masks (docs/design.md section 4), written as FlexAttention ``mask_mod``s.
 
 A row of the attention holds ``L`` regular tokens and then one contiguous block of ``S`` summary slots;
 slot ``s`` summarises segment ``s`` of the row and sits at the logical position where that segment ends.
@@ -16,7 +16,6 @@ matrix of the tests; and row by row for KV-cached decoding. So the rules exist e
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -25,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks, or_masks
 
-from meloformer.hid import HIDTokenizer, TokenKind
+from meloformer.arith import ceil_div
+from meloformer.hid import TokenKind
 from meloformer.layout import layout
 
 DEFAULT_FINE_BARS = (1, 2, 4, 8, 12, 16, 24, 32)
@@ -90,27 +90,23 @@ class RowLayout:
         return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
 
-@functools.cache
-def _default_tokenizer() -> HIDTokenizer:
-    """Built once: ``layout`` would otherwise rebuild the vocabulary on every call (costly per decoding step)."""
-    return HIDTokenizer()
-
-
 def slots_for(num_segments: int, minimum: int) -> int:
     """Summary slots for a batch: ``minimum`` (static shapes), or the next multiple of 128 that fits."""
     if num_segments <= minimum:
         return minimum
-    return -(-num_segments // SLOT_MULTIPLE) * SLOT_MULTIPLE
+    return ceil_div(num_segments, SLOT_MULTIPLE) * SLOT_MULTIPLE
 
 
 def row_layout(
     tokens: np.ndarray | Tensor,
+    kinds: np.ndarray | Tensor,
     min_slots: int | None = None,
     doc_ids: np.ndarray | Tensor | None = None,
-    tokenizer: HIDTokenizer | None = None,
     with_slots: bool = True,
 ) -> RowLayout:
     """Build the per-row side channels of a batch ``[B, L]`` with one call to ``meloformer.layout.layout``.
+
+    ``kinds`` is the tokenizer's kind table (``HIDTokenizer.kinds``; the model carries it as ``model.kinds``).
 
     Rows get ``min_slots`` summary slots, or ``slots_for`` more when a row has more segments; ``None`` gives
     exactly the largest segment count. ``with_slots=False`` gives rows without summary slots (the ``causal``
@@ -120,8 +116,10 @@ def row_layout(
         tokens = tokens.detach().cpu().numpy()
     if isinstance(doc_ids, Tensor):
         doc_ids = doc_ids.detach().cpu().numpy()
+    if isinstance(kinds, Tensor):
+        kinds = kinds.detach().cpu().numpy()
     tokens = np.atleast_2d(tokens)
-    lay = layout(tokens, tokenizer or _default_tokenizer(), doc_ids)
+    lay = layout(tokens, kinds, doc_ids)
     if with_slots:
         segments = int(np.max(lay.num_segments(), initial=0))
         table = lay.segment_table(segments if min_slots is None else slots_for(segments, min_slots))
@@ -162,7 +160,7 @@ def summary_mask_mod(
 ) -> MaskMod:
     """The mask of one attention variant for the rows of ``rows`` (query and key index the same row).
 
-    ``summary`` is the full mask of DESIGN section 3 (SR, SS, RS and RR). The two ablations use rows without
+    ``summary`` is the full mask of docs/design.md section 4 (SR, SS, RS and RR). The two ablations use rows without
     summary slots: ``causal`` lets a regular token see every earlier token of its document (full attention),
     and ``local`` keeps only the RR rules (what the summaries add on top of them).
     """
@@ -260,7 +258,7 @@ def candidate_tiles(rows: RowLayout, block_size: int) -> Tensor:
     (a token or slot seeing itself) lie on the diagonal; so a tile is skipped when its queries' and keys'
     documents are disjoint or all its keys come after all its queries. Packed rows skip most tiles this way.
     """
-    n_blocks = -(-rows.length // block_size)
+    n_blocks = ceil_div(rows.length, block_size)
     fill = n_blocks * block_size - rows.length
     big = torch.iinfo(torch.int32).max
     live = F.pad(rows.doc >= 0, (0, fill), value=False).view(rows.batch_size, n_blocks, block_size)
@@ -298,7 +296,7 @@ def evaluate_tiles(
 def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> Tensor:
     """The whole ``[B, 1, L + S, L + S]`` boolean mask of ``rows``: the ``sdpa`` backend's attention mask."""
     (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
-    n_blocks, t = -(-rows.length // block_size), rows.length
+    n_blocks, t = ceil_div(rows.length, block_size), rows.length
     shape = (rows.batch_size, n_blocks, block_size, n_blocks, block_size)
     dense = torch.zeros(shape, dtype=torch.bool, device=tiles.device)
     dense[b, qb, :, kb, :] = tiles
@@ -350,7 +348,7 @@ def block_sparse_mask(
     seen = tiles.any(dim=(1, 2))
     b, qb, kb, tiles = b[seen], qb[seen], kb[seen], tiles[seen]
     t, batch, per = rows.length, rows.batch_size, query_block // key_block
-    n_keys, n_queries = -(-t // key_block), -(-t // query_block)
+    n_keys, n_queries = ceil_div(t, key_block), ceil_div(t, query_block)
     device = tiles.device
     # Tile id of every (batch, query block, key block); the extra last tile is all False.
     tile_id = torch.full((batch, n_queries * per, n_keys), len(tiles), dtype=torch.long, device=device)
@@ -395,7 +393,7 @@ def attention_mask(
 def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:
     """The ``flex`` backend's per-sample block mask; build it once per batch and share it across layers."""
     (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
-    n_blocks = -(-rows.length // block_size)
+    n_blocks = ceil_div(rows.length, block_size)
     partial = torch.zeros(rows.batch_size, 1, n_blocks, n_blocks, dtype=torch.bool, device=tiles.device)
     full = torch.zeros_like(partial)
     any_, all_ = tiles.any(dim=(1, 2)), tiles.all(dim=(1, 2))

@@ -1,4 +1,4 @@
-"""The MeloFormer transformer: summary-token attention (DESIGN section 3) in plain PyTorch.
+"""The MeloFormer transformer: summary-token attention (docs/design.md sections 4 and 5) in plain PyTorch.
 
 Each row is ``L`` regular tokens followed by ``S`` summary slots (one per bar segment, see ``masks``). Every
 layer runs one attention over both under the summary mask, so slots summarise their segment and regular
@@ -19,6 +19,7 @@ import dataclasses
 import math
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
+from meloformer.arith import ceil_div
 from meloformer.hid import TRACK_CONDUCTOR, HIDTokenizer
 from meloformer.masks import (
     DEFAULT_FINE_BARS,
@@ -71,7 +73,7 @@ class MeloFormerConfig:
 
     def __post_init__(self) -> None:
         if self.ffn_hidden is None:
-            self.ffn_hidden = -(-8 * self.n_embd // 3 // 64) * 64
+            self.ffn_hidden = ceil_div(8 * self.n_embd // 3, 64) * 64
         self.fine_bars = tuple(self.fine_bars)
         if self.n_embd % self.n_head or self.n_head % self.n_kv_head:
             raise ValueError("n_embd must divide into n_head heads, and n_head into n_kv_head groups")
@@ -90,20 +92,22 @@ class MeloFormerConfig:
         return dataclasses.replace(SIZES[name], **overrides)
 
 
+# The original's sizes (17M, 85M, 200M, 450M parameters): head size 64, 4 query heads per key/value head.
 SIZES: dict[str, MeloFormerConfig] = {
-    "small": MeloFormerConfig(n_layer=6, n_head=4, n_kv_head=2, n_embd=256, max_seq_len=2048, summary_slots=256),
-    "base": MeloFormerConfig(n_layer=8, n_head=8, n_kv_head=4, n_embd=512, max_seq_len=4096, summary_slots=512),
-    "large": MeloFormerConfig(n_layer=12, n_head=12, n_kv_head=4, n_embd=768, max_seq_len=8192, summary_slots=1024),
-    "xlarge": MeloFormerConfig(n_layer=24, n_head=16, n_kv_head=8, n_embd=1024, max_seq_len=16384, summary_slots=2048),
+    "small": MeloFormerConfig(n_layer=6, n_head=8, n_kv_head=2, n_embd=512, max_seq_len=2048, summary_slots=256),
+    "base": MeloFormerConfig(n_layer=14, n_head=12, n_kv_head=3, n_embd=768, max_seq_len=4096, summary_slots=512),
+    "large": MeloFormerConfig(n_layer=18, n_head=16, n_kv_head=4, n_embd=1024, max_seq_len=8192, summary_slots=1024),
+    "xlarge": MeloFormerConfig(n_layer=18, n_head=24, n_kv_head=6, n_embd=1536, max_seq_len=16384, summary_slots=2048),
 }
 
 
 def parameter_counts(vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict[str, int]:
     """Real parameter count of every size (built on the meta device, so nothing is allocated)."""
     counts = {}
+    kinds = np.zeros(vocab_size, dtype=np.int64)  # the kind table holds no parameters
     for name in SIZES:
         with torch.device("meta"):
-            model = MeloFormer(MeloFormerConfig.from_size(name, vocab_size=vocab_size))
+            model = MeloFormer(MeloFormerConfig.from_size(name, vocab_size=vocab_size), kinds)
         counts[name] = model.num_parameters()
     return counts
 
@@ -132,7 +136,7 @@ def block_sparse_attention(q: Tensor, k: Tensor, v: Tensor, mask: BlockSparseMas
     """SDPA over only the tiles of ``mask`` that hold a visible pair: gather, one call per group, scatter."""
     batch, heads, t, d = q.shape
     kv_heads, bq, bk = k.shape[1], mask.query_block, mask.key_block
-    n_queries, n_keys = -(-t // bq), -(-t // bk)
+    n_queries, n_keys = ceil_div(t, bq), ceil_div(t, bk)
     q = F.pad(q, (0, 0, 0, n_queries * bq - t)).view(batch, heads, n_queries, bq, d).transpose(1, 2)
     q = q.reshape(batch * n_queries, heads, bq, d)
     k, v = (
@@ -244,11 +248,20 @@ class Block(nn.Module):
 
 
 class MeloFormer(nn.Module, PyTorchModelHubMixin):
-    """The transformer; ``save_pretrained``/``from_pretrained`` (huggingface_hub) read and write model folders."""
+    """The network of ``config`` for the tokenizer whose kind table is ``kinds`` (``HIDTokenizer.kinds``).
 
-    def __init__(self, config: MeloFormerConfig) -> None:
+    The side channels (tracks, bars, segments) are read off the token ids through ``kinds``, so the model
+    keeps it as a non-persistent buffer: it follows the model across devices but stays out of state dicts.
+    ``save_pretrained``/``from_pretrained`` (huggingface_hub) write and read model folders
+    (``meloformer.pretrained``).
+    """
+
+    def __init__(self, config: MeloFormerConfig, kinds: np.ndarray | Tensor) -> None:
         super().__init__()
+        if len(kinds) != config.vocab_size:
+            raise ValueError(f"the kind table has {len(kinds)} entries but vocab_size is {config.vocab_size}")
         self.config = config
+        self.register_buffer("kinds", torch.as_tensor(np.asarray(kinds), dtype=torch.long), persistent=False)
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.track_emb = nn.Embedding(NUM_TRACK_EMBEDDINGS, config.n_embd)
         self.summary_emb = nn.Parameter(torch.empty(config.n_embd))
@@ -293,7 +306,7 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         """Side channels of a batch with ``summary_slots`` slots (more, rounded up to 128, if needed)."""
         min_slots = self.config.summary_slots if min_slots is None else min_slots
         with_slots = self.config.attention == "summary"
-        return row_layout(tokens, min_slots, doc_ids, with_slots=with_slots).to(tokens.device)
+        return row_layout(tokens, self.kinds, min_slots, doc_ids, with_slots).to(tokens.device)
 
     def prepare(
         self,
@@ -339,7 +352,8 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         """Logits ``[B, L, vocab]`` of the regular tokens ``[B, L]``.
 
         ``ctx`` reuses a prepared batch; a list ``kv`` receives each layer's rotated keys and values over the
-        whole row (regular tokens, then slots), which is how decoding fills its cache.
+        whole row (regular tokens, then slots), which is how decoding fills its cache. Blocks that fill ``kv``
+        are never checkpointed: a recompute would append every layer a second time.
         """
         if ctx is None:
             ctx = self.prepare(tokens, doc_ids)
@@ -347,8 +361,8 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         track_token = ctx.rows.track_token
         x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(track_token[:, n:])], dim=1)
         for block in self.blocks:
-            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled():
-                x = checkpoint(block, x, ctx, kv, use_reentrant=False)
+            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled() and kv is None:
+                x = checkpoint(block, x, ctx, use_reentrant=False)
             else:
                 x = block(x, ctx, kv)
         return self.logits(x[:, :n])

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
+from meloformer.checkpoint import read_checkpoint
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.masks import RowLayout
 from meloformer.model import Backend, Checkpointing, MeloFormer, MeloFormerConfig
@@ -138,7 +139,7 @@ class MeloFormerModule(pl.LightningModule):
             raise ValueError("model: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
         self.save_hyperparameters()
         self.hparams["tokenizer"] = self.tokenizer.settings  # resolved, so checkpoints are self-contained
-        self.model = MeloFormer(self.config)
+        self.model = MeloFormer(self.config, self.tokenizer.kinds)
         self.register_buffer("kind_group", torch.from_numpy(_kind_groups(self.tokenizer)), persistent=False)
         self.metrics = nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("all", *KIND_GROUPS)}
@@ -306,7 +307,7 @@ def _kind_groups(tokenizer: HIDTokenizer) -> np.ndarray:
 
 def model_card(module: MeloFormerModule, ckpt_path: str | Path) -> str:
     """A plain model card for ``meloformer export``: what the model is and how to use it."""
-    step = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("global_step", "?")
+    step = read_checkpoint(ckpt_path).get("global_step", "?")
     c = module.config
     return (
         f"# MeloFormer model\n\nExported from `{Path(ckpt_path).name}` after {step} optimizer steps.\n\n"
@@ -328,8 +329,9 @@ def module_from_folder(folder: str | Path) -> MeloFormerModule:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MeloFormerModule:
-    """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=False)
+    """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone (checked first:
+    a damaged or foreign file is a ``CheckpointError``)."""
+    checkpoint = read_checkpoint(path, map_location=map_location)
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's
     hparams["overrides"] = checkpoint["meloformer"]["model_config"]  # exact config, even if presets change
     for name in DIRECT_FIELDS:

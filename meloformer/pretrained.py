@@ -15,7 +15,7 @@ from meloformer.hid import HIDTokenizer
 from meloformer.model import MeloFormer, MeloFormerConfig
 
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
-DEFAULT_MODEL = "meloformer-chorales"
+DEFAULT_MODEL = "meloformer-pd-1m"
 
 
 def save_model_folder(model: MeloFormer, tokenizer: HIDTokenizer, folder: str | Path, card: str) -> Path:
@@ -40,7 +40,9 @@ def load_model_folder(folder: str | Path, device: str = "cpu") -> tuple[MeloForm
     saved = json.loads((folder / "config.json").read_text())
     tokenizer = HIDTokenizer(**saved.pop("tokenizer", {}))
     config = MeloFormerConfig(**saved)  # explicit: the mixin cannot resolve postponed annotations
-    model = MeloFormer.from_pretrained(folder, config=config, map_location=device, local_files_only=True)
+    model = MeloFormer.from_pretrained(
+        folder, config=config, kinds=tokenizer.kinds, map_location=device, local_files_only=True
+    )
     if model.config.vocab_size != tokenizer.vocab_size:
         raise ValueError(f"{folder}: vocab_size {model.config.vocab_size} does not match its tokenizer's")
     return model.eval(), tokenizer
@@ -52,13 +54,3 @@ def default_model_folder() -> Path:
     if not is_model_folder(folder):
         raise ValueError(f"no shipped model at {folder}: give --ckpt_path (a .ckpt or a model folder)")
     return folder
-
-
-def load_model(path: str | Path | None, device: str = "cpu") -> tuple[MeloFormer, HIDTokenizer]:
-    """The model and tokenizer of a training checkpoint or a model folder; ``None``: the shipped model."""
-    if path is None or is_model_folder(path):
-        return load_model_folder(path or default_model_folder(), device)
-    from meloformer.module import load_checkpoint  # Lightning only when a training checkpoint is read
-
-    module = load_checkpoint(path, map_location=device)
-    return module.model, module.tokenizer

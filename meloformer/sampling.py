@@ -1,13 +1,22 @@
-"""Grammar-constrained sampling of whole pieces with the KV-cached decoder (DESIGN section 6).
+"""Grammar-constrained sampling of whole pieces with the KV-cached decoder (docs/design.md section 8).
 
 Each step masks the tokens that ``HIDGrammar`` forbids, then applies temperature, top-k and top-p, so every
 sample decodes to a valid MIDI file with notes. Controls: number of bars, instruments, tempo, time
-signature, and a prompt (continue it, or add a track over it). Bars taken from a prompt are copied token
-for token; the model only runs once the first free choice comes, on everything before it at once.
+signature, a chord per bar, and a prompt (continue it, add a track over it, or regenerate some of its
+bars, which ``meloformer.infill`` builds on). Bars taken from a prompt are copied token for token; the
+model only runs once the first free choice comes, on everything before it at once.
+
+Every piece fits the model's context: the sampler keeps a token budget (``_Budget``) that always holds back
+what the rest of the piece needs at the least (a ``Bar`` token per bar still to come, the notes that a bar
+being written must complete, the prompt bars still to copy, ``EOS``). Each (track, bar) segment may spend an
+equal share of what is left beyond that when it opens; past its share, or when the reserve is reached, only
+the tokens that close the bar remain allowed. A prompt too long to leave room for the new bars is cropped to
+its last bars that fit (``fit_to_context``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,9 +24,10 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from meloformer.chords import progression
 from meloformer.generate import IncrementalDecoder
 from meloformer.grammar import HIDGrammar
-from meloformer.hid import BAR, HIDTokenizer, TokenKind
+from meloformer.hid import BAR, EOS, MAX_PITCHED_TRACKS, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.model import MeloFormer
 
 
@@ -25,7 +35,8 @@ from meloformer.model import MeloFormer
 class GenerationRequest:
     """What to generate. ``prompt`` is an encoded piece: continue it (``bars`` > its bars: every prompt
     bar is kept, later bars are generated for every prompt track) or, with ``add_track``, keep it whole and
-    write one new track (appended last, so it sees every prompt track)."""
+    write one new track (appended last, so it sees every prompt track), or keep it all but the
+    ``regenerate`` bars. ``chords`` (names such as ``Am``) fix the chord of each generated bar, repeated."""
 
     bars: int | None = 8
     instruments: list[int] | None = None  # Track token ids, in order; None: the model chooses
@@ -36,7 +47,9 @@ class GenerationRequest:
     top_p: float = 1.0
     prompt: np.ndarray | None = None
     add_track: int | None = None  # a Track token id
-    max_tokens: int | None = None
+    chords: list[str] | None = None
+    regenerate: list[tuple[int, int]] | None = None  # (instrument track, bar) of the prompt, both from 0
+    max_tokens: int | None = None  # token budget of the piece; None (and at most): the model's max_seq_len
 
 
 def filter_logits(logits: Tensor, allowed: np.ndarray, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -59,6 +72,8 @@ class _Plan:
 
     def __init__(self, tok: HIDTokenizer, request: GenerationRequest) -> None:
         self.forced: dict[tuple[int, int], list[int]] = {}  # (track number, bar) -> tokens after Bar
+        self.last_written: tuple[int, int] | None = None  # the last (track number, bar) not copied; None: all
+        self.has_notes = False  # the prompt's notes count as the piece's note
         tempo_bin = None
         if request.tempo is not None:
             tempo_bin = int(np.abs(np.log(tok.tempo_values) - np.log(request.tempo)).argmin())
@@ -68,13 +83,32 @@ class _Plan:
             tracks = [piece.conductor] + [bars_ for _, bars_ in piece.tracks]
             instruments = [token for token, _ in piece.tracks]
             if request.add_track is not None:
+                _check_room_for(request.add_track, instruments, tok)
                 instruments = instruments + [request.add_track]
+                bars = piece.n_bars
+            elif request.regenerate:
                 bars = piece.n_bars
             elif bars is None or bars <= piece.n_bars:
                 raise ValueError(f"to continue a {piece.n_bars}-bar prompt, ask for more bars (got {bars})")
+            self.has_notes = len(tok.note_table(piece)) > 0
             for number, track_bars in enumerate(tracks):
                 for b, bar in enumerate(track_bars):
                     self.forced[(number, b)] = bar.tolist()
+            for track, b in request.regenerate or ():
+                if self.forced.pop((track + 1, b), None) is None:
+                    raise ValueError(f"bar {b} of track {track} (from 0) is not in the prompt")
+            written = [(t, b) for t in range(1 + len(instruments)) for b in range(bars) if (t, b) not in self.forced]
+            self.last_written = max(written, default=(-1, -1))
+        elif request.regenerate:
+            raise ValueError("regenerating bars needs a prompt")
+        chords = None
+        if request.chords:
+            if request.prompt is not None and (request.add_track is not None or request.regenerate):
+                raise ValueError("chords fix new bars; adding a track or regenerating bars keeps the prompt's chords")
+            if bars is None:
+                raise ValueError("chords need a number of bars")
+            first = 0 if request.prompt is None else piece.n_bars  # a prompt's bars keep their own chords
+            chords = [None] * first + progression(tok, request.chords, bars - first)
         self.grammar = HIDGrammar(
             tok,
             n_bars=bars,
@@ -82,8 +116,15 @@ class _Plan:
             tempo_bin=tempo_bin,
             instruments=instruments,
             free_track_order=request.add_track is not None,
+            chords=chords,
         )
-        self.total_bars = None if bars is None else bars * (1 + len(instruments or []))
+        self.instruments = instruments
+        self.total_bars = None if bars is None or instruments is None else bars * (1 + len(instruments))
+
+    def model_needed(self) -> bool:
+        """Is a bar still to be written? Once the last one is closed, the rest is copied without the model."""
+        g = self.grammar
+        return self.last_written is None or (g.track_number, g.bars_done - 1) <= self.last_written
 
     def forced_after_bar(self) -> list[int] | None:
         """The prompt's tokens for the bar the grammar just opened, or None if it is generated."""
@@ -91,10 +132,187 @@ class _Plan:
         bar = self.forced.get((g.track_number, g.bars_done - 1))
         return None if bar is None else list(bar)
 
+    def forced_still_to_come(self) -> int:
+        """Prompt tokens of the bars not yet opened (they are copied whatever the budget)."""
+        g = self.grammar
+        return sum(
+            len(bar)
+            for (track, b), bar in self.forced.items()
+            if track > g.track_number or (track == g.track_number and b >= g.bars_done)
+        )
 
-def check_request(tok: HIDTokenizer, request: GenerationRequest) -> None:
-    """Raise ValueError (HIDError) naming the control that cannot be generated, before any model runs."""
-    _Plan(tok, request)
+
+def _check_room_for(track: int, tracks: list[int], tok: HIDTokenizer) -> None:
+    """A track added to a prompt must fit the tokenizer's track limit and a MIDI channel of its own."""
+    if len(tracks) + 1 > tok.max_tracks:
+        raise ValueError(f"the prompt already has {len(tracks)} tracks: no room for another (max_tracks)")
+    pitched = sum(t != TRACK_DRUMS for t in tracks)
+    if track != TRACK_DRUMS and pitched >= MAX_PITCHED_TRACKS:
+        raise ValueError(f"the prompt already has {pitched} pitched tracks, one per free MIDI channel: no room")
+    if track == TRACK_DRUMS and TRACK_DRUMS in tracks:
+        raise ValueError("the prompt already has a drum track (MIDI has one drum channel)")
+
+
+# The most one content token can add to the least a piece still needs: a new onset in a bar without a
+# duration or velocity yet brings Pos, Pitch, Dur and Vel.
+OPEN_COST = 4
+
+
+class _Budget:
+    """Keeps a piece inside ``capacity`` tokens; see the module docstring."""
+
+    def __init__(self, tok: HIDTokenizer, plan: _Plan, capacity: int) -> None:
+        self.plan, self.capacity = plan, capacity
+        kinds = tok.kinds
+        self.ends_bar = np.isin(kinds, (TokenKind.BAR, TokenKind.TRACK, TokenKind.EOS))
+        self.is_track = kinds == TokenKind.TRACK
+        self.pos_or_chord = np.isin(kinds, (TokenKind.POS, TokenKind.CHORD))
+        self.is_chord = kinds == TokenKind.CHORD
+        self.segment_free = self.segment_share = 0
+
+    def reserve(self, queue: list[int] | None) -> int:
+        """The fewest tokens that can still finish the piece from the grammar's state (``EOS`` included)."""
+        g = self.plan.grammar
+        if not g.started or g.track_number < 0:
+            return 2 + self._from_scratch()
+        n_bars = g.n_bars if g.n_bars is not None else max(g.bars_done, 1)
+        need = (n_bars - g.bars_done) + self._close_bar() + 1 + self.plan.forced_still_to_come() + len(queue or [])
+        if g.in_conductor and g.bars_done == 0 and (0, 0) not in self.plan.forced:
+            need += 3  # the first bar's TimeSig, Pos and Tempo
+        need += self._tracks_to_open() * (1 + n_bars)
+        if g.notes == 0 and g.stage != "need_pitch" and not self.plan.has_notes:
+            need += OPEN_COST  # a piece needs a note
+        return need
+
+    def _from_scratch(self) -> int:
+        """The least after BOS and the conductor's Track token."""
+        plan = self.plan
+        n_bars, tracks = plan.grammar.n_bars or 1, len(plan.instruments or [None])
+        first_bar = 0 if (0, 0) in plan.forced else 3
+        note = 0 if plan.has_notes else OPEN_COST
+        return n_bars * (1 + tracks) + first_bar + tracks + note + 1 + plan.forced_still_to_come()
+
+    def _tracks_to_open(self) -> int:
+        g, instruments = self.plan.grammar, self.plan.instruments
+        opened = len(g.tracks) - 1
+        if instruments is not None:
+            return len(instruments) - opened
+        return 1 if opened < 1 else 0
+
+    def _close_bar(self) -> int:
+        """Tokens the current bar needs before it may end."""
+        g = self.plan.grammar
+        if g.stage == "track_head" or (g.track_number, g.bars_done - 1) in self.plan.forced:
+            return 0  # a copied bar's tokens are counted as copies
+        if g.in_conductor:
+            if g.bars_done == 1 and g.last_pos < 0:
+                return 3 if g.stage == "bar" else 2  # TimeSig, Pos 0, Tempo
+            return int(g.stage == "need_tempo")
+        dur, vel = int(not g.is_drum and not g.bar_has_dur), int(not g.bar_has_vel)
+        return {"need_pitch": 1 + dur + vel, "pitch": dur + vel, "dur": vel}.get(g.stage, 0)
+
+    def opened_segment(self, used: int, queue: list[int] | None) -> None:
+        """A Bar or Track token was just written: this segment may spend its share of the free tokens."""
+        g = self.plan.grammar
+        n_bars = g.n_bars if g.n_bars is not None else max(g.bars_done, 1)
+        segments = (n_bars - g.bars_done + 1) + self._tracks_to_open() * n_bars
+        self.segment_free = self.capacity - used - self.reserve(queue)
+        self.segment_share = self.segment_free // max(segments, 1)
+
+    def restrict(self, allowed: np.ndarray, used: int) -> np.ndarray:
+        """``allowed`` less what the budget cannot pay for; never empty while the grammar allows something."""
+        g = self.plan.grammar
+        free = self.capacity - used - self.reserve(None)
+        allowed = allowed.copy()
+        if allowed[EOS] and free < self._new_track_cost():
+            allowed &= ~self.is_track  # an extra track the piece does not need
+        if g.in_conductor and g.n_bars is None and free < 1 + self._tracks_to_open():
+            allowed[BAR] = False  # another bar would cost a Bar in every track still to come
+        ends, content = allowed & self.ends_bar, allowed & ~self.ends_bar
+        first_note = g.notes == 0 and not g.in_conductor and not self.plan.has_notes
+        if first_note:
+            free += OPEN_COST  # the reserve held for the piece's first note is this note's to spend
+            if content.any() and ends.any() and self.plan.instruments is None and g.bars_done >= (g.n_bars or 1):
+                return content  # write the piece's note in this track rather than opening another
+        spent = self.segment_free - free
+        if content.any() and free >= OPEN_COST and (spent + OPEN_COST // 2 <= self.segment_share or first_note):
+            return allowed
+        if ends.any():
+            return ends
+        for candidate in (content & ~self.pos_or_chord, content & ~self.is_chord):
+            if candidate.any():
+                return candidate
+        return allowed
+
+    def _new_track_cost(self) -> int:
+        """An optional extra track is begun only with room for its bars and a note in each."""
+        n_bars = self.plan.grammar.n_bars or 1
+        return 1 + n_bars * (1 + OPEN_COST)
+
+
+def check_request(tok: HIDTokenizer, request: GenerationRequest, capacity: int | None = None) -> None:
+    """Raise ValueError (HIDError) naming the control that cannot be generated, before any model runs.
+
+    With ``capacity`` (the model's context), also refuse a piece that cannot fit it even with empty bars.
+    """
+    if request.bars is not None and request.bars < 1:
+        raise ValueError(f"bars must be at least 1, got {request.bars}")
+    if request.temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or more, got {request.temperature}")
+    if request.top_k < 0:
+        raise ValueError(f"top_k must be 0 (off) or more, got {request.top_k}")
+    if not 0 < request.top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1: off), got {request.top_p}")
+    if request.tempo is not None and not tok.tempo_min <= request.tempo <= tok.tempo_max:
+        raise ValueError(f"tempo {request.tempo:g} is outside {tok.tempo_min:g}..{tok.tempo_max:g} quarter notes/min")
+    plan = _Plan(tok, request)
+    if capacity is not None:
+        least = _Budget(tok, plan, capacity).reserve(None)
+        if least > capacity:
+            raise ValueError(
+                f"{plan.grammar.n_bars} bars for {len(plan.instruments or [None])} track(s) need at least {least} "
+                f"tokens; the model's context holds {capacity}: ask for fewer bars or instruments"
+            )
+
+
+def context_of(model: MeloFormer, request: GenerationRequest) -> int:
+    """The token budget of a piece: ``request.max_tokens``, at most the model's ``max_seq_len``."""
+    return min(request.max_tokens or model.config.max_seq_len, model.config.max_seq_len)
+
+
+def fit_to_context(
+    tok: HIDTokenizer, request: GenerationRequest, capacity: int
+) -> tuple[GenerationRequest, str | None]:
+    """Crop a prompt to its last bars that leave room for the new material; returns the request and a notice.
+
+    Room means a ``Bar`` token and one note for every new (track, bar) segment. Continuing keeps the number
+    of new bars; adding a track writes it over the bars kept.
+    """
+    if request.prompt is None:
+        return request, None
+    piece = tok.parse(request.prompt)
+    n, tracks = piece.n_bars, len(piece.tracks)
+
+    def room(kept: int) -> int:
+        if request.add_track is not None:
+            return 1 + kept * (1 + OPEN_COST)
+        return (request.bars - n) * (1 + tracks) * (1 + OPEN_COST)
+
+    if request.add_track is None and (request.bars is None or request.bars <= n):
+        return request, None  # _Plan names the problem
+    if len(request.prompt) + room(n) <= capacity:
+        return request, None
+    for first in range(1, n):
+        cropped = tok.crop_bars(request.prompt, first, n)
+        if len(cropped) + room(n - first) <= capacity:
+            kept = n - first
+            bars = request.bars if request.add_track is not None else request.bars - first
+            notice = (
+                f"the prompt's {n} bars leave too little of the model's {capacity}-token context for the new "
+                f"material: using its last {kept} bars"
+            )
+            return dataclasses.replace(request, prompt=cropped, bars=bars), notice
+    raise ValueError(f"not even the prompt's last bar leaves room in the model's {capacity}-token context")
 
 
 @torch.no_grad()
@@ -104,41 +322,50 @@ def generate(
     request: GenerationRequest,
     seed: int = 0,
     progress: bool = False,
+    desc: str = "generate",
 ) -> np.ndarray:
-    """Sample one piece under the grammar with KV-cached decoding; returns its tokens (BOS ... EOS)."""
+    """Sample one piece under the grammar with KV-cached decoding; returns its tokens (BOS ... EOS).
+
+    The piece never outgrows the model's context (see the module docstring); a prompt that would is cropped
+    to its last bars (``fit_to_context``, which also returns the notice to show).
+    """
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
+    capacity = context_of(model, request)
+    request, _ = fit_to_context(tok, request, capacity)
+    check_request(tok, request, capacity)
     plan = _Plan(tok, request)
     grammar = plan.grammar
-    capacity = request.max_tokens or model.config.max_seq_len
+    budget = _Budget(tok, plan, capacity)
     decoder = IncrementalDecoder(model, capacity=capacity)
     queue: list[int] | None = None  # the rest of a bar copied from the prompt
-    ends_bar = np.isin(tok.kinds, (TokenKind.BAR, TokenKind.TRACK, TokenKind.EOS))
     out: list[int] = []
     logits = None
-    bar_count = tqdm(total=plan.total_bars, unit="bar", desc="generate", disable=not progress)
+    bar_count = tqdm(total=plan.total_bars, unit="bar", desc=desc, disable=not progress)
     while not grammar.done:
         allowed = grammar.allowed()
         if queue is not None and not queue:  # a copied bar is complete: nothing may be added to it
-            allowed &= ends_bar
+            allowed &= budget.ends_bar
             queue = None
         if queue:
             token = queue.pop(0)
-        elif allowed.sum() == 1:
-            token = int(allowed.argmax())
         else:
-            if logits is None:  # the first free choice: run everything so far through the model at once
-                logits = decoder.prefill(torch.tensor([out], device=device))[:, -1]
-            scores = filter_logits(logits[0], allowed, request.temperature, request.top_k, request.top_p)
-            token = int(torch.multinomial(scores.softmax(-1).cpu(), 1, generator=generator))
+            allowed = budget.restrict(allowed, len(out))
+            if allowed.sum() == 1:
+                token = int(allowed.argmax())
+            else:
+                if logits is None:  # the first free choice: run everything so far through the model at once
+                    logits = decoder.prefill(torch.tensor([out], device=device))[:, -1]
+                scores = filter_logits(logits[0], allowed, request.temperature, request.top_k, request.top_p)
+                token = int(torch.multinomial(scores.softmax(-1).cpu(), 1, generator=generator))
         grammar.advance(token)
         out.append(token)
         if token == BAR:
             queue = plan.forced_after_bar()
             bar_count.update(1)
-        if logits is not None and not grammar.done:
-            if len(out) >= capacity:
-                raise ValueError(f"the piece outgrew {capacity} tokens; ask for fewer bars or raise max_tokens")
+        if budget.is_track[token] or token == BAR:
+            budget.opened_segment(len(out), queue)
+        if logits is not None and not grammar.done and plan.model_needed():
             logits = decoder.step(torch.tensor([token], device=device))
     bar_count.close()
     return np.array(out, dtype=np.uint16)

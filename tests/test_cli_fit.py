@@ -62,15 +62,15 @@ def test_print_config_shows_one_resolved_config(tmp_path):
 
 def test_override_changes_the_model_size(tmp_path):
     done = meloformer(
-        "fit", "--config", DEMO, "--model.size", "base", "--model.overrides", "{}", "--trainer.max_steps", "1",
+        "fit", "--config", DEMO, "--model.size", "small", "--model.overrides", "{}", "--trainer.max_steps", "1",
         *QUICK, "--trainer.limit_val_batches", "0", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (last,) = (tmp_path / "runs" / "demo").rglob("last.ckpt")
     checkpoint = torch.load(last, weights_only=False, map_location="cpu")
-    assert checkpoint["meloformer"]["model_config"]["n_embd"] == SIZES["base"].n_embd
+    assert checkpoint["meloformer"]["model_config"]["n_embd"] == SIZES["small"].n_embd
     parameters = sum(t.numel() for k, t in checkpoint["state_dict"].items() if k.startswith("model."))
-    assert parameters == parameter_counts()["base"]
+    assert parameters == parameter_counts()["small"]
     assert load_checkpoint(last).model.num_parameters() == parameters  # a CLI checkpoint rebuilds alone
 
 

@@ -13,8 +13,8 @@ import torch
 from _music import demo_files, make_score
 from meloformer.datamodules import HIDDataModule, StreamState, hid_datamodule
 from meloformer.datamodules.rows import RowBuilder
-from meloformer.datamodules.sampling import StreamSampler
 from meloformer.datamodules.shards import ShardError, ShardReader, empty_index, write_index, write_shard
+from meloformer.datamodules.stream import StreamSampler
 from meloformer.hid import BOS, CHORD_QUALITIES, PAD, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.layout import layout
 from meloformer.masks import row_layout
@@ -43,7 +43,7 @@ def test_crop_with_the_loaders_layout_equals_the_checked_crop(demo_shards):
         table = reader.pieces(split)
         for i in range(len(table)):
             tokens = np.array(reader.tokens(table, i))
-            lay = layout(tokens, TOKENIZER)
+            lay = layout(tokens, TOKENIZER.kinds)
             n = int(table.bars[i])
             b0, b1 = [(0, 1), (n - 1, n), sorted(rng.choice(n + 1, 2, replace=False))][checked % 3]
             unchecked = TOKENIZER.crop_bars(tokens, b0, b1, lay=lay)
@@ -65,7 +65,7 @@ def test_rows_are_full_length_packs_of_valid_pieces(demo_shards, split):
         pieces = documents(row)
         for piece in pieces:
             TOKENIZER.parse(piece)  # every crop is a complete, valid piece
-        lay = layout(row, TOKENIZER)
+        lay = layout(row, TOKENIZER.kinds)
         assert len(set(lay.doc[lay.doc >= 0].tolist())) == len(pieces)
         assert lay.num_segments() <= 256
         fill.append(used / len(row))
@@ -74,7 +74,7 @@ def test_rows_are_full_length_packs_of_valid_pieces(demo_shards, split):
 
 def test_rows_respect_a_small_segment_budget(demo_shards):
     rows = builder(demo_shards, max_seq_len=2048, max_segments=24)
-    counts = [int(layout(rows.row(i), TOKENIZER).num_segments()) for i in range(20)]
+    counts = [int(layout(rows.row(i), TOKENIZER.kinds).num_segments()) for i in range(20)]
     assert max(counts) <= 24 and min(counts) > 0
 
 
@@ -104,7 +104,7 @@ def test_transposition_moves_pitched_notes_and_chords_not_drums(demo_shards):
     for index in range(30):
         a, b = documents(plain.row(index))[0], documents(moved.row(index))[0]  # the anchor crop: same window
         assert len(a) == len(b)
-        lay = layout(a, TOKENIZER)
+        lay = layout(a, TOKENIZER.kinds)
         pitched = (lay.kind == TokenKind.PITCH) & (lay.track_token != TRACK_DRUMS)
         delta = set((b[pitched] - a[pitched]).tolist())
         assert len(delta) == 1, "one shift for every pitched note of a crop"
@@ -131,7 +131,7 @@ def test_transposition_stays_within_the_pitch_range(tmp_path):
     room_up, shifts = [], []
     for index in range(40):
         a, b = documents(plain.row(index))[0], documents(moved.row(index))[0]  # raises if a shift left 0..127
-        lay = layout(a, TOKENIZER)
+        lay = layout(a, TOKENIZER.kinds)
         pitched = (lay.kind == TokenKind.PITCH) & (lay.track_token != TRACK_DRUMS)
         room_up.append(127 - int(a[pitched].max() - TOKENIZER.pitch0))
         shifts.append(int(b[pitched][0]) - int(a[pitched][0]))
@@ -157,7 +157,7 @@ def test_loader_batches_carry_rows_and_worker_count(demo_shards):
     assert all(b["num_workers"].tolist() == [2, 2] for b in batches)
     assert all(b["tokens"].shape == (2, 256) for b in batches)
     for b in batches:  # the side channels come from the workers, as the model would compute them
-        expected = row_layout(b["tokens"], 64, tokenizer=data.tokenizer).tensors()
+        expected = row_layout(b["tokens"], data.tokenizer.kinds, 64).tensors()
         assert b["layout"].keys() == expected.keys()
         assert all(torch.equal(b["layout"][k], v) for k, v in expected.items())
     assert loader.state_dict() == {"position": 0, "batch_size": 2, "num_batches": len(loader), "consumed": 0}

@@ -43,7 +43,7 @@ def equal_length_rows(count: int, seed: int) -> torch.Tensor:
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])
 def test_incremental_decoding_equals_full_forward(backend: str):
     tokens = equal_length_rows(2, seed=11)
-    kinds = layout(tokens.numpy()).kind
+    kinds = layout(tokens.numpy(), TOK.kinds).kind
     closing = (kinds == TokenKind.BAR) | (kinds == TokenKind.TRACK) | (kinds == TokenKind.EOS)
     assert (closing[0] != closing[1]).any(), "rows should close segments at different steps"
     assert (kinds[:, 3:] == TokenKind.TRACK).any(), "decoding should cross a track boundary"
@@ -55,7 +55,7 @@ def test_incremental_decoding_equals_full_forward(backend: str):
 @pytest.mark.parametrize("split", ["mid_segment", "at_bar", "at_track", "after_track"])
 def test_prefill_at_any_point_then_decode(split: str):
     piece = torch.as_tensor(hid_pieces(1, FLEX_LEN, seed=12)[0])[None]
-    kinds = layout(piece[0].numpy()).kind
+    kinds = layout(piece[0].numpy(), TOK.kinds).kind
     track_at = np.flatnonzero(kinds == TokenKind.TRACK)
     prompt = {
         "mid_segment": int(np.flatnonzero(kinds == TokenKind.PITCH)[1]) + 1,

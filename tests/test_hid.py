@@ -1,6 +1,8 @@
-"""HID format version 1: hand-written pieces with known token sequences, one per rule of DESIGN section 1."""
+"""HID format version 1: hand-written pieces with known token sequences, one per rule of docs/design.md section 2."""
 
 from __future__ import annotations
+
+import re
 
 import miditoolkit
 import mido
@@ -136,6 +138,39 @@ def test_settings_round_trip_and_other_format_versions_are_refused():
         HIDTokenizer(format_version=2)
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"velocity_bins": 0}, "velocity_bins must be an integer 1..128, got 0"),
+        ({"velocity_bins": 200}, "velocity_bins must be an integer 1..128, got 200"),
+        ({"tempo_bins": 1}, "tempo_bins must be an integer 2..1024, got 1"),
+        ({"tempo_min": 0.0}, "need 0 < tempo_min < tempo_max"),
+        ({"tempo_min": 200.0, "tempo_max": 100.0}, "need 0 < tempo_min < tempo_max"),
+        ({"max_bar_quarters": 0}, "max_bar_quarters must be an integer 1..64"),
+        ({"max_tracks": 0}, "max_tracks must be"),
+        ({"max_bars": 0}, "max_bars must be an integer at least 1"),
+        ({"resolution": 6}, "resolution must be a positive multiple of 4"),
+    ],
+)
+def test_bad_settings_are_refused_by_name(settings, message):
+    with pytest.raises(HIDError, match=re.escape(message)):
+        HIDTokenizer(**settings)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (None, "got object of shape ()"),
+        (np.array([[1, 4], [1, 4]]), "got int64 of shape (2, 2)"),
+        (np.array([1.0, 4.0, 3.0]), "got float64 of shape (3,)"),
+        ([1, 4, 3], None),  # a list of ints is fine as far as types go (then: grammar)
+    ],
+)
+def test_decode_names_input_that_is_not_a_token_sequence(tokens, message):
+    with pytest.raises(HIDError, match=re.escape(message) if message else "conductor|Bar|bars"):
+        TOK.decode(tokens)
+
+
 def test_transpose_moves_pitched_notes_and_chords_not_drums():
     score = make_score([(0, True, [(0, 0.25, 36, 100)]), (0, False, [(0, 1, 60, 90), (0, 1, 64, 90), (0, 1, 67, 90)])])
     tokens = TOK.encode(score)
@@ -159,7 +194,7 @@ def test_transpose_moves_pitched_notes_and_chords_not_drums():
 def test_layout_side_channels_of_a_small_piece():
     score = make_score([(33, False, [(0, 1, 36, 90), (4, 1, 38, 90)]), (0, False, [(0, 1, 60, 90), (1, 1, 62, 90)])])
     tokens = TOK.encode(score)
-    lay = layout(tokens)
+    lay = layout(tokens, TOK.kinds)
     seq = names(tokens)
     # conductor (track 0), bass (1), piano (2); two bars each -> six segments in order.
     b33, b0 = seq.index("Track_33"), seq.index("Track_0")
@@ -177,10 +212,10 @@ def test_layout_side_channels_of_a_small_piece():
     assert lay.onset_group[pitch_62] == lay.onset_group[pitch_62 - 1]  # with its Pos
     assert lay.onset_group[pitch_62] != lay.onset_group[seq.index("Pitch_60")]
     packed = np.concatenate([tokens, tokens, np.zeros(5, np.uint16)])
-    both = layout(packed)
+    both = layout(packed, TOK.kinds)
     assert both.doc.tolist() == [1] * len(tokens) + [2] * len(tokens) + [-1] * 5
     assert both.num_segments() == 12
-    assert np.array_equal(layout(np.stack([packed, packed])).segment[1], both.segment)
+    assert np.array_equal(layout(np.stack([packed, packed]), TOK.kinds).segment[1], both.segment)
 
 
 @pytest.mark.parametrize(

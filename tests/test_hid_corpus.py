@@ -180,7 +180,7 @@ def test_crop_bars_equals_cropping_the_music_first(encoded):
 
 def test_layout_gives_every_track_n_bars_and_consistent_segments(encoded):
     for path, tokens in encoded.items():
-        lay = layout(tokens)
+        lay = layout(tokens, TOK.kinds)
         piece = TOK.parse(tokens)
         n_tracks = 1 + len(piece.tracks)
         assert lay.track.max() == n_tracks - 1, path

@@ -1,4 +1,4 @@
-"""Summary-token attention mask (DESIGN section 3) on a hand-written two-track piece, rule by rule."""
+"""Summary-token attention mask (docs/design.md section 4) on a hand-written two-track piece, rule by rule."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ class Mask:
     """The dense mask of a batch, addressed by token names and ``sigma(track, bar)`` slot names."""
 
     def __init__(self, tokens: np.ndarray, min_slots: int | None = None, row: int = 0, offset: int = 0, **settings):
-        self.rows = row_layout(tokens, min_slots)
+        self.rows = row_layout(tokens, TOK.kinds, min_slots)
         self.dense = full_dense_mask(summary_mask_mod(self.rows, **settings), self.rows)[row, 0]
         self.row, self.offset = row, offset
 
@@ -285,13 +285,13 @@ def test_slots_round_up_to_a_multiple_of_128():
     assert slots_for(64, 64) == 64
     assert slots_for(65, 64) == 128
     assert slots_for(300, 256) == 384
-    assert row_layout(np.array(TOKENS), 4).num_slots == 128
+    assert row_layout(np.array(TOKENS), TOK.kinds, 4).num_slots == 128
 
 
 def test_broadcast_evaluation_equals_torch_vmap_evaluation():
     tokens = np.array([TOKENS + [PAD] * 7, TOKENS[:40] + TOKENS[:35]])
     for settings in ({}, {"kind_sparsity": True, "fine_bars": (1, 3), "cross_window": 2}):
-        rows = row_layout(tokens, 16)
+        rows = row_layout(tokens, TOK.kinds, 16)
         mod = summary_mask_mod(rows, **settings)
         reference = create_mask(mod, 2, 1, rows.length, rows.length, device="cpu")
         assert torch.equal(full_dense_mask(mod, rows), reference)
@@ -300,7 +300,7 @@ def test_broadcast_evaluation_equals_torch_vmap_evaluation():
 @pytest.mark.parametrize("size", [16, 32, 128])
 def test_block_mask_equals_torch_create_block_mask(size: int):
     tokens = np.array([TOKENS + TOKENS[:30], TOKENS[:50] + [PAD] * (len(TOKENS) - 20)])
-    rows = row_layout(tokens, 24)
+    rows = row_layout(tokens, TOK.kinds, 24)
     mod = summary_mask_mod(rows)
     ours = block_mask(mod, rows, size)
     reference = create_block_mask(mod, 2, None, rows.length, rows.length, "cpu", size)
@@ -313,7 +313,7 @@ def test_block_sparse_mask_holds_exactly_the_dense_mask(query_block: int, key_bl
     """Scattered back to (query, key) positions, the calls' masks rebuild the dense mask: every visible pair is
     in exactly one call, no gathered key block is empty, and the query blocks are each in one call."""
     tokens = np.array([TOKENS + TOKENS[:-30] + [PAD] * 37, TOKENS + TOKENS[::-1] + TOKENS[:7]])
-    rows = row_layout(tokens, 24)
+    rows = row_layout(tokens, TOK.kinds, 24)
     for settings in ({}, {"kind_sparsity": True, "fine_bars": (1, 3)}):
         mod = summary_mask_mod(rows, **settings)
         dense, sparse = full_dense_mask(mod, rows)[:, 0], block_sparse_mask(mod, rows, query_block, key_block)
@@ -343,7 +343,7 @@ def test_flex_eager_and_compiled_equal_sdpa_with_the_dense_mask():
     pad = FLEX_LEN - 2 * len(TOKENS) + 30
     rest = FLEX_LEN - 2 * len(TOKENS)
     tokens = np.array([TOKENS + TOKENS[:-30] + [PAD] * pad, TOKENS + TOKENS[::-1] + TOKENS[:rest]])
-    rows = row_layout(tokens, FLEX_SLOTS)
+    rows = row_layout(tokens, TOK.kinds, FLEX_SLOTS)
     mod = summary_mask_mod(rows)
     dense, blocks = full_dense_mask(mod, rows), block_mask(mod, rows, 32)
     q = torch.randn(2, 4, rows.length, 8)

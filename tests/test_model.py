@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -86,15 +87,26 @@ def batch(rows: list[np.ndarray], length: int = FLEX_LEN) -> torch.Tensor:
 
 def tiny_model(seed: int = 0, **overrides) -> MeloFormer:
     torch.manual_seed(seed)
-    return MeloFormer(dataclasses.replace(TINY, **overrides))
+    return MeloFormer(dataclasses.replace(TINY, **overrides), TOK.kinds)
 
 
 def test_sizes_and_real_parameter_counts():
     small = MeloFormerConfig.from_size("small", vocab_size=TOK.vocab_size)
-    assert (small.n_embd, small.n_layer, small.n_head) == (256, 6, 4)
+    assert (small.n_embd, small.n_layer, small.n_head) == (512, 6, 8)
     counts = parameter_counts(TOK.vocab_size)
     assert list(counts) == list(SIZES) and sorted(counts.values()) == list(counts.values())
-    assert counts["small"] == sum(p.numel() for p in MeloFormer(small).parameters())
+    assert counts["small"] == sum(p.numel() for p in MeloFormer(small, TOK.kinds).parameters())
+    # Pinned, and hand-checked below against the original's 17M/85M/200M/450M (within 10%).
+    pinned = {"small": 17_387_008, "base": 87_434_496, "large": 200_342_528, "xlarge": 447_379_968}
+    assert counts == pinned
+    for name, target in {"small": 17e6, "base": 85e6, "large": 200e6, "xlarge": 450e6}.items():
+        assert abs(counts[name] / target - 1) < 0.1, name
+        c = SIZES[name]
+        assert c.head_dim == 64 and c.n_head > c.n_kv_head
+        ffn = math.ceil(8 * c.n_embd / 3 / 64) * 64
+        per_layer = 2 * c.n_embd + c.n_embd * (c.n_head + 2 * c.n_kv_head) * 64 + c.n_embd**2 + 3 * c.n_embd * ffn
+        embeddings = (TOK.vocab_size + 131 + 2) * c.n_embd  # tokens (tied head), tracks, summary, final norm
+        assert counts[name] == c.n_layer * per_layer + embeddings, name
     with pytest.raises(ValueError, match="unknown size"):
         MeloFormerConfig.from_size("huge")
 
@@ -155,7 +167,7 @@ def _assert_causal(model: MeloFormer, pieces: list[np.ndarray], trials: int, see
         tokens = batch([pieces[i % len(pieces)]])
         changed, p = _perturb(tokens, rng)
         both = torch.cat([tokens, changed])
-        assert row_layout(both).num_slots <= FLEX_SLOTS
+        assert row_layout(both, TOK.kinds).num_slots <= FLEX_SLOTS
         logits = model(both)
         assert torch.equal(logits[0, :p], logits[1, :p]) or torch.allclose(logits[0, :p], logits[1, :p], atol=1e-5), p
         assert not torch.allclose(logits[0, p], logits[1, p], atol=1e-5), "the changed token itself must matter"
@@ -243,7 +255,7 @@ def test_loader_rows_with_slots_serve_the_variants_without_slots(attention: str)
     tokens = packed_rows(seed=13, length=FLEX_LEN)
     model = tiny_model(attention=attention).eval()
     with torch.no_grad():
-        given = model(tokens, ctx=model.prepare(tokens, rows=row_layout(tokens, TINY.summary_slots)))
+        given = model(tokens, ctx=model.prepare(tokens, rows=row_layout(tokens, TOK.kinds, TINY.summary_slots)))
         assert torch.equal(given, model(tokens))
 
 
@@ -254,7 +266,7 @@ def test_side_channels_computed_beforehand_are_used():
     merged = torch.zeros_like(tokens)
     model = tiny_model().eval()
     with torch.no_grad():
-        given = model(tokens, ctx=model.prepare(tokens, rows=row_layout(tokens, TINY.summary_slots, merged)))
+        given = model(tokens, ctx=model.prepare(tokens, rows=row_layout(tokens, TOK.kinds, TINY.summary_slots, merged)))
         assert torch.equal(given, model(tokens, doc_ids=merged))
         assert not torch.allclose(given, model(tokens), atol=1e-4)
 
@@ -280,6 +292,18 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
     assert torch.allclose(grads["none"], grads["ffn"], atol=1e-6)
     assert torch.allclose(grads["none"], grads["block"], atol=1e-6)
+
+
+def test_block_checkpointing_records_each_layer_once_in_kv():
+    """A checkpointed block re-runs in backward; with a ``kv`` list it must not run checkpointed at all."""
+    tokens = batch(hid_pieces(1, FLEX_LEN, seed=11))
+    model = tiny_model(gradient_checkpointing="block")
+    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model(tokens, kv=kv).logsumexp(-1).mean().backward()
+    assert len(kv) == model.config.n_layer
+    plain: list[tuple[torch.Tensor, torch.Tensor]] = []
+    tiny_model()(tokens, kv=plain)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(kv, plain))
 
 
 def test_rows_longer_than_max_seq_len_are_refused():
@@ -310,7 +334,7 @@ def packed_rows(seed: int, length: int) -> torch.Tensor:
 def test_block_sparse_attention_equals_sdpa_with_the_dense_mask(query_block: int, key_block: int):
     """Outputs and gradients of q, k, v equal the dense-mask SDPA on packed rows with padding (float64)."""
     tokens = packed_rows(seed=11, length=300)  # not a multiple of any block: the last blocks are partial
-    rows = row_layout(tokens, 40)
+    rows = row_layout(tokens, TOK.kinds, 40)
     mod = summary_mask_mod(rows)
     sparse, dense = block_sparse_mask(mod, rows, query_block, key_block), full_dense_mask(mod, rows)
     assert (rows.doc[0, : rows.num_regular].unique() >= 0).sum() >= 3 and (tokens[1] == PAD).any()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -158,3 +161,108 @@ def test_split_is_a_stable_function_of_the_path():
     splits = [split_of(f"a/{i}.mid", 0.1, 0.1) for i in range(2000)]
     assert splits == [split_of(f"a/{i}.mid", 0.1, 0.1) for i in range(2000)]
     assert 0.07 < splits.count("val") / 2000 < 0.13 and 0.07 < splits.count("test") / 2000 < 0.13
+
+
+def test_unreadable_files_folders_and_links_are_reported_and_the_rest_goes_on(mixed_folder, tmp_path, monkeypatch):
+    src, good, _ = mixed_folder
+    (src / "locked").mkdir()
+    make_score([(0, False, [(0, 1, 60, 80)])]).dump_midi(str(src / "locked" / "hidden.mid"))
+    (src / "sub" / "loop").symlink_to(src, target_is_directory=True)
+    (src / "gone.mid").symlink_to(tmp_path / "nowhere.mid")
+    real_scandir, real_sha = os.scandir, preprocess_module.sha256_file
+    unreadable = src / good[0]
+
+    def scandir(path="."):  # root may read anything: refuse the way a folder without permission does
+        if str(path) == str(src / "locked"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    def sha256_file(path, *args):
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_sha(path, *args)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(preprocess_module, "sha256_file", sha256_file)
+    summary = _run(src, tmp_path / "out")
+    assert summary.unreadable == {
+        good[0]: "cannot read file (Permission denied)",
+        "locked": "cannot read folder (Permission denied)",
+        "sub/loop": "symlink loop (a link back to a folder already read)",
+        "gone.mid": "not a regular file (a dangling link?)",
+    }
+    index = json.loads((tmp_path / "out" / "index.json").read_text())
+    assert sorted(p["source"] for p in index["pieces"]) == sorted(good[1:])
+    report = (tmp_path / "out" / "report.txt").read_text()
+    for path, why in summary.unreadable.items():
+        assert f"  {path}: {why}" in report
+    monkeypatch.setattr(preprocess_module, "sha256_file", real_sha)
+    assert _run(src, tmp_path / "out").processed_now == 1  # readable again: picked up by the rerun
+
+
+def test_empty_input_folder_is_an_error(tmp_path):
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("no midi here")
+    with pytest.raises(ValueError, match="empty: no .mid or .midi files found"):
+        _run(tmp_path / "empty", tmp_path / "out")
+
+
+def test_a_second_run_on_the_same_folder_is_refused(mixed_folder, tmp_path):
+    src, _, _ = mixed_folder
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / preprocess_module.LOCK_NAME, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(ValueError, match="another preprocess is writing this folder"):
+            _run(src, out)
+        assert not (out / "index.json").exists()
+    _run(src, out)  # released: runs
+    assert verify_shards(out) == []
+
+
+def test_disk_full_leaves_no_stray_index_and_a_rerun_finishes(mixed_folder, tmp_path, monkeypatch):
+    src, good, _ = mixed_folder
+    out = tmp_path / "out"
+    real_fsync, calls = os.fsync, []
+
+    def fsync(fd):
+        calls.append(fd)
+        if len(calls) == 4:  # shard 0, index, shard 1, then the index naming shard 1
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="disk full; the dataset keeps every shard completed before"):
+        _run(src, out, shard_files=4)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert not (out / "index.json.tmp").exists()
+    assert len(json.loads((out / "index.json").read_text())["shards"]) == 1
+    _run(src, out, shard_files=4)
+    index = json.loads((out / "index.json").read_text())
+    assert sorted(p["source"] for p in index["pieces"]) == sorted(good) and verify_shards(out) == []
+
+
+def test_rerun_rebuilds_a_damaged_shard_or_names_it(mixed_folder, tmp_path):
+    src, good, _ = mixed_folder
+    out = tmp_path / "out"
+    _run(src, out, shard_files=4)
+    before = (out / "index.json").read_text()
+    shard = out / "shard_00001.u16"
+    intact = shard.read_bytes()
+    damaged = bytearray(intact)
+    damaged[100:164] = bytes(64)
+    shard.write_bytes(bytes(damaged))
+    summary = _run(src, out, shard_files=4)
+    pieces = sum(p["shard"] == 1 for p in json.loads(before)["pieces"])
+    assert pieces >= 2
+    expected = f"rebuilt damaged shard_00001.u16 (sha256 mismatch (damaged)) from {pieces} source files"
+    assert summary.repaired == [expected]
+    assert shard.read_bytes() == intact and (out / "index.json").read_text() == before
+    assert "rebuilt damaged shard_00001.u16" in (out / "report.txt").read_text()
+
+    shard.write_bytes(intact[:-10])
+    index = json.loads(before)
+    source = next(p["source"] for p in index["pieces"] if p["shard"] == 1)
+    make_score([(0, False, [(0, 1, 61, 80)])]).dump_midi(str(src / source))  # the source changed since
+    with pytest.raises(ValueError, match=f"shard_00001.u16 is damaged and its source .*{source} is gone or changed"):
+        _run(src, out, shard_files=4)

@@ -14,7 +14,7 @@ from _music import REPO
 from meloformer.hid import HIDTokenizer
 from meloformer.model import MeloFormer
 from meloformer.module import load_checkpoint
-from meloformer.pretrained import DEFAULT_MODEL, SHIPPED_MODELS, is_model_folder, load_model, load_model_folder
+from meloformer.pretrained import DEFAULT_MODEL, SHIPPED_MODELS, is_model_folder, load_model_folder
 from meloformer.sampling import GenerationRequest, generate
 
 SHIPPED = SHIPPED_MODELS / DEFAULT_MODEL
@@ -39,7 +39,7 @@ def test_export_then_from_pretrained_gives_equal_logits(checkpoint, exported):  
     with torch.no_grad():
         assert torch.equal(model(tokens), module.model(tokens))
     # The mixin's own entry point reads the same folder.
-    direct = MeloFormer.from_pretrained(exported, config=model.config)
+    direct = MeloFormer.from_pretrained(exported, config=model.config, kinds=tokenizer.kinds)
     assert all(torch.equal(a, b) for a, b in zip(direct.state_dict().values(), model.state_dict().values()))
 
 
@@ -62,7 +62,7 @@ def test_a_folder_without_config_is_refused(tmp_path):
 
 @pytest.mark.skipif(not is_model_folder(SHIPPED), reason="no shipped model in this checkout")
 def test_the_shipped_model_writes_a_valid_two_bar_sample(tmp_path):
-    model, tokenizer = load_model(None)
+    model, tokenizer = load_model_folder(SHIPPED)
     assert model.config.vocab_size == HIDTokenizer(**tokenizer.settings).vocab_size
     assert (SHIPPED / "model.safetensors").stat().st_size <= 25 * 2**20
     tokens = generate(model, tokenizer, GenerationRequest(bars=2), seed=0, progress=False)

@@ -85,7 +85,7 @@ def test_loss_covers_regular_tokens_only_and_groups_kinds(demo_shards, tiny_mode
     is_eos = tokens[:, 1:] == TOKENIZER.vocab.index("EOS")
     assert counts.sum() == (valid & ~is_eos).sum()  # every counted target but EOS has a kind group
     torch.testing.assert_close(sums.sum() + loss[is_eos].sum(), loss.sum())
-    lay = layout(tokens[0].numpy(), TOKENIZER)
+    lay = layout(tokens[0].numpy(), TOKENIZER.kinds)
     kind, track = lay.kind[1:], lay.track[1:]
     names = np.array([*KIND_GROUPS, "-"])[group[0].numpy()]
     assert (names[(kind == TokenKind.POS) & (track == 0)] == "conductor").all()

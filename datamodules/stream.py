@@ -1,4 +1,4 @@
-"""The resumable, rank-split row stream behind the training DataLoader (DESIGN sections 4 and 5).
+"""The resumable, rank-split row stream behind the training DataLoader (docs/design.md sections 6 and 7).
 
 Training rows form one endless stream of row indices (``RowBuilder`` turns an index into a row). The
 stream's cursor, ``StreamState.position``, counts the rows that all ranks together have consumed. A
@@ -92,7 +92,7 @@ class CollateWithLayout:
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = default_collate(samples)
-        batch["layout"] = row_layout(batch["tokens"].numpy(), self.max_segments, tokenizer=self.tokenizer).tensors()
+        batch["layout"] = row_layout(batch["tokens"].numpy(), self.tokenizer.kinds, self.max_segments).tensors()
         return batch
 
 

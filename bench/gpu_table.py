@@ -1,0 +1,70 @@
+"""The one table of ``bench/gpu.sh``, from the logs and JSON its steps left in WORK_DIR (also written to
+WORK_DIR/gpu.json).
+
+    python bench/gpu_table.py WORK_DIR
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+
+def _json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
+def rows(work: Path) -> list[tuple[str, str]]:
+    """(check, result) for the CUDA tests, each attention row and the 150-step fit."""
+    out = []
+    tests = _json(work / "cuda-tests.json")
+    last = (_text(work / "cuda-tests.log").strip().splitlines() or ["no output"])[-1]
+    out.append(("CUDA tests", f"{last} (exit {tests.get('rc', '?')}, {tests.get('seconds', '?')} s)"))
+    for r in _json(work / "attention.json").get("results", []):
+        s = r["seconds"]
+        out.append(
+            (
+                f"attention {r['workload']} {r['tokens']:,} tokens, fwd+bwd bf16",
+                f"flex {s['flex'] * 1e3:.1f} ms, SDPA+mask {s['sdpa_dense_mask'] * 1e3:.1f} ms "
+                f"({r['flex_speedup_vs_dense_sdpa']:.1f}x), causal SDPA {s['sdpa_causal'] * 1e3:.1f} ms, "
+                f"{r['tile_sparsity']:.0%} empty tiles",
+            )
+        )
+    fit, log = _json(work / "fit.json"), _text(work / "fit.log")
+    wall = (re.findall(r"fit wall seconds: (\d+)", log) or ["?"])[-1]
+    out.append(("fit 150 steps: exit status, wall", f"{fit.get('rc', 'none (timed out or crashed)')}, {wall} s"))
+    out += [("fit: phase switch", line) for line in re.findall(r"phase \d+/\d+ from optimizer step \d+: .*", log)]
+    out.append(("fit: recompiles", str(log.count("Recompiling function"))))
+    metrics = sorted(work.glob("runs/small/csv/*/metrics.csv"))
+    if metrics:
+        with open(metrics[-1]) as f:
+            logged = [r for r in csv.DictReader(f) if r.get("train/tokens_per_s")]
+        for phase in sorted({float(r["phase"]) for r in logged}):
+            speeds = [float(r["train/tokens_per_s"]) for r in logged if float(r["phase"]) == phase]
+            out.append((f"fit: tokens/s in phase {phase:.0f} (median)", f"{statistics.median(speeds):,.0f}"))
+    if "peak_gib" in fit:
+        out.append(("fit: peak GPU memory", f"{fit['peak_gib']:.2f} GiB"))
+    return out
+
+
+def main() -> None:
+    work = Path(sys.argv[1])
+    table = rows(work)
+    width = max(len(name) for name, _ in table)
+    print(f"{'check':<{width}} | result")
+    print(f"{'-' * width}-|-{'-' * 60}")
+    for name, value in table:
+        print(f"{name:<{width}} | {value}")
+    (work / "gpu.json").write_text(json.dumps({"rows": table}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Configs by bare name: `meloformer fit --config small.yaml` from any folder, and from an installed wheel."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import venv
+
+import pytest
+import yaml
+
+from _music import REPO
+from meloformer.cli import ConfigError, resolve_config, resolve_config_arguments, shipped_configs
+
+SHIPPED = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+
+
+def meloformer(*args: str, cwd) -> subprocess.CompletedProcess:
+    script = shutil.which("meloformer")
+    assert script, "the meloformer console script is not installed (pip install -e .)"
+    return subprocess.run([script, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_every_repository_config_is_shipped():
+    shipped = shipped_configs()
+    assert sorted(shipped) == SHIPPED and "small.yaml" in shipped and "demo.yaml" in shipped
+    for name, path in shipped.items():
+        assert path.read_bytes() == (REPO / "configs" / name).read_bytes()
+
+
+def test_bare_names_resolve_and_paths_stay(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert resolve_config("small.yaml") == str(shipped_configs()["small.yaml"])
+    assert resolve_config("base") == str(shipped_configs()["base.yaml"])
+    (tmp_path / "small.yaml").write_text("seed_everything: 1\n")
+    assert resolve_config("small.yaml") == "small.yaml"  # a file in the working folder wins
+    assert resolve_config("elsewhere/demo.yaml") == "elsewhere/demo.yaml"  # paths are left to jsonargparse
+    argv = ["fit", "-c", "demo", "--config=large.yaml", "--model.size", "small"]
+    resolved = resolve_config_arguments(argv)
+    assert resolved[2] == str(shipped_configs()["demo.yaml"])
+    assert resolved[3] == "--config=" + str(shipped_configs()["large.yaml"])
+    assert resolved[4:] == argv[4:]
+    with pytest.raises(ConfigError, match="shipped: " + ", ".join(SHIPPED)):
+        resolve_config("smal.yaml")
+
+
+def test_console_script_finds_a_shipped_config_from_any_folder(tmp_path):
+    done = meloformer("fit", "--config", "small.yaml", "--print_config", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = yaml.safe_load(done.stdout)
+    assert config["model"]["size"] == "small" and config["trainer"]["precision"] == "bf16-mixed"
+
+
+def test_unknown_config_name_lists_the_shipped_ones(tmp_path):
+    done = meloformer("fit", "--config", "smal.yaml", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"meloformer: error: --config smal.yaml: no such file and no shipped config of that name; "
+        f"shipped: {', '.join(SHIPPED)}"
+    ]
+
+
+@pytest.mark.slow
+def test_demo_config_trains_from_an_installed_wheel(tmp_path):
+    """A wheel built from the repository, installed into a fresh environment, trains with `--config demo.yaml`
+    from an empty folder: configs and the demo corpus travel as package data."""
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns(".*", "build", "dist", "data", "runs", "*.egg-info", "__pycache__", "results")
+    shutil.copytree(REPO, source, ignore=ignore)
+    env_dir = tmp_path / "env"
+    venv.create(env_dir, system_site_packages=True, with_pip=False)  # torch & co. from the host, pip too
+    python = env_dir / "bin" / "python"
+    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheels.glob("meloformer-*.whl")
+    installed = subprocess.run([*pip, "install", "--no-deps", str(wheel)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr[-3000:]
+
+    work = tmp_path / "work"
+    work.mkdir()
+    where = subprocess.run(
+        [str(python), "-c", "import meloformer; print(meloformer.__file__)"], cwd=work, capture_output=True, text=True
+    )
+    assert where.stdout.startswith(str(env_dir)), where.stdout + where.stderr  # the wheel, not the checkout
+    done = subprocess.run(
+        [str(env_dir / "bin" / "meloformer"), "fit", "--config", "demo.yaml", "--trainer.max_steps", "2",
+         "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"],
+        cwd=work, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (work / "data" / "demo-shards" / "index.json").is_file()  # the shipped corpus, preprocessed here
+    assert list((work / "runs" / "demo").rglob("last.ckpt"))

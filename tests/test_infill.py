@@ -1,0 +1,161 @@
+"""Infilling: regions regenerated under the grammar, every other note of the prompt kept, track order kept."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import meloformer.infill as infill_module
+from _music import demo_files
+from meloformer.grammar import HIDGrammar
+from meloformer.hid import NOTE_COLUMNS, HIDTokenizer
+from meloformer.infill import Region, check_infill, check_regions, infill, reorder_tracks, track_list
+from meloformer.model import MeloFormer, MeloFormerConfig
+from meloformer.sampling import GenerationRequest, check_request
+
+TOK = HIDTokenizer()
+TRACK, BAR = NOTE_COLUMNS.index("track"), NOTE_COLUMNS.index("bar")
+
+
+@pytest.fixture(scope="module")
+def model() -> MeloFormer:
+    torch.manual_seed(0)
+    config = MeloFormerConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=2048, summary_slots=64)
+    return MeloFormer(config, TOK.kinds).eval()
+
+
+@pytest.fixture(scope="module")
+def prompt() -> np.ndarray:
+    """4 bars of a chorale: 4 tracks (programs 52, 52, 53, 53), every bar with notes."""
+    chorale = next(f for f in demo_files() if "bach" in str(f))
+    return TOK.crop_bars(TOK.encode(chorale), 0, 4)
+
+
+def rows(notes: np.ndarray) -> list[tuple[int, ...]]:
+    return sorted(map(tuple, notes.tolist()))
+
+
+def in_regions(notes: np.ndarray, regions: list[Region]) -> np.ndarray:
+    inside = np.zeros(len(notes), dtype=bool)
+    for r in regions:
+        inside |= (notes[:, TRACK] == r.track - 1) & (notes[:, BAR] >= r.first - 1) & (notes[:, BAR] <= r.last - 1)
+    return inside
+
+
+@pytest.mark.parametrize(
+    "regions, seed",
+    [
+        (["2:2-3"], 0),
+        (["1:1-4"], 1),
+        (["4:4"], 2),
+        (["3:1", "3:3-4"], 3),  # two regions of one track
+        (["2:2-3", "1:4", "4:1-2"], 4),  # three tracks, filled one after another
+    ],
+)
+def test_infill_keeps_everything_outside_the_regions(model, prompt, regions, seed):
+    regions = [Region.parse(r) for r in regions]
+    tokens = infill(model, TOK, GenerationRequest(prompt=prompt), regions, seed=seed)
+    piece, original = TOK.parse(tokens), TOK.parse(prompt)  # parse checks the grammar of the whole piece
+    assert [t for t, _ in piece.tracks] == [t for t, _ in original.tracks]  # track order unchanged
+    assert piece.n_bars == original.n_bars
+    assert all(np.array_equal(a, b) for a, b in zip(piece.conductor, original.conductor))
+    HIDGrammar.from_tokens(TOK, tokens, n_bars=4, instruments=[t for t, _ in original.tracks])
+    before, after = TOK.note_table(prompt), TOK.note_table(tokens)
+    assert rows(after[~in_regions(after, regions)]) == rows(before[~in_regions(before, regions)])
+    # Token for token, too: every (track, bar) outside the regions is the prompt's.
+    for number, ((_, bars), (_, old)) in enumerate(zip(piece.tracks, original.tracks)):
+        for b, (new, prompt_bar) in enumerate(zip(bars, old)):
+            if not any(r.track == number + 1 and r.first <= b + 1 <= r.last for r in regions):
+                assert np.array_equal(new, prompt_bar), (number, b)
+    # The regions were regenerated (an untrained model does not rewrite a chorale note for note).
+    assert rows(after[in_regions(after, regions)]) != rows(before[in_regions(before, regions)])
+
+
+def test_infill_is_reproducible_per_seed(model, prompt):
+    request, regions = GenerationRequest(prompt=prompt), [Region.parse("2:2-3")]
+    first = infill(model, TOK, request, regions, seed=5)
+    assert np.array_equal(first, infill(model, TOK, request, regions, seed=5))
+    assert not np.array_equal(first, infill(model, TOK, request, regions, seed=6))
+
+
+def test_the_target_track_is_generated_last_hearing_every_other_track(model, prompt, monkeypatch):
+    seen = []
+
+    def fake_generate(model, tok, request, seed, progress):
+        seen.append(request)
+        return request.prompt  # nothing regenerated: the result must be the prompt again
+
+    monkeypatch.setattr(infill_module, "generate", fake_generate)
+    tokens = infill(model, TOK, GenerationRequest(prompt=prompt, temperature=0.7), [Region.parse("2:2-3")], seed=0)
+    assert np.array_equal(tokens, prompt)
+    (request,) = seen
+    tracks = [t for t, _ in TOK.parse(request.prompt).tracks]
+    original = TOK.parse(prompt).tracks
+    assert tracks == [original[i][0] for i in (0, 2, 3, 1)]
+    assert TOK.parse(request.prompt).tracks[3][1][2].tolist() == original[1][1][2].tolist()
+    assert request.regenerate == [(3, 1), (3, 2)] and request.temperature == 0.7 and request.bars is None
+    check_request(TOK, request)
+
+
+def test_reorder_tracks_round_trips(prompt):
+    order = [2, 0, 3, 1]
+    moved = reorder_tracks(TOK, prompt, order)
+    original = TOK.parse(prompt)
+    assert [t for t, _ in TOK.parse(moved).tracks] == [original.tracks[i][0] for i in order]
+    assert len(moved) == len(prompt)
+    assert np.array_equal(reorder_tracks(TOK, moved, list(np.argsort(order))), prompt)
+
+
+@pytest.mark.parametrize(
+    "text, region", [("2:5-8", Region(2, 5, 8)), ("1:3", Region(1, 3, 3)), (" 3 : 1 - 2 ", Region(3, 1, 2))]
+)
+def test_region_parse(text, region):
+    assert Region.parse(text) == region
+
+
+@pytest.mark.parametrize("text", ["2", "a:1-2", "2:1-", "2:3-1", "0:1-2", "1:0-2", "2:1-2-3", ""])
+def test_bad_region_is_one_line(text):
+    with pytest.raises(ValueError, match="infill region") as err:
+        Region.parse(text)
+    assert "\n" not in str(err.value)
+
+
+def test_regions_outside_the_prompt_are_refused_naming_the_tracks(prompt):
+    assert track_list(TOK, prompt) == "1 program 52, 2 program 52, 3 program 53, 4 program 53"
+    with pytest.raises(ValueError, match=r"track 5 is out of range; the prompt's tracks are 1 program 52, 2 "):
+        check_regions(TOK, prompt, [Region.parse("5:1-2")])
+    with pytest.raises(ValueError, match=r"bars 3-5 are outside the prompt's 4 bars"):
+        check_regions(TOK, prompt, [Region.parse("1:1"), Region.parse("2:3-5")])
+    check_regions(TOK, prompt, [Region.parse("4:1-4")])
+
+
+def test_check_infill_refuses_what_the_sampler_refuses(prompt):
+    regions = [Region.parse("2:1-2"), Region.parse("4:3")]
+    check_infill(TOK, GenerationRequest(prompt=prompt, bars=99, instruments=[6]), regions)  # both ignored
+    with pytest.raises(ValueError, match="keeps the prompt's chords"):
+        check_infill(TOK, GenerationRequest(prompt=prompt, chords=["C"]), regions)
+    with pytest.raises(ValueError, match="track 5 is out of range"):
+        check_infill(TOK, GenerationRequest(prompt=prompt), [Region.parse("5:1")])
+
+
+def test_regenerate_needs_bars_of_the_prompt(prompt):
+    with pytest.raises(ValueError, match="bar 4 of track 0"):
+        check_request(TOK, GenerationRequest(prompt=prompt, regenerate=[(0, 4)]))
+    with pytest.raises(ValueError, match="needs a prompt"):
+        check_request(TOK, GenerationRequest(regenerate=[(0, 0)]))
+
+
+def test_the_model_stops_once_the_last_region_bar_is_written(model, prompt, monkeypatch):
+    from meloformer.generate import IncrementalDecoder
+
+    calls = []
+    step = IncrementalDecoder.step
+    monkeypatch.setattr(IncrementalDecoder, "step", lambda self, token: calls.append(self.length) or step(self, token))
+    tokens = infill(model, TOK, GenerationRequest(prompt=prompt), [Region.parse("1:1")], seed=0)
+    moved = TOK.parse(reorder_tracks(TOK, tokens, [1, 2, 3, 0]))  # as generated: track 1 last
+    region = len(moved.tracks[3][1][0])  # tokens written in the region, after its Bar
+    bar = len(tokens) - 1 - sum(1 + len(b) for b in moved.tracks[3][1])  # where the region's Bar sits
+    # The prefill ends at that Bar; a step per token written in the region; the Bar that closes the region is
+    # sampled from the last step's logits, and the model does not run over the copied bars after it.
+    assert calls == list(range(bar + 1, bar + 1 + region))
