@@ -10,6 +10,8 @@ from torch.nn.attention.flex_attention import create_block_mask, create_mask, fl
 
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.masks import (
+    BlockSparseMask,
+    attention_mask,
     block_mask,
     block_sparse_mask,
     full_dense_mask,
@@ -331,6 +333,17 @@ def test_block_sparse_mask_holds_exactly_the_dense_mask(query_block: int, key_bl
             rebuilt.index_put_((batch[:, None, None], q[:, :, None], k[:, None, :]), (mask & real).long(), True)
         assert torch.equal(rebuilt[:, :t, :t], dense.long())
         assert torch.equal(torch.sort(torch.cat([c.query for c in sparse.calls]))[0], torch.arange(2 * n_queries))
+
+
+def test_attention_mask_builds_each_backends_representation():
+    rows = row_layout(np.array([TOKENS]), TOK.kinds, 24)
+    mod = summary_mask_mod(rows)
+    assert isinstance(attention_mask(mod, rows, "sdpa"), BlockSparseMask)
+    flex = attention_mask(mod, rows, "flex")
+    assert flex.BLOCK_SIZE == (32, 32) and torch.equal(flex.to_dense(), block_mask(mod, rows, 32).to_dense())
+    assert torch.equal(attention_mask(mod, rows, "dense"), full_dense_mask(mod, rows))
+    with pytest.raises(ValueError, match="'sparse'"):
+        attention_mask(mod, rows, "sparse")
 
 
 # Shared with test_model/test_decode: one compiled-flex shape for the whole test session.
