@@ -1,4 +1,4 @@
-"""``SampleLogger``: every N validation runs, sample a short piece and log its piano roll and metrics."""
+"""``SampleLogger``: every N validation runs, sample a short piece and log its piano roll, audio and metrics."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from meloformer.audio import SAMPLE_RATE, render_score, write_wav
 from meloformer.metrics import MusicMetrics
 from meloformer.pianoroll import render_pianoroll
 from meloformer.sampling import GenerationRequest, generate
@@ -17,8 +18,9 @@ from meloformer.sampling import GenerationRequest, generate
 class SampleLogger(pl.Callback):
     """Generate ``bars`` bars after every ``every_n_validations``-th validation (rank 0 only).
 
-    The MIDI file goes to ``<log_dir>/samples/step_<N>.mid``; the piano roll is logged as an image to a
-    TensorBoard logger (``samples/pianoroll``) and saved beside the MIDI file; the music metrics of the sample
+    The MIDI file goes to ``<log_dir>/samples/step_<N>.mid``; the piano roll and the audio (General MIDI
+    SoundFont) are logged to a TensorBoard logger (``samples/pianoroll``, ``samples/audio``) and saved beside
+    the MIDI file (``step_<N>.png``, ``step_<N>.wav``); the music metrics of the sample
     (pitch-class entropy, groove consistency, polyphony, empty-bar rate, notes per bar) are logged as
     ``sample/<name>`` to every logger.
     """
@@ -62,9 +64,18 @@ class SampleLogger(pl.Callback):
         pl_module.tokenizer.decode_to_file(tokens, out_dir / f"step_{step}.mid")
         figure = render_pianoroll(pl_module.tokenizer, tokens, title=f"sample at step {step}")
         figure.savefig(out_dir / f"step_{step}.png")
+        try:
+            audio = render_score(pl_module.tokenizer.decode(tokens))
+            write_wav(out_dir / f"step_{step}.wav", audio)
+        except (RuntimeError, OSError) as err:  # no synthesizer (e.g. symusic 0.6.0): never stop training for it
+            rank_zero_warn(f"SampleLogger: no audio: {err}")
+            audio = None
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_figure("samples/pianoroll", figure, global_step=step)
+                if audio is not None:
+                    mono = torch.from_numpy(audio.mean(axis=0))[None]  # add_audio takes [1, samples]
+                    logger.experiment.add_audio("samples/audio", mono, global_step=step, sample_rate=SAMPLE_RATE)
         metrics, _ = MusicMetrics(pl_module.tokenizer).piece(tokens)
         for logger in trainer.loggers:
             logger.log_metrics({f"sample/{k}": v for k, v in metrics.items()}, step=step)

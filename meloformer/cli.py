@@ -13,13 +13,16 @@ from jsonargparse import ArgumentError, ArgumentParser
 from meloformer.hid import HIDTokenizer
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test")
-USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,evaluate,export,sizes} ...
+USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,render,serve,evaluate,export,sizes} ...
 
   fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config demo.yaml
                         (--print_config, dotted overrides such as --model.size base, --trainer.strategy ddp
                         --trainer.num_nodes N --trainer.devices M; `meloformer fit --help` lists everything)
   preprocess            tokenise a folder of MIDI files into HID shards
-  generate              sample MIDI files (and piano rolls) from a checkpoint, a model folder or the shipped model
+  generate              sample MIDI files (and piano rolls, --audio WAV files) from a checkpoint, a model folder or
+                        the shipped model
+  render                synthesize a MIDI file to WAV: meloformer render in.mid out.wav
+  serve                 the web app (Gradio): meloformer serve [--ckpt_path CKPT_OR_FOLDER] [--port 7860]
   evaluate              loss/perplexity of a checkpoint on a split, or music metrics of generated MIDI
   export                turn a training checkpoint into a model folder (safetensors, config.json, model card)
   sizes                 the model sizes and their real parameter counts
@@ -118,6 +121,7 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="sample K uses seed + K")
     parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--audio", action="store_true", help="also write sample_K.wav (General MIDI SoundFont)")
     parser.add_argument("--no_progress", action="store_true")
     return parser
 
@@ -181,6 +185,7 @@ def _output_folder(path: str) -> Path:
 def generate_main(argv: list[str]) -> int:
     import torch
 
+    from meloformer.audio import render_midi
     from meloformer.infill import Region, check_infill, infill, track_list
     from meloformer.pianoroll import save_pianoroll
     from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
@@ -249,6 +254,8 @@ def generate_main(argv: list[str]) -> int:
                 tokens = generate(model, tok, request, seed=args.seed + k, progress=progress, desc=desc)
             tok.decode_to_file(tokens, out / f"sample_{k}.mid")
             save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+            if args.audio:
+                render_midi(tok.decode(tokens), out / f"sample_{k}.wav")
         except (ValueError, OSError, RuntimeError) as err:  # keep what was written; name the sample that failed
             kept = f"samples 0..{k - 1} are in {out}" if k else "no sample was written"
             print(f"meloformer generate: error: sample {k} failed ({err}); {kept}", file=sys.stderr)
@@ -256,6 +263,28 @@ def generate_main(argv: list[str]) -> int:
         piece = tok.parse(tokens)
         notes = len(tok.note_table(piece))
         print(f"{out / f'sample_{k}.mid'}: {piece.n_bars} bars, {len(piece.tracks)} tracks, {notes} notes")
+    return 0
+
+
+def render_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="meloformer render", description="Synthesize a MIDI file to a WAV file.")
+    parser.add_argument("midi", help="a .mid/.midi file")
+    parser.add_argument("wav", help="the WAV file to write (16-bit stereo, 48 kHz)")
+    return parser
+
+
+def render_main(argv: list[str]) -> int:
+    from meloformer.audio import render_midi
+
+    args = render_parser().parse_args(argv)
+    try:
+        if not Path(args.midi).is_file():
+            raise OSError(f"{args.midi}: no such file")
+        seconds = render_midi(args.midi, args.wav)
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"meloformer render: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.wav}: {seconds:.2f} s")
     return 0
 
 
@@ -499,6 +528,12 @@ def main(argv: list[str] | None = None) -> int:
         return preprocess_main(argv[1:])
     if command == "generate":
         return generate_main(argv[1:])
+    if command == "render":
+        return render_main(argv[1:])
+    if command == "serve":
+        from meloformer.serve import serve_main
+
+        return serve_main(argv[1:])
     if command == "evaluate":
         return evaluate_main(argv[1:])
     if command == "export":

@@ -100,6 +100,23 @@ class _Music:
     time_signatures: list[tuple[int, int, int]]  # (tick, numerator, denominator)
 
 
+def read_midi(path: str | Path) -> symusic.Score:
+    """Parse a MIDI file, refusing one whose chunks run past its end (a truncated download or copy): symusic
+    0.5.x would read past its buffer there and return a random part of the piece."""
+    data = Path(path).read_bytes()
+    if data[:4] == b"MThd" and len(data) >= 14:
+        offset, chunks = 0, 1 + int.from_bytes(data[10:12], "big")  # the header, then its declared tracks
+        for _ in range(chunks):
+            end = offset + 8 + int.from_bytes(data[offset + 4 : offset + 8], "big")
+            if offset + 8 > len(data) or end > len(data):
+                raise HIDError(f"cannot parse MIDI file: truncated ({len(data)} bytes, a chunk runs to byte {end})")
+            offset = end
+    try:
+        return symusic.Score.from_midi(data)
+    except Exception as err:  # symusic raises plain RuntimeError/ValueError for broken files
+        raise HIDError(f"cannot parse MIDI file: {err}") from err
+
+
 def _duration_bins(resolution: int) -> np.ndarray:
     """Durations in grid steps: every step up to two quarters, then coarser up to eight whole notes."""
     r = resolution
@@ -232,10 +249,7 @@ class HIDTokenizer:
     # ------------------------------------------------------------------ input adapters
     def _load(self, x: Any) -> _Music:
         if isinstance(x, (str, Path)):
-            try:
-                x = symusic.Score(str(x))
-            except Exception as err:  # symusic raises plain RuntimeError/ValueError for broken files
-                raise HIDError(f"cannot parse MIDI file: {err}") from err
+            x = read_midi(x)
         if isinstance(x, symusic.Score):
             return self._from_symusic(x)
         if type(x).__name__ == "MidiFile" and hasattr(x, "instruments"):

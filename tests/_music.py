@@ -14,6 +14,20 @@ def demo_files() -> list[Path]:
     return sorted(p for p in DEMO_MIDI.rglob("*") if p.suffix.lower() in (".mid", ".midi"))
 
 
+def downbeats(score: symusic.Score) -> list[int]:
+    """Bar lines in ticks as a MIDI reader counts them: each time signature starts a bar where it stands
+    (4/4 before the first), up to the score's end. Equals symusic 0.6's ``Score.get_downbeats`` on every demo
+    file and its decoding; written here because symusic 0.5.x lacks it and 0.6.0 cannot render audio."""
+    marks = [(t.time, t.numerator, t.denominator) for t in sorted(score.time_signatures, key=lambda t: t.time)]
+    if not marks or marks[0][0] > 0:
+        marks.insert(0, (0, 4, 4))
+    lines = []
+    for i, (start, numerator, denominator) in enumerate(marks):
+        stop = marks[i + 1][0] if i + 1 < len(marks) else score.end()
+        lines += range(start, stop, numerator * 4 * score.ticks_per_quarter // denominator)
+    return lines
+
+
 def make_score(
     tracks: list[tuple[int, bool, list[tuple[float, float, int, int]]]],
     tempos: list[tuple[float, float]] = ((0, 120.0),),

@@ -41,3 +41,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(demo_shards, tmp_path_factory):
+    """A checkpoint of a tiny model trained two steps on the demo corpus (for generate, audio and serve)."""
+    import lightning.pytorch as pl
+
+    from meloformer.datamodules import HIDDataModule
+    from meloformer.module import MeloFormerModule
+
+    module = MeloFormerModule(**TINY_MODEL, warmup_steps=1)
+    trainer = pl.Trainer(
+        max_steps=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, HIDDataModule(str(demo_shards), max_seq_len=256, max_segments=64))
+    path = tmp_path_factory.mktemp("tiny-checkpoint") / "tiny.ckpt"
+    trainer.save_checkpoint(path)
+    return path

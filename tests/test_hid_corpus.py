@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import symusic
 
-from _music import demo_files
+from _music import demo_files, downbeats
 from meloformer.hid import TRACK_DRUMS, HIDTokenizer, _track_priority
 from meloformer.layout import layout
 
@@ -102,10 +102,10 @@ def test_tempo_and_time_signature_maps_come_back(encoded):
         # The meter map: every bar line of the original (as a MIDI reader counts them) comes back exactly.
         # Up to the first bar that no time signature can hold: off the position grid, or shorter than a
         # sixteenth (music21 writes a few 1/32-long bars where it splits a measure at a repeat).
-        steps = [b * R / tpq for b in original.get_downbeats()]
+        steps = [b * R / tpq for b in downbeats(original)]
         odd = [i for i, s in enumerate(steps) if abs(s - round(s)) > 1e-6 or (i and round(s - steps[i - 1]) % (R // 4))]
         bar_lines = [round(s) / R for s in steps[: odd[0] if odd else len(steps)]]
-        decoded_lines = [b / R for b in decoded.get_downbeats()]
+        decoded_lines = [b / R for b in downbeats(decoded)]
         expected = [b for b in bar_lines if b < decoded_lines[-1] + 1e-9]
         assert decoded_lines[: len(expected)] == expected, path
         for ts in decoded.time_signatures:  # and the time signature of each full bar

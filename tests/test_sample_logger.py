@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import wave
+
 import lightning.pytorch as pl
+import pytest
 import symusic
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from meloformer.audio import SAMPLE_RATE
 from meloformer.callbacks import SampleLogger
 from meloformer.datamodules import HIDDataModule
 from meloformer.module import MeloFormerModule
@@ -35,6 +39,38 @@ def test_sample_logger_logs_piano_roll_and_metrics_every_n_validations(demo_shar
         assert symusic.Score(str(next((tmp_path / "tb").rglob(name)))).note_num() > 0
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*")).parent)).Reload()
     assert [e.step for e in events.Images("samples/pianoroll")] == [2, 4]
+    clips = events.Audio("samples/audio")
+    assert [e.step for e in clips] == [2, 4]
+    assert all(e.sample_rate == SAMPLE_RATE and e.length_frames > 0 for e in clips)
+    for name in samples:  # the WAV beside each MIDI file is as long as the piece
+        wav = next((tmp_path / "tb").rglob(name.replace(".mid", ".wav")))
+        seconds = symusic.Score(str(wav.with_suffix(".mid"))).to("second").end()
+        with wave.open(str(wav)) as audio:
+            assert abs(audio.getnframes() / audio.getframerate() - seconds) < 0.05
     assert "sample/pitch_class_entropy" in events.Tags()["scalars"]
     metrics = (next((tmp_path / "csv").rglob("metrics.csv"))).read_text()
     assert "sample/groove_consistency" in metrics
+
+
+def test_sample_logger_without_a_synthesizer_warns_and_keeps_training(demo_shards, tiny_model, tmp_path, monkeypatch):
+    def broken(score):
+        raise RuntimeError("symusic 0.6.0 cannot render audio")
+
+    monkeypatch.setattr("meloformer.callbacks.sample_logger.render_score", broken)
+    trainer = pl.Trainer(
+        max_steps=1,
+        val_check_interval=1,
+        check_val_every_n_epoch=None,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=TensorBoardLogger(tmp_path, name="tb"),
+        callbacks=[SampleLogger(bars=1, instruments=[6])],
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    with pytest.warns(UserWarning, match="SampleLogger: no audio: symusic 0.6.0"):
+        data = HIDDataModule(str(demo_shards), max_seq_len=256, max_segments=64)
+        trainer.fit(MeloFormerModule(**tiny_model, warmup_steps=1), data)
+    assert trainer.global_step == 1
+    assert sorted(p.name for p in (tmp_path / "tb").rglob("step_*.*")) == ["step_1.mid", "step_1.png"]  # no .wav

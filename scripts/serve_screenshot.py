@@ -1,0 +1,53 @@
+"""Take docs/serve.png: start `meloformer serve` on a checkpoint, generate one sample in headless Chromium (the
+browser test's set-up: Debian's chromium-headless-shell driven by playwright), and screenshot the page.
+
+    python scripts/serve_screenshot.py --ckpt_path runs/demo/checkpoints/last.ckpt --bars 8 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+
+from playwright.sync_api import sync_playwright
+
+from meloformer.module import load_checkpoint
+from meloformer.serve import Studio, build_app, find_checkpoint, launch
+
+BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
+BROWSER_ARGS += ["--disable-sync", "--no-first-run"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt_path", required=True)
+    parser.add_argument("--out", default="docs/serve.png")
+    parser.add_argument("--instruments", default="drums 33 0")
+    parser.add_argument("--bars", default="4")
+    parser.add_argument("--seed", default="3")
+    args = parser.parse_args()
+    browser_path = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+    if browser_path is None:
+        raise SystemExit("no Chromium: apt-get install chromium-headless-shell")
+    app = build_app(Studio(load_checkpoint(find_checkpoint(args.ckpt_path))))
+    url = launch(app, port=7861, block=False)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=browser_path, args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.set_default_timeout(300_000)
+        page.goto(url)
+        page.locator("#instruments textarea").fill(args.instruments)
+        page.locator("#bars input").fill(args.bars)
+        page.locator("#seed input").fill(args.seed)
+        page.locator("#generate").click()
+        page.locator("#pianoroll img").wait_for(state="visible")
+        page.locator("#audio audio[src]").first.wait_for(state="attached")
+        page.wait_for_timeout(1000)  # let the waveform draw
+        page.screenshot(path=args.out, full_page=True)
+        browser.close()
+    app.close()
+    print(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""`meloformer serve`: the page's controls are checked before any sampling, and in a real browser (headless
+Chromium driven by playwright) the page generates a sample and offers its piano roll, audio and MIDI file."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+
+import pytest
+import symusic
+import torch
+
+from _music import demo_files
+from meloformer.cli import main, open_checkpoint
+from meloformer.hid import TRACK_DRUMS, TRACK_PROGRAM0
+from meloformer.module import load_checkpoint
+from meloformer.pretrained import save_model_folder
+from meloformer.serve import Studio, build_app, launch
+
+BROWSER_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+# The controls of Studio.request in order, with values that generate a short piece.
+DEFAULTS = {
+    "instruments": "",
+    "bars": 2,
+    "tempo": 0,
+    "time_signature": "model's choice",
+    "temperature": 1.0,
+    "top_p": 0.95,
+    "prompt": None,
+    "mode": "continue",
+    "new_track": "",
+    "prompt_bars": 0,
+}
+
+
+def chromium() -> str | None:
+    """Debian's headless Chromium (playwright cannot download its own browsers here)."""
+    return shutil.which("chromium-headless-shell") or shutil.which("chromium")
+
+
+@pytest.fixture(scope="module")
+def studio(tiny_checkpoint) -> Studio:
+    return Studio(load_checkpoint(tiny_checkpoint))
+
+
+def test_the_app_loads_a_model_folder(tiny_checkpoint, tmp_path):
+    module = load_checkpoint(tiny_checkpoint)
+    save_model_folder(module.model, module.tokenizer, tmp_path / "model", "# a test model")
+    studio = Studio(open_checkpoint(str(tmp_path / "model"), "cpu"))
+    assert studio.tok.settings == module.tokenizer.settings
+    assert all(
+        torch.equal(a, b) for a, b in zip(studio.model.state_dict().values(), module.model.state_dict().values())
+    )
+
+
+def test_controls_become_the_generation_request(studio):
+    request = studio.request(**{**DEFAULTS, "instruments": "drums 33", "tempo": 96, "time_signature": "3/4"})
+    assert request.bars == 2 and request.instruments == [TRACK_DRUMS, TRACK_PROGRAM0 + 33]
+    assert request.tempo == 96 and request.time_signature == (3, 4) and request.prompt is None
+    prompt = str(next(f for f in demo_files() if "bach" in str(f)))
+    request = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3})
+    assert studio.tok.parse(request.prompt).n_bars == 3 and request.bars == 3 + 2  # bars are new bars
+    add = {"mode": "add a track", "new_track": "73"}
+    request = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3, **add})
+    assert request.add_track == TRACK_PROGRAM0 + 73 and request.bars == 3
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        ({"bars": 0}, "bars 0"),
+        ({"bars": None}, "bars None"),
+        ({"instruments": "flute"}, "General MIDI program"),
+        ({"tempo": 1000}, "tempo 1000"),
+        ({"temperature": 0}, "temperature 0"),
+        ({"time_signature": "7/32"}, None),  # not offered by the page: the model chooses
+        ({"prompt": "PROMPT", "tempo": 90}, "come from the prompt"),
+        ({"prompt": "PROMPT", "mode": "add a track"}, "give its instrument"),
+        ({"prompt": "BAD"}, "bad.mid: not a usable MIDI file"),
+    ],
+)
+def test_bad_controls_are_named(studio, change, problem, tmp_path):
+    (tmp_path / "bad.mid").write_bytes(b"not midi")
+    paths = {"PROMPT": str(demo_files()[0]), "BAD": str(tmp_path / "bad.mid")}
+    controls = {**DEFAULTS, **{k: paths.get(v, v) if isinstance(v, str) else v for k, v in change.items()}}
+    if problem is None:
+        assert studio.request(**controls).time_signature is None
+        return
+    with pytest.raises(ValueError, match=problem):
+        studio.request(**controls)
+
+
+def test_serve_rejects_a_missing_checkpoint_in_one_line(tmp_path, capsys):
+    assert main(["serve", "--ckpt_path", str(tmp_path / "none.ckpt")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("none.ckpt: no such checkpoint file or folder") and len(err.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def page(studio):
+    if chromium() is None:
+        pytest.skip("no Chromium: apt-get install chromium-headless-shell (CI does, in .ci/run)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(studio)
+    url = launch(app, port=port, block=False)
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium(), args=BROWSER_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+        page.set_default_timeout(120_000)  # a busy 2-core machine
+        page.goto(url)
+        yield page
+        browser.close()
+    app.close()
+
+
+@pytest.mark.slow
+def test_page_generates_a_sample_with_piano_roll_audio_and_midi(page, tmp_path):
+    page.locator("#instruments textarea").fill("0 33")
+    page.locator("#bars input").fill("2")
+    page.locator("#generate").click()
+    page.locator("#pianoroll img").wait_for(state="visible")
+    page.locator("#audio audio[src]").first.wait_for(state="attached")  # the player has loaded the WAV
+    assert "2 bars, 2 tracks" in page.locator("#status").inner_text()
+    with page.expect_download() as download:
+        page.locator("#midi a.download-link").first.click()
+    download.value.save_as(tmp_path / "sample.mid")
+    score = symusic.Score(str(tmp_path / "sample.mid"))
+    assert score.note_num() > 0 and [t.program for t in score.tracks] == [0, 33]
+
+
+@pytest.mark.slow
+def test_page_shows_bad_input_as_a_message(page, capfd):
+    page.locator("#instruments textarea").fill("flute")
+    page.locator("#generate").click()
+    message = page.get_by_text("instrument 'flute': give a General MIDI program 0-127 or 'drums'")
+    message.first.wait_for(state="visible")
+    assert "Traceback" not in capfd.readouterr().err
