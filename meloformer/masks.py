@@ -326,7 +326,6 @@ class BlockSparseMask:
     query block) order. Autograd through the gathers gives the backward, which skips the same tiles.
     """
 
-    length: int
     query_block: int
     key_block: int
     calls: list[SparseCall]
@@ -370,7 +369,7 @@ def block_sparse_mask(
         calls.append(SparseCall(query, batch_of[:, None] * n_keys + key, mask))
         flat_queries.append(query)
     order = torch.argsort(torch.cat(flat_queries))
-    return BlockSparseMask(t, query_block, key_block, calls, order)
+    return BlockSparseMask(query_block, key_block, calls, order)
 
 
 def attention_mask(
