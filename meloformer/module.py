@@ -122,7 +122,7 @@ class MeloFormerModule(pl.LightningModule):
         compile: bool = False,
         recompile_limit: int | None = None,
         accumulated_recompile_limit: int | None = None,
-    ) -> None:
+    ) -> None:  # pragma: no mutate block (mutmut's wrapper would hide these arguments from save_hyperparameters)
         super().__init__()
         try:
             self.tokenizer = HIDTokenizer(**(tokenizer or {}))

@@ -1,10 +1,11 @@
-"""``meloformer serve``: a local Gradio web app that samples music from a checkpoint.
+"""``meloformer serve``: a local Gradio web app that samples music from a checkpoint or model folder.
 
-Controls mirror ``meloformer generate`` (instruments, bars, tempo, time signature, temperature, top-p,
-seed, a prompt MIDI to continue or to add a track to); the page shows the piano roll, plays the audio and
-offers the MIDI file. Gradio runs the handler in a worker thread, not on the request's event loop, one
-generation at a time, and forwards the sampler's tqdm bar as the page's progress indicator. A control that
-cannot be generated raises ``gr.Error``: one line on the page, no traceback anywhere.
+Controls mirror ``meloformer generate`` (instruments, bars, tempo, time signature, chords, temperature,
+top-p, seed, a prompt MIDI to continue, to add a track to, or to regenerate bars of); the page shows the
+piano roll, plays the audio and offers the MIDI file. Gradio runs the handler in a worker thread, not on
+the request's event loop, one generation at a time, and forwards the sampler's tqdm bar as the page's
+progress indicator. A control that cannot be generated raises ``gr.Error``: one line on the page, no
+traceback anywhere.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from jsonargparse import ArgumentParser
 
 from meloformer.audio import render_midi
 from meloformer.cli import _time_signature, _track_token, open_checkpoint
+from meloformer.infill import Region, check_infill, infill
 from meloformer.module import MeloFormerModule
 from meloformer.pianoroll import save_pianoroll
 from meloformer.sampling import GenerationRequest, check_request, generate
 
 TIME_SIGNATURES = ["model's choice", "4/4", "3/4", "2/4", "6/8", "5/4", "7/8", "12/8"]
-MODES = ["continue", "add a track"]  # hook (issue 10 item 4): "infill" joins these once --infill exists
+MODES = ["continue", "add a track", "regenerate bars (infill)"]
 # System fonts: Gradio's default theme would fetch Google Fonts, and nothing may download at run time.
 THEME = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
@@ -50,8 +52,11 @@ class Studio:
         mode: str,
         new_track: str,
         prompt_bars: float | None,
-    ) -> GenerationRequest:
-        """The GenerationRequest of the page's controls; ValueError names the first bad one."""
+        chords: str = "",
+        regions: str = "",
+    ) -> tuple[GenerationRequest, list[Region]]:
+        """The GenerationRequest of the page's controls and the infill regions (none unless infilling);
+        ValueError names the first bad control."""
         if bars is None or bars != int(bars) or not 1 <= bars <= 256:
             raise ValueError(f"bars {bars}: give a whole number from 1 to 256")
         if tempo and not 24 <= tempo <= 320:
@@ -65,6 +70,7 @@ class Studio:
             time_signature=_time_signature(time_signature) if time_signature in TIME_SIGNATURES[1:] else None,
             temperature=temperature,
             top_p=top_p,
+            chords=chords.split() or None,
         )
         if prompt:
             if request.tempo or request.time_signature or request.instruments:
@@ -82,21 +88,33 @@ class Studio:
                 if not new_track.strip():
                     raise ValueError("add a track: give its instrument (a General MIDI program 0-127 or 'drums')")
                 request.add_track, request.bars = _track_token(new_track), n_bars
+            elif mode == MODES[2]:
+                if request.chords:
+                    raise ValueError("infill keeps the prompt's chords: clear the chords")
+                request.bars = n_bars
+                infill_regions = [Region.parse(text) for text in regions.split()]
+                if not infill_regions:
+                    raise ValueError("regenerate bars: give regions such as 2:3-4 (track:first-last bar, from 1)")
+                check_infill(self.tok, request, infill_regions)
+                return request, infill_regions
             else:
                 request.bars = n_bars + int(bars)
         check_request(self.tok, request)
-        return request
+        return request, []
 
     def run(self, *controls, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's progress idiom)
         """Page handler: (piano roll PNG, WAV, MIDI, status line) of one sample."""
         *request_controls, seed = controls
         started = time.perf_counter()
         try:
-            request = self.request(*request_controls)
+            request, regions = self.request(*request_controls)
             if seed is None or seed != int(seed) or seed < 0:
                 raise ValueError(f"seed {seed}: give a whole number from 0")
             progress(0, desc="sampling")
-            tokens = generate(self.model, self.tok, request, seed=int(seed), progress=True)
+            if regions:
+                tokens = infill(self.model, self.tok, request, regions, seed=int(seed), progress=True)
+            else:
+                tokens = generate(self.model, self.tok, request, seed=int(seed), progress=True)
             out = Path(self._work.name)  # one generation at a time; Gradio copies each output into its cache
             self.tok.decode_to_file(tokens, out / "sample.mid")
             save_pianoroll(self.tok, tokens, out / "sample.png", title=f"seed {int(seed)}")
@@ -127,7 +145,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 bars = gr.Number(value=4, precision=0, label="bars (after a prompt: new bars)", elem_id="bars")
                 tempo = gr.Number(value=0, label="tempo in bpm (0: the model chooses)", elem_id="tempo")
                 time_signature = gr.Dropdown(TIME_SIGNATURES, value=TIME_SIGNATURES[0], label="time signature")
-                # Hook (issue 10 item 3): a chords textbox ("C G Am F") goes here once --chords exists.
+                chords = gr.Textbox(label="chords, one per bar, repeated (e.g. C G Am F; empty: free)", value="")
                 with gr.Row():
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")
@@ -136,6 +154,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     prompt = gr.File(label="prompt MIDI", file_types=[".mid", ".midi"], type="filepath")
                     mode = gr.Radio(MODES, value=MODES[0], label="with the prompt")
                     new_track = gr.Textbox(label="new track (add a track): program 0-127 or drums", value="")
+                    regions = gr.Textbox(label="regenerate bars: track:first-last, from 1 (e.g. 2:3-4 1:7)", value="")
                     prompt_bars = gr.Number(value=0, precision=0, label="use the prompt's first bars (0: all)")
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
@@ -146,7 +165,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         controls = [instruments, bars, tempo, time_signature, temperature, top_p, prompt, mode, new_track]
         button.click(
             studio.run,
-            inputs=[*controls, prompt_bars, seed],
+            inputs=[*controls, prompt_bars, chords, regions, seed],
             outputs=[roll, audio, midi, status],
             concurrency_limit=1,
         )

@@ -70,8 +70,8 @@ CASES = {
     ),
     "prompt-missing": (["generate", "--prompt", "{root}/nothing.mid"], "nothing.mid"),
     "ckpt-missing": (["generate", "--ckpt_path", "{root}/nothing.ckpt"], "--ckpt_path {root}/nothing.ckpt: no such"),
-    "ckpt-foreign": (["generate", "--ckpt_path", "{root}/notes.txt"], "notes.txt: not a readable MeloFormer"),
-    "ckpt-truncated": (["generate", "--ckpt_path", "{root}/truncated.ckpt"], "truncated.ckpt: not a readable"),
+    "ckpt-foreign": (["generate", "--ckpt_path", "{root}/notes.txt"], "notes.txt: not a checkpoint"),
+    "ckpt-truncated": (["generate", "--ckpt_path", "{root}/truncated.ckpt"], "truncated.ckpt: not a checkpoint"),
     "device-unknown": (["generate", "--device", "gpu7"], "--device 'gpu7': not a device"),
     "out-is-a-file": (["generate", "--out", "{root}/notes.txt"], "--out {root}/notes.txt: is a file"),
     "unknown-option": (["generate", "--bars_count", "3"], "unrecognized arguments: --bars_count"),
@@ -80,7 +80,7 @@ CASES = {
     "evaluate-foreign-ckpt": (["evaluate", "--data", "{root}/shards", "--ckpt_path", "{root}/notes.txt"], "notes.txt"),
     "evaluate-truncated-ckpt": (
         ["evaluate", "--data", "{root}/shards", "--ckpt_path", "{root}/truncated.ckpt"],
-        "truncated.ckpt: not a readable MeloFormer checkpoint",
+        "truncated.ckpt: not a checkpoint, or a truncated one",
     ),
     "evaluate-split": (["evaluate", "--data", "{root}/shards", "--split", "train"], "--split must be val or test"),
     "evaluate-no-data": (["evaluate", "--data", "{root}/nothing"], "--data {root}/nothing: no such dataset folder"),
@@ -158,8 +158,8 @@ def test_console_script_prints_no_traceback(files):
     )
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
-        f"meloformer generate: error: --ckpt_path {files['root']}/truncated.ckpt: not a readable MeloFormer "
-        + done.stderr.split("not a readable MeloFormer ", 1)[1].strip()
+        f"meloformer generate: error: {files['root']}/truncated.ckpt: not a checkpoint, or a truncated one "
+        "(no intact zip directory)"
     ]
 
 

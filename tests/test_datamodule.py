@@ -12,7 +12,7 @@ import torch
 
 from _music import demo_files, make_score
 from meloformer.datamodules import HIDDataModule, StreamState, hid_datamodule
-from meloformer.datamodules.rows import RowBuilder
+from meloformer.datamodules.rows import PieceShape, RowBuilder, fit_window, piece_shape
 from meloformer.datamodules.shards import ShardError, ShardReader, empty_index, write_index, write_shard
 from meloformer.datamodules.stream import StreamSampler
 from meloformer.hid import BOS, CHORD_QUALITIES, PAD, TRACK_DRUMS, HIDTokenizer, TokenKind
@@ -35,21 +35,45 @@ def documents(row: np.ndarray) -> list[np.ndarray]:
     return np.split(body, starts[1:])
 
 
-def test_crop_with_the_loaders_layout_equals_the_checked_crop(demo_shards):
+def _window(tokens: np.ndarray, b0: int, b1: int) -> dict:
+    """What bars [b0, b1) of a piece sound like, from its decoded score: notes per track (times from b0), and
+    the time signature and tempo in force at b0."""
+    starts = np.append(TOKENIZER.parse(tokens).bar_starts(TOKENIZER), np.iinfo(np.int64).max)
+    lo, hi = int(starts[b0]), int(starts[b1])
+    score = TOKENIZER.decode(tokens)
+    notes = [
+        sorted((n.time - lo, n.pitch, n.duration, n.velocity) for n in t.notes if lo <= n.time < hi)
+        for t in score.tracks
+    ]
+    signature = [(s.numerator, s.denominator) for s in score.time_signatures if s.time <= lo][-1]
+    tempo = [round(t.qpm, 3) for t in score.tempos if t.time <= lo][-1]
+    return {
+        "programs": [(t.program, t.is_drum) for t in score.tracks],
+        "notes": notes,
+        "meter": signature,
+        "tempo": tempo,
+    }
+
+
+def test_crops_sound_like_their_bars_of_the_piece(demo_shards):
+    """Every fourth demo piece cropped at a first, last or random window, with and without the loader's layout,
+    decodes to the notes, meter and tempo of those bars of the whole piece (read from its decoded score)."""
     reader = ShardReader(demo_shards)
     rng = np.random.default_rng(0)
     checked = 0
     for split in ("train", "val", "test"):
         table = reader.pieces(split)
-        for i in range(len(table)):
+        for i in range(0, len(table), 4):
             tokens = np.array(reader.tokens(table, i))
             lay = layout(tokens, TOKENIZER.kinds)
             n = int(table.bars[i])
             b0, b1 = [(0, 1), (n - 1, n), sorted(rng.choice(n + 1, 2, replace=False))][checked % 3]
-            unchecked = TOKENIZER.crop_bars(tokens, b0, b1, lay=lay)
-            assert np.array_equal(unchecked, TOKENIZER.crop_bars(tokens, b0, b1))
+            crop = TOKENIZER.crop_bars(tokens, b0, b1, lay=lay)
+            assert np.array_equal(crop, TOKENIZER.crop_bars(tokens, b0, b1))
+            assert TOKENIZER.parse(crop).n_bars == b1 - b0
+            assert _window(crop, 0, b1 - b0) == _window(tokens, b0, b1), (split, i, b0, b1)
             checked += 1
-    assert checked > 100
+    assert checked > 25
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -72,6 +96,62 @@ def test_rows_are_full_length_packs_of_valid_pieces(demo_shards, split):
     assert np.mean(fill) > 0.9
 
 
+class FixedStart:
+    """Stands in for the window generator: the window starts at bar ``start``."""
+
+    def __init__(self, start: int) -> None:
+        self.start = start
+
+    def integers(self, n: int) -> int:
+        assert self.start < n
+        return self.start
+
+
+def test_fit_window_by_hand():
+    """Four bars of 10, 20, 30 and 40 tokens over two tracks: 7 tokens outside the bars (BOS, two Track
+    tokens, at most 3 for the crop head, EOS), two segments per bar."""
+    shape = PieceShape(np.array([0, 10, 30, 60, 100]), n_tracks=2)
+    assert shape.fixed_tokens() == 7 and shape.n_bars == 4 and shape.crop_tokens(1, 3) == 57
+    assert fit_window(shape, 107, 8, None) == (0, 4)  # the whole piece fits exactly
+    assert fit_window(shape, 107, 8, FixedStart(2)) == (0, 4)  # whole pieces ignore the start
+    assert fit_window(shape, 106, 8, None) == (0, 3)  # one token short: bars 0-2 (60 tokens)
+    assert fit_window(shape, 107, 5, None) == (0, 2)  # 5 segments: two bars of two tracks
+    assert fit_window(shape, 57, 8, FixedStart(1)) == (1, 3)  # 50 tokens: bars 1-2 exactly
+    assert fit_window(shape, 102, 8, FixedStart(2)) == (1, 4)  # from bar 2 it hits the end: moved back to 1
+    assert fit_window(shape, 97, 8, FixedStart(2)) == (1, 4)  # moved back as far as 90 tokens allow, exactly
+    assert fit_window(shape, 102, 4, FixedStart(3)) == (2, 4)  # moved back, but only 2 bars of segments
+    assert fit_window(shape, 16, 8, None) is None  # 9 tokens: not even bar 0
+    assert fit_window(shape, 7, 8, None) is None and fit_window(shape, 100, 1, None) is None
+
+
+def test_piece_shape_by_hand():
+    """Bass and piano over two bars: conductor bar 0 holds Bar TimeSig Chord Pos Tempo, bar 1 Bar Chord; each
+    instrument bar Bar Pos Pitch Dur Vel; so 5 + 5 + 5 = 15 tokens in bar 0 and 2 + 5 + 5 = 12 in bar 1."""
+    score = make_score([(33, False, [(0, 1, 36, 90), (4, 1, 38, 90)]), (0, False, [(0, 1, 60, 90), (4, 1, 62, 90)])])
+    tokens = TOKENIZER.encode(score)
+    assert len(tokens) == 1 + 27 + 3 + 1  # BOS, the bars, three Track tokens, EOS
+    shape = piece_shape(layout(tokens, TOKENIZER.kinds))
+    assert shape.bar_tokens.tolist() == [0, 15, 27] and shape.n_tracks == 3
+
+
+def test_a_piece_whose_tracks_just_fit_the_segments_is_cropped_to_one_bar(demo_shards):
+    reader = ShardReader(demo_shards)
+    table = reader.pieces("val")
+    tracks = int(table.tracks[0]) + 1
+    rows = builder(demo_shards, "val", max_seq_len=1024, max_segments=tracks)
+    first = documents(rows.row(0))[0]
+    assert np.array_equal(first, TOKENIZER.crop_bars(np.array(reader.tokens(table, 0)), 0, 1))
+
+
+def test_fill_attempts_bound_the_crops_of_a_row(demo_shards):
+    """The anchor, then at most ``fill_attempts`` fillers (a filler that does not fit is skipped)."""
+    alone = builder(demo_shards, max_seq_len=4096, max_segments=4096, fill_attempts=0)
+    assert [len(documents(alone.row(i))) for i in range(6)] == [1] * 6
+    two = builder(demo_shards, max_seq_len=4096, max_segments=4096, fill_attempts=2)
+    counts = [len(documents(two.row(i))) for i in range(6)]
+    assert max(counts) == 3 and min(counts) >= 1, counts
+
+
 def test_rows_respect_a_small_segment_budget(demo_shards):
     rows = builder(demo_shards, max_seq_len=2048, max_segments=24)
     counts = [int(layout(rows.row(i), TOKENIZER.kinds).num_segments()) for i in range(20)]
@@ -88,6 +168,39 @@ def test_rows_are_a_function_of_seed_and_index(demo_shards):
     assert sum(not np.array_equal(other.row(i), first[i]) for i in first) >= 3
     val_a, val_b = builder(demo_shards, "val", seed=3), builder(demo_shards, "val", seed=3)
     assert all(np.array_equal(val_a.row(i), val_b.row(i)) for i in range(5))
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluation_rows_are_untransposed_crops_from_bar_0(demo_shards, split):
+    """Validation and test rows ignore the augmentation settings: each crop is a piece's opening bars as
+    stored, and row i opens with piece i. Training rows with the same settings do not."""
+    reader = ShardReader(demo_shards)
+
+    def pieces(split: str) -> list[tuple[np.ndarray, object]]:
+        table = reader.pieces(split)
+        tokens = [np.array(reader.tokens(table, i), dtype=np.int64) for i in range(len(table))]
+        return [(t, layout(t, TOKENIZER.kinds)) for t in tokens]
+
+    def openings(doc: np.ndarray, stored: list) -> set[int]:
+        """The pieces whose first bars ``doc`` is."""
+        bars, tracks = TOKENIZER.parse(doc).n_bars, doc[TOKENIZER.kinds[doc] == TokenKind.TRACK]
+        return {
+            i
+            for i, (s, lay) in enumerate(stored)
+            if np.array_equal(s[lay.kind == TokenKind.TRACK], tracks)
+            and lay.bar.max() + 1 >= bars
+            and np.array_equal(doc, TOKENIZER.crop_bars(s, 0, bars, lay=lay))
+        }
+
+    stored = pieces(split)
+    rows = builder(demo_shards, split, max_seq_len=256, max_segments=64, transpose=6, random_windows=True)
+    for index in range(2 * len(stored)):
+        docs = documents(rows.row(index))
+        assert index % len(stored) in openings(docs[0], stored)
+        assert all(openings(doc, stored) for doc in docs[1:])
+    train = builder(demo_shards, "train", max_seq_len=256, max_segments=64, transpose=6, random_windows=True)
+    stored = pieces("train")
+    assert sum(not openings(documents(train.row(i))[0], stored) for i in range(30)) > 20
 
 
 def test_every_piece_anchors_one_row_per_pass(demo_shards):
@@ -137,6 +250,8 @@ def test_transposition_stays_within_the_pitch_range(tmp_path):
         shifts.append(int(b[pitched][0]) - int(a[pitched][0]))
     assert all(shift <= room for shift, room in zip(shifts, room_up))
     assert max(room_up) < 12 and min(shifts) < -6  # the limit binds upwards only
+    with pytest.raises(ValueError, match="^the 'val' split has no pieces$"):
+        builder(tmp_path / "shards", "val").row(0)
 
 
 def test_sampler_splits_the_stream_across_ranks_in_batches():

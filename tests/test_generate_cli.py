@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 
@@ -103,9 +104,22 @@ def test_evaluate_generated_against_reference_and_checkpoint_on_a_split(checkpoi
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads((tmp_path / "m.json").read_text())
     assert result["generated"]["files"] == 2 and result["reference"]["files"] == 40
-    for name in ("pitch_class_entropy", "groove_consistency", "polyphony", "empty_bar_rate", "notes_per_bar"):
-        assert name in done.stdout and isinstance(result["generated"][name], float)
-    assert 0 <= result["similarity_error"] <= 1
+    # The reference folder's means, pinned: four-voice chorales sound four pitches at a time and fill every bar.
+    reference_means = {
+        "pitch_class_entropy": 2.9731971,
+        "groove_consistency": 0.9384501,
+        "polyphony": 4.1318422,
+        "empty_bar_rate": 0.00125,
+        "notes_per_bar": 17.7100133,
+    }
+    assert {k: result["reference"][k] for k in reference_means} == pytest.approx(reference_means, abs=1e-6)
+    generated = result["generated"]
+    assert 0 <= generated["pitch_class_entropy"] <= math.log2(12)
+    assert 0 <= generated["groove_consistency"] <= 1 and 0 <= generated["empty_bar_rate"] <= 1
+    assert generated["polyphony"] >= 1 and generated["notes_per_bar"] > 0
+    for name in reference_means:
+        assert f"{name:<22} {generated[name]:>10.4g} {result['reference'][name]:>10.4g}" in done.stdout
+    assert 0 < result["similarity_error"] <= 1
 
     done = meloformer(
         "evaluate", "--ckpt_path", str(checkpoint), "--data", str(demo_shards), "--split", "val",

@@ -11,7 +11,8 @@ import pytest
 import symusic
 
 from _music import make_score
-from meloformer.hid import HIDError, HIDTokenizer
+from meloformer.grammar import HIDGrammar
+from meloformer.hid import PITCH_CLASS_NAMES, HIDError, HIDTokenizer
 from meloformer.layout import layout
 
 TOK = HIDTokenizer()
@@ -225,6 +226,8 @@ def test_layout_side_channels_of_a_small_piece():
         lambda t: np.concatenate([t[:3], t[4:]]),  # no time signature in bar 0
         lambda t: np.insert(t, np.flatnonzero(t == 3)[-1] + 1, TOK.pitch0 + 60),  # a pitch before any position
         lambda t: np.array([1, 4, 3, 5000], dtype=np.int64),  # id outside the vocabulary
+        lambda t: np.array([1, 2]),  # BOS EOS: no conductor
+        lambda t: np.insert(t, 5, 0),  # PAD inside a piece
     ],
 )
 def test_decoding_bad_sequences_raises_hid_error(mutate):
@@ -233,17 +236,81 @@ def test_decoding_bad_sequences_raises_hid_error(mutate):
         TOK.decode(mutate(tokens))
 
 
-def test_random_token_sequences_decode_or_raise_hid_error_only():
+def _notes(score: symusic.Score) -> list[tuple]:
+    return sorted(
+        (t.is_drum, t.program, n.time, n.pitch, n.duration, n.velocity) for t in score.tracks for n in t.notes
+    )
+
+
+def _grammatical(tokens: np.ndarray) -> bool:
+    try:
+        return HIDGrammar.from_tokens(TOK, tokens, free_track_order=True).done
+    except HIDError:
+        return False
+
+
+def test_corrupted_sequences_raise_hid_error_or_decode_to_a_fixed_point():
+    """Random token substitutions: the grammar's language decodes, anything else raises ``HIDError`` or decodes
+    to a score that encodes to a grammatical sequence with exactly the same notes."""
     rng = np.random.default_rng(0)
-    good = TOK.encode(make_score([(0, False, [(0, 1, 60, 90), (4, 1, 62, 90)])]))
+    good = TOK.encode(
+        make_score(
+            [(0, False, [(0, 1, 60, 90), (4, 1, 62, 90)]), (0, True, [(0, 1, 36, 90), (1, 1, 38, 90)])],
+            time_signatures=[(0, 4, 4), (4, 3, 4)],
+        )
+    )
+    outcomes = {"decoded": 0, "refused": 0}
     for _ in range(300):
         tokens = good.copy()
-        for i in rng.integers(1, len(tokens), size=rng.integers(1, 4)):
+        for i in rng.integers(1, len(tokens), size=rng.integers(1, 3)):
             tokens[i] = rng.integers(0, TOK.vocab_size)
         try:
-            TOK.decode(tokens)
+            score = TOK.decode(tokens)
         except HIDError:
-            pass
+            outcomes["refused"] += 1
+            assert not _grammatical(tokens), TOK.describe(tokens)
+            continue
+        outcomes["decoded"] += 1
+        again = TOK.encode(score)
+        assert _grammatical(again)
+        assert _notes(TOK.decode(again)) == _notes(score)
+    assert outcomes["decoded"] >= 15 and outcomes["refused"] >= 200, outcomes
+
+
+CHORD_INTERVALS = {  # semitones above the root, as in any harmony textbook
+    "maj": (0, 4, 7),
+    "min": (0, 3, 7),
+    "dim": (0, 3, 6),
+    "aug": (0, 4, 8),
+    "sus4": (0, 5, 7),
+    "7": (0, 4, 7, 10),
+    "maj7": (0, 4, 7, 11),
+    "min7": (0, 3, 7, 10),
+    "hdim7": (0, 3, 6, 10),
+}
+
+
+def _chords(score: symusic.Score) -> list[str]:
+    return [n for n in names(TOK.encode(score)) if n.startswith("Chord_")]
+
+
+@pytest.mark.parametrize("quality", CHORD_INTERVALS)
+def test_every_chord_on_every_root_is_named(quality: str):
+    """One bar per root holding exactly the chord's notes (the augmented triad is symmetric: lowest root)."""
+    notes = [(4 * root, 4, 48 + root + k, 80) for root in range(12) for k in CHORD_INTERVALS[quality]]
+    expected = []
+    for root in range(12):
+        if quality == "aug":
+            root = min((root + k) % 12 for k in CHORD_INTERVALS["aug"])
+        expected.append(f"Chord_{PITCH_CLASS_NAMES[root]}{quality}")
+    assert _chords(make_score([(0, False, notes)])) == expected
+
+
+def test_chord_weights_are_clipped_at_the_bar_end():
+    """A C major triad of quarters and a long D entering on the last eighth of the bar: clipped, the D weighs
+    half a quarter (C major); unclipped, two bars (G sus4)."""
+    triad = [(0, 1, 60, 80), (1, 1, 64, 80), (2, 1, 67, 80), (3.5, 8, 50, 80)]
+    assert _chords(make_score([(0, False, triad)])) == ["Chord_Cmaj"]
 
 
 def test_tempo_changes_after_the_last_bar_are_dropped():

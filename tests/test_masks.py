@@ -8,12 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
+from _music import demo_files
+from meloformer.generate import open_last_segment
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.masks import (
     BlockSparseMask,
     attention_mask,
     block_mask,
     block_sparse_mask,
+    candidate_tiles,
+    dense_mask,
     full_dense_mask,
     row_layout,
     slots_for,
@@ -215,7 +219,17 @@ def test_rr_cross_track_window(mask: Mask):
             ("piano.0.Pos", "cond.0.Tempo"),
             ("piano.0.Pos", "cond.1.Bar"),
         ],
-        hidden=[("bass.2.Pitch", "piano.0.Pitch"), ("bass.2.Pitch", "cond.0.Tempo"), ("piano.0.Pos", "cond.2.Bar")],
+        hidden=[
+            ("bass.2.Pitch", "piano.0.Pitch"),
+            ("bass.2.Pitch", "cond.0.Tempo"),
+            ("piano.0.Pos", "cond.2.Bar"),
+            # Track and EOS tokens have no bar: they read other tracks only through summaries.
+            ("Track_bass", "piano.0.Pitch"),
+            ("Track_bass", "cond.0.Bar"),
+            ("Track_piano", "cond.1.Bar"),
+            ("EOS", "bass.0.Pitch"),
+            ("EOS", "piano.0.Bar"),
+        ],
     )
     narrow = Mask(np.array(TOKENS), cross_window=0)
     check(
@@ -238,8 +252,14 @@ def test_kind_sparsity_rule():
             ("piano.2.Vel", "piano.2.Bar"),  # structural tokens are not restricted
             ("piano.2.Vel", "Track_piano"),
             ("piano.2.Vel", "sigma(piano,1)"),
+            ("piano.2.Dur", "piano.1.Dur"),  # duration sees duration
+            ("piano.2.Dur", "piano.2.Pitch"),  # its own onset group
         ],
         hidden=[
+            ("piano.2.Dur", "piano.1.Vel"),  # durations and velocities are separate classes
+            ("piano.2.Vel", "piano.1.Dur"),
+            ("piano.2.Dur", "piano.1.Pitch"),
+            ("piano.2.Pitch", "piano.1.Dur"),
             ("piano.2.Vel", "piano.1.Pitch"),
             ("piano.2.Pitch", "piano.1.Vel"),
             ("piano.2.Pitch2", "piano.2.Vel"),  # same bar, another onset group
@@ -282,6 +302,18 @@ def test_padding_and_unused_slots_see_only_themselves_and_are_never_seen():
         assert dense.any(dim=1).all(), "every row attends somewhere: no NaN"
 
 
+def test_open_last_segment_leaves_its_slot_unused():
+    """In decoding (``generate.open_last_segment``), the segment of a row's last token has no summary yet: only
+    its slot is dead."""
+    for cut in (AT["piano.1.Pitch2"] + 1, AT["piano.1.Pos2"] + 1):
+        tokens = np.array(TOKENS[:cut])
+        closed = row_layout(tokens, TOK.kinds, 16)
+        open_ = open_last_segment(closed)
+        n = closed.num_regular
+        changed = (closed.doc[0, n:] != open_.doc[0, n:]).nonzero().flatten().tolist()
+        assert changed == [int(closed.segment[0, cut - 1])] and open_.doc[0, n + changed[0]] == -1
+
+
 def test_slots_round_up_to_a_multiple_of_128():
     assert slots_for(10, 64) == 64
     assert slots_for(64, 64) == 64
@@ -297,6 +329,62 @@ def test_broadcast_evaluation_equals_torch_vmap_evaluation():
         mod = summary_mask_mod(rows, **settings)
         reference = create_mask(mod, 2, 1, rows.length, rows.length, device="cpu")
         assert torch.equal(full_dense_mask(mod, rows), reference)
+
+
+@pytest.fixture(scope="module")
+def shifted_demo_rows() -> np.ndarray:
+    """Packed rows of demo-corpus crops, each behind 0..63 leading PADs: segments end on every tile offset."""
+    pieces = [TOK.crop_bars(TOK.encode(path), 0, 2) for path in demo_files()[::23]]
+    packs = [np.concatenate(pieces[:3]), np.concatenate(pieces[3:])]
+    length = max(map(len, packs)) + 64
+    rows = np.full((2 * 64, length), PAD)
+    for i, packed in enumerate(packs):
+        for shift in range(64):
+            rows[64 * i + shift, shift : shift + len(packed)] = packed
+    return rows
+
+
+def test_tiles_skip_no_visible_pair_wherever_segments_end(shifted_demo_rows: np.ndarray):
+    """Dense and block masks against torch's own evaluation of the same ``mask_mod``, at four tile sizes."""
+    rows = row_layout(shifted_demo_rows, TOK.kinds)
+    mod = summary_mask_mod(rows)
+    reference = create_mask(mod, rows.batch_size, 1, rows.length, rows.length, device="cpu")
+    for size in (8, 16, 32, 128):
+        dense = full_dense_mask(mod, rows, size)
+        wrong = (dense != reference).flatten(1).any(1).nonzero().flatten().tolist()
+        assert not wrong, f"block size {size}: rows {wrong} differ from create_mask"
+        n_blocks = -(-rows.length // size)
+        fill = n_blocks * size - rows.length
+        tiles = F.pad(reference, (0, fill, 0, fill)).view(rows.batch_size, 1, n_blocks, size, n_blocks, size)
+        assert torch.equal(block_mask(mod, rows, size).to_dense().bool(), tiles.any(5).any(3)), size
+
+
+def test_tiles_between_documents_are_skipped():
+    """Two pieces packed in a row: no tile with queries of one and keys of the other is evaluated."""
+    n = len(TOKENS)
+    rows = row_layout(np.array(TOKENS + TOKENS + [PAD] * (256 - 2 * n)), TOK.kinds, 16)
+    candidates = candidate_tiles(rows, 8)[0]
+    doc = torch.cat([rows.doc[0], torch.full((-rows.length % 8,), -1, dtype=rows.doc.dtype)]).view(-1, 8)
+    first, second = (doc == 1).all(1), (doc == 2).all(1)
+    assert first.sum() > 5 and second.sum() > 5
+    assert not candidates[second][:, first].any() and not candidates[first][:, second].any()
+    assert candidates[second][:, second].any() and candidates[first][:, first].any()
+
+
+def test_mask_rows_of_decoding_equal_the_full_mask(shifted_demo_rows: np.ndarray):
+    """``dense_mask`` on chosen queries (shared or per sample, in small chunks) and a key range."""
+    rows = row_layout(shifted_demo_rows[::16], TOK.kinds)
+    mod = summary_mask_mod(rows)
+    full = full_dense_mask(mod, rows)
+    kv = torch.arange(rows.length)
+    queries = torch.tensor([0, 5, 64, 65, rows.num_regular - 1, rows.num_regular, rows.length - 1])
+    assert torch.equal(dense_mask(mod, rows.batch_size, queries, kv, chunk=3), full[:, :, queries])
+    per_sample = torch.stack(
+        [torch.randperm(rows.length, generator=torch.Generator().manual_seed(b))[:9] for b in range(rows.batch_size)]
+    )
+    expected = torch.stack([full[b, :, per_sample[b]] for b in range(rows.batch_size)])
+    assert torch.equal(dense_mask(mod, rows.batch_size, per_sample, kv, chunk=4), expected)
+    assert torch.equal(dense_mask(mod, rows.batch_size, queries, kv[:100]), full[:, :, queries, :100])
 
 
 @pytest.mark.parametrize("size", [16, 32, 128])

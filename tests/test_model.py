@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from _music import demo_files, make_score
-from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_PROGRAM0, HIDTokenizer
+from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.masks import BlockSparseMask, block_sparse_mask, full_dense_mask, row_layout, summary_mask_mod
 from meloformer.model import (
+    NUM_TRACK_EMBEDDINGS,
     SIZES,
     MeloFormer,
     MeloFormerConfig,
@@ -22,6 +23,7 @@ from meloformer.model import (
     attend,
     parameter_counts,
     rope_angles,
+    track_embedding_index,
 )
 
 TOK = HIDTokenizer()
@@ -109,6 +111,32 @@ def test_sizes_and_real_parameter_counts():
         assert counts[name] == c.n_layer * per_layer + embeddings, name
     with pytest.raises(ValueError, match="unknown size"):
         MeloFormerConfig.from_size("huge")
+
+
+def test_parameter_count_of_a_given_config_counted_by_hand():
+    config = MeloFormerConfig(vocab_size=790, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=64)
+    embeddings = 790 * 32 + 131 * 32 + 32  # tokens (tied head), none/conductor/drums/128 programs, summary
+    attention = 32 * (4 + 2 * 2) * 8 + 32 * 32  # qkv with head size 8, output projection
+    block = 32 + attention + 32 + 3 * 32 * 64  # two RMSNorm gains, SwiGLU gate/up/down
+    assert embeddings + 2 * block + 32 == 48_096
+    assert MeloFormer(config, TOK.kinds).num_parameters() == 48_096
+    assert MeloFormerConfig(n_embd=32, n_head=4).ffn_hidden == 128  # 8/3 * 32 = 85.3, up to a multiple of 64
+    assert MeloFormerConfig(n_embd=48, n_head=4).ffn_hidden == 128  # 8/3 * 48 = 128 exactly
+
+
+def test_track_embedding_rows_are_pinned():
+    tokens = torch.tensor([0, TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0, TRACK_PROGRAM0 + 33, TRACK_PROGRAM0 + 127])
+    assert track_embedding_index(tokens).tolist() == [0, 1, 2, 3, 36, 130]
+    assert NUM_TRACK_EMBEDDINGS == 131
+
+
+def test_rope_angles_are_pinned():
+    """Head size 4, base 10,000: frequencies 1 and 10,000^(-2/4) = 0.01 per position."""
+    cos, sin = rope_angles(torch.tensor([[0, 3, 1000]]), 4, 10_000.0)
+    angles = [[0.0, 0.0], [3.0, 0.03], [1000.0, 10.0]]
+    assert cos.shape == sin.shape == (1, 1, 3, 2)
+    assert torch.allclose(cos[0, 0], torch.tensor([[math.cos(a) for a in row] for row in angles]), atol=1e-6)
+    assert torch.allclose(sin[0, 0], torch.tensor([[math.sin(a) for a in row] for row in angles]), atol=1e-6)
 
 
 def test_no_biases_and_a_tied_output_head():

@@ -61,15 +61,20 @@ def test_the_app_loads_a_model_folder(tiny_checkpoint, tmp_path):
 
 
 def test_controls_become_the_generation_request(studio):
-    request = studio.request(**{**DEFAULTS, "instruments": "drums 33", "tempo": 96, "time_signature": "3/4"})
+    request, _ = studio.request(**{**DEFAULTS, "instruments": "drums 33", "tempo": 96, "time_signature": "3/4"})
     assert request.bars == 2 and request.instruments == [TRACK_DRUMS, TRACK_PROGRAM0 + 33]
     assert request.tempo == 96 and request.time_signature == (3, 4) and request.prompt is None
     prompt = str(next(f for f in demo_files() if "bach" in str(f)))
-    request = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3})
+    request, _ = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3})
     assert studio.tok.parse(request.prompt).n_bars == 3 and request.bars == 3 + 2  # bars are new bars
     add = {"mode": "add a track", "new_track": "73"}
-    request = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3, **add})
+    request, _ = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3, **add})
     assert request.add_track == TRACK_PROGRAM0 + 73 and request.bars == 3
+    request, _ = studio.request(**{**DEFAULTS, "chords": "C G Am F"})
+    assert request.chords == ["C", "G", "Am", "F"]
+    infill = {"mode": "regenerate bars (infill)", "regions": "2:2-3 1:1"}
+    request, regions = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3, **infill})
+    assert request.bars == 3 and [(r.track, r.first, r.last) for r in regions] == [(2, 2, 3), (1, 1, 1)]
 
 
 @pytest.mark.parametrize(
@@ -84,6 +89,9 @@ def test_controls_become_the_generation_request(studio):
         ({"prompt": "PROMPT", "tempo": 90}, "come from the prompt"),
         ({"prompt": "PROMPT", "mode": "add a track"}, "give its instrument"),
         ({"prompt": "BAD"}, "bad.mid: not a usable MIDI file"),
+        ({"chords": "C H7"}, "H7"),
+        ({"prompt": "PROMPT", "mode": "regenerate bars (infill)"}, "give regions"),
+        ({"prompt": "PROMPT", "mode": "regenerate bars (infill)", "regions": "9:1-2"}, "track"),
     ],
 )
 def test_bad_controls_are_named(studio, change, problem, tmp_path):
@@ -91,7 +99,7 @@ def test_bad_controls_are_named(studio, change, problem, tmp_path):
     paths = {"PROMPT": str(demo_files()[0]), "BAD": str(tmp_path / "bad.mid")}
     controls = {**DEFAULTS, **{k: paths.get(v, v) if isinstance(v, str) else v for k, v in change.items()}}
     if problem is None:
-        assert studio.request(**controls).time_signature is None
+        assert studio.request(**controls)[0].time_signature is None
         return
     with pytest.raises(ValueError, match=problem):
         studio.request(**controls)
@@ -100,7 +108,7 @@ def test_bad_controls_are_named(studio, change, problem, tmp_path):
 def test_serve_rejects_a_missing_checkpoint_in_one_line(tmp_path, capsys):
     assert main(["serve", "--ckpt_path", str(tmp_path / "none.ckpt")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith("none.ckpt: no such checkpoint file or folder") and len(err.splitlines()) == 1
+    assert err.endswith("none.ckpt: no such file or model folder") and len(err.splitlines()) == 1
 
 
 @pytest.fixture(scope="module")

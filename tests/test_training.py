@@ -90,6 +90,8 @@ def test_loss_covers_regular_tokens_only_and_groups_kinds(demo_shards, tiny_mode
     names = np.array([*KIND_GROUPS, "-"])[group[0].numpy()]
     assert (names[(kind == TokenKind.POS) & (track == 0)] == "conductor").all()
     assert (names[(kind == TokenKind.POS) & (track > 0)] == "position").all()
+    for token_kind, name in ((TokenKind.DUR, "duration"), (TokenKind.VEL, "velocity"), (TokenKind.TRACK, "track")):
+        assert (names[kind == token_kind] == name).all(), name
     assert (names[np.isin(kind, [TokenKind.TIMESIG, TokenKind.CHORD, TokenKind.TEMPO])] == "conductor").all()
     assert (names[kind == TokenKind.PITCH] == "pitch").all() and (names[kind == TokenKind.BAR] == "bar").all()
     assert set(names[valid[0].numpy()]) >= {"bar", "position", "pitch", "duration", "velocity", "track", "conductor"}
@@ -105,7 +107,7 @@ def test_learning_rate_warms_up_then_decays_to_the_floor_at_max_steps(tiny_model
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    assert all(a < b for a, b in zip(lrs[:10], lrs[1:11]))
+    assert lrs[:10] == pytest.approx([1e-3 * (k + 1) / 11 for k in range(10)], rel=1e-9)  # never 0
     assert lrs[10] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
@@ -115,12 +117,39 @@ def test_learning_rate_warms_up_then_decays_to_the_floor_at_max_steps(tiny_model
         module.configure_optimizers()
 
 
+def test_weight_decay_only_on_matrices(tiny_model):
+    """Embeddings and projections decay; RMSNorm gains and the summary vector (1-D) do not."""
+    module = MeloFormerModule(**tiny_model, weight_decay=0.1)
+    module.trainer = pl.Trainer(max_steps=10, logger=False)
+    decay, no_decay = module.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in module.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert sorted(names[id(p)] for p in no_decay["params"]) == [
+        "model.blocks.0.attn_norm.weight",
+        "model.blocks.0.ffn_norm.weight",
+        "model.norm.weight",
+        "model.summary_emb",
+    ]
+    assert sorted(names[id(p)] for p in decay["params"]) == [
+        "model.blocks.0.attn.proj.weight",
+        "model.blocks.0.attn.qkv.weight",
+        "model.blocks.0.ffn.down.weight",
+        "model.blocks.0.ffn.gate.weight",
+        "model.blocks.0.ffn.up.weight",
+        "model.tok_emb.weight",
+        "model.track_emb.weight",
+    ]
+
+
 def test_loss_falls(demo_shards, tiny_model, tmp_path):
     module = MeloFormerModule(**tiny_model, lr=3e-3, warmup_steps=5)
     recorder = LossRecorder()
-    trainer(tmp_path, 40, recorder).fit(module, data(demo_shards, batch_size=2))
+    run = trainer(tmp_path, 40, recorder)
+    run.fit(module, data(demo_shards, batch_size=2))
     losses = recorder.losses
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 1.0, losses
+    names = {"train/loss", "train/ppl", "train/lr", "train/tokens_per_s"} | {f"train/loss_{k}" for k in KIND_GROUPS}
+    assert names <= set(run.callback_metrics)
 
 
 def _fit_recorded(shards, root, tiny_model, max_steps, ckpt_path=None):
@@ -145,6 +174,30 @@ def test_resume_equals_uninterrupted(demo_shards, tiny_model, tmp_path):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_validation_loss_is_token_weighted_over_the_whole_split(demo_shards, tiny_model):
+    """``validate`` against the per-token losses of every validation batch, summed by hand."""
+    torch.manual_seed(0)
+    module = MeloFormerModule(**tiny_model)
+    datamodule = data(demo_shards, val_batch_size=3)
+    (logged,) = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False).validate(
+        module, datamodule=datamodule, verbose=False
+    )
+    sums, counts = torch.zeros(len(KIND_GROUPS) + 1), torch.zeros(len(KIND_GROUPS) + 1)
+    with torch.no_grad():
+        for batch in datamodule.val_dataloader():
+            loss, valid, group = module.token_losses(batch["tokens"])
+            sums[0], counts[0] = sums[0] + loss[valid].sum(), counts[0] + valid.sum()
+            for i in range(len(KIND_GROUPS)):
+                chosen = valid & (group == i)
+                sums[i + 1], counts[i + 1] = sums[i + 1] + loss[chosen].sum(), counts[i + 1] + chosen.sum()
+    expected = {"val/loss": float(sums[0] / counts[0])}
+    expected |= {f"val/loss_{name}": float(sums[i + 1] / counts[i + 1]) for i, name in enumerate(KIND_GROUPS)}
+    assert counts.min() > 0 and counts[0] > 1000
+    assert {k: float(logged[k]) for k in expected} == pytest.approx(expected, rel=1e-5)
+    assert float(logged["val/ppl"]) == pytest.approx(math.exp(expected["val/loss"]), rel=1e-5)
+    assert float(logged["val/ppl_pitch"]) == pytest.approx(math.exp(expected["val/loss_pitch"]), rel=1e-5)
+
+
 def test_checkpoint_rebuilds_the_model_alone(demo_shards, tiny_model, tmp_path):
     module = MeloFormerModule(**tiny_model, tokenizer={"resolution": 12})
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -153,6 +206,8 @@ def test_checkpoint_rebuilds_the_model_alone(demo_shards, tiny_model, tmp_path):
     assert saved["meloformer"]["tokenizer"] == TOKENIZER.settings
     assert saved["meloformer"]["model_config"]["n_embd"] == 32
     assert saved["hyper_parameters"]["tokenizer"] == TOKENIZER.settings
+    with pytest.raises(ValueError, match=r"^not a MeloFormer checkpoint \(no .meloformer. entry\)$"):
+        module.on_load_checkpoint({k: v for k, v in saved.items() if k != "meloformer"})
     rebuilt = load_checkpoint(tmp_path / "last.ckpt")
     tokens = packed_row(demo_shards)
     module.eval()
