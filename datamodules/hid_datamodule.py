@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from meloformer.datamodules.rows import RowBuilder
 from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
 from meloformer.datamodules.stream import (
+    CollateWithLayout,
     LoaderPlan,
     RowDataset,
     StreamLoader,
@@ -257,10 +258,12 @@ class HIDDataModule(pl.LightningDataModule):
 
     def _loader_kwargs(self, num_workers: int) -> dict[str, Any]:
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        collate = None if self.max_segments is None else CollateWithLayout(self.max_segments, self.tokenizer)
         return {
             "num_workers": num_workers,
             "worker_init_fn": worker_init if num_workers else None,
             "pin_memory": on_gpu,
+            "collate_fn": collate,
         }
 
     # ------------------------------------------------------------------ the stream cursor

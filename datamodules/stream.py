@@ -18,9 +18,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
 
 from meloformer.datamodules.rows import RowBuilder
+from meloformer.hid import HIDTokenizer
+from meloformer.masks import row_layout
 
 
 @dataclass
@@ -77,6 +79,21 @@ class RowDataset(Dataset):
             "row": index,
             "num_workers": 0 if worker is None else worker.num_workers,
         }
+
+
+@dataclass
+class CollateWithLayout:
+    """Collate rows and add their side channels (``masks.row_layout`` with ``max_segments`` summary slots) as
+    ``batch["layout"]``, a dict of int tensors: the numpy layout of a batch then runs in the DataLoader
+    workers, off the training step's critical path."""
+
+    max_segments: int
+    tokenizer: HIDTokenizer
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_collate(samples)
+        batch["layout"] = row_layout(batch["tokens"].numpy(), self.tokenizer.kinds, self.max_segments).tensors()
+        return batch
 
 
 class StreamSampler(DistributedSampler):

@@ -11,6 +11,8 @@ one mask row and one attention row per layer.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,14 @@ from torch import Tensor
 
 from meloformer.masks import RowLayout, dense_mask
 from meloformer.model import MeloFormer, rope_angles
+
+
+def open_last_segment(rows: RowLayout) -> RowLayout:
+    """``rows`` with the segment holding each row's last token still open: its slot unused (doc -1), since
+    while decoding a summary exists only once the next token has closed its segment."""
+    last = rows.num_regular - 1
+    slot_doc = torch.where(rows.pos[:, last + 1 :] == last, -1, rows.doc[:, last + 1 :])
+    return dataclasses.replace(rows, doc=torch.cat([rows.doc[:, : last + 1], slot_doc], dim=1))
 
 
 class IncrementalDecoder:
@@ -89,9 +99,8 @@ class IncrementalDecoder:
             raise ValueError(f"decoder capacity {self.capacity} reached")
         self._tokens[:, p] = token.cpu().numpy()
         self._reserve_slots(int(self.slots.max()) + 2)
-        rows = self.model.row_layout(
-            torch.from_numpy(self._tokens[:, : p + 1]), min_slots=self.slot_k.shape[3], open_last_segment=True
-        ).to(self.k.device)
+        rows = self.model.row_layout(torch.from_numpy(self._tokens[:, : p + 1]), min_slots=self.slot_k.shape[3])
+        rows = open_last_segment(rows).to(self.k.device)
         closing = (rows.doc[:, p + 1 :] >= 0).sum(1) > self.slots
         if bool(closing.any()):
             self._summarise(rows, closing)

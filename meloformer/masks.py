@@ -7,9 +7,10 @@ which FlexAttention skips.
 
 Every rule is a small ``mask_mod(b, h, q_idx, kv_idx)`` over per-sample side channels (``RowLayout``,
 tensors ``[B, L + S]`` indexed by the batch index ``b``), composed with ``and_masks``/``or_masks``. The one
-composed function is evaluated on broadcast index tensors, tile by tile, to build both the dense boolean
-matrix of the ``sdpa`` backend and the ``BlockMask`` of the ``flex`` backend (which also evaluates it
-inside its kernel), and row by row for KV-cached decoding; so the rules exist exactly once.
+composed function is evaluated on broadcast index tensors, tile by tile (``evaluate_tiles``), to build
+every representation of the mask (``attention_mask``): the ``BlockSparseMask`` of the ``sdpa`` backend, the
+``BlockMask`` of the ``flex`` backend (which also evaluates it inside its kernel) and the dense boolean
+matrix of the tests; and row by row for KV-cached decoding. So the rules exist exactly once.
 """
 
 from __future__ import annotations
@@ -72,9 +73,21 @@ class RowLayout:
     def num_slots(self) -> int:
         return self.length - self.num_regular
 
+    def tensors(self) -> dict[str, Tensor]:
+        """The side channels as a dict of tensors: how a batch carries them from the DataLoader workers."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_regular"}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], num_regular: int) -> RowLayout:
+        return cls(num_regular=num_regular, **tensors)
+
+    def without_slots(self) -> RowLayout:
+        """The regular tokens' side channels alone (attention variants without summary slots)."""
+        n = self.num_regular
+        return dataclasses.replace(self, **{k: v[:, :n] for k, v in self.tensors().items()})
+
     def to(self, device: torch.device | str) -> RowLayout:
-        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_regular"}
-        return dataclasses.replace(self, **{k: v.to(device) for k, v in tensors.items()})
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
 
 def slots_for(num_segments: int, minimum: int) -> int:
@@ -89,7 +102,6 @@ def row_layout(
     kinds: np.ndarray | Tensor,
     min_slots: int | None = None,
     doc_ids: np.ndarray | Tensor | None = None,
-    open_last_segment: bool = False,
     with_slots: bool = True,
 ) -> RowLayout:
     """Build the per-row side channels of a batch ``[B, L]`` with one call to ``meloformer.layout.layout``.
@@ -97,10 +109,8 @@ def row_layout(
     ``kinds`` is the tokenizer's kind table (``HIDTokenizer.kinds``; the model carries it as ``model.kinds``).
 
     Rows get ``min_slots`` summary slots, or ``slots_for`` more when a row has more segments; ``None`` gives
-    exactly the largest segment count. With ``open_last_segment`` the segment holding the last token of a
-    row is treated as still open (its slot unused), as in incremental decoding, where a summary exists only
-    once the next token has closed its segment. ``with_slots=False`` gives rows without summary slots (the
-    ``causal`` and ``local`` attention variants).
+    exactly the largest segment count. ``with_slots=False`` gives rows without summary slots (the ``causal``
+    and ``local`` attention variants).
     """
     if isinstance(tokens, Tensor):
         tokens = tokens.detach().cpu().numpy()
@@ -119,8 +129,6 @@ def row_layout(
         }
     n = tokens.shape[1]
     slot_doc = table["doc"]
-    if open_last_segment:
-        slot_doc = np.where(table["end"] == n - 1, -1, slot_doc)
     slots = table["end"].shape[1]
     kind_class = _KIND_CLASS[lay.kind]
     rows = {
@@ -174,43 +182,45 @@ def summary_mask_mod(
         return (doc[b, q] == doc[b, kv]) & (doc[b, q] >= 0)
 
     def sr(b, h, q, kv):
-        """sigma(s) sees every regular token of s."""
+        """The summary slot of segment s sees every regular token of s."""
         return (q >= n) & (kv < n) & (seg[b, kv] == seg[b, q])
 
     def ss(b, h, q, kv):
-        """sigma(s) sees sigma(s') when s' ended before s ended."""
+        """The summary slot of segment s sees the slot of every segment s' that ended before s ended."""
         return (q >= n) & (kv >= n) & (pos[b, kv] < pos[b, q])
 
     def rs(b, h, q, kv):
-        """A regular token at p sees sigma(s') when s' ended before p."""
+        """A regular token at position p sees the slot of every segment s' that ended before p."""
         return (q < n) & (kv >= n) & (pos[b, kv] < pos[b, q])
 
     def rr_causal(b, h, q, kv):
-        """A regular token sees regular tokens at or before its position, and then only when..."""
+        """A regular token sees only regular tokens at or before its own position (one of the rules below)."""
         return (q < n) & (kv <= q)
 
     def rr_global(b, h, q, kv):
-        """...the key is BOS, Track or EOS,"""
+        """A regular token sees every earlier global token of its piece: BOS, Track and EOS."""
         return is_global[b, kv]
 
     def rr_same_segment(b, h, q, kv):
-        """...or in the query's segment,"""
+        """A regular token sees the earlier tokens of its own segment."""
         return (seg[b, q] == seg[b, kv]) & (seg[b, q] >= 0)
 
     def rr_fine_bar(b, h, q, kv):
-        """...or in the same track, ``bar(q) - bar(kv)`` in ``fine_bars``,"""
+        """A regular token sees the tokens of its own track whose bar lies ``fine_bars`` bars before its own."""
         offset = bar[b, q] - bar[b, kv]
         in_table = (offset > 0) & (offset <= max_offset) & fine[offset.clamp(0, max_offset)]
         return (track[b, q] == track[b, kv]) & (bar[b, kv] >= 0) & in_table
 
     def rr_cross_track(b, h, q, kv):
-        """...or in another track, a bar within ``cross_window`` (causality keeps only earlier tracks)."""
+        """A regular token sees the tokens of other tracks within ``cross_window`` bars of its own bar (causality
+        keeps only the tracks before it)."""
         near = (bar[b, q] - bar[b, kv]).abs() <= cross_window
         return (track[b, q] != track[b, kv]) & (bar[b, q] >= 0) & (bar[b, kv] >= 0) & near
 
     def rr_kind(b, h, q, kv):
-        """Optional, on the last three: onset/pitch see onset/pitch, velocity velocity, duration duration;
-        an onset group always sees itself, and other kinds (Bar, conductor events) are not restricted."""
+        """With ``kind_sparsity``, the three local rules only pair kinds of one class: onsets and pitches see
+        onsets and pitches, velocities velocities, durations durations; an onset group always sees itself, and
+        other kinds (Bar, conductor events) are not restricted."""
         cq, ck = kind_class[b, q], kind_class[b, kv]
         same_onset = (onset_group[b, q] == onset_group[b, kv]) & (onset_group[b, q] >= 0)
         return (cq == 0) | (ck == 0) | (cq == ck) | same_onset
@@ -292,6 +302,91 @@ def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -
     dense[b, qb, :, kb, :] = tiles
     dense = dense.view(rows.batch_size, 1, n_blocks * block_size, n_blocks * block_size)
     return dense[:, :, :t, :t].contiguous() if n_blocks * block_size != t else dense
+
+
+@dataclasses.dataclass
+class SparseCall:
+    """One SDPA call of a ``BlockSparseMask``: ``G`` query blocks that each see exactly ``M`` key blocks.
+
+    ``query`` ``[G]`` and ``keys`` ``[G, M]`` index the flattened (batch, block) grids of queries and keys;
+    ``mask`` ``[G, 1, query_block, M * key_block]`` is the mask restricted to those tiles.
+    """
+
+    query: Tensor
+    keys: Tensor
+    mask: Tensor
+
+
+@dataclasses.dataclass
+class BlockSparseMask:
+    """The mask as a list of SDPA calls over only the tiles that hold a visible pair (the ``sdpa`` backend).
+
+    Query blocks are grouped by how many key blocks they see, so each group is one batched SDPA call over
+    its gathered keys, with no padding; ``order`` puts the calls' concatenated outputs back in (batch,
+    query block) order. Autograd through the gathers gives the backward, which skips the same tiles.
+    """
+
+    query_block: int
+    key_block: int
+    calls: list[SparseCall]
+    order: Tensor
+
+
+def block_sparse_mask(
+    mask_mod: MaskMod, rows: RowLayout, query_block: int = 64, key_block: int = 32
+) -> BlockSparseMask:
+    """Build a ``BlockSparseMask`` from the evaluated ``key_block`` tiles, never the full dense matrix.
+
+    ``query_block`` is a multiple of ``key_block``: a query block sees a key block when any of its tiles
+    holds a visible pair. Query rows past the row's end (block padding) see the first gathered key, so no
+    row is empty (their outputs are dropped).
+    """
+    if query_block % key_block:
+        raise ValueError(f"query_block {query_block} must be a multiple of key_block {key_block}")
+    (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, key_block)
+    seen = tiles.any(dim=(1, 2))
+    b, qb, kb, tiles = b[seen], qb[seen], kb[seen], tiles[seen]
+    t, batch, per = rows.length, rows.batch_size, query_block // key_block
+    n_keys, n_queries = ceil_div(t, key_block), ceil_div(t, query_block)
+    device = tiles.device
+    # Tile id of every (batch, query block, key block); the extra last tile is all False.
+    tile_id = torch.full((batch, n_queries * per, n_keys), len(tiles), dtype=torch.long, device=device)
+    tile_id[b, qb, kb] = torch.arange(len(tiles), device=device)
+    tiles = torch.cat([tiles, tiles.new_zeros(1, key_block, key_block)])
+    tile_id = tile_id.view(batch * n_queries, per, n_keys)
+    visible = (tile_id < len(tiles) - 1).any(dim=1)  # [B * n_queries, n_keys]
+    counts = visible.sum(dim=1)
+    rows_pad = torch.arange(n_queries, device=device).repeat(batch)[:, None] * query_block
+    rows_pad = rows_pad + torch.arange(query_block, device=device) >= t  # [B * n_queries, query_block]
+    calls, flat_queries = [], []
+    for m in counts.unique().tolist():
+        query = torch.nonzero(counts == m).squeeze(1)
+        key = torch.nonzero(visible[query])[:, 1].view(len(query), m)
+        ids = tile_id[query[:, None, None], torch.arange(per, device=device)[:, None], key[:, None, :]]
+        mask = tiles[ids].permute(0, 1, 3, 2, 4).reshape(len(query), 1, query_block, m * key_block)
+        mask[:, 0, :, 0] |= rows_pad[query]
+        batch_of = torch.div(query, n_queries, rounding_mode="floor")
+        calls.append(SparseCall(query, batch_of[:, None] * n_keys + key, mask))
+        flat_queries.append(query)
+    order = torch.argsort(torch.cat(flat_queries))
+    return BlockSparseMask(query_block, key_block, calls, order)
+
+
+def attention_mask(
+    mask_mod: MaskMod, rows: RowLayout, backend: str, block_size: int | None = None
+) -> BlockSparseMask | BlockMask | Tensor:
+    """The mask of one batch as its backend runs it, built from the evaluated tiles in one call.
+
+    ``sdpa`` gets the ``BlockSparseMask``, ``flex`` the ``BlockMask`` (``block_size``: 128 on CUDA, 32 on CPU,
+    where sparser tiles measured faster) and ``dense`` the full boolean matrix (the reference).
+    """
+    if backend == "sdpa":
+        return block_sparse_mask(mask_mod, rows)
+    if backend == "flex":
+        return block_mask(mask_mod, rows, block_size or (32 if rows.pos.device.type == "cpu" else 128))
+    if backend == "dense":
+        return full_dense_mask(mask_mod, rows)
+    raise ValueError(f"unknown attention mask backend {backend!r}")
 
 
 def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:

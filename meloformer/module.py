@@ -26,6 +26,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from meloformer.checkpoint import read_checkpoint
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
+from meloformer.masks import RowLayout
 from meloformer.model import Backend, Checkpointing, MeloFormer, MeloFormerConfig
 
 # Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
@@ -183,9 +184,13 @@ class MeloFormerModule(pl.LightningModule):
     def forward(self, tokens: Tensor, doc_ids: Tensor | None = None) -> Tensor:
         return self.model(tokens, doc_ids)
 
-    def token_losses(self, tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-target loss ``[B, L-1]``, which targets count, and each target's kind group (-1: none)."""
-        ctx = self.model.prepare(tokens)  # layout and mask, outside the compiled forward
+    def token_losses(self, tokens: Tensor, layout: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-target loss ``[B, L-1]``, which targets count, and each target's kind group (-1: none).
+
+        ``layout`` is the batch's side channels from the DataLoader workers, if it carries them.
+        """
+        rows = None if layout is None else RowLayout.from_tensors(layout, tokens.shape[1])
+        ctx = self.model.prepare(tokens, rows=rows)  # layout and mask, outside the compiled forward
         logits = self.model(tokens, ctx=ctx)[:, :-1]
         targets = tokens[:, 1:]
         valid = (targets != PAD) & (targets != BOS)
@@ -207,7 +212,7 @@ class MeloFormerModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         tokens = batch["tokens"]
-        loss, valid, group = self.token_losses(tokens)
+        loss, valid, group = self.token_losses(tokens, batch.get("layout"))
         mean, sums, counts = self.group_means(loss, valid, group)
         size = tokens.shape[0]
         self.log("train/loss", mean, prog_bar=True, batch_size=size)
@@ -238,7 +243,7 @@ class MeloFormerModule(pl.LightningModule):
         self._eval_step("test", batch)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        loss, valid, group = self.token_losses(batch["tokens"])
+        loss, valid, group = self.token_losses(batch["tokens"], batch.get("layout"))
         mean, sums, counts = self.group_means(loss, valid, group)
         # Every metric is updated (possibly with weight 0), so all ranks compute the same metrics.
         self.metrics[f"{stage}_all"].update(mean, valid.sum())

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from _music import demo_files, make_score
 from meloformer.datamodules import HIDDataModule, StreamState, hid_datamodule
@@ -16,6 +17,7 @@ from meloformer.datamodules.shards import ShardError, ShardReader, empty_index, 
 from meloformer.datamodules.stream import StreamSampler
 from meloformer.hid import BOS, CHORD_QUALITIES, PAD, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.layout import layout
+from meloformer.masks import row_layout
 from meloformer.preprocess import preprocess
 
 TOKENIZER = HIDTokenizer()
@@ -269,6 +271,10 @@ def test_loader_batches_carry_rows_and_worker_count(demo_shards):
     assert [b["row"].tolist() for b in batches] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert all(b["num_workers"].tolist() == [2, 2] for b in batches)
     assert all(b["tokens"].shape == (2, 256) for b in batches)
+    for b in batches:  # the side channels come from the workers, as the model would compute them
+        expected = row_layout(b["tokens"], data.tokenizer.kinds, 64).tensors()
+        assert b["layout"].keys() == expected.keys()
+        assert all(torch.equal(b["layout"][k], v) for k, v in expected.items())
     assert loader.state_dict() == {"position": 0, "batch_size": 2, "num_batches": len(loader), "consumed": 0}
 
 

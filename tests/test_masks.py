@@ -9,9 +9,13 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
 from _music import demo_files
+from meloformer.generate import open_last_segment
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.masks import (
+    BlockSparseMask,
+    attention_mask,
     block_mask,
+    block_sparse_mask,
     candidate_tiles,
     dense_mask,
     full_dense_mask,
@@ -299,10 +303,12 @@ def test_padding_and_unused_slots_see_only_themselves_and_are_never_seen():
 
 
 def test_open_last_segment_leaves_its_slot_unused():
-    """In decoding, the segment of a row's last token has no summary yet: only its slot is dead."""
+    """In decoding (``generate.open_last_segment``), the segment of a row's last token has no summary yet: only
+    its slot is dead."""
     for cut in (AT["piano.1.Pitch2"] + 1, AT["piano.1.Pos2"] + 1):
         tokens = np.array(TOKENS[:cut])
-        closed, open_ = row_layout(tokens, TOK.kinds, 16), row_layout(tokens, TOK.kinds, 16, open_last_segment=True)
+        closed = row_layout(tokens, TOK.kinds, 16)
+        open_ = open_last_segment(closed)
         n = closed.num_regular
         changed = (closed.doc[0, n:] != open_.doc[0, n:]).nonzero().flatten().tolist()
         assert changed == [int(closed.segment[0, cut - 1])] and open_.doc[0, n + changed[0]] == -1
@@ -390,6 +396,42 @@ def test_block_mask_equals_torch_create_block_mask(size: int):
     reference = create_block_mask(mod, 2, None, rows.length, rows.length, "cpu", size)
     assert torch.equal(ours.to_dense(), reference.to_dense())
     assert ours.full_kv_num_blocks is not None and torch.equal(ours.full_kv_num_blocks, reference.full_kv_num_blocks)
+
+
+@pytest.mark.parametrize(("query_block", "key_block"), [(16, 16), (32, 8), (64, 32)])
+def test_block_sparse_mask_holds_exactly_the_dense_mask(query_block: int, key_block: int):
+    """Scattered back to (query, key) positions, the calls' masks rebuild the dense mask: every visible pair is
+    in exactly one call, no gathered key block is empty, and the query blocks are each in one call."""
+    tokens = np.array([TOKENS + TOKENS[:-30] + [PAD] * 37, TOKENS + TOKENS[::-1] + TOKENS[:7]])
+    rows = row_layout(tokens, TOK.kinds, 24)
+    for settings in ({}, {"kind_sparsity": True, "fine_bars": (1, 3)}):
+        mod = summary_mask_mod(rows, **settings)
+        dense, sparse = full_dense_mask(mod, rows)[:, 0], block_sparse_mask(mod, rows, query_block, key_block)
+        t, n_queries, n_keys = rows.length, -(-rows.length // query_block), -(-rows.length // key_block)
+        rebuilt = torch.zeros(2, n_queries * query_block, n_keys * key_block, dtype=torch.int64)
+        for call in sparse.calls:
+            g, m = call.keys.shape
+            batch, block = call.query // n_queries, call.query % n_queries
+            assert torch.equal(call.keys // n_keys, batch[:, None].expand(g, m)), "keys from the query's own row"
+            q = block[:, None] * query_block + torch.arange(query_block)
+            k = ((call.keys % n_keys)[:, :, None] * key_block + torch.arange(key_block)).flatten(1)
+            mask = call.mask[:, 0]
+            real = (q < t)[:, :, None]
+            assert (mask & real).view(g, query_block, m, key_block).any(dim=(1, 3)).all()
+            rebuilt.index_put_((batch[:, None, None], q[:, :, None], k[:, None, :]), (mask & real).long(), True)
+        assert torch.equal(rebuilt[:, :t, :t], dense.long())
+        assert torch.equal(torch.sort(torch.cat([c.query for c in sparse.calls]))[0], torch.arange(2 * n_queries))
+
+
+def test_attention_mask_builds_each_backends_representation():
+    rows = row_layout(np.array([TOKENS]), TOK.kinds, 24)
+    mod = summary_mask_mod(rows)
+    assert isinstance(attention_mask(mod, rows, "sdpa"), BlockSparseMask)
+    flex = attention_mask(mod, rows, "flex")
+    assert flex.BLOCK_SIZE == (32, 32) and torch.equal(flex.to_dense(), block_mask(mod, rows, 32).to_dense())
+    assert torch.equal(attention_mask(mod, rows, "dense"), full_dense_mask(mod, rows))
+    with pytest.raises(ValueError, match="'sparse'"):
+        attention_mask(mod, rows, "sparse")
 
 
 # Shared with test_model/test_decode: one compiled-flex shape for the whole test session.

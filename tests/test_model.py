@@ -8,17 +8,19 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from _music import demo_files, make_score
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer
-from meloformer.masks import row_layout
+from meloformer.masks import BlockSparseMask, block_sparse_mask, full_dense_mask, row_layout, summary_mask_mod
 from meloformer.model import (
     NUM_TRACK_EMBEDDINGS,
     SIZES,
     MeloFormer,
     MeloFormerConfig,
     apply_rope,
+    attend,
     parameter_counts,
     rope_angles,
     track_embedding_index,
@@ -276,6 +278,27 @@ def test_doc_ids_override_the_documents_from_bos():
         assert not torch.allclose(model(tokens)[0, len(a) :], merged[0, len(a) :], atol=1e-4)
 
 
+@pytest.mark.parametrize("attention", ["causal", "local"])
+def test_loader_rows_with_slots_serve_the_variants_without_slots(attention: str):
+    tokens = packed_rows(seed=13, length=FLEX_LEN)
+    model = tiny_model(attention=attention).eval()
+    with torch.no_grad():
+        given = model(tokens, ctx=model.prepare(tokens, rows=row_layout(tokens, TOK.kinds, TINY.summary_slots)))
+        assert torch.equal(given, model(tokens))
+
+
+def test_side_channels_computed_beforehand_are_used():
+    """``prepare(rows=...)`` (the DataLoader's layout) uses the given rows instead of computing its own."""
+    a, b = hid_pieces(2, FLEX_LEN // 2, seed=7)
+    tokens = batch([np.concatenate([a, b])], len(a) + len(b))
+    merged = torch.zeros_like(tokens)
+    model = tiny_model().eval()
+    with torch.no_grad():
+        given = model(tokens, ctx=model.prepare(tokens, rows=row_layout(tokens, TOK.kinds, TINY.summary_slots, merged)))
+        assert torch.equal(given, model(tokens, doc_ids=merged))
+        assert not torch.allclose(given, model(tokens), atol=1e-4)
+
+
 def test_more_segments_than_summary_slots_rounds_up():
     pieces = hid_pieces(2, FLEX_LEN, seed=8)
     tokens = batch(pieces)
@@ -328,21 +351,48 @@ def test_flex_and_sdpa_agree_in_gradients_on_cuda():
     assert torch.allclose(grads[0], grads[1], atol=1e-4)
 
 
-def test_key_range_attention_equals_the_full_dense_mask():
-    """SDPA by query blocks over the keys each block can see == SDPA over the whole masked matrix."""
-    from meloformer.model import KeyRangeMask, attend
+def packed_rows(seed: int, length: int) -> torch.Tensor:
+    """Two rows: three or more pieces packed to exactly ``length`` tokens, and two pieces then padding."""
+    pieces = hid_pieces(8, length // 3, seed=seed)
+    packed = np.concatenate(pieces)[:length]
+    return batch([packed, np.concatenate(pieces[-2:])], length)
 
+
+@pytest.mark.parametrize(("query_block", "key_block"), [(16, 16), (64, 16), (128, 32)])
+def test_block_sparse_attention_equals_sdpa_with_the_dense_mask(query_block: int, key_block: int):
+    """Outputs and gradients of q, k, v equal the dense-mask SDPA on packed rows with padding (float64)."""
+    tokens = packed_rows(seed=11, length=300)  # not a multiple of any block: the last blocks are partial
+    rows = row_layout(tokens, TOK.kinds, 40)
+    mod = summary_mask_mod(rows)
+    sparse, dense = block_sparse_mask(mod, rows, query_block, key_block), full_dense_mask(mod, rows)
+    assert (rows.doc[0, : rows.num_regular].unique() >= 0).sum() >= 3 and (tokens[1] == PAD).any()
+    assert len(sparse.calls) > 1
     torch.manual_seed(0)
-    n, slots = 600, 40  # three query blocks of 256, the last one partial, then the slots
-    q = torch.randn(2, 4, n + slots, 16, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, 2, n + slots, 16, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, 2, n + slots, 16, dtype=torch.float64, requires_grad=True)
-    causal = torch.ones(n + slots, n + slots, dtype=torch.bool).tril()
-    mask = (causal & (torch.rand(2, 1, n + slots, n + slots) < 0.5)) | torch.eye(n + slots, dtype=torch.bool)
-    mask[:, :, :n, n:] = torch.rand(2, 1, n, slots) < 0.3  # regular queries see some slots
-    full = attend(q, k, v, mask)
-    blocked = attend(q, k, v, KeyRangeMask.from_dense(mask, n, block=256))
-    assert torch.allclose(full, blocked)
-    grads = torch.autograd.grad(full.square().sum(), (q, k, v))
-    blocked_grads = torch.autograd.grad(blocked.square().sum(), (q, k, v))
-    assert all(torch.allclose(a, b) for a, b in zip(grads, blocked_grads))
+    q = torch.randn(2, 4, rows.length, 8, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 2, rows.length, 8, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    reference = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True)
+    out = attend(q, k, v, sparse)
+    assert torch.allclose(out, reference, atol=1e-12)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((reference * weights).sum(), (q, k, v))
+    sparse_grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, sparse_grads))
+
+
+@pytest.mark.parametrize("attention", ["summary", "causal", "local"])
+def test_block_sparse_training_equals_the_dense_mask_in_loss_and_gradients(attention: str):
+    """The whole model, every attention variant: the sdpa backend (block-sparse) gives the dense-mask loss and
+    parameter gradients."""
+    tokens = packed_rows(seed=12, length=FLEX_LEN)
+    model = tiny_model(attention=attention).double()
+    results = []
+    for backend in ("sdpa", "dense"):
+        ctx = model.prepare(tokens, backend=backend)
+        assert isinstance(ctx.mask, BlockSparseMask if backend == "sdpa" else torch.Tensor)
+        loss = model(tokens, ctx=ctx).logsumexp(-1).mean()
+        model.zero_grad()
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss, grads), (dense_loss, dense_grads) = results
+    assert torch.allclose(loss, dense_loss, atol=1e-12)
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(grads, dense_grads))
