@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from meloformer.datamodules import HIDDataModule
-from meloformer.evaluate import evaluate_music
+from meloformer.evaluate import evaluate_music, evaluation_data
 from meloformer.hid import PAD, TRACK_PROGRAM0
 from meloformer.layout import layout
 from meloformer.module import KIND_GROUPS, MeloFormerModule, load_checkpoint
@@ -93,13 +93,7 @@ def bucket_of(bar: np.ndarray) -> np.ndarray:
 @torch.no_grad()
 def test_losses(module: MeloFormerModule, data_dir: Path, batch_size: int) -> dict[str, float]:
     """Token-weighted test loss: overall, per kind group and per bar bucket."""
-    data = HIDDataModule(
-        data_dir=str(data_dir),
-        max_seq_len=module.config.max_seq_len,
-        max_segments=module.config.summary_slots,
-        val_batch_size=batch_size,
-        tokenizer=module.tokenizer.settings,
-    )
+    data = evaluation_data(module, data_dir, batch_size)
     data.setup("test")
     groups, buckets = len(KIND_GROUPS), len(BAR_BUCKETS)
     sums, counts = np.zeros(groups + buckets + 1), np.zeros(groups + buckets + 1)

@@ -20,27 +20,32 @@ def evaluate_checkpoint(
     """Token-weighted loss and perplexity, overall and per token kind, of a trained module on ``split``."""
     import lightning.pytorch as pl
 
-    from meloformer.datamodules import HIDDataModule
-
     if split not in ("val", "test"):
         raise ValueError(f"--split must be val or test, got {split!r}")
     if batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {batch_size}")
     if not Path(data_dir).is_dir():
         raise ValueError(f"--data {data_dir}: no such dataset folder")
-    data = HIDDataModule(
-        data_dir=str(data_dir),
-        max_seq_len=module.config.max_seq_len,
-        max_segments=module.config.summary_slots,
-        val_batch_size=batch_size,
-        tokenizer=module.tokenizer.settings,
-    )
+    data = evaluation_data(module, data_dir, batch_size)
     trainer = pl.Trainer(
         accelerator=device, devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False
     )
     run = trainer.validate if split == "val" else trainer.test
     (results,) = run(module, datamodule=data, verbose=False)
     return {k.split("/", 1)[1]: float(v) for k, v in sorted(results.items())}
+
+
+def evaluation_data(module: MeloFormerModule, data_dir: str | Path, batch_size: int = 4):
+    """The ``HIDDataModule`` of ``data_dir`` with rows shaped for ``module`` (its length, slots, tokenizer)."""
+    from meloformer.datamodules import HIDDataModule
+
+    return HIDDataModule(
+        data_dir=str(data_dir),
+        max_seq_len=module.config.max_seq_len,
+        max_segments=module.config.summary_slots,
+        val_batch_size=batch_size,
+        tokenizer=module.tokenizer.settings,
+    )
 
 
 def evaluate_music(generated: str | Path, reference: str | Path, max_distance: int = 16) -> dict[str, Any]:
