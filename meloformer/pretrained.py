@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from importlib import resources
 from pathlib import Path
 
 from meloformer.hid import HIDTokenizer
 from meloformer.model import MeloFormer, MeloFormerConfig
 
-SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "models"
+SHIPPED_MODELS = Path(str(resources.files("meloformer.models")))  # models/ of the repository, as package data
 DEFAULT_MODEL = "meloformer-pd-1m"
 
 
@@ -43,8 +44,6 @@ def load_model_folder(folder: str | Path, device: str = "cpu") -> tuple[MeloForm
     model = MeloFormer.from_pretrained(
         folder, config=config, kinds=tokenizer.kinds, map_location=device, local_files_only=True
     )
-    if model.config.vocab_size != tokenizer.vocab_size:
-        raise ValueError(f"{folder}: vocab_size {model.config.vocab_size} does not match its tokenizer's")
     return model.eval(), tokenizer
 
 
