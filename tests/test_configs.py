@@ -64,7 +64,8 @@ def test_unknown_config_name_lists_the_shipped_ones(tmp_path):
 @pytest.mark.slow
 def test_demo_config_trains_from_an_installed_wheel(tmp_path):
     """A wheel built from the repository, installed into a fresh environment, trains with `--config demo.yaml`
-    from an empty folder: configs and the demo corpus travel as package data."""
+    from an empty folder and generates with no checkpoint: configs, the demo corpus and the shipped model
+    travel as package data."""
     source = tmp_path / "source"
     ignore = shutil.ignore_patterns(".*", "build", "dist", "data", "runs", "*.egg-info", "__pycache__", "results")
     shutil.copytree(REPO, source, ignore=ignore)
@@ -96,3 +97,10 @@ def test_demo_config_trains_from_an_installed_wheel(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert (work / "data" / "demo-shards" / "index.json").is_file()  # the shipped corpus, preprocessed here
     assert list((work / "runs" / "demo").rglob("last.ckpt"))
+    sampled = subprocess.run(
+        [str(env_dir / "bin" / "meloformer"), "generate", "--out", "samples", "--bars", "2", "--num_samples", "1",
+         "--no_progress"],
+        cwd=work, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert sampled.returncode == 0, sampled.stderr[-3000:]  # the shipped model travels as package data too
+    assert (work / "samples" / "sample_0.mid").is_file()
