@@ -7,7 +7,9 @@ generation and evaluation need. Folders are read locally; nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import json
 from importlib import resources
 from pathlib import Path
@@ -41,9 +43,10 @@ def load_model_folder(folder: str | Path, device: str = "cpu") -> tuple[MeloForm
     saved = json.loads((folder / "config.json").read_text())
     tokenizer = HIDTokenizer(**saved.pop("tokenizer", {}))
     config = MeloFormerConfig(**saved)  # explicit: the mixin cannot resolve postponed annotations
-    model = MeloFormer.from_pretrained(
-        folder, config=config, kinds=tokenizer.kinds, map_location=device, local_files_only=True
-    )
+    with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints "Loading weights from local directory"
+        model = MeloFormer.from_pretrained(
+            folder, config=config, kinds=tokenizer.kinds, map_location=device, local_files_only=True
+        )
     return model.eval(), tokenizer
 
 
