@@ -18,7 +18,7 @@ from meloformer.hid import HIDTokenizer
 from meloformer.model import MeloFormer, MeloFormerConfig
 
 SHIPPED_MODELS = Path(str(resources.files("meloformer.models")))  # models/ of the repository, as package data
-DEFAULT_MODEL = "meloformer-pd-1m"
+DEFAULT_MODEL = "meloformer-pd-2m"
 
 
 def save_model_folder(model: MeloFormer, tokenizer: HIDTokenizer, folder: str | Path, card: str) -> Path:

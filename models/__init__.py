@@ -1,1 +1,1 @@
-"""Model folders shipped with MeloFormer (``meloformer-pd-1m/``), as package data."""
+"""Model folders shipped with MeloFormer (``meloformer-pd-2m/``), as package data."""
