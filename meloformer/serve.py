@@ -145,7 +145,9 @@ def build_app(studio: Studio) -> gr.Blocks:
                 bars = gr.Number(value=4, precision=0, label="bars (after a prompt: new bars)", elem_id="bars")
                 tempo = gr.Number(value=0, label="tempo in bpm (0: the model chooses)", elem_id="tempo")
                 time_signature = gr.Dropdown(TIME_SIGNATURES, value=TIME_SIGNATURES[0], label="time signature")
-                chords = gr.Textbox(label="chords, one per bar, repeated (e.g. C G Am F; empty: free)", value="")
+                chords = gr.Textbox(
+                    label="chords, one per bar, repeated (e.g. C G Am F; empty: free)", value="", elem_id="chords"
+                )
                 with gr.Row():
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")

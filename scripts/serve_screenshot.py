@@ -1,7 +1,8 @@
-"""Take docs/serve.png: start `meloformer serve` on a checkpoint, generate one sample in headless Chromium (the
-browser test's set-up: Debian's chromium-headless-shell driven by playwright), and screenshot the page.
+"""Take docs/serve.png: start `meloformer serve` on a checkpoint or model folder (default: the shipped model),
+generate one sample in headless Chromium (the browser test's set-up: Debian's chromium-headless-shell driven
+by playwright), and screenshot the page.
 
-    python scripts/serve_screenshot.py --ckpt_path runs/demo/checkpoints/last.ckpt --bars 8 --seed 1
+    python scripts/serve_screenshot.py --instruments "52 52 53 53" --chords "C G Am F" --bars 8 --seed 1
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import shutil
 
 from playwright.sync_api import sync_playwright
 
-from meloformer.module import load_checkpoint
-from meloformer.serve import Studio, build_app, find_checkpoint, launch
+from meloformer.cli import open_checkpoint
+from meloformer.serve import Studio, build_app, launch
 
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
 BROWSER_ARGS += ["--disable-sync", "--no-first-run"]
@@ -20,16 +21,17 @@ BROWSER_ARGS += ["--disable-sync", "--no-first-run"]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt_path", required=True)
+    parser.add_argument("--ckpt_path", default=None, help="a checkpoint or model folder (default: the shipped model)")
     parser.add_argument("--out", default="docs/serve.png")
     parser.add_argument("--instruments", default="drums 33 0")
     parser.add_argument("--bars", default="4")
+    parser.add_argument("--chords", default="")
     parser.add_argument("--seed", default="3")
     args = parser.parse_args()
     browser_path = shutil.which("chromium-headless-shell") or shutil.which("chromium")
     if browser_path is None:
         raise SystemExit("no Chromium: apt-get install chromium-headless-shell")
-    app = build_app(Studio(load_checkpoint(find_checkpoint(args.ckpt_path))))
+    app = build_app(Studio(open_checkpoint(args.ckpt_path, "cpu")))
     url = launch(app, port=7861, block=False)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=browser_path, args=BROWSER_ARGS)
@@ -38,6 +40,7 @@ def main() -> None:
         page.goto(url)
         page.locator("#instruments textarea").fill(args.instruments)
         page.locator("#bars input").fill(args.bars)
+        page.locator("#chords textarea").fill(args.chords)
         page.locator("#seed input").fill(args.seed)
         page.locator("#generate").click()
         page.locator("#pianoroll img").wait_for(state="visible")
