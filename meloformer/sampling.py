@@ -67,6 +67,21 @@ def filter_logits(logits: Tensor, allowed: np.ndarray, temperature: float, top_k
     return logits
 
 
+def fold_bar_into_closing(logits: Tensor, allowed: np.ndarray, closing: np.ndarray) -> Tensor:
+    """Log-probabilities in which, where the grammar forbids ``Bar`` but allows closing the track (``Track`` or
+    ``EOS``), the probability of ``Bar`` goes to the closing tokens.
+
+    Training rows are bar windows, so after any bar the model expects another; in a track's last bar that
+    wish means "this bar is over", not "add notes" (which would pile up on the bar's last onsets).
+    """
+    logits = logits.float().log_softmax(-1)
+    close = torch.from_numpy(allowed & closing).to(logits.device)
+    if allowed[BAR] or not bool(close.any()):
+        return logits
+    total = torch.logsumexp(logits[close], 0)
+    return logits.masked_scatter(close, logits[close] + torch.logaddexp(total, logits[BAR]) - total)
+
+
 class _Plan:
     """Which bars are copied from the prompt, and the grammar that constrains the rest."""
 
@@ -166,6 +181,7 @@ class _Budget:
         kinds = tok.kinds
         self.ends_bar = np.isin(kinds, (TokenKind.BAR, TokenKind.TRACK, TokenKind.EOS))
         self.is_track = kinds == TokenKind.TRACK
+        self.closes_track = np.isin(kinds, (TokenKind.TRACK, TokenKind.EOS))
         self.pos_or_chord = np.isin(kinds, (TokenKind.POS, TokenKind.CHORD))
         self.is_chord = kinds == TokenKind.CHORD
         self.segment_free = self.segment_share = 0
@@ -356,7 +372,8 @@ def generate(
             else:
                 if logits is None:  # the first free choice: run everything so far through the model at once
                     logits = decoder.prefill(torch.tensor([out], device=device))[:, -1]
-                scores = filter_logits(logits[0], allowed, request.temperature, request.top_k, request.top_p)
+                folded = fold_bar_into_closing(logits[0], allowed, budget.closes_track)
+                scores = filter_logits(folded, allowed, request.temperature, request.top_k, request.top_p)
                 token = int(torch.multinomial(scores.softmax(-1).cpu(), 1, generator=generator))
         grammar.advance(token)
         out.append(token)

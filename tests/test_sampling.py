@@ -8,9 +8,16 @@ import pytest
 import torch
 
 from _music import demo_files, write_and_read_back
-from meloformer.hid import TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer
+from meloformer.hid import BAR, EOS, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
 from meloformer.model import MeloFormer, MeloFormerConfig
-from meloformer.sampling import GenerationRequest, check_request, filter_logits, fit_to_context, generate
+from meloformer.sampling import (
+    GenerationRequest,
+    check_request,
+    filter_logits,
+    fit_to_context,
+    fold_bar_into_closing,
+    generate,
+)
 
 TOK = HIDTokenizer()
 
@@ -208,3 +215,26 @@ def test_progress_bar_counts_bars_of_every_track(model, capsys):
     request = GenerationRequest(bars=3, instruments=[TRACK_DRUMS, TRACK_PROGRAM0])
     generate(model, TOK, request, seed=0, progress=True)
     assert "9/9" in capsys.readouterr().err  # 3 bars of the conductor and of each of the two tracks
+
+
+def test_a_wish_for_another_bar_closes_a_finished_track():
+    """In a track's last bar the grammar forbids Bar; the model's probability of Bar goes to Track/EOS."""
+    vocab = TOK.vocab_size
+    probs = torch.full((vocab,), 1e-3)
+    probs[BAR], probs[EOS], probs[TRACK_PROGRAM0] = 0.5, 0.1, 0.1
+    logits = (probs / probs.sum()).log() + 3.0  # unnormalised, as the model gives them
+    closing = np.isin(TOK.kinds, (TokenKind.TRACK, TokenKind.EOS))
+    allowed = np.ones(vocab, dtype=bool)
+    assert torch.allclose(fold_bar_into_closing(logits, allowed, closing), logits.log_softmax(-1))  # Bar allowed
+    allowed[BAR] = False
+    folded = fold_bar_into_closing(logits, allowed, closing).exp()
+    p = probs / probs.sum()
+    close, others = torch.from_numpy(closing), torch.from_numpy(allowed & ~closing)
+    # Every closing token (EOS, each Track) grows in proportion to its own share; nothing else moves.
+    grown = p[close] * (p[close].sum() + p[BAR]) / p[close].sum()
+    assert torch.allclose(folded[close], grown) and torch.allclose(folded[others], p[others])
+    assert torch.allclose(folded[torch.from_numpy(allowed)].sum(), torch.tensor(1.0))
+    assert folded[EOS] > 2 * p[EOS]  # most of Bar's mass went to EOS and the likely track token
+    allowed[[EOS, TRACK_PROGRAM0]] = False
+    allowed[closing] = False  # nothing closes: nothing to fold into
+    assert torch.allclose(fold_bar_into_closing(logits, allowed, closing), logits.log_softmax(-1))
