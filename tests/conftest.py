@@ -7,6 +7,7 @@ import torch
 
 from _music import DEMO_MIDI
 from meloformer.hid import HIDTokenizer
+from meloformer.model import MeloFormer, MeloFormerConfig
 
 # A MeloFormer small enough to train a few steps in well under a second on CPU.
 TINY_MODEL = {
@@ -64,3 +65,11 @@ def tiny_checkpoint(demo_shards, tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-checkpoint") / "tiny.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def model() -> MeloFormer:
+    """A tiny untrained MeloFormer with a long context, for sampling tests (one per test module)."""
+    torch.manual_seed(0)
+    config = MeloFormerConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=2048, summary_slots=64)
+    return MeloFormer(config, HIDTokenizer().kinds).eval()

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from _music import demo_files
 from meloformer.chords import SPELLINGS, parse_chord, progression
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import CHORD_QUALITIES, PITCH_CLASS_NAMES, TRACK_PROGRAM0, HIDTokenizer, TokenKind
-from meloformer.model import MeloFormer, MeloFormerConfig
 from meloformer.sampling import GenerationRequest, check_request, generate
 
 TOK = HIDTokenizer()
@@ -103,13 +101,6 @@ def test_grammar_allows_only_the_fixed_chord_in_each_conductor_bar():
         grammar.advance(token)
     allowed = grammar.allowed()  # bar 2: a time signature may change, then the chord must come
     assert set(np.flatnonzero(allowed & (TOK.kinds != TokenKind.TIMESIG))) == {TOK.chord0 + chords[1]}
-
-
-@pytest.fixture(scope="module")
-def model() -> MeloFormer:
-    torch.manual_seed(0)
-    config = MeloFormerConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=2048, summary_slots=64)
-    return MeloFormer(config, TOK.kinds).eval()
 
 
 def markers(tokens: np.ndarray) -> list[tuple[int, str]]:

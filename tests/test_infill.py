@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import meloformer.infill as infill_module
 from _music import demo_files
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import NOTE_COLUMNS, HIDTokenizer
 from meloformer.infill import Region, check_infill, check_regions, infill, reorder_tracks, track_list
-from meloformer.model import MeloFormer, MeloFormerConfig
 from meloformer.sampling import GenerationRequest, check_request
 
 TOK = HIDTokenizer()
 TRACK, BAR = NOTE_COLUMNS.index("track"), NOTE_COLUMNS.index("bar")
-
-
-@pytest.fixture(scope="module")
-def model() -> MeloFormer:
-    torch.manual_seed(0)
-    config = MeloFormerConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=2048, summary_slots=64)
-    return MeloFormer(config, TOK.kinds).eval()
 
 
 @pytest.fixture(scope="module")

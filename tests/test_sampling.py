@@ -9,7 +9,6 @@ import torch
 
 from _music import demo_files, write_and_read_back
 from meloformer.hid import BAR, EOS, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
-from meloformer.model import MeloFormer, MeloFormerConfig
 from meloformer.sampling import (
     GenerationRequest,
     check_request,
@@ -20,13 +19,6 @@ from meloformer.sampling import (
 )
 
 TOK = HIDTokenizer()
-
-
-@pytest.fixture(scope="module")
-def model() -> MeloFormer:
-    torch.manual_seed(0)
-    config = MeloFormerConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, max_seq_len=2048, summary_slots=64)
-    return MeloFormer(config, TOK.kinds).eval()
 
 
 @pytest.fixture(scope="module")
