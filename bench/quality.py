@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import yaml
 
+from meloformer.checkpoint import read_checkpoint
 from meloformer.datamodules import HIDDataModule
 from meloformer.evaluate import evaluate_music, evaluation_data
 from meloformer.hid import PAD, TRACK_PROGRAM0
@@ -68,7 +69,7 @@ def train_arms(configs: dict[str, Path], steps: int) -> None:
     running = {}
     for arm, config in configs.items():
         last = config.parent / "checkpoints" / "last.ckpt"
-        if last.exists() and torch.load(last, map_location="cpu", weights_only=False)["global_step"] >= steps:
+        if last.exists() and read_checkpoint(last)["global_step"] >= steps:
             print(f"{arm}: trained ({steps} steps)")
             continue
         command = [sys.executable, "-m", "meloformer.cli", "fit", "--config", str(config)]
