@@ -168,12 +168,51 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: BlockMask | BlockSparseMask | 
 
 @dataclasses.dataclass
 class AttentionContext:
-    """Everything the layers share for one batch: side channels, the mask (built once) and rotary angles."""
+    """Everything the layers share for one call: side channels, the mask (built once) and rotary angles.
+
+    With KV caches (decoding), each query's keys and values go to cache entry ``write`` ``[B, T]``; a
+    decoding step then attends over the cache spans ``read``, ``(start, stop)`` pairs in order (its mask
+    covers their entries), while a prefill (``read`` None) attends over its own keys as usual.
+    """
 
     rows: RowLayout
     mask: BlockMask | BlockSparseMask | Tensor
     cos: Tensor
     sin: Tensor
+    write: Tensor | None = None
+    read: tuple[tuple[int, int], ...] | None = None
+
+
+@dataclasses.dataclass
+class KVCache:
+    """One layer's keys and values while decoding, ``[B, H_kv, size, d]``; the decoder decides which token or
+    summary slot each entry holds (``meloformer.generate``)."""
+
+    k: Tensor
+    v: Tensor
+
+    @classmethod
+    def empty(cls, config: MeloFormerConfig, batch: int, size: int, device: torch.device, dtype: torch.dtype):
+        k = torch.zeros(batch, config.n_kv_head, size, config.head_dim, device=device, dtype=dtype)
+        return cls(k, torch.zeros_like(k))
+
+    @property
+    def size(self) -> int:
+        return self.k.shape[2]
+
+    def grow(self, size: int) -> None:
+        """Add empty entries at the end until it holds ``size``."""
+        self.k, self.v = (F.pad(t, (0, 0, 0, size - self.size)) for t in (self.k, self.v))
+
+    def update(self, k: Tensor, v: Tensor, ctx: AttentionContext) -> tuple[Tensor, Tensor]:
+        """Store ``k``, ``v`` ``[B, H_kv, T, d]`` at ``ctx.write``; return the keys and values to attend over."""
+        index = ctx.write[:, None, :, None].expand_as(k)
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
+        if ctx.read is None:
+            return k, v
+        # Slices and one cat: several times faster than an index_select of the same entries on CPU.
+        return tuple(torch.cat([t[:, :, start:stop] for start, stop in ctx.read], dim=2) for t in (self.k, self.v))
 
 
 class RMSNorm(nn.Module):
@@ -193,26 +232,19 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
-    def qkv_heads(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Rotated queries ``[B, H, T, d]`` and keys, and values ``[B, H_kv, T, d]``."""
+    def forward(self, x: Tensor, ctx: AttentionContext, cache: KVCache | None = None) -> Tensor:
+        """Attention of ``x`` ``[B, T, n_embd]`` under ``ctx``; with a ``cache``, through it (see ``KVCache``)."""
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split(
             [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=-1
         )
-        q = q.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = apply_rope(q.view(b, t, self.n_head, self.head_dim).transpose(1, 2), ctx.cos, ctx.sin)
+        k = apply_rope(k.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2), ctx.cos, ctx.sin)
         v = v.view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-    def output(self, y: Tensor) -> Tensor:
-        b, _, t, _ = y.shape
+        if cache is not None:
+            k, v = cache.update(k, v, ctx)
+        y = attend(q, k, v, ctx.mask)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
-
-    def forward(self, x: Tensor, ctx: AttentionContext, kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
-        q, k, v = self.qkv_heads(x, ctx.cos, ctx.sin)
-        if kv is not None:
-            kv.append((k, v))
-        return self.output(attend(q, k, v, ctx.mask))
 
 
 class FeedForward(nn.Module):
@@ -240,8 +272,8 @@ class Block(nn.Module):
     def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.ffn(self.ffn_norm(x))
 
-    def forward(self, x: Tensor, ctx: AttentionContext, kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), ctx, kv)
+    def forward(self, x: Tensor, ctx: AttentionContext, cache: KVCache | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), ctx, cache)
         if self.config.gradient_checkpointing == "ffn" and torch.is_grad_enabled():
             return checkpoint(self.feed_forward, x, use_reentrant=False)
         return self.feed_forward(x)
@@ -347,22 +379,30 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         tokens: Tensor,
         doc_ids: Tensor | None = None,
         ctx: AttentionContext | None = None,
-        kv: list[tuple[Tensor, Tensor]] | None = None,
+        caches: list[KVCache] | None = None,
     ) -> Tensor:
         """Logits ``[B, L, vocab]`` of the regular tokens ``[B, L]``.
 
-        ``ctx`` reuses a prepared batch; a list ``kv`` receives each layer's rotated keys and values over the
-        whole row (regular tokens, then slots), which is how decoding fills its cache. Blocks that fill ``kv``
-        are never checkpointed: a recompute would append every layer a second time.
+        ``ctx`` reuses a prepared batch; ``caches`` (one per layer, with ``ctx.write`` set) receive every
+        layer's keys and values of the whole row, which is how a decoder's prefill fills them.
         """
         if ctx is None:
             ctx = self.prepare(tokens, doc_ids)
         n = tokens.shape[1]
         track_token = ctx.rows.track_token
         x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(track_token[:, n:])], dim=1)
-        for block in self.blocks:
-            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled() and kv is None:
-                x = checkpoint(block, x, ctx, use_reentrant=False)
+        return self.logits(self.forward_embeddings(x, ctx, caches)[:, :n])
+
+    def forward_embeddings(self, x: Tensor, ctx: AttentionContext, caches: list[KVCache] | None = None) -> Tensor:
+        """Every block on embeddings ``x`` ``[B, T, n_embd]``: the hidden states before the final norm.
+
+        A checkpointed block that recomputes in backward writes the same keys and values to the same cache
+        entries again, so checkpointing and caches combine.
+        """
+        for layer, block in enumerate(self.blocks):
+            cache = None if caches is None else caches[layer]
+            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled():
+                x = checkpoint(block, x, ctx, cache, use_reentrant=False)
             else:
-                x = block(x, ctx, kv)
-        return self.logits(x[:, :n])
+                x = block(x, ctx, cache)
+        return x

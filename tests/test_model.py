@@ -17,6 +17,7 @@ from meloformer.masks import BlockSparseMask, block_sparse_mask, full_dense_mask
 from meloformer.model import (
     NUM_TRACK_EMBEDDINGS,
     SIZES,
+    KVCache,
     MeloFormer,
     MeloFormerConfig,
     apply_rope,
@@ -322,16 +323,24 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads["none"], grads["block"], atol=1e-6)
 
 
-def test_block_checkpointing_records_each_layer_once_in_kv():
-    """A checkpointed block re-runs in backward; with a ``kv`` list it must not run checkpointed at all."""
+def test_block_checkpointing_fills_kv_caches_as_a_plain_forward():
+    """A checkpointed block re-runs in backward and writes its keys and values again: the same ones to the same
+    cache entries, so caches and gradients equal those without checkpointing."""
     tokens = batch(hid_pieces(1, FLEX_LEN, seed=11))
-    model = tiny_model(gradient_checkpointing="block")
-    kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-    model(tokens, kv=kv).logsumexp(-1).mean().backward()
-    assert len(kv) == model.config.n_layer
-    plain: list[tuple[torch.Tensor, torch.Tensor]] = []
-    tiny_model()(tokens, kv=plain)
-    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(kv, plain))
+    caches, grads = {}, {}
+    for mode in ("block", "none"):
+        model = tiny_model(gradient_checkpointing=mode)
+        ctx = model.prepare(tokens)
+        ctx = dataclasses.replace(ctx, write=torch.arange(ctx.rows.length).expand(len(tokens), -1))
+        size = ctx.rows.length
+        caches[mode] = [
+            KVCache.empty(model.config, len(tokens), size, tokens.device, torch.float32) for _ in model.blocks
+        ]
+        model(tokens, ctx=ctx, caches=caches[mode]).logsumexp(-1).mean().backward()
+        grads[mode] = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert all(torch.equal(a.k, b.k) and torch.equal(a.v, b.v) for a, b in zip(caches["block"], caches["none"]))
+    assert all(c.k.abs().sum() > 0 and c.v.abs().sum() > 0 for c in caches["none"])
+    assert torch.allclose(grads["block"], grads["none"], atol=1e-6)
 
 
 def test_rows_longer_than_max_seq_len_are_refused():
