@@ -11,6 +11,10 @@ Backends: ``flex`` runs compiled ``flex_attention`` with a per-batch ``BlockMask
 pair (CPU training: torch 2.13 has no FlexAttention backward on CPU, and this path trains faster than both
 the dense mask and plain causal attention). ``auto`` takes ``sdpa`` on CPU when gradients are enabled and
 ``flex`` otherwise. A dense boolean mask (``prepare(backend="dense")``) is the reference of the tests.
+
+Decoding (``meloformer.generate``) runs the same blocks with one ``KVCache`` per layer: attention writes
+its new keys and values there and, for a decoding step, attends over the cached ones (litgpt's
+``input_pos`` pattern); the step's ``AttentionContext`` says where to write and what to read.
 """
 
 from __future__ import annotations
@@ -192,7 +196,9 @@ class KVCache:
     v: Tensor
 
     @classmethod
-    def empty(cls, config: MeloFormerConfig, batch: int, size: int, device: torch.device, dtype: torch.dtype):
+    def empty(
+        cls, config: MeloFormerConfig, batch: int, size: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
         k = torch.zeros(batch, config.n_kv_head, size, config.head_dim, device=device, dtype=dtype)
         return cls(k, torch.zeros_like(k))
 
