@@ -473,7 +473,7 @@ class HIDTokenizer:
 
     # ------------------------------------------------------------------ decoding
     def parse(self, tokens: np.ndarray) -> Piece:
-        """Split tokens into conductor and track bars, checking the grammar; raises HIDError with the place."""
+        """Split tokens into conductor and track bars, checking every bar's ``BarSyntax``; HIDError names the place."""
         return Piece.parse(self, np.asarray(tokens))
 
     def decode(self, tokens: np.ndarray) -> symusic.Score:
