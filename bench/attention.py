@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from common import REPO, add_common_arguments, best_time, print_header, set_threads, write_report
 
+from meloformer.edits import crop_bars
 from meloformer.hid import BOS, HIDError, HIDTokenizer
 from meloformer.masks import block_mask, full_dense_mask, row_layout, slots_for, summary_mask_mod
 from meloformer.model import SIZES, compiled_flex_attention
@@ -64,10 +65,10 @@ def crop(piece: np.ndarray, max_tokens: int, rng: np.random.Generator) -> np.nda
         return piece
     n_bars = TOK.parse(piece).n_bars
     b0 = int(rng.integers(0, n_bars))
-    best = TOK.crop_bars(piece, b0, b0 + 1)
+    best = crop_bars(TOK, piece, b0, b0 + 1)
     width = 2
     while b0 + width <= n_bars:
-        window = TOK.crop_bars(piece, b0, b0 + width)
+        window = crop_bars(TOK, piece, b0, b0 + width)
         if len(window) > max_tokens:
             break
         best, width = window, width * 2

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from meloformer.edits import crop_bars
 from meloformer.hid import HIDTokenizer
 from meloformer.infill import Region, infill
 from meloformer.model import MeloFormer, MeloFormerConfig
@@ -42,7 +43,7 @@ def main() -> None:
     model = MeloFormer(
         MeloFormerConfig.from_size(args.size, vocab_size=tok.vocab_size, max_seq_len=8192), tok.kinds
     ).eval()
-    prompt = tok.crop_bars(tok.encode(args.midi), 0, args.bars)
+    prompt = crop_bars(tok, tok.encode(args.midi), 0, args.bars)
     request = GenerationRequest(prompt=prompt)
     n, t = args.bars, args.track
     regions = {"bars 1-2": f"{t}:1-2", f"bars {n - 1}-{n}": f"{t}:{n - 1}-{n}", f"bars 1-{n} (baseline)": f"{t}:1-{n}"}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from meloformer.datamodules.shards import PieceTable, ShardReader
+from meloformer.edits import crop_bars, pitch_range, transpose
 from meloformer.hid import PAD, HIDTokenizer
 from meloformer.layout import Layout, layout
 
@@ -176,7 +177,7 @@ class RowBuilder:
         if (b0, b1) == (0, shape.n_bars):
             crop = tokens.astype(np.int64)
         else:
-            crop = self.tokenizer.crop_bars(tokens, b0, b1, lay=lay)
+            crop = crop_bars(self.tokenizer, tokens, b0, b1, lay=lay)
         if self.transpose:
             crop = self._transposed(crop, rng)
         if len(crop) > room:  # cannot happen while CROP_HEAD_EXTRA bounds what crop_bars adds
@@ -184,10 +185,10 @@ class RowBuilder:
         return crop.astype(np.int64), (b1 - b0) * shape.n_tracks
 
     def _transposed(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        pitch_range = self.tokenizer.pitch_range(crop)
-        if pitch_range is None:
+        pitches = pitch_range(self.tokenizer, crop)
+        if pitches is None:
             return crop
-        low = max(-self.transpose, -pitch_range[0])
-        high = min(self.transpose, 127 - pitch_range[1])
+        low = max(-self.transpose, -pitches[0])
+        high = min(self.transpose, 127 - pitches[1])
         shift = int(rng.integers(low, high + 1))
-        return self.tokenizer.transpose(crop, shift) if shift else crop
+        return transpose(self.tokenizer, crop, shift) if shift else crop

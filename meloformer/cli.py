@@ -186,6 +186,7 @@ def generate_main(argv: list[str]) -> int:
     import torch
 
     from meloformer.audio import render_midi
+    from meloformer.edits import crop_bars
     from meloformer.infill import Region, check_infill, infill, track_list
     from meloformer.pianoroll import save_pianoroll
     from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
@@ -214,7 +215,7 @@ def generate_main(argv: list[str]) -> int:
         if args.prompt:
             prompt = tok.encode(args.prompt)
             if args.prompt_bars:
-                prompt = tok.crop_bars(prompt, 0, min(args.prompt_bars, tok.parse(prompt).n_bars))
+                prompt = crop_bars(tok, prompt, 0, min(args.prompt_bars, tok.parse(prompt).n_bars))
             prompt_bars = tok.parse(prompt).n_bars
             bars = prompt_bars if args.add_track or regions else (bars or prompt_bars + 8)
         request = GenerationRequest(

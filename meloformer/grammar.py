@@ -1,15 +1,15 @@
 """A grammar over HID token kinds: which tokens may come next, so every sample decodes to valid MIDI.
 
 ``HIDGrammar.allowed()`` returns a boolean mask over the vocabulary for the next token; ``advance(token)``
-moves the state on. The rules are those that ``HIDTokenizer.parse`` checks (order of tracks and bars, a
-pitch after a position, the first note of a bar carrying duration and velocity, positions rising inside
-the bar's length, tempo after position), plus the controls of generation: a fixed number of bars (every
-track gets exactly as many bars as the conductor), a fixed time signature and tempo, a fixed list of
-instrument tracks, and a chord per bar (the conductor must write it). Without a list, instrument tracks
-follow the canonical priority order (drums, bass, chords/pads, melodic lines). A piece cannot end without
-at least one note.
+moves the state on. Inside a bar it follows ``hid.BarSyntax``, the rules that ``HIDTokenizer.parse``
+checks. Around the bars it asks for what the encoder writes and parse does not check: positions inside the
+bar's length, rising pitches at one onset, tracks in the canonical priority order (drums, bass,
+chords/pads, melodic lines) unless ``free_track_order``, every track as many bars as the conductor, at
+most ``max_tracks`` tracks (15 pitched), and at least one note. On top come the controls of generation: a
+fixed number of bars, a fixed time signature and tempo, a fixed list of instrument tracks, and a chord per
+bar (the conductor must write it).
 
-numpy only: the sampler in ``meloformer.generate`` applies the mask to the model's logits.
+numpy only: the sampler in ``meloformer.sampling`` applies the mask to the model's logits.
 """
 
 from __future__ import annotations
@@ -24,10 +24,11 @@ from meloformer.hid import (
     TRACK_CONDUCTOR,
     TRACK_DRUMS,
     TRACK_PROGRAM0,
+    BarSyntax,
     HIDError,
     HIDTokenizer,
     TokenKind,
-    _track_priority,
+    track_priority,
 )
 
 
@@ -35,7 +36,7 @@ def track_order_key(track_token: int) -> tuple[int, int]:
     if track_token == TRACK_DRUMS:
         return (0, 0)
     program = track_token - TRACK_PROGRAM0
-    return (_track_priority(program, False), program)
+    return (track_priority(program, False), program)
 
 
 class HIDGrammar:
@@ -74,10 +75,8 @@ class HIDGrammar:
         self.tracks: list[int] = []
         self.bars_done = 0
         self.bar_lengths: list[int] = []
-        self.stage = "track_head"
-        self.last_pos = -1
-        self.last_pitch = -1
-        self.bar_has_dur = self.bar_has_vel = False
+        self.bar: BarSyntax | None = None  # None between a Track token and its first Bar
+        self.last_pitch = -1  # the latest pitch at the current onset
         self.notes = 0
 
     @classmethod
@@ -91,10 +90,6 @@ class HIDGrammar:
     @property
     def in_conductor(self) -> bool:
         return self.track_number == 0
-
-    @property
-    def is_drum(self) -> bool:
-        return self.track_token == TRACK_DRUMS
 
     def _bar_length(self) -> int:
         return self.bar_lengths[self.bars_done - 1]
@@ -149,74 +144,46 @@ class HIDGrammar:
 
     # ------------------------------------------------------------------ the rules
     def allowed(self) -> np.ndarray:
-        tok = self.tok
-        mask = np.zeros(tok.vocab_size, dtype=bool)
+        mask = np.zeros(self.tok.vocab_size, dtype=bool)
         if self.done:
             return mask
         if not self.started:
             mask[BOS] = True
-            return mask
-        if self.track_number < 0:
+        elif self.track_number < 0:
             mask[TRACK_CONDUCTOR] = True
-            return mask
-        if self.stage == "track_head":
+        elif self.bar is None:
             mask[BAR] = True
-            return mask
-        if self.in_conductor:
-            self._conductor_rules(mask)
         else:
-            self._note_rules(mask)
+            self._bar_rules(mask)
         return mask
 
-    def _conductor_rules(self, mask: np.ndarray) -> None:
-        tok, stage, first_bar = self.tok, self.stage, self.bars_done == 1
-        if stage == "need_tempo":
-            if self.tempo_bin is not None:
+    def _bar_rules(self, mask: np.ndarray) -> None:
+        """The bar syntax's next kinds, narrowed to the canonical form and the controls."""
+        tok, bar = self.tok, self.bar
+        kinds = bar.next_kinds()
+        chord = self.chords[self.bars_done - 1] if self.bars_done <= len(self.chords) else None
+        if TokenKind.CHORD not in kinds:
+            chord = None
+        elif chord is not None:  # the bar's given chord comes next (a time signature may still precede it)
+            kinds = tuple(k for k in kinds if k == TokenKind.TIMESIG)
+            mask[tok.chord0 + chord] = True
+        for kind in kinds:
+            if kind == TokenKind.TIMESIG and self.time_signature is not None:
+                if self.bars_done == 1:  # a fixed time signature is written once, in bar 0
+                    mask[tok.timesig0 + tok.time_signatures.index(self.time_signature)] = True
+            elif kind == TokenKind.TEMPO and self.tempo_bin is not None:
                 mask[tok.tempo0 + self.tempo_bin] = True
+            elif kind == TokenKind.POS:
+                span = bar.positions(self._bar_length())
+                ok = (self._pos >= span.start) & (self._pos < span.stop)
+                if self.in_conductor and self.tempo_bin is not None:
+                    ok &= (self._pos == 0) & (self.bars_done == 1)  # a fixed tempo is set once, at Pos_0
+                mask[tok.pos0 + self._pos[ok]] = True
+            elif kind == TokenKind.PITCH:
+                mask[tok.pitch0 + self.last_pitch + 1 : tok.pitch0 + 128] = True
             else:
-                mask |= self._of_kind[TokenKind.TEMPO]
-            return
-        if stage == "bar" and (first_bar or self.time_signature is None):
-            if self.time_signature is not None:
-                mask[tok.timesig0 + tok.time_signatures.index(self.time_signature)] = True
-            else:
-                mask |= self._of_kind[TokenKind.TIMESIG]
-            if first_bar:
-                return
-        if stage in ("bar", "timesig"):
-            chord = self.chords[self.bars_done - 1] if self.bars_done <= len(self.chords) else None
-            if chord is not None:  # the bar's chord comes next (a time signature may still precede it)
-                mask[tok.chord0 + chord] = True
-                return
-            mask |= self._of_kind[TokenKind.CHORD]
-        if first_bar and self.last_pos < 0:
-            mask[tok.pos0] = True  # bar 0 sets the tempo at its first position
-            return
-        if self.tempo_bin is None:
-            ok = (self._pos > self.last_pos) & (self._pos < self._bar_length())
-            mask[tok.pos0 + self._pos[ok]] = True
-        self._end_of_bar(mask)
-
-    def _note_rules(self, mask: np.ndarray) -> None:
-        tok, stage = self.tok, self.stage
-        if stage == "need_pitch":
-            mask[tok.pitch0 : tok.pitch0 + 128] = True
-            return
-        if stage in ("pitch", "dur") and not self.is_drum and not self.bar_has_dur:
-            mask |= self._of_kind[TokenKind.DUR]
-            return
-        if stage in ("pitch", "dur") and not self.bar_has_vel:
-            mask |= self._of_kind[TokenKind.VEL]
-            return
-        if stage == "pitch" and not self.is_drum:
-            mask |= self._of_kind[TokenKind.DUR]
-        if stage in ("pitch", "dur"):
-            mask |= self._of_kind[TokenKind.VEL]
-        if stage in ("pitch", "dur", "vel"):
-            mask[tok.pitch0 + self.last_pitch + 1 : tok.pitch0 + 128] = True
-        ok = (self._pos > self.last_pos) & (self._pos < self._bar_length())
-        mask[tok.pos0 + self._pos[ok]] = True
-        if stage in ("bar", "pitch", "dur", "vel"):
+                mask |= self._of_kind[kind]
+        if bar.may_end and chord is None:
             self._end_of_bar(mask)
 
     def advance(self, token: int) -> None:
@@ -235,32 +202,19 @@ class HIDGrammar:
             self.track_token = token
             self.tracks.append(token)
             self.bars_done = 0
-            self.stage = "track_head"
+            self.bar = None
         elif token == BAR:
             self.bars_done += 1
-            self.stage = "bar"
-            self.last_pos = self.last_pitch = -1
-            self.bar_has_dur = self.bar_has_vel = False
+            self.bar = BarSyntax(tok, self.track_token, first_bar=self.bars_done == 1)
+            self.last_pitch = -1
             if self.in_conductor:
                 self.bar_lengths.append(self.bar_lengths[-1] if self.bar_lengths else 0)
-        elif kind == TokenKind.TIMESIG:
-            self.bar_lengths[-1] = tok.bar_length(*tok.time_signatures[token - tok.timesig0])
-            self.stage = "timesig"
-        elif kind == TokenKind.CHORD:
-            self.stage = "chord"
-        elif kind == TokenKind.POS:
-            self.last_pos = token - tok.pos0
-            self.last_pitch = -1
-            self.stage = "need_tempo" if self.in_conductor else "need_pitch"
-        elif kind == TokenKind.TEMPO:
-            self.stage = "tempo"
-        elif kind == TokenKind.PITCH:
-            self.last_pitch = token - tok.pitch0
-            self.notes += 1
-            self.stage = "pitch"
-        elif kind == TokenKind.DUR:
-            self.bar_has_dur = True
-            self.stage = "dur"
-        elif kind == TokenKind.VEL:
-            self.bar_has_vel = True
-            self.stage = "vel"
+        else:
+            self.bar.advance(token)
+            if kind == TokenKind.TIMESIG:
+                self.bar_lengths[-1] = tok.bar_length(*tok.time_signatures[token - tok.timesig0])
+            elif kind == TokenKind.POS:
+                self.last_pitch = -1
+            elif kind == TokenKind.PITCH:
+                self.last_pitch = token - tok.pitch0
+                self.notes += 1

@@ -20,13 +20,10 @@ import dataclasses
 import math
 from enum import IntEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import symusic
-
-if TYPE_CHECKING:
-    from meloformer.layout import Layout
 
 FORMAT_VERSION = 1
 
@@ -354,7 +351,7 @@ class HIDTokenizer:
             # One note per (onset, pitch) in a track, the longest: a channel cannot sound a pitch twice.
             last_of_group = np.append((q[1:, 0] != q[:-1, 0]) | (q[1:, 1] != q[:-1, 1]), True)
             q = q[last_of_group]
-            keyed.append(((_track_priority(t.program, t.is_drum), 0 if t.is_drum else t.program, index), q, t))
+            keyed.append(((track_priority(t.program, t.is_drum), 0 if t.is_drum else t.program, index), q, t))
         keyed.sort(key=lambda item: item[0])
         return [(t.program, t.is_drum, q) for _, q, t in keyed]
 
@@ -476,7 +473,7 @@ class HIDTokenizer:
 
     # ------------------------------------------------------------------ decoding
     def parse(self, tokens: np.ndarray) -> Piece:
-        """Split tokens into conductor and track bars, checking the grammar; raises HIDError with the place."""
+        """Split tokens into conductor and track bars, checking every bar's ``BarSyntax``; HIDError names the place."""
         return Piece.parse(self, np.asarray(tokens))
 
     def decode(self, tokens: np.ndarray) -> symusic.Score:
@@ -549,75 +546,6 @@ class HIDTokenizer:
             notes.append((pos, pitch, dur, vel))
         return notes
 
-    # ------------------------------------------------------------------ token-level edits
-    def crop_bars(self, tokens: np.ndarray, b0: int, b1: int, lay: Layout | None = None) -> np.ndarray:
-        """Bars [b0, b1) of every track, renumbered from 0, as a complete piece.
-
-        Bar b0 of the conductor gets the time signature and tempo in force there, so the crop decodes to
-        exactly the notes, meter and tempo of those bars. The piece's grammar is checked first (token by
-        token: 0.2 s for a 20k-token piece) unless its ``lay``out is given, as the data loader does for
-        shards, which hold encoder output.
-        """
-        from meloformer.layout import layout  # layout depends on this module, not the other way round
-
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if lay is None:
-            n = self.parse(tokens).n_bars
-            lay = layout(tokens, self.kinds)
-        else:
-            n = int(lay.bar[lay.track == 0].max()) + 1
-        if not 0 <= b0 < b1 <= n:
-            raise HIDError(f"bar window [{b0}, {b1}) is outside the piece's {n} bars")
-        kind, bar, conductor = lay.kind, lay.bar, lay.track == 0
-        signatures = np.flatnonzero(conductor & (kind == TokenKind.TIMESIG) & (bar <= b0))
-        tempos = np.flatnonzero(conductor & (kind == TokenKind.TEMPO))
-        at_start = (bar[tempos] < b0) | ((bar[tempos] == b0) & (tokens[tempos - 1] == self.pos0))
-        first = conductor & (bar == b0)
-        first_tokens, first_kinds = tokens[first], kind[first]
-        body = first_tokens[(first_kinds == TokenKind.POS) | (first_kinds == TokenKind.TEMPO)]
-        if not (len(body) >= 2 and body[0] == self.pos0):
-            body = np.concatenate([[self.pos0, tokens[tempos[at_start][-1]]], body])
-        later_conductor = conductor & (bar > b0) & (bar < b1)
-        tracks = (lay.track > 0) & ((kind == TokenKind.TRACK) | ((bar >= b0) & (bar < b1)))
-        parts = [
-            [BOS, TRACK_CONDUCTOR, BAR, tokens[signatures[-1]]],
-            first_tokens[first_kinds == TokenKind.CHORD],
-            body,
-            tokens[later_conductor | tracks],
-            [EOS],
-        ]
-        return np.concatenate(parts).astype(np.uint16)
-
-    def transpose(self, tokens: np.ndarray, semitones: int) -> np.ndarray:
-        """Move every pitched (non-drum) note and every chord root by ``semitones``; drums stay."""
-        from meloformer.layout import layout  # layout depends on this module, not the other way round
-
-        tokens = np.asarray(tokens)
-        lay = layout(tokens, self.kinds)
-        drum_track = lay.track_token == TRACK_DRUMS
-        pitch = (lay.kind == TokenKind.PITCH) & ~drum_track
-        moved = tokens.astype(np.int64)
-        new_pitch = moved[pitch] - self.pitch0 + semitones
-        if new_pitch.size and (new_pitch.min() < 0 or new_pitch.max() > 127):
-            raise HIDError(f"transposing by {semitones} moves a pitch outside 0..127")
-        moved[pitch] = self.pitch0 + new_pitch
-        chord = lay.kind == TokenKind.CHORD
-        index = moved[chord] - self.chord0
-        n_q = len(CHORD_QUALITIES)
-        moved[chord] = self.chord0 + ((index // n_q + semitones) % 12) * n_q + index % n_q
-        return moved.astype(np.uint16)
-
-    def pitch_range(self, tokens: np.ndarray) -> tuple[int, int] | None:
-        """Lowest and highest non-drum pitch, or None; tells which transpositions stay in range."""
-        from meloformer.layout import layout
-
-        lay = layout(np.asarray(tokens), self.kinds)
-        pitch = (lay.kind == TokenKind.PITCH) & (lay.track_token != TRACK_DRUMS)
-        if not pitch.any():
-            return None
-        values = np.asarray(tokens)[pitch].astype(np.int64) - self.pitch0
-        return int(values.min()), int(values.max())
-
     def describe(self, tokens: np.ndarray) -> list[str]:
         return [self.vocab[int(t)] for t in tokens]
 
@@ -660,28 +588,19 @@ class Piece:
         if bad.any():
             i = int(np.flatnonzero(bad)[0]) + 1
             raise HIDError(f"token {i} ({tok.vocab[tokens[i]]}) cannot appear inside a piece")
-        sections = np.split(np.arange(len(body)), track_at[1:])
+        starts = list(track_at + 1) + [end]  # where each track's Track token stands, then the end
         parsed = []
-        for section in sections:
-            seq = body[section]
-            if len(seq) > 1 and seq[1] != BAR:
-                i = int(section[1]) + 1
-                raise HIDError(f"token {i} ({tok.vocab[tokens[i]]}) must be Bar after a Track token")
-            bar_at = np.flatnonzero(seq == BAR)
-            bars = [seq[a + 1 : b] for a, b in zip(bar_at, list(bar_at[1:]) + [len(seq)])]
-            allowed = _CONDUCTOR_KINDS if seq[0] == TRACK_CONDUCTOR else _NOTE_KINDS
-            for bar, at in zip(bars, bar_at):
-                wrong = ~np.isin(tok.kinds[bar], allowed)
-                if wrong.any():
-                    i = int(section[at + 1 + int(np.flatnonzero(wrong)[0])]) + 1
-                    raise HIDError(f"token {i} ({tok.vocab[tokens[i]]}) is not allowed in this track")
-                _check_bar_grammar(tok, bar, seq[0], int(section[at]) + 2)
-            parsed.append((int(seq[0]), bars))
+        for first, stop in zip(starts, starts[1:]):
+            track_token = int(tokens[first])
+            if stop > first + 1 and tokens[first + 1] != BAR:
+                raise HIDError(f"token {first + 1} ({tok.vocab[tokens[first + 1]]}) must be Bar after a Track token")
+            bar_at = list(first + 1 + np.flatnonzero(tokens[first + 1 : stop] == BAR)) + [stop]
+            for number, (a, b) in enumerate(zip(bar_at, bar_at[1:])):
+                _check_bar(tok, tokens, a, b, track_token, number)
+            parsed.append((track_token, [tokens[a + 1 : b] for a, b in zip(bar_at, bar_at[1:])]))
         conductor = parsed[0][1]
         if not conductor:
             raise HIDError("the conductor track has no bars")
-        if tok.kinds[conductor[0]].tolist()[:1] != [TokenKind.TIMESIG]:
-            raise HIDError("bar 0 of the conductor must start with a time signature")
         for number, (_, bars) in enumerate(parsed[1:], start=1):
             if len(bars) != len(conductor):
                 raise HIDError(f"track {number} has {len(bars)} bars, the conductor has {len(conductor)}")
@@ -702,8 +621,6 @@ class Piece:
                     pos = t - tok.pos0
                 elif kind == TokenKind.TEMPO:
                     tempos.append((b, pos, t - tok.tempo0))
-        if not tempos or tempos[0][:2] != (0, 0):
-            raise HIDError("bar 0 of the conductor must set the tempo at Pos_0")
         return sigs, tempos, chords
 
     def bar_lengths(self, tok: HIDTokenizer) -> np.ndarray:
@@ -720,55 +637,132 @@ class Piece:
         return np.cumsum(lengths) - lengths
 
 
-_CONDUCTOR_KINDS = (TokenKind.TIMESIG, TokenKind.CHORD, TokenKind.POS, TokenKind.TEMPO)
-_NOTE_KINDS = (TokenKind.POS, TokenKind.PITCH, TokenKind.DUR, TokenKind.VEL)
+_KIND_LABELS = {
+    TokenKind.TIMESIG: "TimeSig",
+    TokenKind.CHORD: "Chord",
+    TokenKind.POS: "Pos",
+    TokenKind.TEMPO: "Tempo",
+    TokenKind.PITCH: "Pitch",
+    TokenKind.DUR: "Dur",
+    TokenKind.VEL: "Vel",
+}
+_CONDUCTOR_NEXT = {  # kind of the latest token -> kinds that may follow it in a conductor bar
+    TokenKind.BAR: (TokenKind.TIMESIG, TokenKind.CHORD, TokenKind.POS),
+    TokenKind.TIMESIG: (TokenKind.CHORD, TokenKind.POS),
+    TokenKind.CHORD: (TokenKind.POS,),
+    TokenKind.POS: (TokenKind.TEMPO,),
+    TokenKind.TEMPO: (TokenKind.POS,),
+}
+_NOTE_NEXT = {  # the same in an instrument bar
+    TokenKind.BAR: (TokenKind.POS,),
+    TokenKind.POS: (TokenKind.PITCH,),
+    TokenKind.PITCH: (TokenKind.DUR, TokenKind.VEL, TokenKind.PITCH, TokenKind.POS),
+    TokenKind.DUR: (TokenKind.VEL, TokenKind.PITCH, TokenKind.POS),
+    TokenKind.VEL: (TokenKind.PITCH, TokenKind.POS),
+}
 
 
-def _check_bar_grammar(tok: HIDTokenizer, bar: np.ndarray, track_token: int, first_index: int) -> None:
-    """Order rules inside one bar: positions rise and fit the bar, notes start with Pos and carry Dur/Vel."""
-    kinds = tok.kinds[bar]
-    where = lambda j: f"token {first_index + j} ({tok.vocab[bar[j]]})"  # noqa: E731
-    last_pos = -1
-    if track_token == TRACK_CONDUCTOR:
-        order = {TokenKind.TIMESIG: 0, TokenKind.CHORD: 1}
-        stage = -1
-        for j, k in enumerate(kinds):
-            if k in order:
-                if order[k] <= stage or last_pos >= 0:
-                    raise HIDError(f"{where(j)} is out of order in a conductor bar")
-                stage = order[k]
-            elif k == TokenKind.POS:
-                p = int(bar[j] - tok.pos0)
-                if p <= last_pos or j + 1 >= len(bar) or kinds[j + 1] != TokenKind.TEMPO:
-                    raise HIDError(f"{where(j)} must rise and be followed by a tempo")
-                last_pos = p
-            elif k == TokenKind.TEMPO and (j == 0 or kinds[j - 1] != TokenKind.POS):
-                raise HIDError(f"{where(j)} must follow a position")
-        return
-    is_drum = track_token == TRACK_DRUMS
-    seen_dur = seen_vel = False
-    for j, k in enumerate(kinds):
-        if k == TokenKind.POS:
-            p = int(bar[j] - tok.pos0)
-            if p <= last_pos or j + 1 >= len(bar) or kinds[j + 1] != TokenKind.PITCH:
-                raise HIDError(f"{where(j)} must rise within the bar and be followed by a pitch")
-            last_pos = p
-        elif k == TokenKind.PITCH:
-            if last_pos < 0:
-                raise HIDError(f"{where(j)} has no position before it in its bar")
-            following = kinds[j + 1 : j + 3].tolist()
-            has_dur = TokenKind.DUR in following[:1]
-            has_vel = TokenKind.VEL in following[: 1 + has_dur]
-            seen_dur |= has_dur
-            seen_vel |= has_vel
-            if (not is_drum and not seen_dur) or not seen_vel:
-                raise HIDError(f"{where(j)}: the first note of a bar needs its duration and velocity")
-        elif k == TokenKind.DUR:
-            if is_drum or kinds[j - 1] != TokenKind.PITCH:
-                raise HIDError(f"{where(j)} must follow a pitch of a pitched track")
-        elif k == TokenKind.VEL:
-            if kinds[j - 1] not in (TokenKind.PITCH, TokenKind.DUR):
-                raise HIDError(f"{where(j)} must follow a pitch or a duration")
+class BarSyntax:
+    """The syntax of one bar, followed token by token (docs/design.md section 2).
+
+    A conductor bar is ``[TimeSig] [Chord] [Pos Tempo]...``; the conductor's bar 0 starts with a ``TimeSig``
+    and sets the tempo at ``Pos_0``. An instrument bar is ``[Pos Pitch [Dur] [Vel]]...``; its first note
+    carries ``Dur`` (not on drums) and ``Vel``. Positions rise. ``Piece.parse`` checks pieces with it and
+    ``meloformer.grammar`` builds the sampler's masks from it, so these rules exist once.
+    """
+
+    def __init__(self, tok: HIDTokenizer, track_token: int, first_bar: bool) -> None:
+        self.tok = tok
+        self.conductor = track_token == TRACK_CONDUCTOR
+        self.drums = track_token == TRACK_DRUMS
+        self.opens_piece = self.conductor and first_bar  # must set the time signature and the tempo
+        self.last = TokenKind.BAR  # kind of the latest token
+        self.pos = -1  # the latest position
+        self.has_dur = self.has_vel = False
+
+    def next_kinds(self) -> tuple[TokenKind, ...]:
+        """Token kinds that may come next (a ``Pos`` only within ``positions``)."""
+        if self.conductor and self.opens_piece and self.last == TokenKind.BAR:
+            return (TokenKind.TIMESIG,)
+        if self.conductor:
+            return _CONDUCTOR_NEXT[self.last]
+        if self.last in (TokenKind.PITCH, TokenKind.DUR) and not self.has_vel:  # the bar's first note
+            return (TokenKind.DUR,) if not (self.drums or self.has_dur) else (TokenKind.VEL,)
+        return tuple(k for k in _NOTE_NEXT[self.last] if not (self.drums and k == TokenKind.DUR))
+
+    def positions(self, bar_length: int) -> range:
+        """The values a next ``Pos`` may take in a bar of ``bar_length`` grid steps."""
+        return range(1) if self.before_first_tempo else range(self.pos + 1, bar_length)
+
+    @property
+    def before_first_tempo(self) -> bool:
+        """Bar 0 of the conductor before its ``Pos_0``: the bar must still set the piece's tempo."""
+        return self.opens_piece and self.pos < 0
+
+    @property
+    def may_end(self) -> bool:
+        """May a ``Bar``, ``Track`` or ``EOS`` come next?"""
+        if self.conductor:
+            return self.last != TokenKind.POS and not self.before_first_tempo
+        return self.last == TokenKind.BAR or (self.last != TokenKind.POS and self.has_vel)
+
+    def tokens_to_end(self) -> int:
+        """The fewest tokens still needed before the bar may end."""
+        if self.conductor:
+            if self.before_first_tempo:
+                return 3 if self.last == TokenKind.BAR else 2  # (TimeSig) Pos_0 Tempo
+            return int(self.last == TokenKind.POS)
+        dur, vel = int(not (self.drums or self.has_dur)), int(not self.has_vel)
+        return {TokenKind.POS: 1 + dur + vel, TokenKind.PITCH: dur + vel, TokenKind.DUR: vel}.get(self.last, 0)
+
+    def advance(self, token: int) -> None:
+        """Take ``token`` as the bar's next one (the caller has checked that it may come)."""
+        self.last = TokenKind(self.tok.kinds[token])
+        if self.last == TokenKind.POS:
+            self.pos = token - self.tok.pos0
+        self.has_dur |= self.last == TokenKind.DUR
+        self.has_vel |= self.last == TokenKind.VEL
+
+    def expected(self) -> str:
+        """What may come next, in words, for error messages."""
+        words = [_KIND_LABELS[k] for k in self.next_kinds()]
+        if "Pos" in words and self.before_first_tempo:
+            words[words.index("Pos")] = "Pos_0"
+        elif "Pos" in words and self.pos >= 0:
+            words[words.index("Pos")] = f"a Pos after Pos_{self.pos}"
+        if self.may_end:
+            words.append("the bar's end")
+        listed = words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+        why = ""
+        if self.before_first_tempo:
+            why = " (bar 0 of the conductor starts with a time signature and sets the tempo at Pos_0)"
+        elif not self.conductor and self.last in (TokenKind.PITCH, TokenKind.DUR) and not self.has_vel:
+            why = " (the first note of a bar carries its duration and velocity)"
+        return listed + why
+
+
+def _check_bar(tok: HIDTokenizer, tokens: np.ndarray, start: int, end: int, track_token: int, number: int) -> None:
+    """Check ``tokens[start:end]``, bar ``number`` of a track with its ``Bar`` token at ``start``.
+
+    Positions are checked to rise, not to lie inside the bar's length: parsing has always allowed that.
+    """
+    syntax = BarSyntax(tok, track_token, first_bar=number == 0)
+    where = f"bar {number} of {tok.vocab[track_token]}"
+    for i in range(start + 1, end):
+        t = int(tokens[i])
+        kind = tok.kinds[t]
+        if kind not in syntax.next_kinds() or (
+            kind == TokenKind.POS and t - tok.pos0 not in syntax.positions(tok.bar_positions)
+        ):
+            raise HIDError(f"token {i} ({tok.vocab[t]}) is out of place in {where}: expected {syntax.expected()}")
+        syntax.advance(t)
+    if not syntax.may_end:
+        ending = (
+            f"token {end} ({tok.vocab[tokens[end]]}) ends {where}"
+            if end < len(tokens)
+            else f"the tokens stop in {where}"
+        )
+        raise HIDError(f"{ending} too early: expected {syntax.expected()}")
 
 
 def _nearest(values: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -803,7 +797,7 @@ def _fold_pedal(notes: np.ndarray, pedals: list[tuple[int, int]]) -> int:
     return grown
 
 
-def _track_priority(program: int, is_drum: bool) -> int:
+def track_priority(program: int, is_drum: bool) -> int:
     """Drums, then bass, then chords/pads (keyboards, organs, guitars, ensembles, pads), then melodic lines."""
     if is_drum:
         return 0

@@ -25,6 +25,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from meloformer.chords import progression
+from meloformer.edits import crop_bars
 from meloformer.generate import IncrementalDecoder
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import BAR, EOS, MAX_PITCHED_TRACKS, TRACK_DRUMS, HIDTokenizer, TokenKind
@@ -196,7 +197,8 @@ class _Budget:
         if g.in_conductor and g.bars_done == 0 and (0, 0) not in self.plan.forced:
             need += 3  # the first bar's TimeSig, Pos and Tempo
         need += self._tracks_to_open() * (1 + n_bars)
-        if g.notes == 0 and g.stage != "need_pitch" and not self.plan.has_notes:
+        pitch_pending = g.bar is not None and g.bar.next_kinds() == (TokenKind.PITCH,)  # counted in _close_bar
+        if g.notes == 0 and not pitch_pending and not self.plan.has_notes:
             need += OPEN_COST  # a piece needs a note
         return need
 
@@ -218,14 +220,9 @@ class _Budget:
     def _close_bar(self) -> int:
         """Tokens the current bar needs before it may end."""
         g = self.plan.grammar
-        if g.stage == "track_head" or (g.track_number, g.bars_done - 1) in self.plan.forced:
+        if g.bar is None or (g.track_number, g.bars_done - 1) in self.plan.forced:
             return 0  # a copied bar's tokens are counted as copies
-        if g.in_conductor:
-            if g.bars_done == 1 and g.last_pos < 0:
-                return 3 if g.stage == "bar" else 2  # TimeSig, Pos 0, Tempo
-            return int(g.stage == "need_tempo")
-        dur, vel = int(not g.is_drum and not g.bar_has_dur), int(not g.bar_has_vel)
-        return {"need_pitch": 1 + dur + vel, "pitch": dur + vel, "dur": vel}.get(g.stage, 0)
+        return g.bar.tokens_to_end()
 
     def opened_segment(self, used: int, queue: list[int] | None) -> None:
         """A Bar or Track token was just written: this segment may spend its share of the free tokens."""
@@ -319,7 +316,7 @@ def fit_to_context(
     if len(request.prompt) + room(n) <= capacity:
         return request, None
     for first in range(1, n):
-        cropped = tok.crop_bars(request.prompt, first, n)
+        cropped = crop_bars(tok, request.prompt, first, n)
         if len(cropped) + room(n - first) <= capacity:
             kept = n - first
             bars = request.bars if request.add_track is not None else request.bars - first

@@ -21,6 +21,7 @@ from jsonargparse import ArgumentParser
 
 from meloformer.audio import render_midi
 from meloformer.cli import _time_signature, _track_token, open_checkpoint
+from meloformer.edits import crop_bars
 from meloformer.infill import Region, check_infill, infill
 from meloformer.module import MeloFormerModule
 from meloformer.pianoroll import save_pianoroll
@@ -81,7 +82,7 @@ class Studio:
                 raise ValueError(f"{Path(prompt).name}: not a usable MIDI file ({err})") from None
             n_bars = self.tok.parse(tokens).n_bars
             if prompt_bars:
-                tokens = self.tok.crop_bars(tokens, 0, min(int(prompt_bars), n_bars))
+                tokens = crop_bars(self.tok, tokens, 0, min(int(prompt_bars), n_bars))
                 n_bars = self.tok.parse(tokens).n_bars
             request.prompt = tokens
             if mode == "add a track":

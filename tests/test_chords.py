@@ -7,6 +7,7 @@ import pytest
 
 from _music import demo_files
 from meloformer.chords import SPELLINGS, parse_chord, progression
+from meloformer.edits import crop_bars
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import CHORD_QUALITIES, PITCH_CLASS_NAMES, TRACK_PROGRAM0, HIDTokenizer, TokenKind
 from meloformer.sampling import GenerationRequest, check_request, generate
@@ -121,14 +122,14 @@ def test_decoded_chord_markers_equal_the_request(model, seed):
 
 def test_continuation_keeps_the_prompt_chords_and_fixes_the_new_bars(model):
     chorale = next(f for f in demo_files() if "bach" in str(f))
-    prompt = TOK.crop_bars(TOK.encode(chorale), 0, 2)
+    prompt = crop_bars(TOK, TOK.encode(chorale), 0, 2)
     tokens = generate(model, TOK, GenerationRequest(bars=5, prompt=prompt, chords=["Dm", "G7"]), seed=0)
     assert markers(tokens) == markers(prompt) + [(2, "Dmin"), (3, "G7"), (4, "Dmin")]
 
 
 def test_chords_need_bars_to_generate():
     chorale = next(f for f in demo_files() if "bach" in str(f))
-    prompt = TOK.crop_bars(TOK.encode(chorale), 0, 2)
+    prompt = crop_bars(TOK, TOK.encode(chorale), 0, 2)
     with pytest.raises(ValueError, match="chords need a number of bars"):
         check_request(TOK, GenerationRequest(bars=None, chords=["C"]))
     for request in [

@@ -15,6 +15,7 @@ from meloformer.datamodules import HIDDataModule, StreamState, hid_datamodule
 from meloformer.datamodules.rows import PieceShape, RowBuilder, fit_window, piece_shape
 from meloformer.datamodules.shards import ShardError, ShardReader, empty_index, write_index, write_shard
 from meloformer.datamodules.stream import StreamSampler
+from meloformer.edits import crop_bars
 from meloformer.hid import BOS, CHORD_QUALITIES, PAD, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.layout import layout
 from meloformer.masks import row_layout
@@ -68,8 +69,8 @@ def test_crops_sound_like_their_bars_of_the_piece(demo_shards):
             lay = layout(tokens, TOKENIZER.kinds)
             n = int(table.bars[i])
             b0, b1 = [(0, 1), (n - 1, n), sorted(rng.choice(n + 1, 2, replace=False))][checked % 3]
-            crop = TOKENIZER.crop_bars(tokens, b0, b1, lay=lay)
-            assert np.array_equal(crop, TOKENIZER.crop_bars(tokens, b0, b1))
+            crop = crop_bars(TOKENIZER, tokens, b0, b1, lay=lay)
+            assert np.array_equal(crop, crop_bars(TOKENIZER, tokens, b0, b1))
             assert TOKENIZER.parse(crop).n_bars == b1 - b0
             assert _window(crop, 0, b1 - b0) == _window(tokens, b0, b1), (split, i, b0, b1)
             checked += 1
@@ -140,7 +141,7 @@ def test_a_piece_whose_tracks_just_fit_the_segments_is_cropped_to_one_bar(demo_s
     tracks = int(table.tracks[0]) + 1
     rows = builder(demo_shards, "val", max_seq_len=1024, max_segments=tracks)
     first = documents(rows.row(0))[0]
-    assert np.array_equal(first, TOKENIZER.crop_bars(np.array(reader.tokens(table, 0)), 0, 1))
+    assert np.array_equal(first, crop_bars(TOKENIZER, np.array(reader.tokens(table, 0)), 0, 1))
 
 
 def test_fill_attempts_bound_the_crops_of_a_row(demo_shards):
@@ -189,7 +190,7 @@ def test_evaluation_rows_are_untransposed_crops_from_bar_0(demo_shards, split):
             for i, (s, lay) in enumerate(stored)
             if np.array_equal(s[lay.kind == TokenKind.TRACK], tracks)
             and lay.bar.max() + 1 >= bars
-            and np.array_equal(doc, TOKENIZER.crop_bars(s, 0, bars, lay=lay))
+            and np.array_equal(doc, crop_bars(TOKENIZER, s, 0, bars, lay=lay))
         }
 
     stored = pieces(split)

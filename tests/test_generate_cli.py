@@ -12,6 +12,7 @@ import pytest
 import symusic
 
 from _music import REPO, demo_files
+from meloformer.edits import crop_bars
 from meloformer.hid import HIDTokenizer
 
 TOK = HIDTokenizer()
@@ -57,7 +58,7 @@ def test_generate_continues_a_prompt_and_adds_a_track(checkpoint, tmp_path):
     base = ["--ckpt_path", str(checkpoint), "--prompt", str(prompt), "--prompt_bars", "2", "--no_progress"]
     done = meloformer("generate", *base, "--bars", "3", "--out", str(tmp_path / "cont"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    prompt_notes = TOK.note_table(TOK.crop_bars(TOK.encode(prompt), 0, 2))
+    prompt_notes = TOK.note_table(crop_bars(TOK, TOK.encode(prompt), 0, 2))
     continued = TOK.note_table(TOK.encode(tmp_path / "cont" / "sample_0.mid"))
     head = continued[continued[:, 1] < 2]
     assert sorted(map(tuple, head.tolist())) == sorted(map(tuple, prompt_notes.tolist()))
@@ -65,7 +66,7 @@ def test_generate_continues_a_prompt_and_adds_a_track(checkpoint, tmp_path):
     done = meloformer("generate", *base, "--add_track", "73", "--out", str(tmp_path / "add"), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     score = symusic.Score(str(tmp_path / "add" / "sample_0.mid"))
-    original = TOK.decode(TOK.crop_bars(TOK.encode(prompt), 0, 2))
+    original = TOK.decode(crop_bars(TOK, TOK.encode(prompt), 0, 2))
     assert [t.program for t in score.tracks] == [t.program for t in original.tracks] + [73]
     for new, old in zip(score.tracks, original.tracks):
         assert [(n.time, n.duration, n.pitch, n.velocity) for n in new.notes] == [

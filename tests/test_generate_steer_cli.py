@@ -10,6 +10,7 @@ import symusic
 
 from _music import REPO, demo_files
 from meloformer.cli import main
+from meloformer.edits import crop_bars
 from meloformer.hid import NOTE_COLUMNS, HIDTokenizer
 
 TOK = HIDTokenizer()
@@ -56,7 +57,7 @@ def test_infill_keeps_the_prompt_outside_the_region(checkpoint, tmp_path, capsys
     code, out, err = generate(*args, "--infill", "2:2-3", "4:1", "--out", str(tmp_path), capsys=capsys)
     assert code == 0, err
     assert "prompt tracks: 1 program 52, 2 program 52, 3 program 53, 4 program 53" in out
-    prompt = TOK.crop_bars(TOK.encode(chorale), 0, 3)
+    prompt = crop_bars(TOK, TOK.encode(chorale), 0, 3)
 
     def outside(notes: np.ndarray) -> list[tuple[int, ...]]:
         inside = ((notes[:, TRACK] == 1) & (notes[:, BAR] >= 1)) | ((notes[:, TRACK] == 3) & (notes[:, BAR] == 0))

@@ -11,7 +11,8 @@ import pytest
 import symusic
 
 from _music import demo_files, downbeats
-from meloformer.hid import TRACK_DRUMS, HIDTokenizer, _track_priority
+from meloformer.edits import crop_bars
+from meloformer.hid import TRACK_DRUMS, HIDTokenizer, track_priority
 from meloformer.layout import layout
 
 FILES = demo_files()
@@ -47,7 +48,7 @@ def test_every_note_comes_back_within_grid_and_bins(encoded):
         original = symusic.Score(str(path))
         tpq = original.ticks_per_quarter
         tracks = [(i, t) for i, t in enumerate(original.tracks) if t.note_num()]
-        tracks.sort(key=lambda it: (_track_priority(it[1].program, it[1].is_drum), it[1].program, it[0]))
+        tracks.sort(key=lambda it: (track_priority(it[1].program, it[1].is_drum), it[1].program, it[0]))
         decoded = TOK.decode(tokens)
         assert len(decoded.tracks) == len(tracks), path
         for (_, orig), dec in zip(tracks, decoded.tracks):
@@ -172,7 +173,7 @@ def test_crop_bars_equals_cropping_the_music_first(encoded):
                 continue
             if not any(len(bars[b1 - 1]) for _, bars in piece.tracks):
                 continue
-            cropped = TOK.crop_bars(tokens, b0, b1)
+            cropped = crop_bars(TOK, tokens, b0, b1)
             assert np.array_equal(cropped, TOK.encode(_crop_music(score, bar_starts, b0, b1))), (path, b0, b1)
             checked += 1
     assert checked >= 50

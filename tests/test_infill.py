@@ -7,6 +7,7 @@ import pytest
 
 import meloformer.infill as infill_module
 from _music import demo_files
+from meloformer.edits import crop_bars
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import NOTE_COLUMNS, HIDTokenizer
 from meloformer.infill import Region, check_infill, check_regions, infill, reorder_tracks, track_list
@@ -20,7 +21,7 @@ TRACK, BAR = NOTE_COLUMNS.index("track"), NOTE_COLUMNS.index("bar")
 def prompt() -> np.ndarray:
     """4 bars of a chorale: 4 tracks (programs 52, 52, 53, 53), every bar with notes."""
     chorale = next(f for f in demo_files() if "bach" in str(f))
-    return TOK.crop_bars(TOK.encode(chorale), 0, 4)
+    return crop_bars(TOK, TOK.encode(chorale), 0, 4)
 
 
 def rows(notes: np.ndarray) -> list[tuple[int, ...]]:

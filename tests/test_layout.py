@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from _music import demo_files
+from meloformer.edits import crop_bars
 from meloformer.hid import BAR, BOS, EOS, PAD, HIDTokenizer, TokenKind
 from meloformer.layout import layout
 
@@ -55,7 +56,7 @@ def same_partition(a: np.ndarray, b: list[int]) -> bool:
 def rows() -> np.ndarray:
     """Packed crops of demo pieces (whole pieces, single bars, a drum track), shifted behind 0..20 PADs."""
     pieces = [TOK.encode(p) for p in demo_files()[::12]]
-    crops = [TOK.crop_bars(p, b, b + 1 + b % 3) for b, p in enumerate(pieces)]
+    crops = [crop_bars(TOK, p, b, b + 1 + b % 3) for b, p in enumerate(pieces)]
     packed = np.concatenate(crops)
     out = np.full((8, len(packed) + 24), PAD)
     for r, shift in enumerate((0, 1, 2, 3, 5, 8, 13, 20)):

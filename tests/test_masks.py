@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
 from _music import demo_files
+from meloformer.edits import crop_bars
 from meloformer.generate import open_last_segment
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.masks import (
@@ -334,7 +335,7 @@ def test_broadcast_evaluation_equals_torch_vmap_evaluation():
 @pytest.fixture(scope="module")
 def shifted_demo_rows() -> np.ndarray:
     """Packed rows of demo-corpus crops, each behind 0..63 leading PADs: segments end on every tile offset."""
-    pieces = [TOK.crop_bars(TOK.encode(path), 0, 2) for path in demo_files()[::23]]
+    pieces = [crop_bars(TOK, TOK.encode(path), 0, 2) for path in demo_files()[::23]]
     packs = [np.concatenate(pieces[:3]), np.concatenate(pieces[3:])]
     length = max(map(len, packs)) + 64
     rows = np.full((2 * 64, length), PAD)

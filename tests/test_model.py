@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from _music import demo_files, make_score
+from meloformer.edits import crop_bars
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.masks import BlockSparseMask, block_sparse_mask, full_dense_mask, row_layout, summary_mask_mod
 from meloformer.model import (
@@ -67,7 +68,7 @@ def hid_pieces(count: int, max_len: int, seed: int) -> list[np.ndarray]:
         n_bars = TOK.parse(tokens).n_bars
         for width in (3, 2, 1):
             b0 = int(rng.integers(0, max(1, n_bars - width + 1)))
-            crop = TOK.crop_bars(tokens, b0, min(n_bars, b0 + width))
+            crop = crop_bars(TOK, tokens, b0, min(n_bars, b0 + width))
             if len(crop) <= max_len:
                 out.append(crop.astype(np.int64))
                 break

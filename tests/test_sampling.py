@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from _music import demo_files, write_and_read_back
+from meloformer.edits import crop_bars
 from meloformer.hid import BAR, EOS, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
 from meloformer.sampling import (
     GenerationRequest,
@@ -24,7 +25,7 @@ TOK = HIDTokenizer()
 @pytest.fixture(scope="module")
 def prompt() -> np.ndarray:
     chorale = next(f for f in demo_files() if "bach" in str(f))
-    return TOK.crop_bars(TOK.encode(chorale), 0, 2)
+    return crop_bars(TOK, TOK.encode(chorale), 0, 2)
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -150,9 +151,9 @@ def test_a_long_prompt_is_cropped_to_its_last_bars_that_fit(model, long_prompt):
     fitted, notice = fit_to_context(TOK, request, 400)
     kept = TOK.parse(fitted.prompt).n_bars
     assert notice and f"using its last {kept} bars" in notice and 1 <= kept < n
-    assert np.array_equal(fitted.prompt, TOK.crop_bars(long_prompt, n - kept, n)) and fitted.bars == kept + 4
+    assert np.array_equal(fitted.prompt, crop_bars(TOK, long_prompt, n - kept, n)) and fitted.bars == kept + 4
     room = 4 * (1 + len(TOK.parse(long_prompt).tracks)) * 5  # a Bar and one note per new segment
-    assert len(fitted.prompt) + room <= 400 < len(TOK.crop_bars(long_prompt, n - kept - 1, n)) + room  # the most
+    assert len(fitted.prompt) + room <= 400 < len(crop_bars(TOK, long_prompt, n - kept - 1, n)) + room  # the most
     assert fit_to_context(TOK, fitted, 400) == (fitted, None)
 
     tokens = generate(model, TOK, request, seed=0)

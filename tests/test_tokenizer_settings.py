@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from _music import REPO, demo_files
+from meloformer.edits import crop_bars
 from meloformer.hid import HIDTokenizer
 from meloformer.layout import layout
 from meloformer.masks import _KIND_CLASS, full_dense_mask, row_layout
@@ -26,7 +27,7 @@ DEFAULT = HIDTokenizer()
 
 def _piece(tok: HIDTokenizer) -> np.ndarray:
     chorale = next(f for f in demo_files() if "bach" in str(f))
-    return tok.crop_bars(tok.encode(chorale), 0, 3).astype(np.int64)
+    return crop_bars(tok, tok.encode(chorale), 0, 3).astype(np.int64)
 
 
 def _model(tok: HIDTokenizer, **fields) -> MeloFormer:

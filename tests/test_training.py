@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from meloformer.callbacks import PhaseSwitchCallback
 from meloformer.datamodules import HIDDataModule
 from meloformer.datamodules.shards import ShardReader
+from meloformer.edits import crop_bars
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.layout import layout
 from meloformer.module import KIND_GROUPS, MeloFormerModule, load_checkpoint
@@ -65,7 +66,7 @@ def packed_row(shards, length=256) -> torch.Tensor:
     """Two pieces cropped to a few bars each, then padding: [1, length]."""
     reader = ShardReader(shards)
     table = reader.pieces("train")
-    crops = [TOKENIZER.crop_bars(np.array(reader.tokens(table, i)), 0, 2) for i in (0, 1)]
+    crops = [crop_bars(TOKENIZER, np.array(reader.tokens(table, i)), 0, 2) for i in (0, 1)]
     row = np.concatenate(crops)[:length]
     return torch.from_numpy(np.pad(row.astype(np.int64), (0, length - len(row))))[None]
 
