@@ -460,11 +460,13 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
 def _one_line(message: str, limit: int = 300) -> str:
     """One line of a message: jsonargparse lists what every type of a union said, and the first type
-    (ours) is the one that matters; the rest is cut."""
+    (ours: ``int`` of ``int | None``) is the one that matters; the rest is cut, but for the value given."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     if "Errors:" in lines:
-        first = lines[lines.index("Errors:") + 1 :][:1]
-        lines = [line for line in lines[:1] if line.startswith("Parser key")] + [x.removeprefix("- ") for x in first]
+        key = [line for line in lines[:1] if line.startswith("Parser key")]
+        first = "".join(lines[lines.index("Errors:") + 1 :][:1]).removeprefix("- ")
+        given = "".join(line.replace("Given value:", "; given:") for line in lines if line.startswith("Given value:"))
+        lines = [*key, first + given]
     line = " ".join(lines)
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
