@@ -49,7 +49,7 @@ INSTRUMENTS = (52, 52, 53, 53)  # choir SATB (General MIDI programs), the refere
 def arm_config(base: dict, arm: str, steps: int, data_dir: Path, runs: Path) -> Path:
     """The ablation config with ``attention: arm``, its own log and checkpoint folders; written under runs/."""
     config = json.loads(json.dumps(base))
-    config["model"]["overrides"]["attention"] = arm
+    config["model"]["attention"] = arm
     config["data"]["data_dir"] = str(data_dir)
     trainer = config["trainer"]
     trainer["max_steps"] = steps
@@ -147,11 +147,7 @@ def test_midi(midi_dir: Path, data_dir: Path, out: Path) -> Path:
 def throughput(config: dict, data_dir: Path, steps: int = 5) -> dict[str, dict[str, float]]:
     """Training steps/s and tokens/s of each arm's model, alternating steps in one process, one thread."""
     torch.set_num_threads(1)
-    model_cfg = config["model"]
-    modules = {
-        arm: MeloFormerModule(**{**model_cfg, "overrides": {**model_cfg["overrides"], "attention": arm}})
-        for arm in ARMS
-    }
+    modules = {arm: MeloFormerModule(**{**config["model"], "attention": arm}) for arm in ARMS}
     first = next(iter(modules.values()))
     data = HIDDataModule(
         data_dir=str(data_dir),

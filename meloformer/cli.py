@@ -461,11 +461,14 @@ def build_cli(args: list[str] | None = None, run: bool = True):
 
 def _one_line(message: str, limit: int = 300) -> str:
     """One line of a message: jsonargparse lists what every type of a union said, and the first type
-    (ours) is the one that matters; the rest is cut."""
+    (ours: ``int`` of ``int | None``) is the one that matters; the rest is cut, but for a short value given
+    (a model field's, not a whole callback's)."""
     lines = [line.strip() for line in message.splitlines() if line.strip()]
     if "Errors:" in lines:
-        first = lines[lines.index("Errors:") + 1 :][:1]
-        lines = [line for line in lines[:1] if line.startswith("Parser key")] + [x.removeprefix("- ") for x in first]
+        key = [line for line in lines[:1] if line.startswith("Parser key")]
+        first = "".join(lines[lines.index("Errors:") + 1 :][:1]).removeprefix("- ")
+        given = [line.removeprefix("Given value: ") for line in lines if line.startswith("Given value: ")]
+        lines = [*key, first + "".join(f"; given: {value}" for value in given if len(value) <= 60)]
     line = " ".join(lines)
     return line if len(line) <= limit else line[: limit - 3] + "..."
 

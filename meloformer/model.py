@@ -90,9 +90,14 @@ class MeloFormerConfig:
 
     @classmethod
     def from_size(cls, name: str, **overrides) -> MeloFormerConfig:
-        """One of ``SIZES`` (small, base, large, xlarge), with any field overridden."""
+        """One of ``SIZES`` (small, base, large, xlarge), with any field overridden.
+
+        A new ``n_embd`` without an ``ffn_hidden`` gets the default width of its own (8/3 n_embd), not the
+        size's."""
         if name not in SIZES:
             raise ValueError(f"unknown size {name!r}; choose from {sorted(SIZES)}")
+        if "n_embd" in overrides:
+            overrides.setdefault("ffn_hidden", None)  # None: computed from n_embd in __post_init__
         return dataclasses.replace(SIZES[name], **overrides)
 
 

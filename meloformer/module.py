@@ -12,8 +12,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,7 @@ from torchmetrics.aggregation import MeanMetric
 from meloformer.checkpoint import read_checkpoint
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.masks import RowLayout
-from meloformer.model import Backend, Checkpointing, MeloFormer, MeloFormerConfig
+from meloformer.model import AttentionVariant, Backend, Checkpointing, MeloFormer, MeloFormerConfig
 
 # Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
 KIND_GROUPS = ("bar", "position", "pitch", "duration", "velocity", "track", "conductor")
@@ -44,59 +42,20 @@ _GROUP_OF_KIND = {
 }
 CONDUCTOR_GROUP = KIND_GROUPS.index("conductor")
 POSITION_GROUP = KIND_GROUPS.index("position")
-# Fields of MeloFormerConfig that are given directly; anything else goes through ``overrides``.
-DIRECT_FIELDS = ("max_seq_len", "summary_slots", "attention_backend", "gradient_checkpointing")
-
-
-def model_config(
-    size: str, tokenizer: HIDTokenizer, overrides: dict[str, Any] | None = None, **direct: Any
-) -> MeloFormerConfig:
-    """``MeloFormerConfig.from_size(size)`` with the tokenizer's vocabulary and the given fields replaced.
-
-    Unknown field names and values of the wrong type are errors that name the field.
-    """
-    fields = {f.name: f for f in dataclasses.fields(MeloFormerConfig)}
-    hints = typing.get_type_hints(MeloFormerConfig)
-    changes = dict(overrides or {}) | {k: v for k, v in direct.items() if v is not None}
-    for name, value in changes.items():
-        if name not in fields:
-            raise ValueError(f"model: unknown model setting {name!r}; valid: {', '.join(sorted(fields))}")
-        if not _matches(value, hints[name]):
-            raise ValueError(f"model: setting {name}={value!r} should be {hints[name]}")
-    vocab = changes.pop("vocab_size", tokenizer.vocab_size)
-    if vocab != tokenizer.vocab_size:
-        raise ValueError(f"model: vocab_size {vocab} does not match the tokenizer's {tokenizer.vocab_size}")
-    return MeloFormerConfig.from_size(size, vocab_size=vocab, **changes)
-
-
-def _matches(value: Any, hint: Any) -> bool:
-    """A shallow type check for config values: int/float/bool/str, Literal, Optional and tuple[int, ...]."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Literal:
-        return value in args
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, a) for a in args)
-    if origin is tuple:
-        return isinstance(value, (tuple, list)) and all(_matches(v, args[0]) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
+# The MeloFormerConfig fields that are arguments of MeloFormerModule (vocab_size is the tokenizer's).
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(MeloFormerConfig) if f.name != "vocab_size")
 
 
 class MeloFormerModule(pl.LightningModule):
     """Train MeloFormer on batches of ``HIDDataModule`` (``{"tokens": LongTensor[B, L], ...}``).
 
     Args:
-        size: small, base, large or xlarge (``meloformer sizes`` prints their parameter counts).
-        max_seq_len: row length; the DataModule packs rows of this length. None: the size's default.
-        summary_slots: summary slots per row; rows hold at most this many segments. None: the size's default.
-        attention_backend: auto, flex or sdpa. None: the size's default (auto).
-        gradient_checkpointing: none, ffn or block. None: the size's default (none).
-        overrides: any other ``MeloFormerConfig`` fields, e.g. ``{n_layer: 2, n_embd: 64}``.
+        size: small, base, large or xlarge (``meloformer sizes`` prints their parameter counts): the value of
+            every model field left at None.
+        n_layer ... init_std: the fields of ``MeloFormerConfig`` (docs/design.md section 5); None: the size's
+            value. ``max_seq_len`` is the row length (the DataModule packs rows of it), ``summary_slots`` the
+            summary slots per row (rows hold at most this many segments). A new ``n_embd`` without an
+            ``ffn_hidden`` gets 8/3 of its width (rounded up to 64), not the size's.
         tokenizer: HID tokenizer settings (None: the defaults); the data must have been made with them.
         lr: peak learning rate, reached after ``warmup_steps`` optimizer steps, then cosine decay to
             ``lr * min_lr_ratio`` at ``trainer.max_steps``.
@@ -108,11 +67,23 @@ class MeloFormerModule(pl.LightningModule):
     def __init__(
         self,
         size: str = "small",
+        n_layer: int | None = None,
+        n_head: int | None = None,
+        n_kv_head: int | None = None,
+        n_embd: int | None = None,
+        ffn_hidden: int | None = None,
         max_seq_len: int | None = None,
         summary_slots: int | None = None,
+        fine_bars: tuple[int, ...] | None = None,
+        cross_window: int | None = None,
+        kind_sparsity: bool | None = None,
+        attention: AttentionVariant | None = None,
         attention_backend: Backend | None = None,
+        flex_block_size: int | None = None,
         gradient_checkpointing: Checkpointing | None = None,
-        overrides: dict[str, Any] | None = None,
+        rope_base: float | None = None,
+        norm_eps: float | None = None,
+        init_std: float | None = None,
         tokenizer: dict[str, Any] | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.1,
@@ -128,17 +99,12 @@ class MeloFormerModule(pl.LightningModule):
             self.tokenizer = HIDTokenizer(**(tokenizer or {}))
         except TypeError as err:
             raise ValueError(f"model: bad tokenizer settings {tokenizer}: {err}") from err
-        direct = dict(
-            max_seq_len=max_seq_len,
-            summary_slots=summary_slots,
-            attention_backend=attention_backend,
-            gradient_checkpointing=gradient_checkpointing,
-        )
-        self.config = model_config(size, self.tokenizer, overrides, **direct)
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or lr <= 0:
             raise ValueError("model: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
         self.save_hyperparameters()
         self.hparams["tokenizer"] = self.tokenizer.settings  # resolved, so checkpoints are self-contained
+        given = {name: self.hparams[name] for name in MODEL_FIELDS if self.hparams[name] is not None}
+        self.config = MeloFormerConfig.from_size(size, vocab_size=self.tokenizer.vocab_size, **given)
         self.model = MeloFormer(self.config, self.tokenizer.kinds)
         self.register_buffer("kind_group", torch.from_numpy(_kind_groups(self.tokenizer)), persistent=False)
         self.metrics = nn.ModuleDict(
@@ -318,12 +284,19 @@ def model_card(module: MeloFormerModule, ckpt_path: str | Path) -> str:
     )
 
 
+def module_of(config: dict[str, Any], tokenizer: dict[str, Any], **training: Any) -> MeloFormerModule:
+    """A module whose model has exactly ``config`` (every ``MeloFormerConfig`` field, as checkpoints and model
+    folders store it): nothing comes from a size, so a change of the size table cannot change it."""
+    fields = {k: v for k, v in config.items() if k != "vocab_size"}  # the tokenizer's; the weights check it
+    return MeloFormerModule(**training, **fields, tokenizer=tokenizer)
+
+
 def module_from_folder(folder: str | Path) -> MeloFormerModule:
     """A module (for evaluation) around the model and tokenizer of a model folder."""
     from meloformer.pretrained import load_model_folder
 
     model, tokenizer = load_model_folder(folder)
-    module = MeloFormerModule(overrides=dataclasses.asdict(model.config), tokenizer=tokenizer.settings)
+    module = module_of(dataclasses.asdict(model.config), tokenizer.settings)
     module.model.load_state_dict(model.state_dict())
     return module.eval()
 
@@ -332,11 +305,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone (checked first:
     a damaged or foreign file is a ``CheckpointError``)."""
     checkpoint = read_checkpoint(path, map_location=map_location)
+    saved = checkpoint["meloformer"]
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's
-    hparams["overrides"] = checkpoint["meloformer"]["model_config"]  # exact config, even if presets change
-    for name in DIRECT_FIELDS:
-        hparams[name] = None
-    module = MeloFormerModule(**hparams)
+    hparams.pop("overrides", None)  # checkpoints made before the model fields were arguments of their own
+    training = {k: v for k, v in hparams.items() if k not in MODEL_FIELDS and k != "tokenizer"}
+    module = module_of(saved["model_config"], saved["tokenizer"], **training)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()

@@ -14,7 +14,10 @@ TINY_MODEL = {
     "max_seq_len": 256,
     "summary_slots": 64,
     "attention_backend": "sdpa",
-    "overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1},
+    "n_layer": 1,
+    "n_embd": 32,
+    "n_head": 2,
+    "n_kv_head": 1,
 }
 
 
@@ -31,7 +34,7 @@ def demo_shards(tmp_path_factory):
 @pytest.fixture
 def tiny_model() -> dict:
     """Keyword arguments of ``MeloFormerModule`` for a tiny model (a fresh copy per test)."""
-    return {**TINY_MODEL, "overrides": dict(TINY_MODEL["overrides"])}
+    return dict(TINY_MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import shutil
 import subprocess
 
@@ -11,9 +12,9 @@ import torch
 import yaml
 
 from _music import REPO
-from meloformer.cli import build_cli
-from meloformer.model import SIZES, parameter_counts
-from meloformer.module import load_checkpoint
+from meloformer.cli import build_cli, main
+from meloformer.model import SIZES, MeloFormerConfig, parameter_counts
+from meloformer.module import MODEL_FIELDS, load_checkpoint
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 GPU_CONFIGS = ["small", "base", "large", "xlarge"]
@@ -54,23 +55,30 @@ def test_print_config_shows_one_resolved_config(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     config = yaml.safe_load(done.stdout)
     assert config["model"]["size"] == "small" and config["model"]["attention_backend"] == "sdpa"
+    assert set(MODEL_FIELDS) <= set(config["model"])  # every model field, null where the size decides
+    assert (config["model"]["n_embd"], config["model"]["ffn_hidden"]) == (128, None)
     assert config["trainer"]["precision"] == "32-true"
     assert "max_seq_len" not in config["data"]  # linked from the model: set once, in model
     callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
     assert "meloformer.callbacks.PhaseSwitchCallback" in callbacks
 
 
-def test_override_changes_the_model_size(tmp_path):
+def test_command_line_sets_model_fields(tmp_path):
+    """Dotted flags set single model fields over the config's; the rest come from the config and the size."""
     done = meloformer(
-        "fit", "--config", DEMO, "--model.size", "small", "--model.overrides", "{}", "--trainer.max_steps", "1",
-        *QUICK, "--trainer.limit_val_batches", "0", cwd=tmp_path,
+        "fit", "--config", DEMO, "--model.n_layer", "2", "--model.n_embd", "64", "--model.n_head", "2",
+        "--model.n_kv_head", "1", "--trainer.max_steps", "2", *QUICK, "--trainer.limit_val_batches", "0", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (last,) = (tmp_path / "runs" / "demo").rglob("last.ckpt")
     checkpoint = torch.load(last, weights_only=False, map_location="cpu")
-    assert checkpoint["meloformer"]["model_config"]["n_embd"] == SIZES["small"].n_embd
+    saved = checkpoint["meloformer"]["model_config"]
+    expected = MeloFormerConfig.from_size(
+        "small", vocab_size=saved["vocab_size"], n_layer=2, n_embd=64, n_head=2, n_kv_head=1,
+        max_seq_len=512, summary_slots=128, attention_backend="sdpa",
+    )  # fmt: skip
+    assert saved == dataclasses.asdict(expected) and saved["ffn_hidden"] == 192  # 8/3 of 64, not small's 1408
     parameters = sum(t.numel() for k, t in checkpoint["state_dict"].items() if k.startswith("model."))
-    assert parameters == parameter_counts()["small"]
     assert load_checkpoint(last).model.num_parameters() == parameters  # a CLI checkpoint rebuilds alone
 
 
@@ -79,7 +87,7 @@ def test_override_changes_the_model_size(tmp_path):
     [
         (["--model.sise", "base"], "sise"),
         (["--trainer.max_steps", "many"], "max_steps"),
-        (["--model.overrides", "{n_layers: 2}"], "unknown model setting 'n_layers'"),
+        (["--model.n_layers", "2"], "unrecognized arguments: --model.n_layers 2"),
         (
             [
                 "--trainer.callbacks.init_args.phases",
@@ -102,6 +110,25 @@ def test_bad_config_stops_before_training(tmp_path, demo_shards, args, problem):
     assert problem in done.stderr, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--model.n_layer", "two"], """Parser key "model.n_layer": Expected a <class 'int'>; given: two"""),
+        (
+            ["--model.attention", "full"],
+            """Parser key "model.attention": Expected a typing.Literal['summary', 'causal', 'local']; given: full""",
+        ),
+        (["--model.overrides", "{n_layer: 2}"], "unrecognized arguments: --model.overrides {n_layer: 2}"),
+    ],
+    ids=["wrong-type", "not-a-choice", "old-overrides"],
+)
+def test_a_bad_model_field_is_one_line(args, line, capsys):
+    """jsonargparse checks every model field against its type; the CLI shows its verdict as one line."""
+    assert main(["fit", "--config", DEMO, *args]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"meloformer: error: {line}"]
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")

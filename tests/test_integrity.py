@@ -34,9 +34,8 @@ pytestmark = [
 DEMO = str(REPO / "configs" / "demo.yaml")
 # The demo config with the tiny model, quiet and quick.
 TINY_FIT = [
-    "fit", "--config", DEMO, "--model.max_seq_len", "256", "--model.summary_slots", "64",
-    "--model.overrides", json.dumps(TINY_MODEL["overrides"]), "--trainer.enable_progress_bar", "false",
-    "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+    "fit", "--config", DEMO, *(f"--model.{name}={value}" for name, value in TINY_MODEL.items()),
+    "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
 ]  # fmt: skip
 
 
@@ -214,8 +213,8 @@ def test_generate_and_evaluate_refuse_a_damaged_checkpoint(checkpoint, demo_shar
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        (["--model.overrides", json.dumps({**TINY_MODEL["overrides"], "n_embd": 64})], "n_embd: checkpoint 32 vs now"),
-        (["--model.overrides", json.dumps({**TINY_MODEL["overrides"], "n_layer": 2})], "n_layer: checkpoint 1 vs now"),
+        (["--model.n_embd", "64"], "n_embd: checkpoint 32 vs now"),
+        (["--model.n_layer", "2"], "n_layer: checkpoint 1 vs now"),
         (["--model.max_seq_len", "512"], "max_seq_len: checkpoint 256 vs now 512"),
         (["--model.tokenizer", "{velocity_bins: 16}"], "velocity_bins: checkpoint 32 vs now 16"),
     ],
@@ -269,7 +268,7 @@ class Rows(pl.Callback):
 def _fit(shards, root, max_steps, *callbacks, ckpt_path=None) -> tuple[MeloFormerModule, dict]:
     """Tiny model, two phases, 2 batches per optimizer step, an interval checkpoint every 3 steps."""
     pl.seed_everything(0)
-    module, rows = MeloFormerModule(**{**TINY_MODEL, "overrides": dict(TINY_MODEL["overrides"])}), Rows()
+    module, rows = MeloFormerModule(**TINY_MODEL), Rows()
     phases = [{"start_step": 0, "batch_size": 1}, {"start_step": 3, "batch_size": 2}]
     interval = ModelCheckpoint(root / "ckpt", every_n_train_steps=3, save_last=True)
     trainer = pl.Trainer(

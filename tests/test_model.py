@@ -115,6 +115,15 @@ def test_sizes_and_real_parameter_counts():
         MeloFormerConfig.from_size("huge")
 
 
+def test_a_new_width_gets_its_own_ffn_width():
+    """Overriding n_embd recomputes the SwiGLU width (8/3 n_embd, rounded up to 64) unless it is given too."""
+    assert SIZES["small"].ffn_hidden == 1408
+    assert MeloFormerConfig.from_size("small", n_embd=128).ffn_hidden == 384
+    assert MeloFormerConfig.from_size("small", n_embd=128, ffn_hidden=1408).ffn_hidden == 1408
+    assert MeloFormerConfig.from_size("small", n_layer=2).ffn_hidden == 1408
+    assert MeloFormerConfig.from_size("large", n_embd=512).ffn_hidden == SIZES["small"].ffn_hidden
+
+
 def test_parameter_count_of_a_given_config_counted_by_hand():
     config = MeloFormerConfig(vocab_size=790, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, ffn_hidden=64)
     embeddings = 790 * 32 + 131 * 32 + 32  # tokens (tied head), none/conductor/drums/128 programs, summary

@@ -6,6 +6,7 @@ import math
 import subprocess
 import sys
 import textwrap
+import typing
 
 import lightning.pytorch as pl
 import numpy as np
@@ -20,7 +21,8 @@ from meloformer.datamodules.shards import ShardReader
 from meloformer.edits import crop_bars
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.layout import layout
-from meloformer.module import KIND_GROUPS, MeloFormerModule, load_checkpoint
+from meloformer.model import MeloFormerConfig
+from meloformer.module import KIND_GROUPS, MODEL_FIELDS, MeloFormerModule, load_checkpoint
 
 TOKENIZER = HIDTokenizer()
 
@@ -216,10 +218,24 @@ def test_checkpoint_rebuilds_the_model_alone(demo_shards, tiny_model, tmp_path):
         torch.testing.assert_close(rebuilt(tokens), module(tokens))
 
 
+def test_a_checkpoint_with_the_old_overrides_still_loads(tmp_path):
+    """Checkpoints made before the model fields were arguments hold ``overrides`` among their hyperparameters;
+    the model comes from the exact configuration every checkpoint stores, so they load alike."""
+    module = MeloFormerModule(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, ffn_hidden=1408, max_seq_len=256)
+    old = {"size": "small", "max_seq_len": 256, "summary_slots": None, "attention_backend": None}
+    old |= {"overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1}, "lr": 1e-3}
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": old}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    loaded = load_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.config == module.config and loaded.hparams.lr == 1e-3
+    assert "overrides" not in loaded.hparams
+
+
 def test_resuming_with_another_model_or_tokenizer_is_an_error(demo_shards, tiny_model, tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(tmp_path, 1, checkpoints).fit(MeloFormerModule(**tiny_model), data(demo_shards))
-    wider = {**tiny_model, "overrides": {**tiny_model["overrides"], "n_embd": 64}}
+    wider = {**tiny_model, "n_embd": 64}
     with pytest.raises(ValueError, match="other model configuration.*n_embd: checkpoint 32 vs now 64"):
         trainer(tmp_path, 2).fit(MeloFormerModule(**wider), data(demo_shards), ckpt_path=tmp_path / "last.ckpt")
     finer = MeloFormerModule(**tiny_model, tokenizer={"velocity_bins": 16})
@@ -227,17 +243,32 @@ def test_resuming_with_another_model_or_tokenizer_is_an_error(demo_shards, tiny_
         trainer(tmp_path, 2).fit(finer, data(demo_shards), ckpt_path=tmp_path / "last.ckpt")
 
 
+def test_every_model_field_is_a_typed_argument():
+    """Each ``MeloFormerConfig`` field but vocab_size (the tokenizer's) is an argument ``T | None`` of the module,
+    so jsonargparse checks its values, ``--print_config`` lists it, and checkpoints can rebuild any config."""
+    config, arguments = typing.get_type_hints(MeloFormerConfig), typing.get_type_hints(MeloFormerModule.__init__)
+    assert set(MODEL_FIELDS) == set(config) - {"vocab_size"}
+    for name in MODEL_FIELDS:
+        assert arguments[name] == config[name] | None, name
+
+
+def test_model_fields_override_the_size():
+    module = MeloFormerModule(size="base", n_layer=2, n_embd=128, n_head=4, n_kv_head=2, attention="causal")
+    assert (module.config.n_layer, module.config.n_embd, module.config.attention) == (2, 128, "causal")
+    assert module.config.max_seq_len == 4096 and module.config.ffn_hidden == 384  # the size's; n_embd's own
+    assert module.config.vocab_size == TOKENIZER.vocab_size
+
+
 @pytest.mark.parametrize(
     ("kwargs", "problem"),
     [
-        ({"overrides": {"n_layers": 2}}, "unknown model setting 'n_layers'"),
-        ({"overrides": {"n_layer": "two"}}, "n_layer='two' should be"),
-        ({"attention_backend": "fast"}, "attention_backend='fast'"),
         ({"size": "huge"}, "unknown size 'huge'"),
+        ({"n_embd": 100}, "n_embd must divide into n_head heads"),
         ({"tokenizer": {"resolutoin": 8}}, "bad tokenizer settings"),
     ],
 )
 def test_bad_model_settings_are_refused(kwargs, problem):
+    """(Unknown names and values of the wrong type are jsonargparse's to catch: tests/test_cli_fit.py.)"""
     with pytest.raises(ValueError, match=problem):
         MeloFormerModule(**kwargs)
 
