@@ -5,8 +5,12 @@ product; ``causal``: every earlier token of the piece; ``local``: the RR rules a
 same data order, seed, steps and shape, then reports on the test split:
 
 - loss and perplexity, overall and per token kind, and by bar index (1-4, 5-8, 9-16, 17-32, 33+);
-- unprompted samples (16 bars, a fixed instrument set) against the test pieces: pitch-class entropy, groove,
-  polyphony, notes per bar, empty-bar rate and Museformer's similarity error;
+- the same loss on the single-line and on the multi-track test pieces apart (the reference corpus is 86%
+  single-line tunes, where a bar's summary adds little to the fine-bar rules);
+- unprompted samples (16 bars) in each texture against the test pieces of that texture: one piano line
+  (the tune books' program) against the single-line pieces, choir SATB against the multi-track ones.
+  Pitch-class entropy, groove, polyphony, notes per bar, empty-bar rate and Museformer's similarity error,
+  with a bootstrap standard error over the samples;
 - training steps/s and tokens/s of the three models, measured alternately in one process (a busy machine
   slows them alike).
 
@@ -37,13 +41,16 @@ from meloformer.datamodules import HIDDataModule
 from meloformer.evaluate import evaluate_music, evaluation_data
 from meloformer.hid import PAD, TRACK_PROGRAM0
 from meloformer.layout import layout
+from meloformer.metrics import MusicMetrics, similarity_error
 from meloformer.module import KIND_GROUPS, MeloFormerModule, load_checkpoint
 from meloformer.sampling import GenerationRequest, generate
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("summary", "causal", "local")
 BAR_BUCKETS = ((1, 4), (5, 8), (9, 16), (17, 32), (33, None))
-INSTRUMENTS = (52, 52, 53, 53)  # choir SATB (General MIDI programs), the reference corpus' commonest texture
+# Sampled instruments (General MIDI programs) per texture: the tune books' piano line, and choir SATB.
+TEXTURES = {"single-line": (0,), "multi-track": (52, 52, 53, 53)}
+BOOTSTRAP = 500
 
 
 def arm_config(base: dict, arm: str, steps: int, data_dir: Path, runs: Path) -> Path:
@@ -91,27 +98,43 @@ def bucket_of(bar: np.ndarray) -> np.ndarray:
     return out
 
 
+def texture_of(lay) -> np.ndarray:
+    """Per token, 1 if its piece has two or more tracks besides the conductor, 0 if one, -1 outside a piece."""
+    tracks = np.zeros(lay.doc.shape, dtype=np.int64)
+    for row in range(lay.doc.shape[0]):
+        docs = lay.doc[row]
+        most = np.zeros(docs.max(initial=-1) + 1, dtype=np.int64)
+        np.maximum.at(most, docs[docs >= 0], lay.track[row, docs >= 0])
+        tracks[row] = np.where(docs >= 0, most[docs.clip(0)], -1)
+    return np.where(tracks < 0, -1, (tracks >= 2).astype(np.int64))
+
+
 @torch.no_grad()
 def test_losses(module: MeloFormerModule, data_dir: Path, batch_size: int) -> dict[str, float]:
-    """Token-weighted test loss: overall, per kind group and per bar bucket."""
+    """Token-weighted test loss: overall, per kind group, per bar bucket and per texture."""
     data = evaluation_data(module, data_dir, batch_size)
     data.setup("test")
-    groups, buckets = len(KIND_GROUPS), len(BAR_BUCKETS)
-    sums, counts = np.zeros(groups + buckets + 1), np.zeros(groups + buckets + 1)
+    groups, buckets, textures = len(KIND_GROUPS), len(BAR_BUCKETS), len(TEXTURES)
+    size = groups + buckets + textures + 1
+    sums, counts = np.zeros(size), np.zeros(size)
     for batch in data.test_dataloader():
         tokens = batch["tokens"]
         loss, valid, group = module.token_losses(tokens)
-        bars = bucket_of(layout(tokens.numpy(), module.tokenizer.kinds).bar[:, 1:])
+        lay = layout(tokens.numpy(), module.tokenizer.kinds)
+        bars, texture = bucket_of(lay.bar[:, 1:]), texture_of(lay)[:, 1:]
         loss, valid, group = loss.numpy(), valid.numpy(), group.numpy()
         sums[-1], counts[-1] = sums[-1] + loss[valid].sum(), counts[-1] + valid.sum()
-        for index, offset in ((group, 0), (bars, groups)):
+        for index, offset in ((group, 0), (bars, groups), (texture, groups + buckets)):
             keep = valid & (index >= 0)
             np.add.at(sums, index[keep] + offset, loss[keep])
             np.add.at(counts, index[keep] + offset, 1)
-    names = [f"loss_{g}" for g in KIND_GROUPS] + [bucket_name(b) for b in BAR_BUCKETS] + ["loss"]
+    names = [f"loss_{g}" for g in KIND_GROUPS] + [bucket_name(b) for b in BAR_BUCKETS]
+    names += [f"loss_{t}" for t in TEXTURES] + ["loss"]
     out = {name: float(s / c) for name, s, c in zip(names, sums, counts) if c > 0}
     out["ppl"] = float(np.exp(out["loss"]))
     out["test_tokens"] = int(counts[-1])
+    for i, t in enumerate(TEXTURES):
+        out[f"test_tokens_{t}"] = int(counts[groups + buckets + i])
     return out
 
 
@@ -120,11 +143,11 @@ def bucket_name(bucket: tuple[int, int | None]) -> str:
     return f"loss_bars_{lo}-{hi}" if hi else f"loss_bars_{lo}+"
 
 
-def write_samples(module: MeloFormerModule, out: Path, count: int, bars: int) -> float:
-    """``count`` unprompted samples of ``bars`` bars; returns generated tokens per second."""
+def write_samples(module: MeloFormerModule, out: Path, programs: tuple[int, ...], count: int, bars: int) -> float:
+    """``count`` unprompted samples of ``bars`` bars for ``programs``; returns generated tokens per second."""
     out.mkdir(parents=True, exist_ok=True)
     tok = module.tokenizer
-    request = GenerationRequest(bars=bars, instruments=[TRACK_PROGRAM0 + p for p in INSTRUMENTS])
+    request = GenerationRequest(bars=bars, instruments=[TRACK_PROGRAM0 + p for p in programs])
     started, tokens = time.perf_counter(), 0
     for k in range(count):
         sample = generate(module.model, tok, request, seed=k, progress=False)
@@ -133,15 +156,32 @@ def write_samples(module: MeloFormerModule, out: Path, count: int, bars: int) ->
     return tokens / (time.perf_counter() - started)
 
 
-def test_midi(midi_dir: Path, data_dir: Path, out: Path) -> Path:
-    """A folder of links to the test split's source files (the reference of the music metrics)."""
+def test_midi(midi_dir: Path, data_dir: Path, out: Path) -> dict[str, Path]:
+    """Per texture, a folder of links to the test split's source files of that texture (the references of
+    the music metrics)."""
     index = json.loads((data_dir / "index.json").read_text())
-    out.mkdir(parents=True, exist_ok=True)
+    folders = {t: out / t for t in TEXTURES}
     for i, piece in enumerate(p for p in index["pieces"] if p["split"] == "test"):
-        link = out / f"{i:04d}_{Path(piece['source']).name}"
+        folder = folders["multi-track" if piece["tracks"] >= 2 else "single-line"]
+        folder.mkdir(parents=True, exist_ok=True)
+        link = folder / f"{i:04d}_{Path(piece['source']).name}"
         if not link.exists():
             link.symlink_to((midi_dir / piece["source"]).resolve())
-    return out
+    return folders
+
+
+def similarity_spread(generated: Path, reference: list[float], seed: int = 0) -> float:
+    """Bootstrap standard error of the similarity error over the generated files (resampled with replacement)."""
+    metrics = MusicMetrics()
+    files = sorted(generated.glob("*.mid"))
+    sims = np.stack([metrics.piece(metrics.tok.encode(f))[1] for f in files])  # [files, distance, (sum, count)]
+    rng = np.random.default_rng(seed)
+    errors = []
+    for _ in range(BOOTSTRAP):
+        total = sims[rng.integers(len(files), size=len(files))].sum(0)
+        curve = np.where(total[:, 1] > 0, total[:, 0] / np.maximum(total[:, 1], 1), np.nan)
+        errors.append(similarity_error(curve.tolist(), reference))
+    return float(np.nanstd(errors))
 
 
 def throughput(config: dict, data_dir: Path, steps: int = 5) -> dict[str, dict[str, float]]:
@@ -247,17 +287,20 @@ def main() -> None:
     train_arms(configs, args.steps)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    reference = test_midi(args.midi, args.data, args.runs / "test-midi")
+    references = test_midi(args.midi, args.data, args.runs / "test-midi")
     results = {}
     for arm in ARMS:
         module = load_checkpoint(configs[arm].parent / "checkpoints" / "last.ckpt")
         torch.set_num_threads(2)
-        test = test_losses(module, args.data, batch_size=4)
-        samples = args.runs / arm / "samples"
-        generation_speed = write_samples(module, samples, args.samples, args.bars)
-        music = evaluate_music(samples, reference)
-        results[arm] = {"test": test, "music": music, "generated_tokens_per_s": generation_speed}
-        print(f"{arm}: test loss {test['loss']:.4f}, similarity error {music['similarity_error']:.4f}")
+        results[arm] = {"test": test_losses(module, args.data, batch_size=4), "music": {}}
+        for texture, programs in TEXTURES.items():
+            samples = args.runs / arm / f"samples-{texture}"
+            speed = write_samples(module, samples, programs, args.samples, args.bars)
+            music = evaluate_music(samples, references[texture])
+            music["similarity_error_se"] = similarity_spread(samples, music["bar_similarity"]["reference"])
+            music["generated_tokens_per_s"] = speed
+            results[arm]["music"][texture] = music
+        print(f"{arm}: test loss {results[arm]['test']['loss']:.4f}")
     speed = throughput(base, args.data)
     for arm in ARMS:
         results[arm]["train_speed"] = speed[arm]
@@ -286,15 +329,22 @@ def table(results: dict) -> str:
     test = {a: results[a]["test"] for a in ARMS}
     row("test loss", [test[a]["loss"] for a in ARMS])
     row("test perplexity", [test[a]["ppl"] for a in ARMS], "{:.3f}")
-    for name in [f"loss_{g}" for g in KIND_GROUPS] + [bucket_name(b) for b in BAR_BUCKETS]:
+    names = [f"loss_{g}" for g in KIND_GROUPS] + [bucket_name(b) for b in BAR_BUCKETS]
+    for name in names + [f"loss_{t}" for t in TEXTURES]:
         row(name.replace("loss_", "loss, "), [test[a].get(name, float("nan")) for a in ARMS])
-    music = {a: results[a]["music"] for a in ARMS}
-    for metric in ("pitch_class_entropy", "groove_consistency", "polyphony", "notes_per_bar", "empty_bar_rate"):
-        row(metric, [music[a]["generated"][metric] for a in ARMS], "{:.3f}")
-    row("similarity error (lower is better)", [music[a]["similarity_error"] for a in ARMS])
+    for texture in TEXTURES:
+        music = {a: results[a]["music"][texture] for a in ARMS}
+        reference = music[ARMS[0]]["reference"]
+        for metric in ("pitch_class_entropy", "groove_consistency", "polyphony", "notes_per_bar", "empty_bar_rate"):
+            label = f"{texture} samples: {metric} (test pieces {reference[metric]:.3f})"
+            row(label, [music[a]["generated"][metric] for a in ARMS], "{:.3f}")
+        rows.append(
+            f"| {texture} samples: similarity error ± bootstrap s.e. (lower is better) | "
+            + " | ".join(f"{music[a]['similarity_error']:.4f} ± {music[a]['similarity_error_se']:.4f}" for a in ARMS)
+            + " |"
+        )
     row("training steps/s", [1 / results[a]["train_speed"]["step_s"] for a in ARMS], "{:.3f}")
     row("training tokens/s", [results[a]["train_speed"]["tokens_per_s"] for a in ARMS], "{:.0f}")
-    row("sampling tokens/s", [results[a]["generated_tokens_per_s"] for a in ARMS], "{:.0f}")
     return "\n".join(rows)
 
 
