@@ -110,7 +110,8 @@ class IncrementalDecoder:
         """
         n, slot = rows.num_regular, self.slots
         batch = torch.arange(rows.batch_size, device=slot.device)
-        x = self.model.embed_slots(rows.track_token[batch, n + slot])[:, None]
+        tokens = torch.from_numpy(self._tokens[:, :n]).to(slot.device)
+        x = self.model.embed_slots(tokens, rows)[batch, slot][:, None]
         # Its segment's tokens are all cached; the new token (at n - 1) is not part of it.
         ctx = self._context(rows, (n + slot)[:, None], (self.capacity + slot)[:, None], n - 1, int(slot.max()) + 1)
         self.model.forward_embeddings(x, ctx, self.caches)

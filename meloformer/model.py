@@ -47,6 +47,7 @@ compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 Backend = Literal["auto", "flex", "sdpa"]
 AttentionVariant = Literal["summary", "causal", "local"]
+SlotInput = Literal["learned", "segment_mean"]
 Checkpointing = Literal["none", "ffn", "block"]
 DEFAULT_VOCAB_SIZE = HIDTokenizer().vocab_size
 NUM_TRACK_EMBEDDINGS = 1 + 2 + 128  # none, conductor, drums, 128 programs
@@ -68,6 +69,7 @@ class MeloFormerConfig:
     cross_window: int = 1
     kind_sparsity: bool = False
     attention: AttentionVariant = "summary"  # summary | causal | local (the last two: no summary slots; ablations)
+    slot_input: SlotInput = "learned"  # a slot's input; segment_mean adds the mean embedding of its segment's tokens
     attention_backend: Backend = "auto"
     flex_block_size: int | None = None  # None: 128 on CUDA, 32 on CPU (sparser tiles, measured faster)
     gradient_checkpointing: Checkpointing = "none"
@@ -124,6 +126,15 @@ def parameter_counts(vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict[str, int]:
 def track_embedding_index(track_token: Tensor) -> Tensor:
     """``Track`` token id -> row of the track embedding (0 where a token has no track)."""
     return torch.where(track_token > 0, track_token - TRACK_CONDUCTOR + 1, 0)
+
+
+def segment_mean(x: Tensor, segment: Tensor, num_segments: int) -> Tensor:
+    """Mean of ``x`` ``[B, L, d]`` over the tokens of each segment (``segment`` ``[B, L]``, -1 outside one):
+    ``[B, num_segments, d]``, zero for a segment without tokens."""
+    index = torch.where(segment >= 0, segment, num_segments).long()  # tokens outside a segment: a spare row
+    sums = x.new_zeros(x.shape[0], num_segments + 1, x.shape[2]).scatter_add(1, index[..., None].expand_as(x), x)
+    counts = x.new_zeros(x.shape[0], num_segments + 1).scatter_add(1, index, torch.ones_like(x[..., 0]))
+    return (sums / counts.clamp(min=1)[..., None])[:, :num_segments]
 
 
 def rope_angles(pos: Tensor, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
@@ -378,9 +389,19 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
     def embed_tokens(self, tokens: Tensor, track_token: Tensor) -> Tensor:
         return self.tok_emb(tokens) + self.track_emb(track_embedding_index(track_token))
 
-    def embed_slots(self, track_token: Tensor) -> Tensor:
-        """A slot starts as the learned summary vector plus its segment's track/program embedding."""
-        return self.summary_emb + self.track_emb(track_embedding_index(track_token))
+    def embed_slots(self, tokens: Tensor, rows: RowLayout) -> Tensor:
+        """The slots' inputs ``[B, S, n_embd]``: the learned summary vector plus the segment's track/program
+        embedding, and with ``slot_input: segment_mean`` the mean embedding of the segment's tokens.
+
+        With ``learned`` a slot holds no content in the first layer (it gathers its segment there), so the
+        tokens that read it get its bar one layer late. The segment mean is causal: only queries after the
+        segment's end see a slot.
+        """
+        n = rows.num_regular
+        x = self.summary_emb + self.track_emb(track_embedding_index(rows.track_token[:, n:]))
+        if self.config.slot_input == "segment_mean":
+            x = x + segment_mean(self.tok_emb(tokens), rows.segment[:, :n], rows.num_slots)
+        return x
 
     def logits(self, x: Tensor) -> Tensor:
         return F.linear(self.norm(x), self.tok_emb.weight)
@@ -401,7 +422,7 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
             ctx = self.prepare(tokens, doc_ids)
         n = tokens.shape[1]
         track_token = ctx.rows.track_token
-        x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(track_token[:, n:])], dim=1)
+        x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(tokens, ctx.rows)], dim=1)
         return self.logits(self.forward_embeddings(x, ctx, caches)[:, :n])
 
     def forward_embeddings(self, x: Tensor, ctx: AttentionContext, caches: list[KVCache] | None = None) -> Tensor:

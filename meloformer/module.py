@@ -25,7 +25,7 @@ from torchmetrics.aggregation import MeanMetric
 from meloformer.checkpoint import read_checkpoint
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.masks import RowLayout
-from meloformer.model import AttentionVariant, Backend, Checkpointing, MeloFormer, MeloFormerConfig
+from meloformer.model import AttentionVariant, Backend, Checkpointing, MeloFormer, MeloFormerConfig, SlotInput
 
 # Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
 KIND_GROUPS = ("bar", "position", "pitch", "duration", "velocity", "track", "conductor")
@@ -78,6 +78,7 @@ class MeloFormerModule(pl.LightningModule):
         cross_window: int | None = None,
         kind_sparsity: bool | None = None,
         attention: AttentionVariant | None = None,
+        slot_input: SlotInput | None = None,
         attention_backend: Backend | None = None,
         flex_block_size: int | None = None,
         gradient_checkpointing: Checkpointing | None = None,
