@@ -249,7 +249,13 @@ class MeloFormerModule(pl.LightningModule):
         if saved is None:
             raise ValueError("not a MeloFormer checkpoint (no 'meloformer' entry)")
         check_same("tokenizer settings", saved["tokenizer"], self.tokenizer.settings)
-        check_same("model configuration", saved["model_config"], dataclasses.asdict(self.config))
+        check_same("model configuration", stored_config(saved["model_config"]), dataclasses.asdict(self.config))
+
+
+def stored_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's model configuration with the fields added since it was saved at their defaults, which
+    keep the behaviour it was trained with (``slot_input: learned``)."""
+    return dataclasses.asdict(MeloFormerConfig(**config))
 
 
 def check_same(what: str, saved: dict[str, Any], current: dict[str, Any]) -> None:

@@ -232,6 +232,21 @@ def test_a_checkpoint_with_the_old_overrides_still_loads(tmp_path):
     assert "overrides" not in loaded.hparams
 
 
+def test_a_checkpoint_from_before_a_new_model_field_loads_with_its_default(tmp_path):
+    """A checkpoint saved before ``slot_input`` existed stores no such field: it loads (and resumes) with the
+    default, ``learned``, the behaviour it was trained with; asking for another value is refused."""
+    module = MeloFormerModule(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, max_seq_len=256)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    del checkpoint["meloformer"]["model_config"]["slot_input"]
+    torch.save(checkpoint, tmp_path / "old.ckpt")
+    loaded = load_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.config.slot_input == "learned" and loaded.config == module.config
+    other = MeloFormerModule(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, max_seq_len=256, slot_input="segment_mean")
+    with pytest.raises(ValueError, match="slot_input: checkpoint 'learned' vs now 'segment_mean'"):
+        other.on_load_checkpoint(checkpoint)
+
+
 def test_resuming_with_another_model_or_tokenizer_is_an_error(demo_shards, tiny_model, tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(tmp_path, 1, checkpoints).fit(MeloFormerModule(**tiny_model), data(demo_shards))
