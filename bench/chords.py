@@ -8,7 +8,7 @@ notes by the tokenizer's template matching (as when encoding a MIDI file), is th
 baseline is the unsteered samples, in the same run. The chord tokens themselves always equal the request
 (tested); this measures whether the model writes notes that fit them.
 
-    python bench/chords.py --ckpt_path runs/demo/checkpoints/last.ckpt [--samples 8] [--bars 8]
+    python bench/chords.py [--ckpt_path CKPT_OR_MODEL_FOLDER] [--samples 8] [--bars 8]   # default: the shipped model
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ import torch
 
 from meloformer.chords import progression
 from meloformer.hid import CHORD_QUALITIES, NOTE_COLUMNS, TRACK_PROGRAM0, HIDTokenizer
-from meloformer.module import load_checkpoint
+from meloformer.module import load_checkpoint, module_from_folder
+from meloformer.pretrained import default_model_folder
 from meloformer.sampling import GenerationRequest, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,7 +47,7 @@ def chord_tones(tok: HIDTokenizer, tokens: np.ndarray, wanted: list[int]) -> tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ckpt_path", default=str(REPO / "runs" / "demo" / "checkpoints" / "last.ckpt"))
+    parser.add_argument("--ckpt_path", default=str(default_model_folder()), help="a checkpoint or a model folder")
     parser.add_argument("--chords", nargs="+", default=["C", "G", "Am", "F"])
     parser.add_argument("--bars", type=int, default=8)
     parser.add_argument("--instruments", type=int, nargs="+", default=[52, 52, 53], help="GM programs")
@@ -57,7 +58,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    module = load_checkpoint(args.ckpt_path)
+    module = module_from_folder(args.ckpt_path) if Path(args.ckpt_path).is_dir() else load_checkpoint(args.ckpt_path)
     tok, model = module.tokenizer, module.model
     wanted = progression(tok, args.chords, args.bars)
     instruments = [TRACK_PROGRAM0 + p for p in args.instruments]
