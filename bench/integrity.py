@@ -77,7 +77,7 @@ def synthetic_dataset(root: Path, megabytes: int, shard_mb: int = 16) -> Path:
 
 
 def bench_checkpoint(path: Path, config: MeloFormerConfig) -> dict:
-    weights = MeloFormer(config).state_dict()
+    weights = MeloFormer(config, HIDTokenizer().kinds).state_dict()
     moments = [{k: torch.zeros_like(v) for k, v in weights.items()} for _ in range(2)]
     torch.save({"state_dict": weights, "optimizer_states": moments, "meloformer": {}}, path)
     check_s = best_of(lambda: check_checkpoint_file(path))
