@@ -41,7 +41,7 @@ from meloformer.datamodules import HIDDataModule
 from meloformer.evaluate import evaluate_music, evaluation_data
 from meloformer.hid import PAD, TRACK_PROGRAM0
 from meloformer.layout import layout
-from meloformer.metrics import MusicMetrics, similarity_error
+from meloformer.metrics import MusicMetrics, similarity_curve, similarity_error
 from meloformer.module import KIND_GROUPS, MeloFormerModule, load_checkpoint
 from meloformer.sampling import GenerationRequest, generate
 
@@ -178,9 +178,8 @@ def similarity_spread(generated: Path, reference: list[float], seed: int = 0) ->
     rng = np.random.default_rng(seed)
     errors = []
     for _ in range(BOOTSTRAP):
-        total = sims[rng.integers(len(files), size=len(files))].sum(0)
-        curve = np.where(total[:, 1] > 0, total[:, 0] / np.maximum(total[:, 1], 1), np.nan)
-        errors.append(similarity_error(curve.tolist(), reference))
+        curve = similarity_curve(sims[rng.integers(len(files), size=len(files))].sum(0))
+        errors.append(similarity_error(curve, reference))
     return float(np.nanstd(errors))
 
 

@@ -123,8 +123,13 @@ class MusicMetrics:
         if not rows:
             raise ValueError(f"{folder}: no readable MIDI files ({len(skipped)} skipped)")
         means = {k: float(np.mean([r[k] for r in rows])) for k in PIECE_METRICS}
-        similarity = np.where(sims[:, 1] > 0, sims[:, 0] / np.maximum(sims[:, 1], 1), np.nan)
-        return {"files": len(rows), "skipped": skipped, "metrics": means, "bar_similarity": similarity.tolist()}
+        return {"files": len(rows), "skipped": skipped, "metrics": means, "bar_similarity": similarity_curve(sims)}
+
+
+def similarity_curve(sums: np.ndarray) -> list[float]:
+    """L_t from the summed similarities and pair counts ``[max_distance, 2]`` of ``bar_similarity_by_distance``
+    (NaN at a distance without pairs)."""
+    return np.where(sums[:, 1] > 0, sums[:, 0] / np.maximum(sums[:, 1], 1), np.nan).tolist()
 
 
 def similarity_error(generated: list[float], reference: list[float]) -> float:

@@ -316,7 +316,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's
     hparams.pop("overrides", None)  # checkpoints made before the model fields were arguments of their own
     training = {k: v for k, v in hparams.items() if k not in MODEL_FIELDS and k != "tokenizer"}
-    module = module_of(saved["model_config"], saved["tokenizer"], **training)
+    module = module_of(stored_config(saved["model_config"]), saved["tokenizer"], **training)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
