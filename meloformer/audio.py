@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import symusic
 
+from meloformer.files import atomic_path
 from meloformer.hid import HIDError, read_midi
 
 SAMPLE_RATE = 48000
@@ -23,6 +24,8 @@ SOUNDFONT = "TimGM6mb.sf2"
 # (at 48 kHz: pitches 102-108 of about a third of the programs, found by rendering every program x pitch; at
 # 22.05 kHz from 93 on). Such notes sound whole octaves lower instead; tests render every program x pitch.
 HIGHEST_PITCH = 101
+# 20 minutes of 16-bit stereo at 48 kHz is 230 MB: the most a render writes unless told otherwise.
+MAX_SECONDS = 1200.0
 
 
 def soundfont_path() -> Path:
@@ -64,12 +67,14 @@ def render_score(score: symusic.Score) -> np.ndarray:
 
 
 def write_wav(path: str | Path, audio: np.ndarray) -> None:
-    """Write [channels, samples] float audio in [-1, 1] at SAMPLE_RATE as 16-bit PCM."""
-    symusic.dump_wav(str(path), np.asfortranarray(audio, dtype=np.float32), SAMPLE_RATE, use_int16=True)
+    """Write [channels, samples] float audio in [-1, 1] at SAMPLE_RATE as 16-bit PCM (whole, or not at all)."""
+    with atomic_path(path) as tmp:
+        symusic.dump_wav(str(tmp), np.asfortranarray(audio, dtype=np.float32), SAMPLE_RATE, use_int16=True)
 
 
-def render_midi(midi: str | Path | symusic.Score, wav: str | Path) -> float:
-    """Render a MIDI file (or score) to a WAV file; returns its duration in seconds."""
+def render_midi(midi: str | Path | symusic.Score, wav: str | Path, max_seconds: float = MAX_SECONDS) -> float:
+    """Render a MIDI file (or score) to a WAV file; returns its duration in seconds. A piece longer than
+    ``max_seconds`` is refused before any audio is made (a tiny file can hold a note of days)."""
     if isinstance(midi, symusic.Score):
         score = midi
     else:
@@ -77,8 +82,14 @@ def render_midi(midi: str | Path | symusic.Score, wav: str | Path) -> float:
             score = read_midi(midi)
         except HIDError as err:
             raise ValueError(f"{midi}: not a readable MIDI file ({err})") from err
-    audio = render_score(score)
+    seconds = score.to("second").end()
+    if seconds > max_seconds:
+        raise ValueError(
+            f"{midi if not isinstance(midi, symusic.Score) else 'the piece'}: {seconds:,.0f} s of audio is more "
+            f"than the limit of {max_seconds:,.0f} s (raise it with --max_seconds)"
+        )
     if not Path(wav).parent.is_dir():
         raise OSError(f"{wav}: its folder does not exist")
+    audio = render_score(score)
     write_wav(wav, audio)
     return audio.shape[-1] / SAMPLE_RATE

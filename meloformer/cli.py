@@ -3,6 +3,7 @@ and sizes."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from importlib import resources
@@ -122,6 +123,7 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="sample K uses seed + K")
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--audio", action="store_true", help="also write sample_K.wav (General MIDI SoundFont)")
+    parser.add_argument("--overwrite", action="store_true", help="replace samples of an earlier run in --out")
     parser.add_argument("--no_progress", action="store_true")
     return parser
 
@@ -174,19 +176,17 @@ def open_checkpoint(path: str | None, device: str):
         raise ValueError(f"--ckpt_path {path}: not a readable MeloFormer checkpoint ({reason})") from None
 
 
-def _output_folder(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {path}: is a file, not a folder")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def generate_main(argv: list[str]) -> int:
+    with contextlib.ExitStack() as held:  # the lock on --out, from the checks to the last sample
+        return _generate(argv, held)
+
+
+def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
     import torch
 
-    from meloformer.audio import render_midi
+    from meloformer.audio import render_midi, soundfont_path
     from meloformer.edits import crop_bars
+    from meloformer.files import folder_lock, refuse_existing, writable_folder
     from meloformer.infill import Region, check_infill, infill, track_list
     from meloformer.pianoroll import save_pianoroll
     from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
@@ -208,6 +208,12 @@ def generate_main(argv: list[str]) -> int:
                 "--instruments, --add_track or --chords)"
             )
         regions = [Region.parse(text) for text in args.infill or ()]
+        if args.audio:
+            soundfont_path()  # before any sampling: a missing SoundFont must not cost the samples
+        out = writable_folder(args.out, "--out")
+        held.enter_context(folder_lock(out, ".generate.lock", "generate"))  # concurrent runs: one is refused
+        earlier = sorted(p for p in out.glob("sample_*") if p.suffix in (".mid", ".png", ".wav"))
+        refuse_existing(earlier, "--out", args.overwrite)
         module = open_checkpoint(args.ckpt_path, args.device)
         tok = module.tokenizer
         prompt = None
@@ -239,7 +245,6 @@ def generate_main(argv: list[str]) -> int:
             check_request(tok, request)
             request, notice = fit_to_context(tok, request, capacity)
             check_request(tok, request, capacity)
-        out = _output_folder(args.out)
     except (ValueError, OSError) as err:
         return fail("generate", err)
     if notice:
@@ -268,23 +273,35 @@ def generate_main(argv: list[str]) -> int:
 
 
 def render_parser() -> ArgumentParser:
+    from meloformer.audio import MAX_SECONDS
+
     parser = ArgumentParser(prog="meloformer render", description="Synthesize a MIDI file to a WAV file.")
     parser.add_argument("midi", help="a .mid/.midi file")
-    parser.add_argument("wav", help="the WAV file to write (16-bit stereo, 48 kHz)")
+    parser.add_argument("wav", help="the .wav file to write (16-bit stereo, 48 kHz)")
+    parser.add_argument("--max_seconds", type=float, default=MAX_SECONDS, help="refuse longer pieces")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing WAV file")
     return parser
 
 
 def render_main(argv: list[str]) -> int:
     from meloformer.audio import render_midi
+    from meloformer.files import refuse_existing, refuse_input, writable_folder
 
-    args = render_parser().parse_args(argv)
     try:
-        if not Path(args.midi).is_file():
+        args = parse(render_parser(), argv)
+        midi, wav = Path(args.midi), Path(args.wav)
+        if not midi.is_file():
             raise OSError(f"{args.midi}: no such file")
-        seconds = render_midi(args.midi, args.wav)
+        refuse_input(wav, [midi])
+        if wav.suffix.lower() != ".wav":
+            raise ValueError(f"{args.wav}: the output must be a .wav file")
+        if not wav.parent.is_dir():
+            raise OSError(f"{args.wav}: its folder does not exist")
+        writable_folder(wav.parent)
+        refuse_existing([wav], overwrite=args.overwrite)
+        seconds = render_midi(midi, wav, max_seconds=args.max_seconds)
     except (ValueError, OSError, RuntimeError) as err:
-        print(f"meloformer render: error: {err}", file=sys.stderr)
-        return 2
+        return fail("render", err)
     print(f"{args.wav}: {seconds:.2f} s")
     return 0
 

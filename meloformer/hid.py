@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import symusic
 
+from meloformer.files import atomic_path
+
 FORMAT_VERSION = 1
 
 CHORD_QUALITIES: dict[str, tuple[int, ...]] = {
@@ -98,10 +100,15 @@ class _Music:
 
 
 def read_midi(path: str | Path) -> symusic.Score:
-    """Parse a MIDI file, refusing one whose chunks run past its end (a truncated download or copy): symusic
-    0.5.x would read past its buffer there and return a random part of the piece."""
+    """Parse a MIDI file, refusing one whose chunks run past its end (a truncated download or copy: symusic
+    0.5.x would read past its buffer there and return a random part of the piece), a type-2 file and one with
+    0 ticks per quarter note (no time at all)."""
     data = Path(path).read_bytes()
     if data[:4] == b"MThd" and len(data) >= 14:
+        if int.from_bytes(data[8:10], "big") == 2:  # symusic would play its sequential patterns all at once
+            raise HIDError("cannot parse MIDI file: type 2 (sequential patterns) is not supported; save it as type 1")
+        if int.from_bytes(data[12:14], "big") == 0:
+            raise HIDError("cannot parse MIDI file: 0 ticks per quarter note")
         offset, chunks = 0, 1 + int.from_bytes(data[10:12], "big")  # the header, then its declared tracks
         for _ in range(chunks):
             end = offset + 8 + int.from_bytes(data[offset + 4 : offset + 8], "big")
@@ -519,7 +526,10 @@ class HIDTokenizer:
         return np.array(rows, dtype=np.int64).reshape(-1, len(NOTE_COLUMNS))
 
     def decode_to_file(self, tokens: np.ndarray, path: str | Path) -> None:
-        self.decode(tokens).dump_midi(str(path))
+        """Write the MIDI file of ``tokens`` (whole, or not at all)."""
+        score = self.decode(tokens)
+        with atomic_path(path) as tmp:
+            score.dump_midi(str(tmp))
 
     def _bar_notes(self, bar: np.ndarray) -> list[tuple[int, int, int, int]]:
         """(position, pitch, duration bin, velocity bin) of every note in one bar's tokens (after ``Bar``).

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from meloformer.files import atomic_path
 from meloformer.hid import NOTE_COLUMNS, PITCH_CLASS_NAMES, TRACK_DRUMS, HIDTokenizer
 
 COL = {name: i for i, name in enumerate(NOTE_COLUMNS)}
@@ -50,4 +51,7 @@ def render_pianoroll(tok: HIDTokenizer, tokens: np.ndarray, title: str = ""):
 
 
 def save_pianoroll(tok: HIDTokenizer, tokens: np.ndarray, path: str | Path, title: str = "") -> None:
-    render_pianoroll(tok, tokens, title).savefig(path)
+    """Write the piano roll of ``tokens`` as a PNG file (whole, or not at all)."""
+    figure = render_pianoroll(tok, tokens, title)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")

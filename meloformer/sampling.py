@@ -94,6 +94,8 @@ class _Plan:
         if request.tempo is not None:
             tempo_bin = int(np.abs(np.log(tok.tempo_values) - np.log(request.tempo)).argmin())
         instruments, bars = request.instruments, request.bars
+        if instruments is not None and instruments.count(TRACK_DRUMS) > 1:
+            raise ValueError("instruments: 'drums' twice; MIDI has one drum channel, so give drums once")
         if request.prompt is not None:
             piece = tok.parse(request.prompt)
             tracks = [piece.conductor] + [bars_ for _, bars_ in piece.tracks]
@@ -124,6 +126,11 @@ class _Plan:
             if bars is None:
                 raise ValueError("chords need a number of bars")
             first = 0 if request.prompt is None else piece.n_bars  # a prompt's bars keep their own chords
+            if len(request.chords) > bars - first:
+                raise ValueError(
+                    f"{len(request.chords)} chords for {bars - first} new bars: give at most one chord per bar "
+                    "(or more bars)"
+                )
             chords = [None] * first + progression(tok, request.chords, bars - first)
         self.grammar = HIDGrammar(
             tok,
