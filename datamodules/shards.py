@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from meloformer.files import sha256_file, write_bytes
+
 INDEX_NAME = "index.json"
 VERIFIED_NAME = "verified.json"
 INDEX_FORMAT = "meloformer-shards"
@@ -32,14 +34,6 @@ SPLITS = ("train", "val", "test")
 
 class ShardError(ValueError):
     """A dataset folder that cannot be read as it is: missing, damaged, or made with other settings."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def split_of(source: str, val_fraction: float, test_fraction: float) -> str:
@@ -94,10 +88,7 @@ def write_shard(root: Path, number: int, pieces: list[np.ndarray]) -> dict:
     name = f"shard_{number:05d}.u16"
     path = Path(root) / name
     data = np.concatenate(pieces).astype(np.uint16) if pieces else np.zeros(0, np.uint16)
-    with open(path, "wb") as f:
-        f.write(data.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
+    write_bytes(path, data.tobytes())  # whole or absent: a kill mid-shard leaves no partial shard file
     return {"file": name, "tokens": int(data.size), "sha256": hashlib.sha256(data.tobytes()).hexdigest()}
 
 

@@ -353,24 +353,24 @@ def export_parser() -> ArgumentParser:
     parser.add_argument("--ckpt_path", type=str, required=True, help="a checkpoint of `meloformer fit`")
     parser.add_argument("--out", type=str, required=True, help="the model folder to write")
     parser.add_argument("--card", type=str, default=None, help="a Markdown model card (default: a generated one)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing, non-empty --out folder")
     return parser
 
 
 def export_main(argv: list[str]) -> int:
-    """Write ``model.safetensors``, ``config.json`` and ``README.md`` from a training checkpoint."""
+    """Write ``model.safetensors``, ``config.json``, ``README.md`` and ``checksums.json`` from a checkpoint."""
     from meloformer.module import load_checkpoint, model_card
     from meloformer.pretrained import save_model_folder
 
-    args = export_parser().parse_args(argv)
     try:
+        args = parse(export_parser(), argv)
         module = load_checkpoint(args.ckpt_path)
         card = Path(args.card).read_text() if args.card else model_card(module, args.ckpt_path)
-        folder = save_model_folder(module.model, module.tokenizer, args.out, card)
+        folder = save_model_folder(module.model, module.tokenizer, args.out, card, overwrite=args.overwrite)
     except (ValueError, OSError) as err:
-        print(f"meloformer export: error: {err}", file=sys.stderr)
-        return 2
+        return fail("export", err)
     size = (folder / "model.safetensors").stat().st_size
-    print(f"{folder}: model.safetensors ({size / 1e6:.1f} MB), config.json, README.md")
+    print(f"{folder}: model.safetensors ({size / 1e6:.1f} MB), config.json, README.md, checksums.json")
     return 0
 
 

@@ -9,7 +9,9 @@ output folder is writable before any long work, and refuse to replace existing w
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -47,6 +49,41 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 def write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` whole (see ``atomic_path``)."""
     write_bytes(path, text.encode())
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to fill; on leaving the block its files are synced and it is renamed
+    to ``path``. An existing ``path`` is first renamed aside and removed after, so a kill leaves the old folder,
+    the new one whole, or (between the two renames) no folder and the old one under a hidden name."""
+    path = Path(path)
+    tmp, old = temporary_name(path), path.with_name(f".{path.name}.{os.getpid()}.old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb+") as written:
+                os.fsync(written.fileno())
+        _sync_folder(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _sync_folder(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():  # failed between the renames: put the old folder back
+            os.replace(old, path)
+        raise
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _sync_folder(folder: Path) -> None:

@@ -2,7 +2,10 @@
 
 The format is huggingface_hub's (``PyTorchModelHubMixin`` on ``MeloFormer``): ``config.json`` holds every
 ``MeloFormerConfig`` field and, under ``tokenizer``, the HID tokenizer settings, so a folder is all that
-generation and evaluation need. Folders are read locally; nothing is downloaded.
+generation and evaluation need. ``checksums.json`` holds the size and sha256 of both (the card is free to
+edit); every loader checks them and each ``config.json`` field first (``verify_model_folder``), so a damaged,
+truncated or mixed-up folder is refused with one line instead of generating from wrong weights. Folders are
+read locally; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -13,35 +16,131 @@ import io
 import json
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
+from meloformer.files import atomic_folder, sha256_file, writable_folder, write_text
 from meloformer.hid import HIDTokenizer
 from meloformer.model import MeloFormer, MeloFormerConfig
 
 SHIPPED_MODELS = Path(str(resources.files("meloformer.models")))  # models/ of the repository, as package data
 DEFAULT_MODEL = "meloformer-pd-2m"
+CHECKSUMS = "checksums.json"  # size and sha256 of MODEL_FILES, written by export, checked by every loader
+MODEL_FILES = ("config.json", "model.safetensors")  # the card, README.md, is documentation: free to edit
+CHECKSUMS_FORMAT = "meloformer-model-folder-checksums-v1"
 
 
-def save_model_folder(model: MeloFormer, tokenizer: HIDTokenizer, folder: str | Path, card: str) -> Path:
-    """Write ``model.safetensors``, ``config.json`` (model configuration and tokenizer settings) and ``card``."""
+def save_model_folder(
+    model: MeloFormer, tokenizer: HIDTokenizer, folder: str | Path, card: str, overwrite: bool = False
+) -> Path:
+    """Write ``model.safetensors``, ``config.json`` (model configuration and tokenizer settings), ``card`` as
+    ``README.md`` and ``checksums.json``; the folder appears whole (see ``atomic_folder``). A non-empty
+    ``folder`` is refused unless ``overwrite``."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "README.md").write_text(card)  # written first: save_pretrained keeps an existing card
-    config = {**dataclasses.asdict(model.config), "tokenizer": tokenizer.settings}
-    model.save_pretrained(folder, config=config)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--out {folder}: is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not overwrite:
+        raise ValueError(f"--out {folder}: is not empty; give --overwrite to replace it, or another folder")
+    writable_folder(folder.parent, "--out")
+    with atomic_folder(folder) as tmp:
+        (tmp / "README.md").write_text(card)  # written first: save_pretrained keeps an existing card
+        config = {**dataclasses.asdict(model.config), "tokenizer": tokenizer.settings}
+        model.save_pretrained(tmp, config=config)
+        write_checksums(tmp)
     return folder
+
+
+def write_checksums(folder: str | Path) -> dict[str, dict]:
+    """Record the size and sha256 of the files the model is made of (``MODEL_FILES``) in ``checksums.json``."""
+    folder = Path(folder)
+    files = {
+        name: {"bytes": (folder / name).stat().st_size, "sha256": sha256_file(folder / name)} for name in MODEL_FILES
+    }
+    write_text(folder / CHECKSUMS, json.dumps({"format": CHECKSUMS_FORMAT, "files": files}, indent=1) + "\n")
+    return files
 
 
 def is_model_folder(path: str | Path) -> bool:
     return Path(path).is_dir() and (Path(path) / "config.json").is_file()
 
 
-def load_model_folder(folder: str | Path, device: str = "cpu") -> tuple[MeloFormer, HIDTokenizer]:
-    """The model (in eval mode) and tokenizer of a model folder."""
+def verify_model_folder(folder: str | Path) -> dict[str, Any]:
+    """The saved configuration (``config.json``, with its ``tokenizer`` settings) of a model folder, after
+    checking it field by field and every file against ``checksums.json``; ValueError with one line naming the
+    file (and field) otherwise. Every loader of a model folder calls this first."""
     folder = Path(folder)
     if not is_model_folder(folder):
         raise ValueError(f"{folder}: not a model folder (no config.json)")
-    saved = json.loads((folder / "config.json").read_text())
-    tokenizer = HIDTokenizer(**saved.pop("tokenizer", {}))
+    saved = _read_config(folder / "config.json")
+    listed = _read_json(folder / CHECKSUMS, "the file list of the folder (re-export the model)")
+    files = listed.get("files") if listed.get("format") == CHECKSUMS_FORMAT else None
+    if not isinstance(files, dict) or not set(MODEL_FILES) <= files.keys():
+        raise ValueError(f"{folder / CHECKSUMS}: not a MeloFormer checksum list of {' and '.join(MODEL_FILES)}")
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{path}: missing (listed in {CHECKSUMS})")
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            problem = f"{size:,} bytes, {expected.get('bytes'):,} exported"
+        elif sha256_file(path) != expected.get("sha256"):
+            problem = f"its sha256 differs from {CHECKSUMS}"
+        else:
+            continue
+        raise ValueError(
+            f"{path}: not the file this folder was exported with: damaged, truncated or another model's ({problem})"
+        )
+    return saved
+
+
+def _read_json(path: Path, what: str) -> dict:
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; it holds {what}")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` checked field by field: every field known, of its type, the tokenizer settings usable."""
+    saved = _read_json(path, "the model configuration")
+    fields = {f.name: f for f in dataclasses.fields(MeloFormerConfig)}
+    for name, value in saved.items():
+        if name == "tokenizer":
+            continue
+        if name not in fields:
+            raise ValueError(f"{path}: unknown field {name!r} (not a MeloFormer model configuration)")
+        default = fields[name].default
+        kind = float if isinstance(default, float) else type(default)
+        if default is not None and kind in (int, float, bool, str) and not _is_a(value, kind):
+            raise ValueError(f"{path}: field {name!r} is {value!r}, not of type {kind.__name__}")
+    if not isinstance(saved.get("tokenizer"), dict):
+        raise ValueError(f"{path}: field 'tokenizer' (the tokenizer settings) is missing or not an object")
+    try:
+        vocab_size = HIDTokenizer(**saved["tokenizer"]).vocab_size
+        MeloFormerConfig(**{k: v for k, v in saved.items() if k != "tokenizer"})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{path}: {err}") from None
+    if saved.get("vocab_size", vocab_size) != vocab_size:
+        raise ValueError(f"{path}: field 'vocab_size' is {saved['vocab_size']}, its tokenizer has {vocab_size}")
+    return saved
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def load_model_folder(folder: str | Path, device: str = "cpu") -> tuple[MeloFormer, HIDTokenizer]:
+    """The model (in eval mode) and tokenizer of a model folder, verified first (``verify_model_folder``)."""
+    saved = verify_model_folder(folder)
+    tokenizer = HIDTokenizer(**saved.pop("tokenizer"))
     config = MeloFormerConfig(**saved)  # explicit: the mixin cannot resolve postponed annotations
     with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints "Loading weights from local directory"
         model = MeloFormer.from_pretrained(
