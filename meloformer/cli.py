@@ -38,7 +38,7 @@ def preprocess_parser() -> ArgumentParser:
     parser.add_argument("input_dir", nargs="?", help="folder of .mid/.midi files")
     parser.add_argument("output_dir", nargs="?", help="dataset folder (created; reruns resume)")
     parser.add_argument("--verify", type=str, default=None, help="re-check every shard's checksum in this folder")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="tokenising processes (at most one per CPU)")
     parser.add_argument("--val_fraction", type=float, default=0.05)
     parser.add_argument("--test_fraction", type=float, default=0.05)
     parser.add_argument("--shard_files", type=int, default=512, help="files per shard (and per resume point)")
@@ -319,16 +319,21 @@ def evaluate_parser() -> ArgumentParser:
     parser.add_argument("--generated", type=str, default=None, help="folder of generated MIDI files")
     parser.add_argument("--reference", type=str, default=None, help="folder of reference MIDI files")
     parser.add_argument("--out", type=str, default=None, help="write the results here as JSON")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return parser
 
 
 def evaluate_main(argv: list[str]) -> int:
     from meloformer.evaluate import evaluate_checkpoint, evaluate_music, loss_table, music_table, write_json
+    from meloformer.files import refuse_existing, writable_folder
 
     try:
         args = parse(evaluate_parser(), argv)
-        if args.out and Path(args.out).is_dir():
-            raise ValueError(f"--out {args.out}: is a folder; give the JSON file to write")
+        if args.out:  # checked before the evaluation, so its result cannot be lost to the output
+            if Path(args.out).is_dir():
+                raise ValueError(f"--out {args.out}: is a folder; give the JSON file to write")
+            writable_folder(Path(args.out).parent, "--out")
+            refuse_existing([Path(args.out)], "--out", args.overwrite)
         if args.generated or args.reference:
             if not (args.generated and args.reference):
                 raise ValueError("give both --generated and --reference")
@@ -342,9 +347,9 @@ def evaluate_main(argv: list[str]) -> int:
             print(loss_table(result))
         else:
             raise ValueError("give --ckpt_path and --data, or --generated and --reference")
+        write_json(result, args.out)
     except (ValueError, OSError) as err:
         return fail("evaluate", err)
-    write_json(result, args.out)
     return 0
 
 

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from meloformer.files import write_text
 from meloformer.metrics import PIECE_METRICS, MusicMetrics, similarity_error
 
 if TYPE_CHECKING:
@@ -82,6 +83,17 @@ def loss_table(result: dict[str, float]) -> str:
 
 
 def write_json(result: dict[str, Any], path: str | Path | None) -> None:
+    """Write ``result`` as strict JSON (a NaN or infinite number becomes ``null``), whole or not at all."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(result, indent=2))
+        write_text(path, json.dumps(finite(result), indent=2, allow_nan=False))
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float inside it (dicts, lists) replaced by None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value

@@ -14,6 +14,8 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -35,6 +37,7 @@ from meloformer.datamodules.shards import (
     write_index,
     write_shard,
 )
+from meloformer.files import write_text
 from meloformer.hid import HIDError, HIDTokenizer
 
 MIDI_SUFFIXES = {".mid", ".midi"}
@@ -166,26 +169,38 @@ def preprocess(
     tokenizer = tokenizer or HIDTokenizer()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     check_arguments(input_dir, output_dir, workers, val_fraction, test_fraction, shard_files)
+    created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(output_dir), _clean_on_failure(output_dir):
-        index = open_index(output_dir, tokenizer, val_fraction, test_fraction)
-        repaired = repair_damaged_shards(input_dir, output_dir, index, tokenizer)
-        problems: dict[str, str] = {}
-        files = find_midi_files(input_dir, problems)
-        if not files and not index["pieces"]:
-            raise ValueError(f"{input_dir}: no .mid or .midi files found")
-        summary = Summary(files_seen=len(files), repaired=repaired)
-        todo = files_to_do(files, input_dir, index, tokenizer, problems)
-        started = time.perf_counter()
-        writer = ShardWriter(output_dir, index, shard_files)
-        for result in tokenise_all(todo, workers, progress):
-            summary.processed_now += 1
-            writer.add(result)
-        writer.flush()
-        summary.seconds = time.perf_counter() - started
-        summary.unreadable = problems
-        count_index(index, summary)
-        write_report(output_dir, index, summary)
+    try:
+        with _exclusive(output_dir), _clean_on_failure(output_dir):
+            index = open_index(output_dir, tokenizer, val_fraction, test_fraction)
+            repaired = repair_damaged_shards(input_dir, output_dir, index, tokenizer)
+            problems: dict[str, str] = {}
+            files = find_midi_files(input_dir, problems)
+            if not files and not index["pieces"]:
+                raise ValueError(f"{input_dir}: no .mid or .midi files found")
+            summary = Summary(files_seen=len(files), repaired=repaired)
+            todo = files_to_do(files, input_dir, index, tokenizer, problems)
+            started = time.perf_counter()
+            writer = ShardWriter(output_dir, index, shard_files)
+            for result in tokenise_all(todo, workers, progress):
+                summary.processed_now += 1
+                writer.add(result)
+            writer.flush()
+            summary.seconds = time.perf_counter() - started
+            summary.unreadable = problems
+            count_index(index, summary)
+            if not index["pieces"]:
+                reasons = ", ".join(f"{k}: {v}" for k, v in sorted(summary.skipped.items())) or "unreadable"
+                raise ValueError(
+                    f"{input_dir}: none of its {len(files)} MIDI files is usable ({reasons}; duplicates: "
+                    f"{summary.duplicates}, unreadable: {len(problems)}); no dataset written"
+                )
+            write_report(output_dir, index, summary)
+    except ValueError:
+        if created:  # a refused run leaves nothing behind
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise
     return summary
 
 
@@ -300,9 +315,24 @@ def files_to_do(
     return todo
 
 
+def worker_count(workers: int, jobs: int) -> int:
+    """``workers``, at most one per CPU this process may use and one per job."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(workers, cpus, jobs))
+
+
+def worker_context() -> mp.context.BaseContext:
+    """``fork`` on Linux: workers are copies of this process and never re-import the caller's script, so a
+    script or notebook without an ``if __name__ == "__main__":`` guard cannot deadlock on a lock it holds
+    (with ``spawn`` each worker re-runs the script, and waits on the demo-corpus lock the script took).
+    Elsewhere ``spawn``, which needs that guard (macOS forks unsafely after some libraries load)."""
+    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
 def tokenise_all(todo: list, workers: int, progress: bool) -> Iterator[dict[str, Any]]:
-    """Results of ``_tokenise`` in the order of ``todo``, from ``workers`` processes."""
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    """Results of ``_tokenise`` in the order of ``todo``, from up to ``workers`` processes."""
+    workers = worker_count(workers, len(todo))
+    pool = worker_context().Pool(workers) if workers > 1 else None
     try:
         results = pool.imap(_tokenise, todo, chunksize=4) if pool else map(_tokenise, todo)
         yield from tqdm(results, total=len(todo), desc="preprocess", unit="file", disable=not progress)
@@ -395,4 +425,4 @@ def write_report(output_dir: Path, index: dict, summary: Summary) -> None:
     lines += [f"  {s['source']}: {s['error']}" for s in index["skipped"]] or ["  none"]
     lines += ["", "duplicates:"]
     lines += [f"  {d['source']} = {d['duplicate_of']}" for d in index["duplicates"]] or ["  none"]
-    (Path(output_dir) / "report.txt").write_text("\n".join(lines) + "\n")
+    write_text(Path(output_dir) / "report.txt", "\n".join(lines) + "\n")
