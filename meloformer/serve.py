@@ -175,10 +175,31 @@ def build_app(studio: Studio) -> gr.Blocks:
     return app
 
 
+class _OneLineErrors:
+    """Stands in for the ``traceback`` module in Gradio's queue, which prints a whole traceback for every
+    request its components refuse (a raw API call with a missing value, a string for a number, a file path
+    it did not upload): the log gets one line instead. The client gets the message (``show_error``)."""
+
+    @staticmethod
+    def print_exc(*args, **kwargs) -> None:
+        err = sys.exc_info()[1]
+        message = str(err).strip().splitlines()[0] if err is not None and str(err).strip() else type(err).__name__
+        print(f"meloformer serve: request refused: {message}", file=sys.stderr)
+
+
 def launch(app: gr.Blocks, host: str = "127.0.0.1", port: int = 7860, block: bool = True) -> str:
     """Start the server (``block=False``: in a background thread); returns the page's URL."""
+    import gradio.queueing
+
+    gradio.queueing.traceback = _OneLineErrors  # see _OneLineErrors
     _, url, _ = app.launch(
-        server_name=host, server_port=port, theme=THEME, ssr_mode=False, prevent_thread_lock=not block, quiet=True
+        server_name=host,
+        server_port=port,
+        theme=THEME,
+        ssr_mode=False,
+        prevent_thread_lock=not block,
+        quiet=True,
+        show_error=True,
     )
     return url
 

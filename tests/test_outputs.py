@@ -437,3 +437,41 @@ def test_preprocess_from_a_script_without_a_main_guard_does_not_deadlock(tmp_pat
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "kept 4" in done.stdout
+
+
+# ---------------------------------------------------------------- the web app's raw API
+
+
+def test_bad_raw_api_requests_get_a_message_and_leave_no_traceback(tiny_checkpoint, capfd):
+    import socket
+
+    import httpx
+
+    from meloformer.module import load_checkpoint
+    from meloformer.serve import Studio, build_app, launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    app = build_app(Studio(load_checkpoint(tiny_checkpoint)))
+    url = launch(app, port=port, block=False)
+    good = ["", 1, 0, "model's choice", 1.0, 0.95, None, "continue", "", 0, "", "", 0]
+    bad = {
+        "too few values": good[:3],
+        "a word for a number": ["", "two", *good[2:]],
+        "no values at all": [None] * len(good),
+        "a file the server did not receive": [*good[:6], {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]
+        + good[7:],
+        "a mode that does not exist": [*good[:7], "sideways", *good[8:]],
+    }
+    try:
+        capfd.readouterr()
+        for case, data in bad.items():
+            event = httpx.post(f"{url}gradio_api/call/run", json={"data": data}, timeout=60).json()["event_id"]
+            answer = httpx.get(f"{url}gradio_api/call/run/{event}", timeout=120).text
+            assert "event: error" in answer, (case, answer)
+            assert json.loads(answer.split("data: ", 1)[1].splitlines()[0])["error"], (case, answer)
+    finally:
+        app.close()
+    log = capfd.readouterr().err
+    assert "Traceback" not in log and log.count("meloformer serve: request refused:") == len(bad), log
