@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 from meloformer.audio import SAMPLE_RATE, render_score, write_wav
+from meloformer.files import atomic_path
 from meloformer.metrics import MusicMetrics
 from meloformer.pianoroll import render_pianoroll
 from meloformer.sampling import GenerationRequest, generate
@@ -63,7 +64,8 @@ class SampleLogger(pl.Callback):
         out_dir.mkdir(parents=True, exist_ok=True)
         pl_module.tokenizer.decode_to_file(tokens, out_dir / f"step_{step}.mid")
         figure = render_pianoroll(pl_module.tokenizer, tokens, title=f"sample at step {step}")
-        figure.savefig(out_dir / f"step_{step}.png")
+        with atomic_path(out_dir / f"step_{step}.png") as tmp:
+            figure.savefig(tmp, format="png")
         try:
             audio = render_score(pl_module.tokenizer.decode(tokens))
             write_wav(out_dir / f"step_{step}.wav", audio)

@@ -210,10 +210,8 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
         regions = [Region.parse(text) for text in args.infill or ()]
         if args.audio:
             soundfont_path()  # before any sampling: a missing SoundFont must not cost the samples
-        out = writable_folder(args.out, "--out")
-        held.enter_context(folder_lock(out, ".generate.lock", "generate"))  # concurrent runs: one is refused
-        earlier = sorted(p for p in out.glob("sample_*") if p.suffix in (".mid", ".png", ".wav"))
-        refuse_existing(earlier, "--out", args.overwrite)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ValueError(f"--out {args.out}: is a file, not a folder")
         module = open_checkpoint(args.ckpt_path, args.device)
         tok = module.tokenizer
         prompt = None
@@ -245,6 +243,10 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
             check_request(tok, request)
             request, notice = fit_to_context(tok, request, capacity)
             check_request(tok, request, capacity)
+        out = writable_folder(args.out, "--out")  # all checked, no sample made yet: now the folder
+        held.enter_context(folder_lock(out, ".generate.lock", "generate"))  # concurrent runs: one is refused
+        earlier = sorted(p for p in out.glob("sample_*") if p.suffix in (".mid", ".png", ".wav"))
+        refuse_existing(earlier, "--out", args.overwrite)
     except (ValueError, OSError) as err:
         return fail("generate", err)
     if notice:
