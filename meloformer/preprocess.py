@@ -321,18 +321,34 @@ def worker_count(workers: int, jobs: int) -> int:
     return max(1, min(workers, cpus, jobs))
 
 
-def worker_context() -> mp.context.BaseContext:
-    """``fork`` on Linux: workers are copies of this process and never re-import the caller's script, so a
-    script or notebook without an ``if __name__ == "__main__":`` guard cannot deadlock on a lock it holds
-    (with ``spawn`` each worker re-runs the script, and waits on the demo-corpus lock the script took).
-    Elsewhere ``spawn``, which needs that guard (macOS forks unsafely after some libraries load)."""
-    return mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+@contextmanager
+def _main_module_hidden() -> Iterator[None]:
+    """Hide the caller's main module from ``multiprocessing`` while the workers start.
+
+    A spawned worker re-runs the caller's script (or ``python -m`` module) before its first job. In a script
+    or notebook-exported file without an ``if __name__ == "__main__":`` guard that starts the whole job again
+    in every worker, or waits forever on a lock the script holds (the demo corpus's first use). The workers
+    need nothing from it (``_tokenise`` lives here), and ``spawn`` rather than ``fork`` keeps them free of
+    the locks and threads of a parent that has loaded torch, a synthesizer or a web server.
+    """
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__dict__["__spec__"] = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
 
 
 def tokenise_all(todo: list, workers: int, progress: bool) -> Iterator[dict[str, Any]]:
     """Results of ``_tokenise`` in the order of ``todo``, from up to ``workers`` processes."""
     workers = worker_count(workers, len(todo))
-    pool = worker_context().Pool(workers) if workers > 1 else None
+    pool = None
+    if workers > 1:
+        with _main_module_hidden():
+            pool = mp.get_context("spawn").Pool(workers)
     try:
         results = pool.imap(_tokenise, todo, chunksize=4) if pool else map(_tokenise, todo)
         yield from tqdm(results, total=len(todo), desc="preprocess", unit="file", disable=not progress)

@@ -394,20 +394,21 @@ def test_refused_preprocess_of_an_empty_folder_leaves_no_folder(tmp_path, capsys
 
 
 def test_preprocess_workers_are_capped_at_the_cpu_count(tmp_path, monkeypatch):
+    import multiprocessing
+
     import meloformer.preprocess as pre
 
     started = []
-    context = pre.worker_context()
+    spawn = multiprocessing.get_context("spawn")
 
     class Counting:
         def Pool(self, workers):  # noqa: N802 (multiprocessing's name)
             started.append(workers)
-            return context.Pool(workers)
+            return spawn.Pool(workers)
 
-    monkeypatch.setattr(pre, "worker_context", lambda: Counting())
-    files = [f for f in demo_files() if "bach" in str(f)][:6]
+    monkeypatch.setattr(pre.mp, "get_context", lambda method: Counting())
     (tmp_path / "in").mkdir()
-    for f in files:
+    for f in [f for f in demo_files() if "bach" in str(f)][:6]:
         shutil.copy(f, tmp_path / "in" / f.name)
     pre.preprocess(tmp_path / "in", tmp_path / "out", workers=500, progress=False)
     cpus = len(os.sched_getaffinity(0))
