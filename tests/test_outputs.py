@@ -169,6 +169,7 @@ def generate(tiny_checkpoint, out: Path, *extra: str) -> int:
 @pytest.fixture
 def no_sampling(monkeypatch):
     """Fail the test if the model samples: the refusals below must come before any sampling."""
+    import meloformer.infill  # noqa: F401 (imported first, it keeps the real `generate` it imports by name)
     import meloformer.sampling
 
     def refuse(*args, **kwargs):
