@@ -36,10 +36,14 @@ pytestmark = pytest.mark.slow
 # Reads one JSON argument list per line; forks a child that runs `meloformer ARGS` in a session of its own,
 # prints its pid, waits for it and prints its exit status.
 SERVER = """
-import json, os, sys
+import contextlib, json, os, sys, tempfile
+import torch
 from meloformer.cli import main
 import meloformer.audio, meloformer.infill, meloformer.module, meloformer.pianoroll, meloformer.pretrained
 import meloformer.preprocess, meloformer.sampling
+torch.set_num_threads(1)  # no thread pool to fork
+with tempfile.TemporaryDirectory() as warm, contextlib.redirect_stdout(sys.stderr):
+    main(json.loads(sys.argv[1]) + ["--out", warm])  # loads what generate loads lazily (~8 s a run)
 for line in sys.stdin:
     args = json.loads(line)
     pid = os.fork()
@@ -56,9 +60,10 @@ for line in sys.stdin:
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[subprocess.Popen]:
+def server(tiny_checkpoint) -> Iterator[subprocess.Popen]:
+    warm = ["generate", "--ckpt_path", str(tiny_checkpoint), "--bars", "1", "--instruments", "0", "--no_progress"]
     process = subprocess.Popen(
-        [sys.executable, "-c", SERVER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path.cwd()
+        [sys.executable, "-c", SERVER, json.dumps(warm)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
     yield process
     process.stdin.close()
