@@ -70,7 +70,7 @@ def test_controls_become_the_generation_request(studio):
     add = {"mode": "add a track", "new_track": "73"}
     request, _ = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3, **add})
     assert request.add_track == TRACK_PROGRAM0 + 73 and request.bars == 3
-    request, _ = studio.request(**{**DEFAULTS, "chords": "C G Am F"})
+    request, _ = studio.request(**{**DEFAULTS, "bars": 4, "chords": "C G Am F"})  # at most a chord per bar
     assert request.chords == ["C", "G", "Am", "F"]
     infill = {"mode": "regenerate bars (infill)", "regions": "2:2-3 1:1"}
     request, regions = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3, **infill})
