@@ -292,7 +292,8 @@ def render_main(argv: list[str]) -> int:
 def evaluate_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="meloformer evaluate",
-        description="Loss/perplexity of --ckpt_path on --data's --split, or metrics of --generated vs --reference.",
+        description="Loss/perplexity of --ckpt_path on --data's --split, metrics of --generated vs --reference, "
+        "or the two-sample report of --generated against real pieces (--against REAL_DIR --out REPORT_DIR).",
     )
     parser.add_argument("--ckpt_path", type=str, default=None)
     parser.add_argument("--data", type=str, default=None, help="a dataset folder of `meloformer preprocess`")
@@ -301,7 +302,13 @@ def evaluate_parser() -> ArgumentParser:
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--generated", type=str, default=None, help="folder of generated MIDI files")
     parser.add_argument("--reference", type=str, default=None, help="folder of reference MIDI files")
-    parser.add_argument("--out", type=str, default=None, help="write the results here as JSON")
+    parser.add_argument("--against", type=str, default=None, help="folder of real MIDI files: the two-sample report")
+    parser.add_argument("--prompt", type=str, default=None, help="--against: the prompt, whose key pieces should keep")
+    parser.add_argument("--region", type=str, default=None, help="--against: infilled TRACK:FIRST-LAST (from 1)")
+    parser.add_argument("--bootstrap", type=int, default=200, help="--against: resamples for the Fréchet error")
+    parser.add_argument("--folds", type=int, default=5, help="--against: cross-validation folds of the classifier")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=str, default=None, help="the JSON file to write (--against: the report folder)")
     return parser
 
 
@@ -310,6 +317,8 @@ def evaluate_main(argv: list[str]) -> int:
 
     try:
         args = parse(evaluate_parser(), argv)
+        if args.against:
+            return against_main(args)
         if args.out and Path(args.out).is_dir():
             raise ValueError(f"--out {args.out}: is a folder; give the JSON file to write")
         if args.generated or args.reference:
@@ -324,10 +333,39 @@ def evaluate_main(argv: list[str]) -> int:
             result = evaluate_checkpoint(module, args.data, args.split, args.batch_size, args.device)
             print(loss_table(result))
         else:
-            raise ValueError("give --ckpt_path and --data, or --generated and --reference")
+            raise ValueError("give --ckpt_path and --data, or --generated and --reference (or --against)")
     except (ValueError, OSError) as err:
         return fail("evaluate", err)
     write_json(result, args.out)
+    return 0
+
+
+def against_main(args) -> int:
+    """``evaluate --generated GEN --against REAL --out DIR``: the two-sample report, written into DIR."""
+    from meloformer.infill import Region
+    from meloformer.report import NO_SKLEARN, evaluate_against, markdown, write_report
+
+    if not args.generated or args.reference or not args.out:
+        raise ValueError("--against REAL_DIR needs --generated GEN_DIR and --out REPORT_DIR (and no --reference)")
+    if Path(args.out).is_file():
+        raise ValueError(f"--out {args.out}: is a file; give the report folder")
+    if args.prompt and not Path(args.prompt).is_file():
+        raise ValueError(f"--prompt {args.prompt}: no such file")
+    region = Region.parse(args.region) if args.region else None
+    report, tokens = evaluate_against(
+        args.generated,
+        args.against,
+        region=(region.track - 1, region.first - 1, region.last - 1) if region else None,
+        prompt=args.prompt,
+        bootstrap=args.bootstrap,
+        folds=args.folds,
+        seed=args.seed,
+    )
+    if report["classifier_note"] == NO_SKLEARN:
+        print(f"meloformer evaluate: {NO_SKLEARN}", file=sys.stderr)
+    paths = write_report(report, tokens, args.out)
+    print(markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
