@@ -342,7 +342,6 @@ def evaluate_main(argv: list[str]) -> int:
 
 def against_main(args) -> int:
     """``evaluate --generated GEN --against REAL --out DIR``: the two-sample report, written into DIR."""
-    from meloformer.infill import Region
     from meloformer.report import NO_SKLEARN, evaluate_against, markdown, write_report
 
     if not args.generated or args.reference or not args.out:
@@ -351,7 +350,11 @@ def against_main(args) -> int:
         raise ValueError(f"--out {args.out}: is a file; give the report folder")
     if args.prompt and not Path(args.prompt).is_file():
         raise ValueError(f"--prompt {args.prompt}: no such file")
-    region = Region.parse(args.region) if args.region else None
+    region = None
+    if args.region:
+        from meloformer.infill import Region  # torch: only where a region is given
+
+        region = Region.parse(args.region)
     report, tokens = evaluate_against(
         args.generated,
         args.against,

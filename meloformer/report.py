@@ -254,7 +254,9 @@ def markdown(report: dict) -> str:
             f"| classifier balanced accuracy ({g['folds']}-fold; real: two real halves) | "
             f"{_pm(g['balanced_accuracy'], g['sd'])} | {_pm(r['balanced_accuracy'], r['sd'])} |"
         )
-    notes = [f"Generated: `{gen['folder']}`; real: `{real['folder']}`. Values are mean ± sd over pieces."]
+    notes = ["Values are mean ± sd over pieces."]
+    if "folder" in gen:
+        notes.insert(0, f"Generated: `{gen['folder']}`; real: `{real['folder']}`.")
     if report["classifier_note"]:
         notes.append(report["classifier_note"] + ".")
     if report.get("prompt_key"):
@@ -265,6 +267,19 @@ def markdown(report: dict) -> str:
     if skipped:
         notes.append(f"{skipped} unreadable file(s) skipped; report.json names them.")
     return "\n".join(rows) + "\n\n" + "\n".join(notes) + "\n"
+
+
+def report_scalars(report: dict) -> dict[str, float]:
+    """The report's headline numbers as ``report/<name>`` (for a training logger), those it has."""
+    gen, fd, c = report["generated"], report["frechet"], report["classifier"] or {}
+    values = {
+        "frechet": fd["distance"],
+        "frechet_floor": fd["floor"],
+        "classifier": c.get("generated_vs_real", {}).get("balanced_accuracy"),
+        "classifier_real": c.get("real_vs_real", {}).get("balanced_accuracy"),
+        **{name: gen[name]["mean"] for name in ("repetition", "stepwise", "parallels", "crossings", "chord_tone_rate")},
+    }
+    return {f"report/{k}": float(v) for k, v in values.items() if v is not None}
 
 
 def strict(value: Any) -> Any:
