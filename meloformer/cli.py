@@ -305,6 +305,7 @@ def evaluate_parser() -> ArgumentParser:
     parser.add_argument("--against", type=str, default=None, help="folder of real MIDI files: the two-sample report")
     parser.add_argument("--prompt", type=str, default=None, help="--against: the prompt, whose key pieces should keep")
     parser.add_argument("--region", type=str, default=None, help="--against: infilled TRACK:FIRST-LAST (from 1)")
+    parser.add_argument("--bars", type=int, default=None, help="--against: measure the first bars of each piece")
     parser.add_argument("--bootstrap", type=int, default=200, help="--against: resamples for the Fréchet error")
     parser.add_argument("--folds", type=int, default=5, help="--against: cross-validation folds of the classifier")
     parser.add_argument("--seed", type=int, default=0)
@@ -360,6 +361,7 @@ def against_main(args) -> int:
         args.against,
         region=(region.track - 1, region.first - 1, region.last - 1) if region else None,
         prompt=args.prompt,
+        bars=args.bars,
         bootstrap=args.bootstrap,
         folds=args.folds,
         seed=args.seed,

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from meloformer.edits import crop_bars
 from meloformer.features import FEATURE_VECTOR, feature_vector, piece_features, self_similarity
 from meloformer.hid import PITCH_CLASS_NAMES, HIDError, HIDTokenizer, read_midi
 
@@ -70,15 +71,21 @@ def marker_chords(tok: HIDTokenizer, path: str | Path, tokens: np.ndarray) -> li
 
 
 def read_folder(
-    folder: str | Path, tok: HIDTokenizer, region: tuple[int, int, int] | None = None, key: str | None = None
+    folder: str | Path,
+    tok: HIDTokenizer,
+    region: tuple[int, int, int] | None = None,
+    key: str | None = None,
+    bars: int | None = None,
 ) -> tuple[list[dict], dict[str, str], list[np.ndarray]]:
     """Every readable MIDI file's features (chords from its markers, else the tokenizer's detection), the
-    files skipped with why, and the tokens of the first ``MATRICES`` pieces."""
+    files skipped with why, and the tokens of the first ``MATRICES`` pieces. ``bars``: only the first bars."""
     rows, skipped, kept = [], {}, []
     for path in midi_files(folder):
         try:
             tokens = tok.encode(path)
             chords = marker_chords(tok, path, tokens)
+            if bars is not None and bars < tok.parse(tokens).n_bars:
+                tokens, chords = crop_bars(tok, tokens, 0, bars), chords and chords[:bars]
             features = piece_features(tok, tokens, chords, region, key)
         except HIDError as err:
             skipped[str(path)] = str(err)
@@ -199,25 +206,29 @@ def evaluate_against(
     real: str | Path,
     region: tuple[int, int, int] | None = None,
     prompt: str | Path | None = None,
+    bars: int | None = None,
     bootstrap: int = 200,
     folds: int = 5,
     seed: int = 0,
     tok: HIDTokenizer | None = None,
 ) -> tuple[dict, dict[str, list[np.ndarray]]]:
     """The report of two MIDI folders, and the tokens of a few pieces of each (for ``write_report``'s plots).
-    ``region``: (track, first bar, last bar), 0-based; ``prompt``: a MIDI file whose key the pieces should keep."""
+    ``region``: (track, first bar, last bar), 0-based; ``prompt``: a MIDI file whose key the pieces should keep;
+    ``bars``: measure only the first bars of every piece (longer pieces have more bars to repeat)."""
     tok = tok or HIDTokenizer()
+    if bars is not None and bars < 1:
+        raise ValueError(f"--bars must be at least 1, got {bars}")
     for name, folder in (("--generated", generated), ("--against", real)):
         if not Path(folder).is_dir():
             raise ValueError(f"{name} {folder}: no such folder")
     key = piece_features(tok, tok.encode(prompt))["key"] if prompt else None
-    gen_rows, gen_skipped, gen_tokens = read_folder(generated, tok, region, key)
-    real_rows, real_skipped, real_tokens = read_folder(real, tok, region, key)
+    gen_rows, gen_skipped, gen_tokens = read_folder(generated, tok, region, key, bars)
+    real_rows, real_skipped, real_tokens = read_folder(real, tok, region, key, bars)
     report = two_sample(gen_rows, real_rows, bootstrap, folds, seed)
     report["generated"].update(folder=str(generated), skipped=gen_skipped, per_piece=gen_rows)
     report["real"].update(folder=str(real), skipped=real_skipped, per_piece=real_rows)
     region_text = f"{region[0] + 1}:{region[1] + 1}-{region[2] + 1}" if region else None
-    report.update(region=region_text, prompt=str(prompt) if prompt else None, prompt_key=key, seed=seed)
+    report.update(region=region_text, prompt=str(prompt) if prompt else None, prompt_key=key, bars=bars, seed=seed)
     return report, {"generated": gen_tokens, "real": real_tokens}
 
 
@@ -261,6 +272,8 @@ def markdown(report: dict) -> str:
         notes.append(report["classifier_note"] + ".")
     if report.get("prompt_key"):
         notes.append(f"key_agrees: share of pieces in the prompt's key, {report['prompt_key']}.")
+    if report.get("bars"):
+        notes.append(f"Every piece measured on its first {report['bars']} bars.")
     if report.get("region"):
         notes.append(f"Region {report['region']} (track:bars) for the leaps, range and consonance.")
     skipped = len(gen.get("skipped", {})) + len(real.get("skipped", {}))

@@ -141,7 +141,7 @@ def test_cli_writes_the_report_and_refuses_a_missing_folder(tmp_path):
         shutil.copy(path, real)
     out = tmp_path / "report"
     args = ("evaluate", "--generated", str(gen), "--against", str(real), "--out", str(out), "--bootstrap", "5")
-    done = meloformer(*args, "--prompt", str(next(real.iterdir())), cwd=tmp_path)
+    done = meloformer(*args, "--bars", "8", "--prompt", str(next(real.iterdir())), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
         "distributions.png",
@@ -155,6 +155,7 @@ def test_cli_writes_the_report_and_refuses_a_missing_folder(tmp_path):
 
     report = json.loads((out / "report.json").read_text(), parse_constant=no_nan)
     assert report["generated"]["pieces"] == 4 and report["real"]["pieces"] == 6
+    assert report["generated"]["bars"]["mean"] == report["real"]["bars"]["mean"] == 8  # --bars 8
     assert report["real"]["meters"] == {"4/4": 6} and report["prompt_key"] is not None
     # A single line has no voice pairs: null, and the count of pieces with a value is 0.
     assert report["generated"]["parallels"] == {"mean": None, "sd": None, "median": None, "n": 0}
