@@ -6,11 +6,11 @@ Generated and real pieces are measured alike (``meloformer.features``). The repo
   every piece's values;
 - the Fréchet distance between Gaussians fitted to ``FEATURE_VECTOR``, with each feature z-scored by the
   real set's mean and standard deviation. Its standard error comes from a bootstrap over pieces. Its floor
-  is the distance between two random halves of the real set, which has fewer pieces a side and so is, if
-  anything, biased upwards;
+  is the distance between two random halves of the real set, averaged over ``SPLITS`` halvings. Halves
+  have fewer pieces a side, so the floor is, if anything, biased upwards;
 - a two-sample classifier: a random forest telling generated from real pieces by ``FEATURE_VECTOR``. The
   report gives its balanced accuracy under stratified k-fold cross-validation (0.5: the sets cannot be told
-  apart), and the same for the two real halves as a control. It needs scikit-learn
+  apart), and the same for two real halves (over ``SPLITS`` halvings) as the control. It needs scikit-learn
   (``pip install meloformer[eval]``); without it the report says so in one line and gives the rest.
 
 ``write_report`` writes ``report.json`` (strict JSON: null, never NaN), ``report.md``,
@@ -48,6 +48,7 @@ SUMMARISED = (
 )
 NO_SKLEARN = "two-sample classifier skipped: it needs scikit-learn (pip install meloformer[eval])"
 MATRICES = 3  # self-similarity matrices plotted per set
+SPLITS = 5  # random halvings of the real set behind the floor and the control
 
 
 def midi_files(folder: str | Path) -> list[Path]:
@@ -139,19 +140,17 @@ def halves(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet(gen: np.ndarray, real: np.ndarray, bootstrap: int, rng: np.random.Generator) -> dict[str, Any]:
-    """The distance on features z-scored by the real set, its bootstrap error, and the real-halves floor."""
+    """The distance on features z-scored by the real set, its bootstrap error, and the floor: the mean
+    (and sd) of the distance between two random halves of the real set over ``SPLITS`` halvings."""
     mean, sd = real.mean(axis=0), real.std(axis=0)
     gen, real = (gen - mean) / np.where(sd > 0, sd, 1), (real - mean) / np.where(sd > 0, sd, 1)
-    out: dict[str, Any] = dict.fromkeys(("distance", "se", "floor", "floor_se"))
+    out: dict[str, Any] = dict.fromkeys(("distance", "se", "floor", "floor_sd"))
     if len(gen) >= 2:
         out["distance"], out["se"] = frechet_distance(gen, real), bootstrap_se(gen, real, bootstrap, rng)
     if len(real) >= 4:
-        a, b = halves(len(real), rng)
-        out["floor"], out["floor_se"] = (
-            frechet_distance(real[a], real[b]),
-            bootstrap_se(real[a], real[b], bootstrap, rng),
-        )
-    return {**out, "bootstrap": bootstrap}
+        floors = [frechet_distance(real[a], real[b]) for a, b in (halves(len(real), rng) for _ in range(SPLITS))]
+        out["floor"], out["floor_sd"] = float(np.mean(floors)), float(np.std(floors, ddof=1))
+    return {**out, "bootstrap": bootstrap, "splits": SPLITS}
 
 
 def classifier_accuracy(a: np.ndarray, b: np.ndarray, folds: int, seed: int) -> dict[str, Any]:
@@ -163,7 +162,7 @@ def classifier_accuracy(a: np.ndarray, b: np.ndarray, folds: int, seed: int) -> 
     if k < 2:
         return {"balanced_accuracy": None, "sd": None, "folds": k}
     forest = RandomForestClassifier(
-        n_estimators=100, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1
+        n_estimators=50, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1
     )
     x, y = np.vstack([a, b]), np.repeat([0, 1], [len(a), len(b)])
     cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
@@ -193,10 +192,18 @@ def two_sample(
     except ImportError:
         report["classifier_note"] = NO_SKLEARN
         return report
-    a, b = halves(len(real), rng)
+    controls = [
+        classifier_accuracy(real[a], real[b], folds, seed) for a, b in (halves(len(real), rng) for _ in range(SPLITS))
+    ]
+    accuracies = [c["balanced_accuracy"] for c in controls if c["balanced_accuracy"] is not None]
     report["classifier"] = {
         "generated_vs_real": classifier_accuracy(gen, real, folds, seed),
-        "real_vs_real": classifier_accuracy(real[a], real[b], folds, seed),
+        "real_vs_real": {
+            "balanced_accuracy": float(np.mean(accuracies)) if accuracies else None,
+            "sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else None,
+            "folds": controls[0]["folds"],
+            "splits": SPLITS,
+        },
     }
     return report
 
@@ -255,17 +262,20 @@ def markdown(report: dict) -> str:
     rows.append(f"| meters | {meters(gen)} | {meters(real)} |")
     fd = report["frechet"]
     rows.append(
-        f"| Fréchet distance (z-scored features; real: two real halves) | {_pm(fd['distance'], fd['se'])} | "
-        f"{_pm(fd['floor'], fd['floor_se'])} |"
+        f"| Fréchet distance (z-scored features; real: real halves) | {_pm(fd['distance'], fd['se'])} | "
+        f"{_pm(fd['floor'], fd['floor_sd'])} |"
     )
     if report["classifier"]:
         c = report["classifier"]
         g, r = c["generated_vs_real"], c["real_vs_real"]
         rows.append(
-            f"| classifier balanced accuracy ({g['folds']}-fold; real: two real halves) | "
+            f"| classifier balanced accuracy ({g['folds']}-fold; real: real halves) | "
             f"{_pm(g['balanced_accuracy'], g['sd'])} | {_pm(r['balanced_accuracy'], r['sd'])} |"
         )
-    notes = ["Values are mean ± sd over pieces."]
+    notes = [
+        "Features: mean ± sd over pieces. Fréchet distance: ± its bootstrap standard error. Classifier: ± the "
+        f"sd over folds. Real column of both: the mean ± sd over {SPLITS} random halvings of the real set."
+    ]
     if "folder" in gen:
         notes.insert(0, f"Generated: `{gen['folder']}`; real: `{real['folder']}`.")
     if report["classifier_note"]:
