@@ -174,8 +174,6 @@ def two_sample(
     gen_rows: list[dict], real_rows: list[dict], bootstrap: int = 200, folds: int = 5, seed: int = 0
 ) -> dict:
     """Summaries of both sets, the Fréchet distance with its floor, and the classifier with its control."""
-    if bootstrap < 0 or folds < 2:
-        raise ValueError(f"--bootstrap must be at least 0 and --folds at least 2, got {bootstrap} and {folds}")
     gen = np.array([feature_vector(r) for r in gen_rows])
     real = np.array([feature_vector(r) for r in real_rows])
     rng = np.random.default_rng(seed)
@@ -223,8 +221,13 @@ def evaluate_against(
     ``region``: (track, first bar, last bar), 0-based; ``prompt``: a MIDI file whose key the pieces should keep;
     ``bars``: measure only the first bars of every piece (longer pieces have more bars to repeat)."""
     tok = tok or HIDTokenizer()
-    if bars is not None and bars < 1:
-        raise ValueError(f"--bars must be at least 1, got {bars}")
+    for name, value, least in (
+        ("--bars", 1 if bars is None else bars, 1),
+        ("--bootstrap", bootstrap, 0),
+        ("--folds", folds, 2),
+    ):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
     for name, folder in (("--generated", generated), ("--against", real)):
         if not Path(folder).is_dir():
             raise ValueError(f"{name} {folder}: no such folder")

@@ -168,6 +168,13 @@ def test_cli_writes_the_report_and_refuses_a_missing_folder(tmp_path):
     )
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
     assert f"--against {tmp_path / 'nowhere'}: no such folder" in done.stderr
+    for extra, problem in (
+        (["--bars", "0"], "--bars must be at least 1, got 0"),
+        (["--folds", "1"], "--folds must be at least 2, got 1"),
+        (["--out", str(out / "report.md")], "is a file; give the report folder"),
+    ):
+        done = meloformer(*args, *extra, cwd=tmp_path)
+        assert done.returncode == 2 and problem in done.stderr and done.stderr.strip().count("\n") == 0, extra
 
 
 def test_sample_logger_logs_the_report_at_each_sampling_validation(demo_shards, tiny_model, tmp_path):
