@@ -38,6 +38,8 @@ from meloformer.hid import CHORD_QUALITIES, PITCH_CLASS_NAMES, TRACK_DRUMS, HIDT
 from meloformer.metrics import COL, MusicMetrics
 
 REPEAT_SIMILARITY = 0.75
+BAR_NOTE = [COL["pos"], COL["pitch"], COL["duration"]]  # a note of a track's bar, for repetition
+PIECE_NOTE = [COL["track"], *BAR_NOTE]  # a note of a bar of the piece, for self-similarity
 CONSONANT = (0, 3, 4, 7, 8, 9)
 # The fixed vector of the Fréchet distance and the classifier; parallels and crossings count 0 for one voice.
 FEATURE_VECTOR = (
@@ -177,7 +179,8 @@ def chord_rates(
 
 
 def region_features(notes: np.ndarray, track: int, first: int, last: int) -> dict[str, float | None]:
-    """Boundary leaps, range and consonance of bars ``first..last`` (0-based) of instrument track ``track``."""
+    """Boundary leaps, range and consonance of bars ``first..last`` (0-based) of instrument track ``track``
+    (``notes``: the pitched notes of the piece)."""
     none = dict.fromkeys(("leap_in", "leap_out", "region_in_range", "region_consonance"))
     own = notes[notes[:, COL["track"]] == track]
     if len(own) == 0:
@@ -228,10 +231,7 @@ def piece_features(
     parallels, crossings = parallels_and_crossings(voices)
     bars_per_track = [
         [
-            {
-                tuple(r)
-                for r in notes[(notes[:, COL["track"]] == t) & (notes[:, COL["bar"]] == b)][:, [2, 4, 5]].tolist()
-            }
+            {tuple(r) for r in notes[(notes[:, COL["track"]] == t) & (notes[:, COL["bar"]] == b)][:, BAR_NOTE].tolist()}
             for b in range(piece.n_bars)
         ]
         for t in range(len(piece.tracks))
@@ -258,7 +258,7 @@ def piece_features(
         "key_agrees": None if key is None or found_key is None else float(found_key == key),
     }
     if region is not None:
-        features.update(region_features(notes, *region))
+        features.update(region_features(pitched, *region))
     return features
 
 
@@ -271,5 +271,5 @@ def self_similarity(tok: HIDTokenizer, tokens: np.ndarray) -> np.ndarray:
     """[bars, bars]: the similarity of every two bars' notes as (track, position, pitch, duration)."""
     piece = tok.parse(tokens)
     notes = tok.note_table(piece)
-    bars = [{tuple(r) for r in notes[notes[:, COL["bar"]] == b][:, [0, 2, 4, 5]].tolist()} for b in range(piece.n_bars)]
+    bars = [{tuple(r) for r in notes[notes[:, COL["bar"]] == b][:, PIECE_NOTE].tolist()} for b in range(piece.n_bars)]
     return np.array([[jaccard(a, b) for b in bars] for a in bars])

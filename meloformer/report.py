@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import symusic
 
 from meloformer.edits import crop_bars
 from meloformer.features import FEATURE_VECTOR, feature_vector, piece_features, self_similarity
@@ -55,11 +56,10 @@ def midi_files(folder: str | Path) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in (".mid", ".midi"))
 
 
-def marker_chords(tok: HIDTokenizer, path: str | Path, tokens: np.ndarray) -> list[int] | None:
-    """A chord index per bar from the file's chord markers (``Cmaj``, ``Amin``: what `meloformer generate`
-    writes), or None when it has none."""
+def marker_chords(tok: HIDTokenizer, score: symusic.Score, tokens: np.ndarray) -> list[int] | None:
+    """A chord index per bar of ``tokens`` (the encoding of ``score``) from the score's chord markers
+    (``Cmaj``, ``Amin``: what `meloformer generate` writes), or None when it has none."""
     names = {PITCH_CLASS_NAMES[root] + quality: i for i, (root, quality) in enumerate(tok.chords)}
-    score = read_midi(path)
     marks = [(m.time, names[m.text]) for m in score.markers if m.text in names]
     if not marks:
         return None
@@ -83,8 +83,9 @@ def read_folder(
     rows, skipped, kept = [], {}, []
     for path in midi_files(folder):
         try:
-            tokens = tok.encode(path)
-            chords = marker_chords(tok, path, tokens)
+            score = read_midi(path)
+            tokens = tok.encode(score)
+            chords = marker_chords(tok, score, tokens)
             if bars is not None and bars < tok.parse(tokens).n_bars:
                 tokens, chords = crop_bars(tok, tokens, 0, bars), chords and chords[:bars]
             features = piece_features(tok, tokens, chords, region, key)

@@ -76,6 +76,22 @@ def test_meter_key_and_chord_rates_by_hand():
     assert features(score, chords=[g, c])["bass_on_root"] == 0.0
 
 
+def test_chords_come_from_the_files_markers_where_it_has_them(tmp_path):
+    import symusic
+
+    # Bar 0 C E G C, bar 1 G B D G; the markers say the opposite: G major, then C major.
+    score = make_score([(0, False, bar(0, [60, 64, 67, 72]) + bar(4, [67, 71, 74, 79]))])
+    score.dump_midi(str(tmp_path / "detected.mid"))
+    for q, name in ((0, "Gmaj"), (4, "Cmaj")):
+        score.markers.append(symusic.TextMeta(q * 480, name))
+    score.dump_midi(str(tmp_path / "marked.mid"))
+    rows = {r["file"]: r for r in read_folder(tmp_path, TOK)[0]}
+    assert rows["detected.mid"]["chord_source"] == "detected" and rows["detected.mid"]["chord_tone_rate"] == 1.0
+    # Bar 1's G B D G against the marked C major: G and G.
+    assert rows["marked.mid"]["chord_source"] == "markers" and rows["marked.mid"]["chord_tone_rate"] == 0.5
+    assert rows["marked.mid"]["chord_tone_rate_shifted"] == 1.0  # against bar 0's marked G major
+
+
 def test_region_leaps_range_and_consonance():
     # A piano line over bars 0-2: C4, then C5 (the region), then D4; a bass holds C3 throughout. The bass
     # is track 0 (HID puts bass before piano, and tracks are numbered as `--infill` numbers them).
