@@ -226,7 +226,7 @@ def test_sample_logger_logs_the_report_at_each_sampling_validation(demo_shards, 
     events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.tfevents*")).parent)).Reload()
     assert [e.step for e in events.Scalars("report/frechet")] == [2]  # validation 2 of 2 samples
     assert "report/frechet_floor" in events.Tags()["scalars"]
-    assert "report/classifier" in (next((tmp_path / "csv").rglob("metrics.csv"))).read_text()
+    assert "report/repetition" in (next((tmp_path / "csv").rglob("metrics.csv"))).read_text()
     assert [e.step for e in events.Tensors("report/text_summary")] == [2]
     assert len(logger.real) == 4
     with pytest.raises(ValueError, match="against=nowhere must be a folder"):
