@@ -6,10 +6,11 @@ leaves whole tiles empty, which FlexAttention skips.
 
 Every rule is a small ``mask_mod(b, h, q_idx, kv_idx)`` over the rows' packed codes (``row_layout.Code``:
 one int64 load per side, then constant bit tests), composed with ``and_masks``/``or_masks``. The one
-composed function is evaluated on broadcast index tensors, tile by tile (``evaluate_tiles``), to build
-every representation of the mask (``attention_mask``): the ``BlockSparseMask`` of the ``sdpa`` backend, the
-``BlockMask`` of the ``flex`` backend (which also evaluates it inside its kernel) and the dense boolean
-matrix of the tests; and row by row for KV-cached decoding. So the rules exist exactly once.
+composed function is evaluated on broadcast index tensors to build every representation of the mask
+(``attention_mask``): the ``BlockSparseMask`` of the ``sdpa`` backend, the ``BlockMask`` of the ``flex``
+backend (which also evaluates it inside its kernel) and the dense boolean matrix of the tests; and row by
+row for KV-cached decoding. So the rules exist exactly once. Which tiles are visible, and which fully,
+comes from one evaluation per run of a segment's tokens in a tile (``tile_visibility``), not per element.
 
 During training the tiles are evaluated in the DataLoader workers (``MaskPlan``, on the CPU): a batch
 arrives with its side channels and its backend's tile structure (``PlannedMask``), and the step only wraps
@@ -169,16 +170,14 @@ def candidate_tiles(rows: RowLayout, block_size: int) -> Tensor:
     return (docs_meet & past) | torch.eye(n_blocks, dtype=torch.bool, device=live.device)
 
 
-def evaluate_tiles(
-    mask_mod: MaskMod, rows: RowLayout, block_size: int, elements: int = 1 << 20
-) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
-    """``mask_mod`` on every candidate tile: their (batch, query block, key block) indices and ``[C, bs, bs]``.
+def tile_elements(
+    mask_mod: MaskMod, rows: RowLayout, block_size: int, index: tuple[Tensor, ...], elements: int = 1 << 20
+) -> Tensor:
+    """``mask_mod`` on every element of the tiles ``index`` (batch, query block, key block): ``[C, bs, bs]``.
 
-    The same broadcast evaluation feeds the dense ``sdpa`` matrix and the flex ``BlockMask``; tiles go in
-    chunks of about ``elements`` entries, so memory stays small at any context length.
+    Tiles go in chunks of about ``elements`` entries, so memory stays small at any context length.
     """
     t, device = rows.length, rows.pos.device
-    index = torch.nonzero(candidate_tiles(rows, block_size), as_tuple=True)
     offsets = torch.arange(block_size, device=device)
     h = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
     tiles = torch.empty(len(index[0]), block_size, block_size, dtype=torch.bool, device=device)
@@ -188,7 +187,78 @@ def evaluate_tiles(
         q, kv = qb * block_size + offsets[:, None], kb * block_size + offsets
         inside = (q < t) & (kv < t)
         tiles[start : start + step] = mask_mod(b, h, q.clamp(max=t - 1), kv.clamp(max=t - 1)) & inside
-    return index, tiles
+    return tiles
+
+
+def evaluate_tiles(mask_mod: MaskMod, rows: RowLayout, block_size: int) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """``mask_mod`` on every element of every candidate tile: their indices and ``[C, bs, bs]`` (the reference
+    that ``tile_visibility`` must agree with, and the dense matrix's source)."""
+    index = torch.nonzero(candidate_tiles(rows, block_size), as_tuple=True)
+    return index, tile_elements(mask_mod, rows, block_size, index)
+
+
+def _block_runs(rows: RowLayout, block_size: int, runs: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per block of positions, the first position of each run the mask treats alike: ``[B, n, K]`` positions,
+    which of them are real, the count per block and whether the block holds a dead (or past-the-end) position.
+
+    With ``runs`` the regular tokens of one segment inside a block form one run (every rule but the causal
+    order among them treats them alike); every other live position is a run of its own, and dead positions
+    (padding, unused slots: they see only themselves and nobody sees them) belong to none.
+    """
+    n_blocks = ceil_div(rows.length, block_size)
+    fill = n_blocks * block_size - rows.length
+    live = F.pad(rows.doc >= 0, (0, fill), value=False)
+    p = torch.arange(n_blocks * block_size, device=live.device)
+    seg = F.pad(rows.segment, (0, fill), value=-1)
+    start = live & ((p % block_size == 0) | (p >= rows.num_regular) | (seg < 0))
+    if runs:
+        start |= live & (seg != F.pad(seg, (1, 0), value=-1)[:, :-1])
+    else:
+        start = live
+    start = start.view(rows.batch_size, n_blocks, block_size)
+    count = start.sum(-1)
+    k = max(int(count.max()), 1)
+    order = start.int().argsort(dim=-1, descending=True, stable=True)[..., :k]
+    first = order + torch.arange(n_blocks, device=live.device)[:, None] * block_size
+    real = torch.arange(k, device=live.device) < count[..., None]
+    dead = ~live.view(rows.batch_size, n_blocks, block_size).all(-1)
+    return first.clamp(max=rows.length - 1), real, count, dead
+
+
+def tile_visibility(
+    mask_mod: MaskMod, rows: RowLayout, block_size: int, runs: bool = False, elements: int = 1 << 22
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor]:
+    """Which candidate tiles hold a visible pair and which are all visible: (batch, query block, key block)
+    indices, ``any`` and ``all`` per tile, exactly, without evaluating every element of a tile.
+
+    ``mask_mod`` runs on the first position of each run (``_block_runs``) of the query and key blocks; a
+    segment split between two blocks has a first position in each, so the causal order decides between
+    them as it does for every pair. A diagonal tile always holds a visible pair (itself) and never only
+    visible ones; a tile with a dead position is never full.
+    """
+    device = rows.pos.device
+    index = torch.nonzero(candidate_tiles(rows, block_size), as_tuple=True)
+    first, real, count, dead = _block_runs(rows, block_size, runs)
+    b, qb, kb = index
+    visible_any = torch.empty(len(b), dtype=torch.bool, device=device)
+    visible_all = torch.empty_like(visible_any)
+    h = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
+    # Tiles grouped by their blocks' run counts, so each group pads only to its own widest block.
+    width = torch.bucketize(count, torch.tensor([16, 32, 64], device=device)) if runs else torch.zeros_like(count)
+    group = width[b, qb] * 4 + width[b, kb]
+    for g in group.unique().tolist():
+        members = torch.nonzero(group == g).squeeze(1)
+        kq, kk = int(count[b[members], qb[members]].max()), int(count[b[members], kb[members]].max())
+        step = max(1, elements // max(kq * kk, 1))
+        for start in range(0, len(members), step):
+            m = members[start : start + step]
+            bm, qm, km = b[m], qb[m], kb[m]
+            q, kv = first[bm, qm, :kq, None], first[bm, km, None, :kk]
+            pairs = real[bm, qm, :kq, None] & real[bm, km, None, :kk]
+            seen = mask_mod(bm[:, None, None], h, q, kv)
+            visible_any[m] = (seen & pairs).flatten(1).any(1) | (qm == km)
+            visible_all[m] = (seen | ~pairs).flatten(1).all(1) & (qm != km) & ~dead[bm, qm] & ~dead[bm, km]
+    return index, visible_any, visible_all
 
 
 def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> Tensor:
@@ -231,19 +301,22 @@ class BlockSparseMask:
 
 
 def block_sparse_mask(
-    mask_mod: MaskMod, rows: RowLayout, query_block: int = 64, key_block: int = 32
+    mask_mod: MaskMod, rows: RowLayout, query_block: int = 64, key_block: int = 32, runs: bool = False
 ) -> BlockSparseMask:
-    """Build a ``BlockSparseMask`` from the evaluated ``key_block`` tiles, never the full dense matrix.
+    """Build a ``BlockSparseMask`` from the visible ``key_block`` tiles, never the full dense matrix.
 
     ``query_block`` is a multiple of ``key_block``: a query block sees a key block when any of its tiles
     holds a visible pair. Query rows past the row's end (block padding) see the first gathered key, so no
-    row is empty (their outputs are dropped).
+    row is empty (their outputs are dropped). Only partially visible tiles are evaluated element by element
+    (``runs``: see ``flex_blocks``).
     """
     if query_block % key_block:
         raise ValueError(f"query_block {query_block} must be a multiple of key_block {key_block}")
-    (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, key_block)
-    seen = tiles.any(dim=(1, 2))
-    b, qb, kb, tiles = b[seen], qb[seen], kb[seen], tiles[seen]
+    (b, qb, kb), seen, full = tile_visibility(mask_mod, rows, key_block, runs)
+    b, qb, kb, full = b[seen], qb[seen], kb[seen], full[seen]
+    tiles = torch.ones(len(b), key_block, key_block, dtype=torch.bool, device=b.device)
+    partial = ~full
+    tiles[partial] = tile_elements(mask_mod, rows, key_block, (b[partial], qb[partial], kb[partial]))
     t, batch, per = rows.length, rows.batch_size, query_block // key_block
     n_keys, n_queries = ceil_div(t, key_block), ceil_div(t, query_block)
     device = tiles.device
@@ -271,17 +344,19 @@ def block_sparse_mask(
 
 
 def attention_mask(
-    mask_mod: MaskMod, rows: RowLayout, backend: str, block_size: int | None = None
+    mask_mod: MaskMod, rows: RowLayout, backend: str, block_size: int | None = None, runs: bool = False
 ) -> BlockSparseMask | BlockMask | Tensor:
     """The mask of one batch as its backend runs it, built from the evaluated tiles in one call.
 
     ``sdpa`` gets the ``BlockSparseMask``, ``flex`` the ``BlockMask`` (``block_size``: 128 on CUDA, 32 on CPU,
-    where sparser tiles measured faster) and ``dense`` the full boolean matrix (the reference).
+    where sparser tiles measured faster) and ``dense`` the full boolean matrix (the reference). ``runs``: the
+    mask treats a segment's tokens alike but for their causal order (``MaskRules.runs``).
     """
     if backend == "sdpa":
-        return block_sparse_mask(mask_mod, rows)
+        return block_sparse_mask(mask_mod, rows, runs=runs)
     if backend == "flex":
-        return flex_blocks(mask_mod, rows, block_size or flex_block_size(rows.pos.device)).block_mask(mask_mod)
+        size = block_size or flex_block_size(rows.pos.device)
+        return flex_blocks(mask_mod, rows, size, runs).block_mask(mask_mod)
     if backend == "dense":
         return full_dense_mask(mask_mod, rows)
     raise ValueError(f"unknown attention mask backend {backend!r}")
@@ -320,13 +395,15 @@ class FlexBlocks:
         return {"partial": partial, "full": full, "computed": partial + full}
 
 
-def flex_blocks(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> FlexBlocks:
-    """The ``flex`` backend's per-sample tile structure of ``mask_mod`` on ``rows``; built once per batch."""
-    (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
+def flex_blocks(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128, runs: bool = False) -> FlexBlocks:
+    """The ``flex`` backend's per-sample tile structure of ``mask_mod`` on ``rows``; built once per batch.
+
+    ``runs``: the mask treats a segment's tokens alike but for their causal order (``MaskRules.runs``), so
+    ``tile_visibility`` evaluates it once per run instead of once per element."""
+    (b, qb, kb), any_, all_ = tile_visibility(mask_mod, rows, block_size, runs)
     n_blocks = ceil_div(rows.length, block_size)
-    partial = torch.zeros(rows.batch_size, 1, n_blocks, n_blocks, dtype=torch.bool, device=tiles.device)
+    partial = torch.zeros(rows.batch_size, 1, n_blocks, n_blocks, dtype=torch.bool, device=any_.device)
     full = torch.zeros_like(partial)
-    any_, all_ = tiles.any(dim=(1, 2)), tiles.all(dim=(1, 2))
     partial[b, 0, qb, kb] = any_ & ~all_
     full[b, 0, qb, kb] = all_
 
@@ -356,6 +433,12 @@ class MaskRules:
     @property
     def with_slots(self) -> bool:
         return self.attention == "summary"
+
+    @property
+    def runs(self) -> bool:
+        """Every rule treats the tokens of one segment alike, but for their causal order (not so for the
+        kind classes of ``kind_sparsity``): tiles can be evaluated once per segment run."""
+        return not self.kind_sparsity
 
     def mask_mod(self, rows: RowLayout) -> MaskMod:
         return summary_mask_mod(rows, self.fine_bars, self.cross_window, self.kind_sparsity, self.attention)
@@ -393,9 +476,9 @@ class MaskPlan:
         rows = row_layout(tokens, self.kinds, self.min_slots, self.rules.with_slots)
         mask_mod = self.rules.mask_mod(rows)
         if self.backend == "flex":
-            structure = flex_blocks(mask_mod, rows, self.flex_block_size)
+            structure = flex_blocks(mask_mod, rows, self.flex_block_size, self.rules.runs)
         elif self.backend == "sdpa":
-            structure = block_sparse_mask(mask_mod, rows)
+            structure = block_sparse_mask(mask_mod, rows, runs=self.rules.runs)
         else:
             raise ValueError(f"a mask plan is for the flex or sdpa backend, got {self.backend!r}")
         return {"layout": rows.tensors(), "mask": PlannedMask(self.backend, structure)}

@@ -394,7 +394,7 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         if planned is not None and planned.backend == backend:
             mask = planned.mask(mask_mod)
         else:
-            mask = attention_mask(mask_mod, rows, backend, self.config.flex_block_size)
+            mask = attention_mask(mask_mod, rows, backend, self.config.flex_block_size, self.mask_rules.runs)
         cos, sin = rope_angles(rows.pos, self.config.head_dim, self.config.rope_base)
         return AttentionContext(rows, mask, cos, sin)
 

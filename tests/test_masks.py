@@ -22,9 +22,11 @@ from meloformer.masks import (
     block_sparse_mask,
     candidate_tiles,
     dense_mask,
+    evaluate_tiles,
     flex_blocks,
     full_dense_mask,
     summary_mask_mod,
+    tile_visibility,
 )
 from meloformer.model import compiled_flex_attention
 from meloformer.row_layout import row_layout, slots_for
@@ -520,3 +522,29 @@ def test_a_mask_plan_builds_what_the_step_would(backend: str):
         reference = block_sparse_mask(mod, rows)
         assert all(torch.equal(a.mask, b.mask) for a, b in zip(mask.calls, reference.calls))
         assert torch.equal(mask.order, reference.order)
+
+
+@pytest.mark.parametrize("settings", [{}, {"attention": "local"}, {"kind_sparsity": True}])
+def test_tile_visibility_by_runs_equals_every_element(shifted_demo_rows: np.ndarray, settings: dict):
+    """Which tiles hold a visible pair and which hold only visible pairs, from one evaluation per run, equal
+    the element-by-element evaluation at every tile size, wherever segments end."""
+    rows = row_layout(shifted_demo_rows[::3], TOK.kinds, with_slots="attention" not in settings)
+    mod = summary_mask_mod(rows, **settings)
+    runs = MaskRules(**settings).runs
+    for size in (8, 32, 128):
+        index, tiles = evaluate_tiles(mod, rows, size)
+        same_index, visible, full = tile_visibility(mod, rows, size, runs)
+        assert all(torch.equal(a, b) for a, b in zip(index, same_index))
+        assert torch.equal(visible, tiles.any((1, 2))), size
+        assert torch.equal(full, tiles.all((1, 2))), size
+        assert full.any() or size > 8  # the test meets full tiles
+
+
+def test_block_sparse_mask_by_runs_equals_every_element():
+    tokens = np.array([TOKENS + TOKENS[:-30] + [PAD] * 37, TOKENS + TOKENS[::-1] + TOKENS[:7]])
+    rows = row_layout(tokens, TOK.kinds, 24)
+    mod = summary_mask_mod(rows)
+    fast, slow = block_sparse_mask(mod, rows, runs=True), block_sparse_mask(mod, rows)
+    assert len(fast.calls) == len(slow.calls) and torch.equal(fast.order, slow.order)
+    for a, b in zip(fast.calls, slow.calls):
+        assert torch.equal(a.query, b.query) and torch.equal(a.keys, b.keys) and torch.equal(a.mask, b.mask)
