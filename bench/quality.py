@@ -119,7 +119,7 @@ def test_losses(module: MeloFormerModule, data_dir: Path, batch_size: int) -> di
     sums, counts = np.zeros(size), np.zeros(size)
     for batch in data.test_dataloader():
         tokens = batch["tokens"]
-        loss, valid, group = module.token_losses(tokens)
+        loss, valid, group = module.token_losses({"tokens": tokens})
         lay = layout(tokens.numpy(), module.tokenizer.kinds)
         bars, texture = bucket_of(lay.bar[:, 1:]), texture_of(lay)[:, 1:]
         loss, valid, group = loss.numpy(), valid.numpy(), group.numpy()
@@ -202,7 +202,7 @@ def throughput(config: dict, data_dir: Path, steps: int = 5) -> dict[str, dict[s
     for _ in range(steps + 1):  # the first round warms up
         for arm, module in modules.items():
             started = time.perf_counter()
-            loss, valid, _ = module.token_losses(tokens)
+            loss, valid, _ = module.token_losses({"tokens": tokens})
             (loss.sum() / valid.sum()).backward()
             optimizers[arm].step()
             optimizers[arm].zero_grad()

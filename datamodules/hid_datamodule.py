@@ -10,18 +10,20 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
 from meloformer.datamodules.rows import RowBuilder
 from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
 from meloformer.datamodules.stream import (
-    CollateWithLayout,
+    CollateWithPlan,
     LoaderPlan,
     RowDataset,
     StreamLoader,
@@ -68,6 +70,9 @@ class HIDDataModule(pl.LightningDataModule):
             on first use into ``data/demo-shards``.
         max_seq_len: tokens per row (the model's context).
         max_segments: most (track, bar) segments per row: the model's summary slots. None: no limit.
+        mask_plan: what the DataLoader workers add to each batch from its tokens: the model's ``MaskPlan``
+            (side channels and attention mask; ``meloformer fit`` links it from the model). None: tokens only,
+            and the model computes the rest in the step.
         batch_size: rows per batch and rank (a ``LoaderSchedule`` such as ``PhaseSwitchCallback`` overrides it).
         val_batch_size: rows per validation/test batch; None: ``batch_size``.
         num_workers: DataLoader worker processes (overridden per phase for training, as ``batch_size``).
@@ -94,6 +99,7 @@ class HIDDataModule(pl.LightningDataModule):
         tokenizer: dict[str, Any] | None = None,
         max_open_shards: int = 8,
         verify_checksums: bool = True,
+        mask_plan: Callable[[Tensor], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -111,10 +117,11 @@ class HIDDataModule(pl.LightningDataModule):
             self.tokenizer = HIDTokenizer(**(tokenizer or {}))
         except TypeError as err:
             raise ValueError(f"data: bad tokenizer settings {tokenizer}: {err}") from err
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["mask_plan"])  # the model's, not a data setting
         self.data_dir = data_dir
         self.max_seq_len = max_seq_len
         self.max_segments = max_segments
+        self.mask_plan = mask_plan
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
@@ -258,7 +265,7 @@ class HIDDataModule(pl.LightningDataModule):
 
     def _loader_kwargs(self, num_workers: int) -> dict[str, Any]:
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        collate = None if self.max_segments is None else CollateWithLayout(self.max_segments, self.tokenizer)
+        collate = None if self.mask_plan is None else CollateWithPlan(self.mask_plan)
         return {
             "num_workers": num_workers,
             "worker_init_fn": worker_init if num_workers else None,

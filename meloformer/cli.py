@@ -436,6 +436,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 parser.link_arguments(
                     "model", f"data.{target}", compute_fn=_config_field(source), apply_on="instantiate"
                 )
+            parser.link_arguments("model", "data.mask_plan", compute_fn=_mask_plan, apply_on="instantiate")
 
         def parse_arguments(self, parser, args) -> None:
             """Parse errors as one short line (``ConfigError``), not after the whole usage."""
@@ -551,6 +552,11 @@ def _config_field(name: str):
         return getattr(module.config, name)
 
     return field
+
+
+def _mask_plan(module):
+    """The model's mask plan: the DataLoader workers build each batch's side channels and mask."""
+    return module.mask_plan()
 
 
 def main(argv: list[str] | None = None) -> int:

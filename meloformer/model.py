@@ -36,11 +36,13 @@ from meloformer.hid import TRACK_CONDUCTOR, HIDTokenizer
 from meloformer.masks import (
     DEFAULT_FINE_BARS,
     BlockSparseMask,
-    RowLayout,
+    MaskPlan,
+    MaskRules,
+    PlannedMask,
     attention_mask,
-    row_layout,
-    summary_mask_mod,
+    flex_block_size,
 )
+from meloformer.row_layout import RowLayout, row_layout
 
 # Compiled once for the process: the eager flex_attention materialises the whole score matrix.
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
@@ -347,41 +349,52 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
             raise ValueError(f"attention_backend must be auto, flex or sdpa, got {backend!r}")
         return backend
 
-    def mask_mod(self, rows: RowLayout):
+    @property
+    def mask_rules(self) -> MaskRules:
         c = self.config
-        return summary_mask_mod(rows, c.fine_bars, c.cross_window, c.kind_sparsity, c.attention)
+        return MaskRules(c.fine_bars, c.cross_window, c.kind_sparsity, c.attention)
 
-    def row_layout(
-        self,
-        tokens: Tensor,
-        doc_ids: Tensor | None = None,
-        min_slots: int | None = None,
-    ) -> RowLayout:
+    def mask_mod(self, rows: RowLayout):
+        return self.mask_rules.mask_mod(rows)
+
+    def row_layout(self, tokens: Tensor, min_slots: int | None = None) -> RowLayout:
         """Side channels of a batch with ``summary_slots`` slots (more, rounded up to 128, if needed)."""
         min_slots = self.config.summary_slots if min_slots is None else min_slots
-        with_slots = self.config.attention == "summary"
-        return row_layout(tokens, self.kinds, min_slots, doc_ids, with_slots).to(tokens.device)
+        return row_layout(tokens, self.kinds, min_slots, self.mask_rules.with_slots).to(tokens.device)
+
+    def mask_plan(self, backend: str) -> MaskPlan:
+        """What the DataLoader workers compute for each batch so the step builds nothing (``masks.MaskPlan``)."""
+        block_size = self.config.flex_block_size or flex_block_size("cuda" if backend == "flex" else "cpu")
+        kinds = self.kinds.cpu().numpy()
+        return MaskPlan(kinds, self.mask_rules, self.config.summary_slots, backend, block_size)
 
     def prepare(
         self,
         tokens: Tensor,
-        doc_ids: Tensor | None = None,
         backend: str | None = None,
         rows: RowLayout | None = None,
+        planned: PlannedMask | None = None,
     ) -> AttentionContext:
         """Side channels, mask and rotary angles for a batch: built once, shared by every layer.
 
-        ``rows`` are side channels computed beforehand (by the DataLoader workers); by default they are
-        computed here from ``tokens`` and ``doc_ids``.
+        ``rows`` are side channels computed beforehand, and ``planned`` the mask the DataLoader workers built
+        for them (``mask_plan``); used when it is for this call's backend, so the step then builds no mask.
+        By default everything is computed here from ``tokens``.
         """
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"{tokens.shape[1]} tokens exceed max_seq_len={self.config.max_seq_len}")
         if rows is None:
-            rows = self.row_layout(tokens, doc_ids)
-        else:  # the loader's rows always hold summary slots; the causal and local variants use none
-            rows = (rows if self.config.attention == "summary" else rows.without_slots()).to(tokens.device)
-        backend = backend or self.backend(tokens.device)
-        mask = attention_mask(self.mask_mod(rows), rows, backend, self.config.flex_block_size)
+            rows = self.row_layout(tokens)
+        elif rows.num_slots and not self.mask_rules.with_slots:  # rows made for summary attention
+            rows, planned = rows.without_slots().to(tokens.device), None
+        else:
+            rows = rows.to(tokens.device)
+        backend = backend or (planned.backend if planned is not None else self.backend(tokens.device))
+        mask_mod = self.mask_mod(rows)
+        if planned is not None and planned.backend == backend:
+            mask = planned.mask(mask_mod)
+        else:
+            mask = attention_mask(mask_mod, rows, backend, self.config.flex_block_size, self.mask_rules.runs)
         cos, sin = rope_angles(rows.pos, self.config.head_dim, self.config.rope_base)
         return AttentionContext(rows, mask, cos, sin)
 
@@ -409,7 +422,6 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
     def forward(
         self,
         tokens: Tensor,
-        doc_ids: Tensor | None = None,
         ctx: AttentionContext | None = None,
         caches: list[KVCache] | None = None,
     ) -> Tensor:
@@ -419,7 +431,7 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         layer's keys and values of the whole row, which is how a decoder's prefill fills them.
         """
         if ctx is None:
-            ctx = self.prepare(tokens, doc_ids)
+            ctx = self.prepare(tokens)
         n = tokens.shape[1]
         track_token = ctx.rows.track_token
         x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(tokens, ctx.rows)], dim=1)

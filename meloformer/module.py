@@ -24,8 +24,17 @@ from torchmetrics.aggregation import MeanMetric
 
 from meloformer.checkpoint import read_checkpoint
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
-from meloformer.masks import RowLayout
-from meloformer.model import AttentionVariant, Backend, Checkpointing, MeloFormer, MeloFormerConfig, SlotInput
+from meloformer.masks import MaskPlan
+from meloformer.model import (
+    AttentionContext,
+    AttentionVariant,
+    Backend,
+    Checkpointing,
+    MeloFormer,
+    MeloFormerConfig,
+    SlotInput,
+)
+from meloformer.row_layout import RowLayout
 
 # Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
 KIND_GROUPS = ("bar", "position", "pitch", "duration", "velocity", "track", "conductor")
@@ -112,7 +121,7 @@ class MeloFormerModule(pl.LightningModule):
             {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("all", *KIND_GROUPS)}
         )
         self._compiled = False
-        self._last_step: tuple[float, int] | None = None
+        self._last_step: tuple[float, Tensor] | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -148,21 +157,32 @@ class MeloFormerModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ math
-    def forward(self, tokens: Tensor, doc_ids: Tensor | None = None) -> Tensor:
-        return self.model(tokens, doc_ids)
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)
 
-    def token_losses(self, tokens: Tensor, layout: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-target loss ``[B, L-1]``, which targets count, and each target's kind group (-1: none).
+    def mask_plan(self, backend: str | None = None) -> MaskPlan:
+        """What the DataLoader workers add to each batch (``masks.MaskPlan``): side channels and the mask of
+        ``backend`` (default: ``attention_backend``, where ``auto`` is flex when CUDA is available, else sdpa)."""
+        if backend is None:
+            backend = self.config.attention_backend
+            backend = ("flex" if torch.cuda.is_available() else "sdpa") if backend == "auto" else backend
+        return self.model.mask_plan(backend)
 
-        ``layout`` is the batch's side channels from the DataLoader workers, if it carries them.
-        """
+    def attention_context(self, batch: dict[str, Any], backend: str | None = None) -> AttentionContext:
+        """The exact attention context a step runs for a loader batch: the batch's own side channels and
+        mask when the loader built them (``mask_plan``) for this backend (default: the batch's, else the
+        model's choice), so the step then only wraps them."""
+        tokens = batch["tokens"]
+        layout = batch.get("layout")
         rows = None if layout is None else RowLayout.from_tensors(layout, tokens.shape[1])
-        ctx = self.model.prepare(tokens, rows=rows)  # layout and mask, outside the compiled forward
-        logits = self.model(tokens, ctx=ctx)[:, :-1]
-        targets = tokens[:, 1:]
-        valid = (targets != PAD) & (targets != BOS)
-        loss = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100), reduction="none")
-        group = self.kind_group[targets]
+        return self.model.prepare(tokens, backend, rows, batch.get("mask"))
+
+    def token_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-target loss ``[B, L-1]``, which targets count, and each target's kind group (-1: none)."""
+        tokens = batch["tokens"]
+        ctx = self.attention_context(batch)  # layout and mask, outside the compiled forward
+        loss, valid = next_token_losses(self.model(tokens, ctx=ctx), tokens)
+        group = self.kind_group[tokens[:, 1:]]
         in_conductor = ctx.rows.track[:, 1 : tokens.shape[1]] == 0
         group = torch.where((group == POSITION_GROUP) & in_conductor, CONDUCTOR_GROUP, group)
         return loss, valid, group
@@ -173,27 +193,30 @@ class MeloFormerModule(pl.LightningModule):
         n = len(KIND_GROUPS)
         index = torch.where(valid & (group >= 0), group, n).flatten()
         sums = torch.zeros(n + 1, device=loss.device, dtype=loss.dtype).index_add_(0, index, loss.flatten())
-        counts = torch.bincount(index, minlength=n + 1)
+        counts = torch.zeros(n + 1, device=loss.device, dtype=loss.dtype).index_add_(
+            0, index, torch.ones_like(loss.flatten())
+        )
         mean = loss.sum() / valid.sum().clamp(min=1)
         return mean, sums[:n], counts[:n]
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """One step with no host sync: every logged value stays a device tensor (a kind group that no target
+        of the batch has logs NaN)."""
         tokens = batch["tokens"]
-        loss, valid, group = self.token_losses(tokens, batch.get("layout"))
+        loss, valid, group = self.token_losses(batch)
         mean, sums, counts = self.group_means(loss, valid, group)
         size = tokens.shape[0]
         self.log("train/loss", mean, prog_bar=True, batch_size=size)
         self.log("train/ppl", torch.exp(mean.detach()), batch_size=size)
-        per_kind = {
-            f"train/loss_{name}": sums[i].detach() / counts[i] for i, name in enumerate(KIND_GROUPS) if counts[i] > 0
-        }
-        self.log_dict(per_kind, batch_size=size)
+        per_kind = sums.detach() / counts  # 0 / 0 = NaN where the batch has no target of a group
+        self.log_dict({f"train/loss_{name}": per_kind[i] for i, name in enumerate(KIND_GROUPS)}, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
-        self._log_throughput(int((tokens != PAD).sum()), size)
+        self._log_throughput((tokens != PAD).sum(), size)
         return mean
 
-    def _log_throughput(self, tokens: int, size: int) -> None:
-        """Non-padding tokens per second of this process, over the previous step (loading included)."""
+    def _log_throughput(self, tokens: Tensor, size: int) -> None:
+        """Non-padding tokens per second of this process, over the previous step (loading included); the
+        token count stays on the device."""
         now = time.perf_counter()
         if self._last_step is not None:
             started, previous_tokens = self._last_step
@@ -210,7 +233,7 @@ class MeloFormerModule(pl.LightningModule):
         self._eval_step("test", batch)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        loss, valid, group = self.token_losses(batch["tokens"], batch.get("layout"))
+        loss, valid, group = self.token_losses(batch)
         mean, sums, counts = self.group_means(loss, valid, group)
         # Every metric is updated (possibly with weight 0), so all ranks compute the same metrics.
         self.metrics[f"{stage}_all"].update(mean, valid.sum())
@@ -250,6 +273,15 @@ class MeloFormerModule(pl.LightningModule):
             raise ValueError("not a MeloFormer checkpoint (no 'meloformer' entry)")
         check_same("tokenizer settings", saved["tokenizer"], self.tokenizer.settings)
         check_same("model configuration", stored_config(saved["model_config"]), dataclasses.asdict(self.config))
+
+
+def next_token_losses(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token cross-entropy ``[B, L-1]`` of ``logits`` ``[B, L, vocab]`` on ``tokens`` ``[B, L]``, and which
+    targets count: no loss on padding or on the ``BOS`` that opens the next packed piece."""
+    targets = tokens[:, 1:]
+    valid = (targets != PAD) & (targets != BOS)
+    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets.masked_fill(~valid, -100), reduction="none")
+    return loss, valid
 
 
 def stored_config(config: dict[str, Any]) -> dict[str, Any]:

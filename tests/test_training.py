@@ -76,7 +76,7 @@ def packed_row(shards, length=256) -> torch.Tensor:
 def test_loss_covers_regular_tokens_only_and_groups_kinds(demo_shards, tiny_model):
     module = MeloFormerModule(**tiny_model)
     tokens = packed_row(demo_shards)
-    loss, valid, group = module.token_losses(tokens)
+    loss, valid, group = module.token_losses({"tokens": tokens})
     targets = tokens[0, 1:].numpy()
     assert np.array_equal(valid[0].numpy(), (targets != PAD) & (targets != BOS))
     assert (loss[~valid] == 0).all()
@@ -188,7 +188,7 @@ def test_validation_loss_is_token_weighted_over_the_whole_split(demo_shards, tin
     sums, counts = torch.zeros(len(KIND_GROUPS) + 1), torch.zeros(len(KIND_GROUPS) + 1)
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
-            loss, valid, group = module.token_losses(batch["tokens"])
+            loss, valid, group = module.token_losses({"tokens": batch["tokens"]})
             sums[0], counts[0] = sums[0] + loss[valid].sum(), counts[0] + valid.sum()
             for i in range(len(KIND_GROUPS)):
                 chosen = valid & (group == i)
