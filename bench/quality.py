@@ -43,7 +43,7 @@ from meloformer.hid import PAD, TRACK_PROGRAM0
 from meloformer.layout import layout
 from meloformer.metrics import MusicMetrics, similarity_curve, similarity_error
 from meloformer.module import KIND_GROUPS, MeloFormerModule, load_checkpoint
-from meloformer.sampling import GenerationRequest, generate
+from meloformer.sampler import GenerationRequest, generate
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("summary", "causal", "local")

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 from meloformer.audio import SAMPLE_RATE, render_score, write_wav
 from meloformer.metrics import MusicMetrics
 from meloformer.pianoroll import render_pianoroll
-from meloformer.sampling import GenerationRequest, generate
+from meloformer.sampler import GenerationRequest, generate
 
 
 class SampleLogger(pl.Callback):

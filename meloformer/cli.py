@@ -189,7 +189,7 @@ def generate_main(argv: list[str]) -> int:
     from meloformer.edits import crop_bars
     from meloformer.infill import Region, check_infill, infill, track_list
     from meloformer.pianoroll import save_pianoroll
-    from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
+    from meloformer.sampler import GenerationRequest, check_request, context_of, fit_to_context, generate
 
     try:
         args = parse(generate_parser(), argv)

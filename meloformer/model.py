@@ -12,7 +12,7 @@ pair (CPU training: torch 2.13 has no FlexAttention backward on CPU, and this pa
 the dense mask and plain causal attention). ``auto`` takes ``sdpa`` on CPU when gradients are enabled and
 ``flex`` otherwise. A dense boolean mask (``prepare(backend="dense")``) is the reference of the tests.
 
-Decoding (``meloformer.generate``) runs the same blocks with one ``KVCache`` per layer: attention writes
+Decoding (``meloformer.decoder``) runs the same blocks with one ``KVCache`` per layer: attention writes
 its new keys and values there and, for a decoding step, attends over the cached ones (litgpt's
 ``input_pos`` pattern); the step's ``AttentionContext`` says where to write and what to read.
 """
@@ -206,7 +206,7 @@ class AttentionContext:
 @dataclasses.dataclass
 class KVCache:
     """One layer's keys and values while decoding, ``[B, H_kv, size, d]``; the decoder decides which token or
-    summary slot each entry holds (``meloformer.generate``)."""
+    summary slot each entry holds (``meloformer.decoder``)."""
 
     k: Tensor
     v: Tensor

@@ -25,7 +25,7 @@ from meloformer.edits import crop_bars
 from meloformer.infill import Region, check_infill, infill
 from meloformer.module import MeloFormerModule
 from meloformer.pianoroll import save_pianoroll
-from meloformer.sampling import GenerationRequest, check_request, generate
+from meloformer.sampler import GenerationRequest, check_request, generate
 
 TIME_SIGNATURES = ["model's choice", "4/4", "3/4", "2/4", "6/8", "5/4", "7/8", "12/8"]
 MODES = ["continue", "add a track", "regenerate bars (infill)"]

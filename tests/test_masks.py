@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
 from _music import demo_files
+from meloformer.decoder import open_last_segment
 from meloformer.edits import crop_bars
-from meloformer.generate import open_last_segment
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.masks import (
     BlockSparseMask,

@@ -25,8 +25,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from meloformer.chords import progression
+from meloformer.decoder import IncrementalDecoder
 from meloformer.edits import crop_bars
-from meloformer.generate import IncrementalDecoder
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import BAR, EOS, MAX_PITCHED_TRACKS, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.model import MeloFormer
