@@ -320,3 +320,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
+
+
+def open_checkpoint(path: str | None, device: str) -> MeloFormerModule:
+    """The trained module of a checkpoint or model folder (``None``: the shipped model) on ``device``; ValueError
+    with one line for a missing, foreign or damaged file or a device this machine lacks."""
+    from meloformer.pretrained import default_model_folder, is_model_folder
+
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if where.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    path = str(default_model_folder()) if path is None else path
+    if is_model_folder(path):
+        return module_from_folder(path).to(where)
+    if not Path(path).is_file():
+        raise ValueError(f"--ckpt_path {path}: no such file or model folder")
+    try:
+        return load_checkpoint(path, map_location=where)
+    except ValueError:
+        raise
+    except Exception as err:  # a foreign or damaged file fails anywhere in torch.load/pickle: name it, no traceback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--ckpt_path {path}: not a readable MeloFormer checkpoint ({reason})") from None
