@@ -330,9 +330,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from meloformer.callbacks import StopCheckpoint
-    from meloformer.checkpoint import CheckpointError, read_checkpoint
+    from meloformer.checkpoint import CheckpointError, check_checkpoint_file, read_checkpoint_metadata
     from meloformer.datamodules import HIDDataModule
-    from meloformer.module import MeloFormerModule, check_same
+    from meloformer.module import MeloFormerModule
 
     class MeloFormerCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -372,7 +372,8 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if self.ckpt_path in (None, "last", "best", "hpc") or self.ckpt_path.startswith("registry"):
                 return
             try:
-                self.saved_settings = read_checkpoint(self.ckpt_path, mmap=True)["meloformer"]
+                check_checkpoint_file(self.ckpt_path)  # every byte, before Lightning loads the weights
+                self.saved_settings = read_checkpoint_metadata(self.ckpt_path)["meloformer"]
             except CheckpointError as err:
                 raise ConfigError(f"--ckpt_path {err}") from err
 
@@ -383,9 +384,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 raise ConfigError(str(err)) from err
             if self.saved_settings is not None:
                 try:
-                    check_same("tokenizer settings", self.saved_settings["tokenizer"], self.model.tokenizer.settings)
-                    model_config = dataclasses.asdict(self.model.config)
-                    check_same("model configuration", self.saved_settings["model_config"], model_config)
+                    self.model.check_resumable(self.saved_settings)
                 except ValueError as err:
                     raise ConfigError(f"--ckpt_path {self.ckpt_path}: {err}") from err
             if self.subcommand is not None:  # open the data now: an empty split or too short rows fail here

@@ -3,8 +3,9 @@
 It holds the math: next-token loss over the regular tokens of a batch (no loss on padding or on the ``BOS``
 that opens the next packed piece; summary slots produce no logits), loss and perplexity per token kind,
 throughput, and AdamW with linear warmup then cosine decay over ``trainer.max_steps``. Precision comes from
-the Trainer. The model configuration and tokenizer settings travel in every checkpoint, so
-``load_checkpoint`` rebuilds the model without the training config.
+the Trainer. The architecture (``MeloFormerConfig``) and tokenizer settings travel in every checkpoint, so
+``load_checkpoint`` rebuilds the model without the training config, and a resume must match them
+(``check_resumable``); the run-time knobs (backend, checkpointing, tile size, compile) may differ.
 """
 
 from __future__ import annotations
@@ -22,10 +23,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from meloformer.checkpoint import read_checkpoint
+from meloformer.checkpoint import read_checkpoint, read_checkpoint_metadata
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.masks import RowLayout
-from meloformer.model import AttentionVariant, Backend, Checkpointing, MeloFormer, MeloFormerConfig, SlotInput
+from meloformer.model import (
+    RUNTIME_FIELDS,
+    AttentionVariant,
+    Backend,
+    Checkpointing,
+    MeloFormer,
+    MeloFormerConfig,
+    RuntimeConfig,
+    SlotInput,
+)
 
 # Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
 KIND_GROUPS = ("bar", "position", "pitch", "duration", "velocity", "track", "conductor")
@@ -52,16 +62,19 @@ class MeloFormerModule(pl.LightningModule):
     Args:
         size: small, base, large or xlarge (``meloformer sizes`` prints their parameter counts): the value of
             every model field left at None.
-        n_layer ... init_std: the fields of ``MeloFormerConfig`` (docs/design.md section 5); None: the size's
-            value. ``max_seq_len`` is the row length (the DataModule packs rows of it), ``summary_slots`` the
-            summary slots per row (rows hold at most this many segments). A new ``n_embd`` without an
-            ``ffn_hidden`` gets 8/3 of its width (rounded up to 64), not the size's.
+        n_layer ... init_std: the architecture, the fields of ``MeloFormerConfig`` (docs/design.md section 5);
+            None: the size's value. ``max_seq_len`` is the row length (the DataModule packs rows of it),
+            ``summary_slots`` the summary slots per row (rows hold at most this many segments). A new ``n_embd``
+            without an ``ffn_hidden`` gets 8/3 of its width (rounded up to 64), not the size's.
         tokenizer: HID tokenizer settings (None: the defaults); the data must have been made with them.
         lr: peak learning rate, reached after ``warmup_steps`` optimizer steps, then cosine decay to
             ``lr * min_lr_ratio`` at ``trainer.max_steps``.
+        attention_backend, flex_block_size, gradient_checkpointing: the fields of ``RuntimeConfig``.
         compile: ``torch.compile`` the model.
         recompile_limit, accumulated_recompile_limit: Dynamo's limits (None: torch's defaults); each phase's
             batch size is one more compiled shape.
+
+    The run-time knobs (``RuntimeConfig``'s fields, compile and the recompile limits) may change on resume.
     """
 
     def __init__(
@@ -79,9 +92,6 @@ class MeloFormerModule(pl.LightningModule):
         kind_sparsity: bool | None = None,
         attention: AttentionVariant | None = None,
         slot_input: SlotInput | None = None,
-        attention_backend: Backend | None = None,
-        flex_block_size: int | None = None,
-        gradient_checkpointing: Checkpointing | None = None,
         rope_base: float | None = None,
         norm_eps: float | None = None,
         init_std: float | None = None,
@@ -91,6 +101,9 @@ class MeloFormerModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 1000,
         min_lr_ratio: float = 0.1,
+        attention_backend: Backend = "auto",
+        flex_block_size: int | None = None,
+        gradient_checkpointing: Checkpointing = "none",
         compile: bool = False,
         recompile_limit: int | None = None,
         accumulated_recompile_limit: int | None = None,
@@ -106,7 +119,8 @@ class MeloFormerModule(pl.LightningModule):
         self.hparams["tokenizer"] = self.tokenizer.settings  # resolved, so checkpoints are self-contained
         given = {name: self.hparams[name] for name in MODEL_FIELDS if self.hparams[name] is not None}
         self.config = MeloFormerConfig.from_size(size, vocab_size=self.tokenizer.vocab_size, **given)
-        self.model = MeloFormer(self.config, self.tokenizer.kinds)
+        runtime = RuntimeConfig(attention_backend, flex_block_size, gradient_checkpointing)
+        self.model = MeloFormer(self.config, self.tokenizer.kinds, runtime)
         self.register_buffer("kind_group", torch.from_numpy(_kind_groups(self.tokenizer)), persistent=False)
         self.metrics = nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("all", *KIND_GROUPS)}
@@ -248,14 +262,14 @@ class MeloFormerModule(pl.LightningModule):
         saved = checkpoint.get("meloformer")
         if saved is None:
             raise ValueError("not a MeloFormer checkpoint (no 'meloformer' entry)")
+        self.check_resumable(saved)
+
+    def check_resumable(self, saved: dict[str, Any]) -> None:
+        """Raise ValueError unless a checkpoint's ``meloformer`` entry has this module's architecture and
+        tokenizer settings (the one resume check: the CLI runs it before training, Lightning on restore)."""
         check_same("tokenizer settings", saved["tokenizer"], self.tokenizer.settings)
-        check_same("model configuration", stored_config(saved["model_config"]), dataclasses.asdict(self.config))
-
-
-def stored_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's model configuration with the fields added since it was saved at their defaults, which
-    keep the behaviour it was trained with (``slot_input: learned``)."""
-    return dataclasses.asdict(MeloFormerConfig(**config))
+        stored = dataclasses.asdict(MeloFormerConfig.from_stored(saved["model_config"]))
+        check_same("model configuration", stored, dataclasses.asdict(self.config))
 
 
 def check_same(what: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -280,7 +294,7 @@ def _kind_groups(tokenizer: HIDTokenizer) -> np.ndarray:
 
 def model_card(module: MeloFormerModule, ckpt_path: str | Path) -> str:
     """A plain model card for ``meloformer export``: what the model is and how to use it."""
-    step = read_checkpoint(ckpt_path).get("global_step", "?")
+    step = read_checkpoint_metadata(ckpt_path).get("global_step", "?")
     c = module.config
     return (
         f"# MeloFormer model\n\nExported from `{Path(ckpt_path).name}` after {step} optimizer steps.\n\n"
@@ -315,8 +329,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     saved = checkpoint["meloformer"]
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's
     hparams.pop("overrides", None)  # checkpoints made before the model fields were arguments of their own
-    training = {k: v for k, v in hparams.items() if k not in MODEL_FIELDS and k != "tokenizer"}
-    module = module_of(stored_config(saved["model_config"]), saved["tokenizer"], **training)
+    # The architecture comes from what the checkpoint stores; the run-time knobs start at their defaults.
+    training = {k: v for k, v in hparams.items() if k not in (*MODEL_FIELDS, *RUNTIME_FIELDS, "tokenizer")}
+    config = dataclasses.asdict(MeloFormerConfig.from_stored(saved["model_config"]))
+    module = module_of(config, saved["tokenizer"], **training)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
