@@ -105,6 +105,9 @@ class MeloFormerConfig:
         """The configuration a checkpoint or model folder stores. Fields added since it was saved take their
         defaults, which keep the behaviour it was trained with (``slot_input: learned``); the run-time knobs
         that older ones stored among these fields are dropped."""
+        unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown model fields {', '.join(unknown)} (made by a newer MeloFormer?)")
         return cls(**{k: v for k, v in stored.items() if k not in RUNTIME_FIELDS})
 
 

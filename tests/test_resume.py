@@ -4,6 +4,7 @@ resume by path, and reading what a checkpoint says about itself stays cheap."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import struct
 import zipfile
 
@@ -18,7 +19,7 @@ from meloformer.callbacks import PhaseSwitchCallback
 from meloformer.checkpoint import CheckpointError, read_checkpoint, read_checkpoint_metadata
 from meloformer.cli import main
 from meloformer.datamodules import HIDDataModule
-from meloformer.model import RUNTIME_FIELDS
+from meloformer.model import RUNTIME_FIELDS, MeloFormerConfig
 from meloformer.module import MeloFormerModule, load_checkpoint, model_card
 
 pytestmark = [
@@ -144,3 +145,13 @@ def corrupt(path, damaged, which) -> None:
     start = entry.header_offset + 30 + name_length + extra_length  # past the entry's local header
     data[start : start + 16] = bytes(b ^ 0xFF for b in data[start : start + 16])
     damaged.write_bytes(bytes(data))
+
+
+def test_stored_configurations_of_every_age_are_read():
+    """Older ones lack later fields or still hold the run-time knobs; a newer one's unknown field is one line."""
+    stored = dataclasses.asdict(MeloFormerConfig(n_layer=2))
+    del stored["slot_input"]
+    old = MeloFormerConfig.from_stored(stored | {"attention_backend": "flex", "gradient_checkpointing": "block"})
+    assert old == MeloFormerConfig(n_layer=2) and old.slot_input == "learned"
+    with pytest.raises(ValueError, match="unknown model fields moe_experts"):
+        MeloFormerConfig.from_stored(stored | {"moe_experts": 8})
