@@ -14,7 +14,7 @@ from meloformer.features import piece_features
 from meloformer.metrics import MusicMetrics
 from meloformer.pianoroll import render_pianoroll
 from meloformer.report import markdown, read_folder, report_scalars, two_sample
-from meloformer.sampling import GenerationRequest, generate
+from meloformer.sampler import GenerationRequest, generate
 
 
 class SampleLogger(pl.Callback):

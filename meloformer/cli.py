@@ -4,29 +4,16 @@ and sizes."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
+import textwrap
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from jsonargparse import ArgumentError, ArgumentParser
 
 from meloformer.hid import HIDTokenizer
-
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
-USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,render,serve,evaluate,export,sizes} ...
-
-  fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config demo.yaml
-                        (--print_config, dotted overrides such as --model.size base, --trainer.strategy ddp
-                        --trainer.num_nodes N --trainer.devices M; `meloformer fit --help` lists everything)
-  preprocess            tokenise a folder of MIDI files into HID shards
-  generate              sample MIDI files (and piano rolls, --audio WAV files) from a checkpoint, a model folder or
-                        the shipped model
-  render                synthesize a MIDI file to WAV: meloformer render in.mid out.wav
-  serve                 the web app (Gradio): meloformer serve [--ckpt_path CKPT_OR_FOLDER] [--port 7860]
-  evaluate              loss/perplexity of a checkpoint on a split, or music metrics of generated MIDI
-  export                turn a training checkpoint into a model folder (safetensors, config.json, model card)
-  sizes                 the model sizes and their real parameter counts
-"""
 
 
 def preprocess_parser() -> ArgumentParser:
@@ -126,54 +113,6 @@ def generate_parser() -> ArgumentParser:
     return parser
 
 
-def _track_token(name: str) -> int:
-    from meloformer.hid import TRACK_DRUMS, TRACK_PROGRAM0
-
-    if name.strip().lower() == "drums":
-        return TRACK_DRUMS
-    if not name.strip().isdigit() or not 0 <= int(name) <= 127:
-        raise ValueError(f"instrument {name!r}: give a General MIDI program 0-127 or 'drums'")
-    return TRACK_PROGRAM0 + int(name)
-
-
-def _time_signature(text: str) -> tuple[int, int]:
-    try:
-        numerator, denominator = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ValueError(f"time signature {text!r}: write it as N/D, e.g. 3/4") from None
-    return numerator, denominator
-
-
-def open_checkpoint(path: str | None, device: str):
-    """The trained module of a checkpoint or model folder (``None``: the shipped model) on ``device``; ValueError
-    with one line for a missing, foreign or damaged file or a device this machine lacks."""
-    import torch
-
-    from meloformer.module import load_checkpoint, module_from_folder
-    from meloformer.pretrained import default_model_folder, is_model_folder
-
-    try:
-        where = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    if where.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine")
-    path = str(default_model_folder()) if path is None else path
-    if is_model_folder(path):
-        return module_from_folder(path).to(where)
-    if not Path(path).is_file():
-        raise ValueError(f"--ckpt_path {path}: no such file or model folder")
-    try:
-        return load_checkpoint(path, map_location=where)
-    except ValueError:
-        raise
-    except Exception as err:  # a foreign or damaged file fails anywhere in torch.load/pickle: name it, no traceback
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--ckpt_path {path}: not a readable MeloFormer checkpoint ({reason})") from None
-
-
 def _output_folder(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -188,8 +127,17 @@ def generate_main(argv: list[str]) -> int:
     from meloformer.audio import render_midi
     from meloformer.edits import crop_bars
     from meloformer.infill import Region, check_infill, infill, track_list
+    from meloformer.module import open_checkpoint
     from meloformer.pianoroll import save_pianoroll
-    from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
+    from meloformer.sampler import (
+        GenerationRequest,
+        check_request,
+        context_of,
+        fit_to_context,
+        generate,
+        parse_instrument,
+        parse_time_signature,
+    )
 
     try:
         args = parse(generate_parser(), argv)
@@ -220,14 +168,14 @@ def generate_main(argv: list[str]) -> int:
             bars = prompt_bars if args.add_track or regions else (bars or prompt_bars + 8)
         request = GenerationRequest(
             bars=bars or 8,
-            instruments=[_track_token(x) for x in args.instruments] if args.instruments else None,
+            instruments=[parse_instrument(x) for x in args.instruments] if args.instruments else None,
             tempo=args.tempo,
-            time_signature=_time_signature(args.time_signature) if args.time_signature else None,
+            time_signature=parse_time_signature(args.time_signature) if args.time_signature else None,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
             prompt=prompt,
-            add_track=_track_token(args.add_track) if args.add_track else None,
+            add_track=parse_instrument(args.add_track) if args.add_track else None,
             chords=args.chords,
         )
         capacity = context_of(module.model, request)
@@ -315,6 +263,7 @@ def evaluate_parser() -> ArgumentParser:
 
 def evaluate_main(argv: list[str]) -> int:
     from meloformer.evaluate import evaluate_checkpoint, evaluate_music, loss_table, music_table, write_json
+    from meloformer.module import open_checkpoint
 
     try:
         args = parse(evaluate_parser(), argv)
@@ -424,9 +373,9 @@ def build_cli(args: list[str] | None = None, run: bool = True):
     from lightning.pytorch.cli import LightningCLI
 
     from meloformer.callbacks import StopCheckpoint
-    from meloformer.checkpoint import CheckpointError, read_checkpoint
+    from meloformer.checkpoint import CheckpointError, check_checkpoint_file, read_checkpoint_metadata
     from meloformer.datamodules import HIDDataModule
-    from meloformer.module import MeloFormerModule, check_same
+    from meloformer.module import MeloFormerModule
 
     class MeloFormerCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -467,7 +416,8 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if self.ckpt_path in (None, "last", "best", "hpc") or self.ckpt_path.startswith("registry"):
                 return
             try:
-                self.saved_settings = read_checkpoint(self.ckpt_path, mmap=True)["meloformer"]
+                check_checkpoint_file(self.ckpt_path)  # every byte, before Lightning loads the weights
+                self.saved_settings = read_checkpoint_metadata(self.ckpt_path)["meloformer"]
             except CheckpointError as err:
                 raise ConfigError(f"--ckpt_path {err}") from err
 
@@ -478,9 +428,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 raise ConfigError(str(err)) from err
             if self.saved_settings is not None:
                 try:
-                    check_same("tokenizer settings", self.saved_settings["tokenizer"], self.model.tokenizer.settings)
-                    model_config = dataclasses.asdict(self.model.config)
-                    check_same("model configuration", self.saved_settings["model_config"], model_config)
+                    self.model.check_resumable(self.saved_settings)
                 except ValueError as err:
                     raise ConfigError(f"--ckpt_path {self.ckpt_path}: {err}") from err
             if self.subcommand is not None:  # open the data now: an empty split or too short rows fail here
@@ -559,42 +507,76 @@ def _mask_plan(module):
     return module.mask_plan()
 
 
+def lightning_main(command: str, argv: list[str]) -> int:
+    """``meloformer fit|validate|test``: LightningCLI, with its errors as one line."""
+    from meloformer.callbacks import TrainingStopped
+
+    try:
+        resolved = [command, *resolve_config_arguments(argv)]
+        if sys.argv[1:] == [command, *argv]:  # the process's command line: LightningCLI reads it (args= is for
+            sys.argv[1:] = resolved  # Python callers), and DDP relaunches it for the other ranks
+            build_cli(None)
+        else:
+            build_cli(resolved)
+    except ConfigError as err:
+        print(f"meloformer: error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
+    except TrainingStopped as stopped:  # its message is already printed
+        return 128 + stopped.signum
+    return 0
+
+
+def serve_main(argv: list[str]) -> int:
+    from meloformer.serve import serve_main as serve  # Gradio loads only for this command
+
+    return serve(argv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    run: Callable[[list[str]], int]  # gets the arguments after the command's name
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "fit": Command(
+        functools.partial(lightning_main, "fit"),
+        "train (LightningCLI): meloformer fit --config demo.yaml (--print_config, dotted overrides such as "
+        "--model.size base, --trainer.strategy ddp --trainer.num_nodes N --trainer.devices M; "
+        "`meloformer fit --help` lists everything)",
+    ),
+    "validate": Command(functools.partial(lightning_main, "validate"), "a checkpoint's validation loss (LightningCLI)"),
+    "test": Command(functools.partial(lightning_main, "test"), "a checkpoint's test loss (LightningCLI)"),
+    "preprocess": Command(preprocess_main, "tokenise a folder of MIDI files into HID shards"),
+    "generate": Command(
+        generate_main,
+        "sample MIDI files (and piano rolls, --audio WAV files) from a checkpoint, a model folder or the shipped model",
+    ),
+    "render": Command(render_main, "synthesize a MIDI file to WAV: meloformer render in.mid out.wav"),
+    "serve": Command(serve_main, "the web app (Gradio): meloformer serve [--ckpt_path CKPT_OR_FOLDER] [--port 7860]"),
+    "evaluate": Command(evaluate_main, "a checkpoint's loss/perplexity on a split, or music metrics of generated MIDI"),
+    "export": Command(export_main, "a training checkpoint -> a model folder (safetensors, config.json, model card)"),
+    "sizes": Command(sizes_main, "the model sizes and their real parameter counts"),
+}
+
+
+def usage() -> str:
+    """The top-level help, written from ``COMMANDS``."""
+    lines = [f"usage: meloformer {{{','.join(COMMANDS)}}} ...", ""]
+    for name, command in COMMANDS.items():
+        first, *rest = textwrap.wrap(command.help, 92)
+        lines += [f"  {name:12}{first}", *(f"  {'':12}{line}" for line in rest)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = argv[0] if argv else None
-    if command in LIGHTNING_COMMANDS:
-        from meloformer.callbacks import TrainingStopped
-
-        try:
-            argv = resolve_config_arguments(argv)
-            if from_command_line:
-                sys.argv[1:] = argv  # LightningCLI reads the command line itself (args= is for Python callers)
-            build_cli(None if from_command_line else argv)
-        except ConfigError as err:
-            print(f"meloformer: error: {_one_line(str(err))}", file=sys.stderr)
-            return 2
-        except TrainingStopped as stopped:  # its message is already printed
-            return 128 + stopped.signum
-        return 0
-    if command == "preprocess":
-        return preprocess_main(argv[1:])
-    if command == "generate":
-        return generate_main(argv[1:])
-    if command == "render":
-        return render_main(argv[1:])
-    if command == "serve":
-        from meloformer.serve import serve_main
-
-        return serve_main(argv[1:])
-    if command == "evaluate":
-        return evaluate_main(argv[1:])
-    if command == "export":
-        return export_main(argv[1:])
-    if command == "sizes":
-        return sizes_main(argv[1:])
-    print(USAGE, file=sys.stdout if command in ("-h", "--help") else sys.stderr)
-    return 0 if command in ("-h", "--help") else 2
+    command = COMMANDS.get(argv[0]) if argv else None
+    if command is not None:
+        return command.run(argv[1:])
+    asked = bool(argv) and argv[0] in ("-h", "--help")
+    print(usage(), file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
 
 
 if __name__ == "__main__":

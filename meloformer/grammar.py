@@ -9,7 +9,7 @@ most ``max_tracks`` tracks (15 pitched), and at least one note. On top come the 
 fixed number of bars, a fixed time signature and tempo, a fixed list of instrument tracks, and a chord per
 bar (the conductor must write it).
 
-numpy only: the sampler in ``meloformer.sampling`` applies the mask to the model's logits.
+numpy only: the sampler in ``meloformer.sampler`` applies the mask to the model's logits.
 """
 
 from __future__ import annotations

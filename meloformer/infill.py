@@ -16,7 +16,7 @@ import numpy as np
 from meloformer.hid import BAR, BOS, EOS, TRACK_CONDUCTOR, HIDTokenizer
 from meloformer.model import MeloFormer
 from meloformer.pianoroll import track_label
-from meloformer.sampling import GenerationRequest, check_request, generate
+from meloformer.sampler import GenerationRequest, check_request, generate
 
 _REGION = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
 

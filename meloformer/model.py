@@ -12,7 +12,7 @@ pair (CPU training: torch 2.13 has no FlexAttention backward on CPU, and this pa
 the dense mask and plain causal attention). ``auto`` takes ``sdpa`` on CPU when gradients are enabled and
 ``flex`` otherwise. A dense boolean mask (``prepare(backend="dense")``) is the reference of the tests.
 
-Decoding (``meloformer.generate``) runs the same blocks with one ``KVCache`` per layer: attention writes
+Decoding (``meloformer.decoder``) runs the same blocks with one ``KVCache`` per layer: attention writes
 its new keys and values there and, for a decoding step, attends over the cached ones (litgpt's
 ``input_pos`` pattern); the step's ``AttentionContext`` says where to write and what to read.
 """
@@ -57,7 +57,8 @@ NUM_TRACK_EMBEDDINGS = 1 + 2 + 128  # none, conductor, drums, 128 programs
 
 @dataclasses.dataclass
 class MeloFormerConfig:
-    """Every setting of the model; ``attention_backend`` and ``gradient_checkpointing`` may change at any time."""
+    """The architecture: what the weights mean. Checkpoints and model folders store it, and a resume must match
+    it (``RuntimeConfig`` holds how the model runs, which may change at any time)."""
 
     vocab_size: int = DEFAULT_VOCAB_SIZE
     n_layer: int = 6
@@ -72,9 +73,6 @@ class MeloFormerConfig:
     kind_sparsity: bool = False
     attention: AttentionVariant = "summary"  # summary | causal | local (the last two: no summary slots; ablations)
     slot_input: SlotInput = "learned"  # a slot's input; segment_mean adds the mean embedding of its segment's tokens
-    attention_backend: Backend = "auto"
-    flex_block_size: int | None = None  # None: 128 on CUDA, 32 on CPU (sparser tiles, measured faster)
-    gradient_checkpointing: Checkpointing = "none"
     rope_base: float = 10_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -103,6 +101,29 @@ class MeloFormerConfig:
         if "n_embd" in overrides:
             overrides.setdefault("ffn_hidden", None)  # None: computed from n_embd in __post_init__
         return dataclasses.replace(SIZES[name], **overrides)
+
+    @classmethod
+    def from_stored(cls, stored: dict) -> MeloFormerConfig:
+        """The configuration a checkpoint or model folder stores. Fields added since it was saved take their
+        defaults, which keep the behaviour it was trained with (``slot_input: learned``); the run-time knobs
+        that older ones stored among these fields are dropped."""
+        unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown model fields {', '.join(unknown)} (made by a newer MeloFormer?)")
+        return cls(**{k: v for k, v in stored.items() if k not in RUNTIME_FIELDS})
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """How the model runs, not what it computes: free to change at any time, also between a checkpoint and its
+    resume (a smaller GPU with checkpointing on, CPU ``sdpa`` to GPU ``flex``). Never stored with the weights."""
+
+    attention_backend: Backend = "auto"
+    flex_block_size: int | None = None  # None: 128 on CUDA, 32 on CPU (sparser tiles, measured faster)
+    gradient_checkpointing: Checkpointing = "none"
+
+
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(RuntimeConfig))
 
 
 # The original's sizes (17M, 85M, 200M, 450M parameters): head size 64, 4 query heads per key/value head.
@@ -208,7 +229,7 @@ class AttentionContext:
 @dataclasses.dataclass
 class KVCache:
     """One layer's keys and values while decoding, ``[B, H_kv, size, d]``; the decoder decides which token or
-    summary slot each entry holds (``meloformer.generate``)."""
+    summary slot each entry holds (``meloformer.decoder``)."""
 
     k: Tensor
     v: Tensor
@@ -287,7 +308,6 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: MeloFormerConfig) -> None:
         super().__init__()
-        self.config = config
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
@@ -296,9 +316,11 @@ class Block(nn.Module):
     def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.ffn(self.ffn_norm(x))
 
-    def forward(self, x: Tensor, ctx: AttentionContext, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, ctx: AttentionContext, cache: KVCache | None = None, checkpoint_ffn: bool = False
+    ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), ctx, cache)
-        if self.config.gradient_checkpointing == "ffn" and torch.is_grad_enabled():
+        if checkpoint_ffn:
             return checkpoint(self.feed_forward, x, use_reentrant=False)
         return self.feed_forward(x)
 
@@ -306,17 +328,22 @@ class Block(nn.Module):
 class MeloFormer(nn.Module, PyTorchModelHubMixin):
     """The network of ``config`` for the tokenizer whose kind table is ``kinds`` (``HIDTokenizer.kinds``).
 
+    ``runtime`` (default: ``RuntimeConfig()``) may be replaced or changed at any time.
+
     The side channels (tracks, bars, segments) are read off the token ids through ``kinds``, so the model
     keeps it as a non-persistent buffer: it follows the model across devices but stays out of state dicts.
     ``save_pretrained``/``from_pretrained`` (huggingface_hub) write and read model folders
     (``meloformer.pretrained``).
     """
 
-    def __init__(self, config: MeloFormerConfig, kinds: np.ndarray | Tensor) -> None:
+    def __init__(
+        self, config: MeloFormerConfig, kinds: np.ndarray | Tensor, runtime: RuntimeConfig | None = None
+    ) -> None:
         super().__init__()
         if len(kinds) != config.vocab_size:
             raise ValueError(f"the kind table has {len(kinds)} entries but vocab_size is {config.vocab_size}")
         self.config = config
+        self.runtime = runtime or RuntimeConfig()
         self.register_buffer("kinds", torch.as_tensor(np.asarray(kinds), dtype=torch.long), persistent=False)
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.track_emb = nn.Embedding(NUM_TRACK_EMBEDDINGS, config.n_embd)
@@ -342,7 +369,7 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
     # ------------------------------------------------------------------ per-batch preparation
     def backend(self, device: torch.device) -> str:
         """The attention backend this call uses; ``auto`` avoids flex where it has no backward (CPU)."""
-        backend = self.config.attention_backend
+        backend = self.runtime.attention_backend
         if backend == "auto":
             return "sdpa" if device.type == "cpu" and torch.is_grad_enabled() else "flex"
         if backend not in ("flex", "sdpa"):
@@ -364,7 +391,7 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
 
     def mask_plan(self, backend: str) -> MaskPlan:
         """What the DataLoader workers compute for each batch so the step builds nothing (``masks.MaskPlan``)."""
-        block_size = self.config.flex_block_size or flex_block_size("cuda" if backend == "flex" else "cpu")
+        block_size = self.runtime.flex_block_size or flex_block_size("cuda" if backend == "flex" else "cpu")
         kinds = self.kinds.cpu().numpy()
         return MaskPlan(kinds, self.mask_rules, self.config.summary_slots, backend, block_size)
 
@@ -394,7 +421,7 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         if planned is not None and planned.backend == backend:
             mask = planned.mask(mask_mod)
         else:
-            mask = attention_mask(mask_mod, rows, backend, self.config.flex_block_size, self.mask_rules.runs)
+            mask = attention_mask(mask_mod, rows, backend, self.runtime.flex_block_size, self.mask_rules.runs)
         cos, sin = rope_angles(rows.pos, self.config.head_dim, self.config.rope_base)
         return AttentionContext(rows, mask, cos, sin)
 
@@ -443,10 +470,11 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         A checkpointed block that recomputes in backward writes the same keys and values to the same cache
         entries again, so checkpointing and caches combine.
         """
+        mode = self.runtime.gradient_checkpointing if torch.is_grad_enabled() else "none"
         for layer, block in enumerate(self.blocks):
             cache = None if caches is None else caches[layer]
-            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled():
+            if mode == "block":
                 x = checkpoint(block, x, ctx, cache, use_reentrant=False)
             else:
-                x = block(x, ctx, cache)
+                x = block(x, ctx, cache, checkpoint_ffn=mode == "ffn")
         return x

@@ -42,7 +42,7 @@ def load_model_folder(folder: str | Path, device: str = "cpu") -> tuple[MeloForm
         raise ValueError(f"{folder}: not a model folder (no config.json)")
     saved = json.loads((folder / "config.json").read_text())
     tokenizer = HIDTokenizer(**saved.pop("tokenizer", {}))
-    config = MeloFormerConfig(**saved)  # explicit: the mixin cannot resolve postponed annotations
+    config = MeloFormerConfig.from_stored(saved)  # explicit: the mixin cannot resolve postponed annotations
     with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints "Loading weights from local directory"
         model = MeloFormer.from_pretrained(
             folder, config=config, kinds=tokenizer.kinds, map_location=device, local_files_only=True

@@ -20,12 +20,11 @@ import torch
 from jsonargparse import ArgumentParser
 
 from meloformer.audio import render_midi
-from meloformer.cli import _time_signature, _track_token, open_checkpoint
 from meloformer.edits import crop_bars
 from meloformer.infill import Region, check_infill, infill
-from meloformer.module import MeloFormerModule
+from meloformer.module import MeloFormerModule, open_checkpoint
 from meloformer.pianoroll import save_pianoroll
-from meloformer.sampling import GenerationRequest, check_request, generate
+from meloformer.sampler import GenerationRequest, check_request, generate, parse_instrument, parse_time_signature
 
 TIME_SIGNATURES = ["model's choice", "4/4", "3/4", "2/4", "6/8", "5/4", "7/8", "12/8"]
 MODES = ["continue", "add a track", "regenerate bars (infill)"]
@@ -66,9 +65,9 @@ class Studio:
             raise ValueError(f"temperature {temperature} / top-p {top_p}: give temperature in (0, 5], top-p in (0, 1]")
         request = GenerationRequest(
             bars=int(bars),
-            instruments=[_track_token(x) for x in instruments.split()] or None,
+            instruments=[parse_instrument(x) for x in instruments.split()] or None,
             tempo=tempo or None,
-            time_signature=_time_signature(time_signature) if time_signature in TIME_SIGNATURES[1:] else None,
+            time_signature=parse_time_signature(time_signature) if time_signature in TIME_SIGNATURES[1:] else None,
             temperature=temperature,
             top_p=top_p,
             chords=chords.split() or None,
@@ -88,7 +87,7 @@ class Studio:
             if mode == "add a track":
                 if not new_track.strip():
                     raise ValueError("add a track: give its instrument (a General MIDI program 0-127 or 'drums')")
-                request.add_track, request.bars = _track_token(new_track), n_bars
+                request.add_track, request.bars = parse_instrument(new_track), n_bars
             elif mode == MODES[2]:
                 if request.chords:
                     raise ValueError("infill keeps the prompt's chords: clear the chords")

@@ -12,7 +12,7 @@ import shutil
 
 from playwright.sync_api import sync_playwright
 
-from meloformer.cli import open_checkpoint
+from meloformer.module import open_checkpoint
 from meloformer.serve import Studio, build_app, launch
 
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]

@@ -10,7 +10,7 @@ from meloformer.chords import SPELLINGS, parse_chord, progression
 from meloformer.edits import crop_bars
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import CHORD_QUALITIES, PITCH_CLASS_NAMES, TRACK_PROGRAM0, HIDTokenizer, TokenKind
-from meloformer.sampling import GenerationRequest, check_request, generate
+from meloformer.sampler import GenerationRequest, check_request, generate
 
 TOK = HIDTokenizer()
 

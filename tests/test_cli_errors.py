@@ -164,9 +164,9 @@ def test_console_script_prints_no_traceback(files):
 
 
 def test_a_failing_sample_keeps_the_ones_before_it(files, tmp_path, monkeypatch, capsys):
-    import meloformer.sampling
+    import meloformer.sampler
 
-    real, calls = meloformer.sampling.generate, []
+    real, calls = meloformer.sampler.generate, []
 
     def fail_third(*args, **kwargs):
         calls.append(1)
@@ -174,7 +174,7 @@ def test_a_failing_sample_keeps_the_ones_before_it(files, tmp_path, monkeypatch,
             raise RuntimeError("out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(meloformer.sampling, "generate", fail_third)
+    monkeypatch.setattr(meloformer.sampler, "generate", fail_third)
     out = tmp_path / "samples"
     args = ["generate", "--ckpt_path", files["ckpt"], "--out", str(out), "--bars", "2", "--num_samples", "4"]
     assert main([*args, "--no_progress"]) == 1

@@ -11,7 +11,7 @@ from meloformer.edits import crop_bars
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import NOTE_COLUMNS, HIDTokenizer
 from meloformer.infill import Region, check_infill, check_regions, infill, reorder_tracks, track_list
-from meloformer.sampling import GenerationRequest, check_request
+from meloformer.sampler import GenerationRequest, check_request
 
 TOK = HIDTokenizer()
 TRACK, BAR = NOTE_COLUMNS.index("track"), NOTE_COLUMNS.index("bar")
@@ -139,7 +139,7 @@ def test_regenerate_needs_bars_of_the_prompt(prompt):
 
 
 def test_the_model_stops_once_the_last_region_bar_is_written(model, prompt, monkeypatch):
-    from meloformer.generate import IncrementalDecoder
+    from meloformer.decoder import IncrementalDecoder
 
     calls = []
     step = IncrementalDecoder.step

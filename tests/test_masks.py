@@ -10,8 +10,8 @@ from _reference_mask import reference_mask_mod
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
 from _music import demo_files
+from meloformer.decoder import open_last_segment
 from meloformer.edits import crop_bars
-from meloformer.generate import open_last_segment
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.masks import (
     BlockSparseMask,

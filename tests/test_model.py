@@ -21,6 +21,7 @@ from meloformer.model import (
     KVCache,
     MeloFormer,
     MeloFormerConfig,
+    RuntimeConfig,
     apply_rope,
     attend,
     parameter_counts,
@@ -39,7 +40,6 @@ TINY = MeloFormerConfig(
     n_embd=32,
     max_seq_len=FLEX_LEN,
     summary_slots=FLEX_SLOTS,
-    attention_backend="sdpa",
 )
 
 
@@ -90,9 +90,11 @@ def batch(rows: list[np.ndarray], length: int = FLEX_LEN) -> torch.Tensor:
     return out
 
 
-def tiny_model(seed: int = 0, **overrides) -> MeloFormer:
+def tiny_model(seed: int = 0, attention_backend="sdpa", gradient_checkpointing="none", **overrides) -> MeloFormer:
+    """A tiny model of ``TINY`` with ``overrides``, running with the given run-time knobs."""
     torch.manual_seed(seed)
-    return MeloFormer(dataclasses.replace(TINY, **overrides), TOK.kinds)
+    runtime = RuntimeConfig(attention_backend=attention_backend, gradient_checkpointing=gradient_checkpointing)
+    return MeloFormer(dataclasses.replace(TINY, **overrides), TOK.kinds, runtime)
 
 
 def test_sizes_and_real_parameter_counts():
@@ -165,10 +167,10 @@ def test_auto_backend_and_setting_it_after_construction():
     assert model.backend(cpu) == "sdpa"
     with torch.no_grad():
         assert model.backend(cpu) == "flex"
-    model.config.attention_backend = "sdpa"
+    model.runtime.attention_backend = "sdpa"
     with torch.no_grad():
         assert model.backend(cpu) == "sdpa"
-    model.config.attention_backend = "dense"
+    model.runtime.attention_backend = "dense"
     with pytest.raises(ValueError, match="attention_backend"):
         model.backend(cpu)
 

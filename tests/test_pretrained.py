@@ -15,7 +15,7 @@ from meloformer.hid import HIDTokenizer
 from meloformer.model import MeloFormer
 from meloformer.module import load_checkpoint
 from meloformer.pretrained import DEFAULT_MODEL, SHIPPED_MODELS, is_model_folder, load_model_folder
-from meloformer.sampling import GenerationRequest, generate
+from meloformer.sampler import GenerationRequest, generate
 
 SHIPPED = SHIPPED_MODELS / DEFAULT_MODEL
 

@@ -10,7 +10,7 @@ import torch
 from _music import demo_files, write_and_read_back
 from meloformer.edits import crop_bars
 from meloformer.hid import BAR, EOS, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
-from meloformer.sampling import (
+from meloformer.sampler import (
     GenerationRequest,
     check_request,
     filter_logits,

@@ -11,9 +11,9 @@ import symusic
 import torch
 
 from _music import demo_files
-from meloformer.cli import main, open_checkpoint
+from meloformer.cli import main
 from meloformer.hid import TRACK_DRUMS, TRACK_PROGRAM0
-from meloformer.module import load_checkpoint
+from meloformer.module import load_checkpoint, open_checkpoint
 from meloformer.pretrained import save_model_folder
 from meloformer.serve import Studio, build_app, launch
 

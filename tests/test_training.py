@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from meloformer.datamodules.shards import ShardReader
 from meloformer.edits import crop_bars
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.layout import layout
-from meloformer.model import MeloFormerConfig
+from meloformer.model import MeloFormerConfig, RuntimeConfig
 from meloformer.module import KIND_GROUPS, MODEL_FIELDS, MeloFormerModule, load_checkpoint
 
 TOKENIZER = HIDTokenizer()
@@ -265,6 +267,10 @@ def test_every_model_field_is_a_typed_argument():
     assert set(MODEL_FIELDS) == set(config) - {"vocab_size"}
     for name in MODEL_FIELDS:
         assert arguments[name] == config[name] | None, name
+    runtime, defaults = typing.get_type_hints(RuntimeConfig), inspect.signature(MeloFormerModule).parameters
+    assert not set(runtime) & set(config)  # a field is the architecture's or a run-time knob, never both
+    for field in dataclasses.fields(RuntimeConfig):  # the same type and default as the model's run-time knobs
+        assert (arguments[field.name], defaults[field.name].default) == (runtime[field.name], field.default)
 
 
 def test_model_fields_override_the_size():

@@ -25,10 +25,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from meloformer.chords import progression
+from meloformer.decoder import IncrementalDecoder
 from meloformer.edits import crop_bars
-from meloformer.generate import IncrementalDecoder
 from meloformer.grammar import HIDGrammar
-from meloformer.hid import BAR, EOS, MAX_PITCHED_TRACKS, TRACK_DRUMS, HIDTokenizer, TokenKind
+from meloformer.hid import BAR, EOS, MAX_PITCHED_TRACKS, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
 from meloformer.model import MeloFormer
 
 
@@ -51,6 +51,24 @@ class GenerationRequest:
     chords: list[str] | None = None
     regenerate: list[tuple[int, int]] | None = None  # (instrument track, bar) of the prompt, both from 0
     max_tokens: int | None = None  # token budget of the piece; None (and at most): the model's max_seq_len
+
+
+def parse_instrument(name: str) -> int:
+    """The ``Track`` token of an instrument as users write it: a General MIDI program 0-127 or ``drums``."""
+    if name.strip().lower() == "drums":
+        return TRACK_DRUMS
+    if not name.strip().isdigit() or not 0 <= int(name) <= 127:
+        raise ValueError(f"instrument {name!r}: give a General MIDI program 0-127 or 'drums'")
+    return TRACK_PROGRAM0 + int(name)
+
+
+def parse_time_signature(text: str) -> tuple[int, int]:
+    """``"3/4"`` -> ``(3, 4)``; ValueError names the text otherwise."""
+    try:
+        numerator, denominator = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"time signature {text!r}: write it as N/D, e.g. 3/4") from None
+    return numerator, denominator
 
 
 def filter_logits(logits: Tensor, allowed: np.ndarray, temperature: float, top_k: int, top_p: float) -> Tensor:
