@@ -145,12 +145,12 @@ def _time_signature(text: str) -> tuple[int, int]:
 
 
 def open_checkpoint(path: str | None, device: str):
-    """The trained module of a checkpoint or model folder (``None``: the shipped model) on ``device``; ValueError
-    with one line for a missing, foreign or damaged file or a device this machine lacks."""
+    """The trained module of a checkpoint, model folder or Hugging Face model id (``None``: the shipped model) on
+    ``device``; ValueError with one line for a missing, foreign or damaged file or a device this machine lacks."""
     import torch
 
     from meloformer.module import load_checkpoint, module_from_folder
-    from meloformer.pretrained import default_model_folder, is_model_folder
+    from meloformer.pretrained import default_model_folder, is_hub_id, is_model_folder
 
     try:
         where = torch.device(device)
@@ -161,7 +161,7 @@ def open_checkpoint(path: str | None, device: str):
     if where.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device}: MPS is not available on this machine")
     path = str(default_model_folder()) if path is None else path
-    if is_model_folder(path):
+    if is_model_folder(path) or is_hub_id(path):
         return module_from_folder(path).to(where)
     if not Path(path).is_file():
         raise ValueError(f"--ckpt_path {path}: no such file or model folder")
@@ -358,17 +358,32 @@ def export_main(argv: list[str]) -> int:
 
 
 def sizes_main(argv: list[str]) -> int:
-    """Print every model size with its real parameter count (built on the meta device)."""
+    """Print every model size with its real parameter count (built on the meta device) and the rows (tokens /
+    summary slots) the shipped configs of that size train with, which override the size's defaults."""
+    import yaml
+
     from meloformer.model import SIZES, parameter_counts
 
     counts = parameter_counts()
-    header = ("size", "layers", "width", "heads", "kv", "max_seq_len", "slots", "params")
-    print("{:8} {:>6} {:>6} {:>5} {:>3} {:>11} {:>6} {:>12}".format(*header))
+    rows: dict[str, list[str]] = {name: [] for name in SIZES}
+    for name, path in sorted(shipped_configs().items()):
+        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        size = model.get("size")
+        if size in rows:
+            config = SIZES[size]
+            tokens, slots = (
+                model.get("max_seq_len", config.max_seq_len),
+                model.get("summary_slots", config.summary_slots),
+            )
+            rows[size].append(f"{name} {tokens}/{slots}")
+    header = ("size", "layers", "width", "heads", "kv", "max_seq_len", "slots", "params", "configs: tokens/slots")
+    print("{:8} {:>6} {:>6} {:>5} {:>3} {:>11} {:>6} {:>12}  {}".format(*header))
     for name, config in SIZES.items():
         print(
             f"{name:8} {config.n_layer:6} {config.n_embd:6} {config.n_head:5} {config.n_kv_head:3} "
-            f"{config.max_seq_len:11} {config.summary_slots:6} {counts[name]:12,}"
+            f"{config.max_seq_len:11} {config.summary_slots:6} {counts[name]:12,}  {', '.join(rows[name]) or '-'}"
         )
+    print("max_seq_len and slots are the size's defaults; a config's rows (tokens/slots) override them.")
     return 0
 
 
