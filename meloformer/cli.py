@@ -97,6 +97,13 @@ def preprocess_main(argv: list[str]) -> int:
     return 0
 
 
+# A first sample from what the shipped model knows best (the chorales): four voices in 4/4, with an arch of
+# dynamics (its own velocities barely move: the training data's are nearly constant).
+DEFAULT_INSTRUMENTS = ("choir-aahs", "choir-aahs", "voice-oohs", "voice-oohs")
+DEFAULT_METER = "4/4"
+DEFAULT_DYNAMICS = ("55-70", "70-85", "85-100", "70-85")
+
+
 def generate_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="meloformer generate", description="Sample MIDI files from a checkpoint.")
     parser.add_argument(
@@ -108,12 +115,27 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--out", type=str, required=True, help="folder for sample_K.mid and sample_K.png")
     parser.add_argument("--prompt", type=str, default=None, help="MIDI file to continue (or to add a track to)")
     parser.add_argument("--prompt_bars", type=int, default=None, help="use only the prompt's first bars")
-    parser.add_argument("--add_track", type=str, default=None, help="GM program (0-127) or 'drums': new track")
-    parser.add_argument("--instruments", nargs="+", default=None, help="tracks in order: programs or 'drums'")
+    parser.add_argument("--add_track", type=str, default=None, help="instrument of a new track: violin, drums, 40")
+    parser.add_argument(
+        "--instruments",
+        nargs="+",
+        default=None,
+        help="tracks in order, by General MIDI name or program: piano violin drums, choir-aahs 52 (default "
+        f"without a prompt: {' '.join(DEFAULT_INSTRUMENTS)})",
+    )
     parser.add_argument("--bars", type=int, default=None, help="bars in all (default 8; prompt + 8 to continue)")
     parser.add_argument("--tempo", type=float, default=None, help="quarter notes per minute")
-    parser.add_argument("--time_signature", type=str, default=None, help="e.g. 3/4")
+    parser.add_argument(
+        "--time_signature", type=str, default=None, help=f"e.g. 3/4 (default without a prompt: {DEFAULT_METER})"
+    )
     parser.add_argument("--chords", nargs="+", default=None, help="a chord per bar, repeated: C G Am F")
+    parser.add_argument("--key", type=str, default=None, help="keep the new bars in a key: 'D minor', Bb, F#m")
+    parser.add_argument(
+        "--dynamics",
+        nargs="+",
+        default=None,
+        help=f"velocity ranges spread over the new bars: 40-70 (without a prompt: {' '.join(DEFAULT_DYNAMICS)})",
+    )
     parser.add_argument("--infill", nargs="+", default=None, help="with --prompt: regenerate TRACK:FIRST-LAST bars")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
@@ -124,16 +146,6 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--audio", action="store_true", help="also write sample_K.wav (General MIDI SoundFont)")
     parser.add_argument("--no_progress", action="store_true")
     return parser
-
-
-def _track_token(name: str) -> int:
-    from meloformer.hid import TRACK_DRUMS, TRACK_PROGRAM0
-
-    if name.strip().lower() == "drums":
-        return TRACK_DRUMS
-    if not name.strip().isdigit() or not 0 <= int(name) <= 127:
-        raise ValueError(f"instrument {name!r}: give a General MIDI program 0-127 or 'drums'")
-    return TRACK_PROGRAM0 + int(name)
 
 
 def _time_signature(text: str) -> tuple[int, int]:
@@ -188,6 +200,7 @@ def generate_main(argv: list[str]) -> int:
     from meloformer.audio import render_midi
     from meloformer.edits import crop_bars
     from meloformer.infill import Region, check_infill, infill, track_list
+    from meloformer.instruments import instrument_token
     from meloformer.pianoroll import save_pianoroll
     from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
 
@@ -202,10 +215,11 @@ def generate_main(argv: list[str]) -> int:
             raise ValueError("--tempo and --time_signature come from the prompt; drop them or the prompt")
         if args.add_track and not args.prompt:
             raise ValueError("--add_track needs a --prompt to add the track to")
-        if args.infill and (not args.prompt or args.add_track or args.bars or args.instruments or args.chords):
+        steering = args.bars or args.instruments or args.chords or args.key or args.dynamics
+        if args.infill and (not args.prompt or args.add_track or steering):
             raise ValueError(
-                "--infill needs --prompt and keeps its bars, tracks and chords (no --bars, "
-                "--instruments, --add_track or --chords)"
+                "--infill needs --prompt and keeps its bars, tracks, chords, key and dynamics (no --bars, "
+                "--instruments, --add_track, --chords, --key or --dynamics)"
             )
         regions = [Region.parse(text) for text in args.infill or ()]
         module = open_checkpoint(args.ckpt_path, args.device)
@@ -218,17 +232,23 @@ def generate_main(argv: list[str]) -> int:
                 prompt = crop_bars(tok, prompt, 0, min(args.prompt_bars, tok.parse(prompt).n_bars))
             prompt_bars = tok.parse(prompt).n_bars
             bars = prompt_bars if args.add_track or regions else (bars or prompt_bars + 8)
+        else:
+            args.instruments = args.instruments or list(DEFAULT_INSTRUMENTS)
+            args.time_signature = args.time_signature or DEFAULT_METER
+            args.dynamics = args.dynamics or list(DEFAULT_DYNAMICS)
         request = GenerationRequest(
             bars=bars or 8,
-            instruments=[_track_token(x) for x in args.instruments] if args.instruments else None,
+            instruments=[instrument_token(x) for x in args.instruments] if args.instruments else None,
             tempo=args.tempo,
             time_signature=_time_signature(args.time_signature) if args.time_signature else None,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
             prompt=prompt,
-            add_track=_track_token(args.add_track) if args.add_track else None,
+            add_track=instrument_token(args.add_track) if args.add_track else None,
             chords=args.chords,
+            key=args.key,
+            dynamics=args.dynamics,
         )
         capacity = context_of(module.model, request)
         notice = None
@@ -254,7 +274,8 @@ def generate_main(argv: list[str]) -> int:
             else:
                 tokens = generate(model, tok, request, seed=args.seed + k, progress=progress, desc=desc)
             tok.decode_to_file(tokens, out / f"sample_{k}.mid")
-            save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+            marked = [region.as_tuple() for region in regions]
+            save_pianoroll(tok, tokens, out / f"sample_{k}.png", f"sample {k} (seed {args.seed + k})", marked)
             if args.audio:
                 render_midi(tok.decode(tokens), out / f"sample_{k}.wav")
         except (ValueError, OSError, RuntimeError) as err:  # keep what was written; name the sample that failed

@@ -7,8 +7,7 @@ import json
 import pytest
 import symusic
 import torch
-from huggingface_hub import constants
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, constants
 from test_generate_cli import checkpoint, meloformer  # noqa: F401 (the fixture)
 from test_model import hid_pieces
 
