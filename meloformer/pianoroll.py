@@ -70,7 +70,8 @@ def render_pianoroll(
             [],
             color=MARK_COLOUR,
             lw=6,
-            label="regenerated (infill): " + ", ".join(f"{t}:{f}-{la}" for t, f, la in marked),
+            label="regenerated (infill): "
+            + ", ".join(f"{t}:{f}" + (f"-{la}" if la > f else "") for t, f, la in marked),
         )
     pitched = notes[~is_drum]
     low, high = (int(pitched[:, COL["pitch"]].min()), int(pitched[:, COL["pitch"]].max())) if len(pitched) else (48, 72)
@@ -90,15 +91,9 @@ def render_pianoroll(
         drum_ax.set_ylabel("drum key")
         bottom = drum_ax
     bottom.set_xlabel("quarter notes")
-    n_entries = len(piece.tracks) + bool(marked)
-    bottom.legend(
-        *ax.get_legend_handles_labels(),
-        loc="upper center",
-        bbox_to_anchor=(0.5, -0.35 if drum_ax is not None else -0.12),
-        fontsize=7,
-        ncol=min(6, max(1, n_entries)),
-    )
-    fig.tight_layout()
+    handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", fontsize=7, ncol=min(6, max(1, len(labels))), frameon=False)
+    fig.tight_layout(rect=(0, 0.05 * np.ceil(len(labels) / 6), 1, 1))
     return fig
 
 
