@@ -266,7 +266,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                     )
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column(scale=2):
-                status = gr.Markdown(elem_id="status")
+                status = gr.Markdown(label="status", elem_id="status")
                 roll = gr.Image(label="piano roll", type="filepath", interactive=False, elem_id="pianoroll")
                 audio = gr.Audio(label="audio", type="filepath", interactive=False, elem_id="audio")
                 midi = gr.File(label="MIDI", interactive=False, elem_id="midi")

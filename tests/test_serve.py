@@ -190,3 +190,11 @@ def test_page_marks_the_regenerated_bars_in_the_piano_roll(page, tmp_path):
     (tmp_path / "roll.png").write_bytes(page.request.get(source).body())
     pixels = np.asarray(Image.open(tmp_path / "roll.png").convert("RGB")).reshape(-1, 3)
     assert (pixels == MARK_RGB).all(axis=1).sum() > 1000  # the shaded bars
+
+
+def test_the_api_has_named_optional_parameters(studio):
+    endpoint = build_app(studio).get_api_info()["named_endpoints"]["/generate"]
+    names = [p["parameter_name"] for p in endpoint["parameters"]]
+    assert names[:6] == [f"track_{n}" for n in range(1, 7)] and "prompt" in names and "key" in names
+    assert all(p["parameter_has_default"] for p in endpoint["parameters"])  # the prompt too: not "(required)"
+    assert [r["label"] for r in endpoint["returns"]] == ["piano roll", "audio", "MIDI", "status"]
