@@ -55,14 +55,16 @@ def is_hub_id(path: str) -> bool:
 
 def load_model_folder(folder: str | Path, device: str = "cpu") -> tuple[MeloFormer, HIDTokenizer]:
     """The model (in eval mode) and tokenizer of a model folder or a Hugging Face model id."""
-    where = str(folder)
-    if Path(where).exists() and not is_model_folder(where):
+    where, local = str(folder), Path(folder).exists()
+    if local and not is_model_folder(where):
         raise ValueError(f"{where}: not a model folder (no config.json)")
-    if not Path(where).exists() and not is_hub_id(where):
+    if not local and not is_hub_id(where):
         raise ValueError(f"{where}: no such model folder (nor a Hugging Face model id, owner/name)")
     try:
         model = MeloFormer.from_pretrained(where, map_location=device)
     except (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, OSError) as err:
+        if local:
+            raise
         if constants.is_offline_mode():
             raise ValueError(f"{where}: no such model folder, and not in the Hugging Face cache (offline)") from None
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -40,7 +40,7 @@ class GenerationRequest:
     write one new track (appended last, so it sees every prompt track), or keep it all but the
     ``regenerate`` bars. ``chords`` (names such as ``Am``) fix the chord of each generated bar, repeated;
     ``key`` and ``dynamics`` (``meloformer.steering``) bound the pitches and velocities of the new bars. Without
-    a prompt or a ``time_signature``, the first bar's meter holds for the whole piece."""
+    a prompt, the first bar's meter holds for the whole piece."""
 
     bars: int | None = 8
     instruments: list[int] | None = None  # Track token ids, in order; None: the model chooses
@@ -128,10 +128,10 @@ class _Plan:
             if request.prompt is not None and (request.add_track is not None or request.regenerate):
                 name = steered[0]
                 raise ValueError(
-                    f"{name} steer new bars; adding a track or regenerating bars keeps the prompt's {name}"
+                    f"--{name} steers new bars only; adding a track or regenerating bars keeps the prompt's {name}"
                 )
             if bars is None:
-                raise ValueError(f"{steered[0]} need a number of bars")
+                raise ValueError(f"--{steered[0]} needs a number of bars")
             first = 0 if request.prompt is None else piece.n_bars  # a prompt's bars keep their own
             free = [None] * first
             if request.chords:

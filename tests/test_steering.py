@@ -83,5 +83,5 @@ def test_instruments_by_name_or_number():
 
 def test_key_and_dynamics_refuse_what_they_cannot_steer():
     prompt = TOK.encode(next(iter(__import__("_music").demo_files())))
-    with pytest.raises(ValueError, match="key steer new bars; adding a track"):
+    with pytest.raises(ValueError, match="--key steers new bars only; adding a track"):
         check_request(TOK, GenerationRequest(bars=None, prompt=prompt, add_track=instrument_token("flute"), key="C"))
