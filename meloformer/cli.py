@@ -129,6 +129,9 @@ def generate_parser() -> ArgumentParser:
         "--time_signature", type=str, default=None, help=f"e.g. 3/4 (default without a prompt: {DEFAULT_METER})"
     )
     parser.add_argument("--chords", nargs="+", default=None, help="a chord per bar, repeated: C G Am F")
+    parser.add_argument(
+        "--meter_changes", action="store_true", help="let the model change the time signature after the first bar"
+    )
     parser.add_argument("--key", type=str, default=None, help="keep the new bars in a key: 'D minor', Bb, F#m")
     parser.add_argument(
         "--dynamics",
@@ -213,6 +216,8 @@ def generate_main(argv: list[str]) -> int:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.prompt and (args.tempo is not None or args.time_signature):
             raise ValueError("--tempo and --time_signature come from the prompt; drop them or the prompt")
+        if args.meter_changes and (args.prompt or args.time_signature):
+            raise ValueError("--meter_changes lets the model choose the meters: drop --time_signature and --prompt")
         if args.add_track and not args.prompt:
             raise ValueError("--add_track needs a --prompt to add the track to")
         steering = args.bars or args.instruments or args.chords or args.key or args.dynamics
@@ -234,7 +239,7 @@ def generate_main(argv: list[str]) -> int:
             bars = prompt_bars if args.add_track or regions else (bars or prompt_bars + 8)
         else:
             args.instruments = args.instruments or list(DEFAULT_INSTRUMENTS)
-            args.time_signature = args.time_signature or DEFAULT_METER
+            args.time_signature = args.time_signature or (None if args.meter_changes else DEFAULT_METER)
             args.dynamics = args.dynamics or list(DEFAULT_DYNAMICS)
         request = GenerationRequest(
             bars=bars or 8,
@@ -249,6 +254,7 @@ def generate_main(argv: list[str]) -> int:
             chords=args.chords,
             key=args.key,
             dynamics=args.dynamics,
+            meter_changes=args.meter_changes,
         )
         capacity = context_of(module.model, request)
         notice = None

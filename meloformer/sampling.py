@@ -40,7 +40,7 @@ class GenerationRequest:
     write one new track (appended last, so it sees every prompt track), or keep it all but the
     ``regenerate`` bars. ``chords`` (names such as ``Am``) fix the chord of each generated bar, repeated;
     ``key`` and ``dynamics`` (``meloformer.steering``) bound the pitches and velocities of the new bars. Without
-    a prompt, the first bar's meter holds for the whole piece."""
+    a prompt, the first bar's meter holds for the whole piece unless ``meter_changes``."""
 
     bars: int | None = 8
     instruments: list[int] | None = None  # Track token ids, in order; None: the model chooses
@@ -54,6 +54,7 @@ class GenerationRequest:
     chords: list[str] | None = None
     key: str | None = None  # e.g. "D minor": pitched notes and free chords of new bars stay in it
     dynamics: list[str] | None = None  # velocity ranges such as "40-70", spread over the new bars
+    meter_changes: bool = False  # may the model change the time signature after the first bar?
     regenerate: list[tuple[int, int]] | None = None  # (instrument track, bar) of the prompt, both from 0
     max_tokens: int | None = None  # token budget of the piece; None (and at most): the model's max_seq_len
 
@@ -148,7 +149,7 @@ class _Plan:
             instruments=instruments,
             free_track_order=request.add_track is not None,
             chords=chords,
-            keep_meter=request.prompt is None,
+            keep_meter=request.prompt is None and not request.meter_changes,
             pitch_classes=pitch_classes,
             velocities=velocities,
         )

@@ -130,6 +130,7 @@ def test_the_default_sample_is_a_four_voice_choir_in_one_meter(checkpoint, tmp_p
         (["--dynamics", "70-40"], "dynamics '70-40': write a velocity range LO-HI within 1-127"),
         (["--dynamics", "loud"], "dynamics 'loud': write a velocity range"),
         (["--dynamics", "1-2"], "dynamics '1-2': no velocity step inside"),
+        (["--meter_changes", "--time_signature", "3/4"], "--meter_changes lets the model choose the meters"),
     ],
 )  # fmt: skip
 def test_bad_instruments_keys_and_dynamics_are_one_line_errors(checkpoint, tmp_path, capsys, args, problem):

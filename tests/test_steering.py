@@ -85,3 +85,10 @@ def test_key_and_dynamics_refuse_what_they_cannot_steer():
     prompt = TOK.encode(next(iter(__import__("_music").demo_files())))
     with pytest.raises(ValueError, match="--key steers new bars only; adding a track"):
         check_request(TOK, GenerationRequest(bars=None, prompt=prompt, add_track=instrument_token("flute"), key="C"))
+
+
+def test_meter_changes_only_when_asked():
+    from meloformer.sampling import _Plan
+
+    assert _Plan(TOK, GenerationRequest(bars=4)).grammar.keep_meter
+    assert not _Plan(TOK, GenerationRequest(bars=4, meter_changes=True)).grammar.keep_meter
