@@ -14,6 +14,7 @@ from pathlib import Path
 from jsonargparse import ArgumentError, ArgumentParser
 
 from meloformer.hid import HIDTokenizer
+from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS, DEFAULT_METER
 
 
 def preprocess_parser() -> ArgumentParser:
@@ -95,12 +96,30 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--out", type=str, required=True, help="folder for sample_K.mid and sample_K.png")
     parser.add_argument("--prompt", type=str, default=None, help="MIDI file to continue (or to add a track to)")
     parser.add_argument("--prompt_bars", type=int, default=None, help="use only the prompt's first bars")
-    parser.add_argument("--add_track", type=str, default=None, help="GM program (0-127) or 'drums': new track")
-    parser.add_argument("--instruments", nargs="+", default=None, help="tracks in order: programs or 'drums'")
+    parser.add_argument("--add_track", type=str, default=None, help="instrument of a new track: violin, drums, 40")
+    parser.add_argument(
+        "--instruments",
+        nargs="+",
+        default=None,
+        help="tracks in order, by General MIDI name or program: piano violin drums, choir-aahs 52 (default "
+        f"without a prompt: {' '.join(DEFAULT_INSTRUMENTS)})",
+    )
     parser.add_argument("--bars", type=int, default=None, help="bars in all (default 8; prompt + 8 to continue)")
     parser.add_argument("--tempo", type=float, default=None, help="quarter notes per minute")
-    parser.add_argument("--time_signature", type=str, default=None, help="e.g. 3/4")
+    parser.add_argument(
+        "--time_signature", type=str, default=None, help=f"e.g. 3/4 (default without a prompt: {DEFAULT_METER})"
+    )
     parser.add_argument("--chords", nargs="+", default=None, help="a chord per bar, repeated: C G Am F")
+    parser.add_argument(
+        "--meter_changes", action="store_true", help="let the model change the time signature after the first bar"
+    )
+    parser.add_argument("--key", type=str, default=None, help="keep the new bars in a key: 'D minor', Bb, F#m")
+    parser.add_argument(
+        "--dynamics",
+        nargs="+",
+        default=None,
+        help=f"velocity ranges spread over the new bars: 40-70 (without a prompt: {' '.join(DEFAULT_DYNAMICS)})",
+    )
     parser.add_argument("--infill", nargs="+", default=None, help="with --prompt: regenerate TRACK:FIRST-LAST bars")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
@@ -127,6 +146,7 @@ def generate_main(argv: list[str]) -> int:
     from meloformer.audio import render_midi
     from meloformer.edits import crop_bars
     from meloformer.infill import Region, check_infill, infill, track_list
+    from meloformer.instruments import instrument_token
     from meloformer.module import open_checkpoint
     from meloformer.pianoroll import save_pianoroll
     from meloformer.sampler import (
@@ -135,7 +155,6 @@ def generate_main(argv: list[str]) -> int:
         context_of,
         fit_to_context,
         generate,
-        parse_instrument,
         parse_time_signature,
     )
 
@@ -148,12 +167,15 @@ def generate_main(argv: list[str]) -> int:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.prompt and (args.tempo is not None or args.time_signature):
             raise ValueError("--tempo and --time_signature come from the prompt; drop them or the prompt")
+        if args.meter_changes and (args.prompt or args.time_signature):
+            raise ValueError("--meter_changes lets the model choose the meters: drop --time_signature and --prompt")
         if args.add_track and not args.prompt:
             raise ValueError("--add_track needs a --prompt to add the track to")
-        if args.infill and (not args.prompt or args.add_track or args.bars or args.instruments or args.chords):
+        steering = args.bars or args.instruments or args.chords or args.key or args.dynamics
+        if args.infill and (not args.prompt or args.add_track or steering):
             raise ValueError(
-                "--infill needs --prompt and keeps its bars, tracks and chords (no --bars, "
-                "--instruments, --add_track or --chords)"
+                "--infill needs --prompt and keeps its bars, tracks, chords, key and dynamics (no --bars, "
+                "--instruments, --add_track, --chords, --key or --dynamics)"
             )
         regions = [Region.parse(text) for text in args.infill or ()]
         module = open_checkpoint(args.ckpt_path, args.device)
@@ -166,17 +188,24 @@ def generate_main(argv: list[str]) -> int:
                 prompt = crop_bars(tok, prompt, 0, min(args.prompt_bars, tok.parse(prompt).n_bars))
             prompt_bars = tok.parse(prompt).n_bars
             bars = prompt_bars if args.add_track or regions else (bars or prompt_bars + 8)
+        else:
+            args.instruments = args.instruments or list(DEFAULT_INSTRUMENTS)
+            args.time_signature = args.time_signature or (None if args.meter_changes else DEFAULT_METER)
+            args.dynamics = args.dynamics or list(DEFAULT_DYNAMICS)
         request = GenerationRequest(
             bars=bars or 8,
-            instruments=[parse_instrument(x) for x in args.instruments] if args.instruments else None,
+            instruments=[instrument_token(x) for x in args.instruments] if args.instruments else None,
             tempo=args.tempo,
             time_signature=parse_time_signature(args.time_signature) if args.time_signature else None,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
             prompt=prompt,
-            add_track=parse_instrument(args.add_track) if args.add_track else None,
+            add_track=instrument_token(args.add_track) if args.add_track else None,
             chords=args.chords,
+            key=args.key,
+            dynamics=args.dynamics,
+            meter_changes=args.meter_changes,
         )
         capacity = context_of(module.model, request)
         notice = None
@@ -202,7 +231,8 @@ def generate_main(argv: list[str]) -> int:
             else:
                 tokens = generate(model, tok, request, seed=args.seed + k, progress=progress, desc=desc)
             tok.decode_to_file(tokens, out / f"sample_{k}.mid")
-            save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+            marked = [region.as_tuple() for region in regions]
+            save_pianoroll(tok, tokens, out / f"sample_{k}.png", f"sample {k} (seed {args.seed + k})", marked)
             if args.audio:
                 render_midi(tok.decode(tokens), out / f"sample_{k}.wav")
         except (ValueError, OSError, RuntimeError) as err:  # keep what was written; name the sample that failed
@@ -350,17 +380,32 @@ def export_main(argv: list[str]) -> int:
 
 
 def sizes_main(argv: list[str]) -> int:
-    """Print every model size with its real parameter count (built on the meta device)."""
+    """Print every model size with its real parameter count (built on the meta device) and the rows (tokens /
+    summary slots) the shipped configs of that size train with, which override the size's defaults."""
+    import yaml
+
     from meloformer.model import SIZES, parameter_counts
 
     counts = parameter_counts()
-    header = ("size", "layers", "width", "heads", "kv", "max_seq_len", "slots", "params")
-    print("{:8} {:>6} {:>6} {:>5} {:>3} {:>11} {:>6} {:>12}".format(*header))
+    rows: dict[str, list[str]] = {name: [] for name in SIZES}
+    for name, path in sorted(shipped_configs().items()):
+        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        size = model.get("size")
+        if size in rows:
+            config = SIZES[size]
+            tokens, slots = (
+                model.get("max_seq_len", config.max_seq_len),
+                model.get("summary_slots", config.summary_slots),
+            )
+            rows[size].append(f"{name} {tokens}/{slots}")
+    header = ("size", "layers", "width", "heads", "kv", "max_seq_len", "slots", "params", "configs: tokens/slots")
+    print("{:8} {:>6} {:>6} {:>5} {:>3} {:>11} {:>6} {:>12}  {}".format(*header))
     for name, config in SIZES.items():
         print(
             f"{name:8} {config.n_layer:6} {config.n_embd:6} {config.n_head:5} {config.n_kv_head:3} "
-            f"{config.max_seq_len:11} {config.summary_slots:6} {counts[name]:12,}"
+            f"{config.max_seq_len:11} {config.summary_slots:6} {counts[name]:12,}  {', '.join(rows[name]) or '-'}"
         )
+    print("max_seq_len and slots are the size's defaults; a config's rows (tokens/slots) override them.")
     return 0
 
 

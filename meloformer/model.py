@@ -19,9 +19,12 @@ its new keys and values there and, for a decoding step, attends over the cached 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -53,6 +56,25 @@ SlotInput = Literal["learned", "segment_mean"]
 Checkpointing = Literal["none", "ffn", "block"]
 DEFAULT_VOCAB_SIZE = HIDTokenizer().vocab_size
 NUM_TRACK_EMBEDDINGS = 1 + 2 + 128  # none, conductor, drums, 128 programs
+# The card ``save_pretrained``/``push_to_hub`` write where a folder has none (``meloformer export`` writes its own).
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+# MeloFormer model
+
+A symbolic-music transformer (MeloFormer, HID tokens). `config.json` holds the model configuration and,
+under `tokenizer`, the tokenizer settings.
+
+```python
+from meloformer.model import MeloFormer
+model = MeloFormer.from_pretrained("THIS_FOLDER_OR_HUB_ID")
+```
+
+```bash
+meloformer generate --ckpt_path THIS_FOLDER_OR_HUB_ID --out samples
+```
+"""
 
 
 @dataclasses.dataclass
@@ -325,15 +347,23 @@ class Block(nn.Module):
         return self.feed_forward(x)
 
 
-class MeloFormer(nn.Module, PyTorchModelHubMixin):
+class MeloFormer(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="meloformer",
+    license="mit",
+    tags=["symbolic-music", "midi", "music-generation", "meloformer"],
+    model_card_template=MODEL_CARD,
+):
     """The network of ``config`` for the tokenizer whose kind table is ``kinds`` (``HIDTokenizer.kinds``).
 
     ``runtime`` (default: ``RuntimeConfig()``) may be replaced or changed at any time.
 
     The side channels (tracks, bars, segments) are read off the token ids through ``kinds``, so the model
     keeps it as a non-persistent buffer: it follows the model across devices but stays out of state dicts.
-    ``save_pretrained``/``from_pretrained`` (huggingface_hub) write and read model folders
-    (``meloformer.pretrained``).
+    huggingface_hub's ``from_pretrained(folder_or_hub_id)``, ``save_pretrained`` and ``push_to_hub`` read and
+    write model folders: ``config.json`` holds every config field and, under ``tokenizer``, the tokenizer
+    settings that the kind table is rebuilt from (``meloformer.pretrained``).
     """
 
     def __init__(
@@ -351,6 +381,43 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.reset_parameters()
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        config: MeloFormerConfig | dict[str, Any],
+        kinds: np.ndarray | Tensor | None = None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **hub: Any,
+    ) -> MeloFormer:
+        """``from_pretrained``'s loader. ``config`` is ``config.json`` as read (the mixin cannot decode it: the
+        annotations are postponed); the kind table comes from its tokenizer settings. Weights load strictly,
+        and the stored config (tokenizer settings included) is what ``save_pretrained`` writes back."""
+        settings: dict[str, Any] = {}
+        if isinstance(config, dict):
+            settings = config.get("tokenizer", {})
+            config = MeloFormerConfig.from_stored({k: v for k, v in config.items() if k != "tokenizer"})
+        if kinds is None:
+            kinds = HIDTokenizer(**settings).kinds
+        with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints "Loading weights from local directory"
+            model = super()._from_pretrained(
+                model_id=model_id, config=config, kinds=kinds, map_location=map_location, strict=strict, **hub
+            )
+        model._hub_mixin_config = {**dataclasses.asdict(config), "tokenizer": settings}
+        return model
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        super()._save_pretrained(save_directory)
+        (save_directory / "model.safetensors").chmod(0o644)  # safetensors writes it owner-only (0600)
+
+    @property
+    def tokenizer_settings(self) -> dict[str, Any]:
+        """The HID tokenizer settings stored with the model (``from_pretrained``); {} for the defaults."""
+        stored = self._hub_mixin_config
+        return dict(stored.get("tokenizer", {})) if isinstance(stored, dict) else {}
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual outputs scaled down by sqrt(2 n_layer) as in GPT-2."""

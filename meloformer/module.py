@@ -364,9 +364,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def open_checkpoint(path: str | None, device: str) -> MeloFormerModule:
-    """The trained module of a checkpoint or model folder (``None``: the shipped model) on ``device``; ValueError
-    with one line for a missing, foreign or damaged file or a device this machine lacks."""
-    from meloformer.pretrained import default_model_folder, is_model_folder
+    """The trained module of a checkpoint, model folder or Hugging Face model id (``None``: the shipped model) on
+    ``device``; ValueError with one line for a missing, foreign or damaged file or a device this machine lacks."""
+    from meloformer.pretrained import default_model_folder, is_hub_id, is_model_folder
 
     try:
         where = torch.device(device)
@@ -377,7 +377,7 @@ def open_checkpoint(path: str | None, device: str) -> MeloFormerModule:
     if where.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {device}: MPS is not available on this machine")
     path = str(default_model_folder()) if path is None else path
-    if is_model_folder(path):
+    if is_model_folder(path) or is_hub_id(path):
         return module_from_folder(path).to(where)
     if not Path(path).is_file():
         raise ValueError(f"--ckpt_path {path}: no such file or model folder")

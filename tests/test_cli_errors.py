@@ -60,7 +60,7 @@ CASES = {
     "prompt-bars-0": (["generate", "--prompt", "{root}/chorale.mid", "--prompt_bars", "0"], "--prompt_bars must be"),
     "bars-past-max": (["generate", "--bars", "2000"], "bars must be in 1..1024"),
     "bars-past-context": (["generate", "--bars", "200", "--instruments", "0"], "the model's context holds 256"),
-    "instrument-name": (["generate", "--instruments", "flute"], "give a General MIDI program 0-127 or 'drums'"),
+    "instrument-name": (["generate", "--instruments", "flut"], "unknown instrument 'flut' (a General MIDI name"),
     "time-signature-text": (["generate", "--time_signature", "three"], "write it as N/D"),
     "time-signature-unknown": (["generate", "--time_signature", "7/32"], "unsupported time signature 7/32"),
     "add-track-no-prompt": (["generate", "--add_track", "drums"], "--add_track needs a --prompt"),

@@ -154,6 +154,9 @@ def test_sizes_command_prints_real_parameter_counts(tmp_path):
     assert done.returncode == 0, done.stderr
     for name, count in parameter_counts().items():
         assert f"{count:,}" in next(line for line in done.stdout.splitlines() if line.startswith(name))
+    small = next(line for line in done.stdout.splitlines() if line.startswith("small"))
+    model = yaml.safe_load((REPO / "configs" / "small.yaml").read_text())["model"]
+    assert f"small.yaml {model['max_seq_len']}/{model['summary_slots']}" in small  # the rows it really trains
 
 
 def test_help_lists_the_commands(tmp_path):

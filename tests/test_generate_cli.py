@@ -76,7 +76,7 @@ def test_generate_continues_a_prompt_and_adds_a_track(checkpoint, tmp_path):
 
 def test_generate_rejects_bad_controls(checkpoint, tmp_path):
     for args, problem in [
-        (["--instruments", "flute"], "General MIDI program"),
+        (["--instruments", "flut"], "close names: flute"),
         (["--time_signature", "three"], "N/D"),
         (["--time_signature", "7/32"], "unsupported time signature"),
     ]:
