@@ -38,18 +38,13 @@ def check_trainer(trainer: Any, configs: list[str]) -> None:
 
 
 def multi_node_launch() -> bool:
-    """Whether a cluster launcher (SLURM, torchrun, LSF, MPI, Kubeflow) or MASTER_ADDR + NODE_RANK tell this
+    """Whether a cluster launcher (SLURM, torchrun, LSF) or MASTER_ADDR + NODE_RANK tell this
     process where the other nodes are."""
-    from lightning.fabric.plugins.environments import (
-        KubeflowEnvironment,
-        LSFEnvironment,
-        SLURMEnvironment,
-        TorchElasticEnvironment,
-    )
+    from lightning.fabric.plugins.environments import LSFEnvironment, SLURMEnvironment, TorchElasticEnvironment
 
     if "MASTER_ADDR" in os.environ and "NODE_RANK" in os.environ:
         return True
-    return any(env.detect() for env in (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment, KubeflowEnvironment))
+    return any(env.detect() for env in (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment))
 
 
 def cpu_threads() -> tuple[int, str]:

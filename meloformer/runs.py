@@ -91,4 +91,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         except OSError as err:
             temporary.unlink(missing_ok=True)
             kept = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
-            raise CheckpointWriteError(f"{path}: could not write the checkpoint ({err.strerror or err}); {kept}") from None
+            raise CheckpointWriteError(
+                f"{path}: could not write the checkpoint ({err.strerror or err}); {kept}"
+            ) from None

@@ -1,0 +1,247 @@
+"""Training runs: one folder per run, last.ckpt always the run's newest state, atomic checkpoint files, one
+learning curve across resumes, signals inside accumulated steps, machine mistakes as one line, and the
+plain progress lines of a log file."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import logging
+import os
+import signal
+from types import SimpleNamespace
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import TINY_MODEL
+
+from _music import REPO
+from meloformer import runs
+from meloformer.callbacks import PhaseSwitchCallback, StopCheckpoint, TrainingStopped
+from meloformer.cli import main
+from meloformer.datamodules import HIDDataModule
+from meloformer.module import MeloFormerModule
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.filterwarnings("ignore:LightningCLI's args parameter"),
+]
+DEMO = str(REPO / "configs" / "demo.yaml")
+
+
+@pytest.fixture
+def output(capsys, caplog):
+    """What ``main`` printed: stdout, and stderr with Lightning's log lines (its handler holds the real stderr)."""
+    caplog.set_level(logging.INFO)
+
+    def read() -> tuple[str, str]:
+        out, err = capsys.readouterr()
+        lines = caplog.text
+        caplog.clear()
+        return out, lines + err
+
+    return read
+
+
+def fit(output, tmp_path, shards, *args: str) -> tuple[int, str, str]:
+    """``meloformer fit`` of the demo config with the tiny model in ``tmp_path``: exit code, stdout, stderr."""
+    tiny = [f"--model.{name}={value}" for name, value in TINY_MODEL.items()]
+    with contextlib.chdir(tmp_path):
+        code = main(
+            ["fit", "--config", DEMO, *tiny, "--data.data_dir", str(shards), "--trainer.limit_val_batches", "1",
+             "--trainer.val_check_interval", "2", "--trainer.max_steps", "2", *args]
+        )  # fmt: skip
+    out, err = output()
+    return code, out, err
+
+
+def step_of(path) -> int:
+    return torch.load(path, weights_only=True, map_location="cpu")["global_step"]
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+def test_each_fresh_fit_gets_a_run_folder_and_a_resume_continues_it(demo_shards, tmp_path, output):
+    """Two fresh fits: two run folders, each with its own last.ckpt (no last-v1.ckpt). A resume from the first
+    continues its folder: last.ckpt becomes the newest step, and metrics.csv keeps the first steps' rows."""
+    code, out, err = fit(output, tmp_path, demo_shards)
+    assert code == 0, err[-3000:]
+    first = tmp_path / "runs" / "demo" / "version_0"
+    assert "run folder: runs/demo/version_0" in err
+    assert f"checkpoint: {(first / 'checkpoints' / 'last.ckpt').resolve()}" in err
+    assert list(first.glob("events.out.tfevents.*"))  # TensorBoard on the CPU path
+    code, out, err = fit(output, tmp_path, demo_shards, "--trainer.max_steps", "4")
+    assert code == 0, err[-3000:]
+    second = tmp_path / "runs" / "demo" / "version_1"
+    assert "run folder: runs/demo/version_1" in err
+    assert step_of(first / "checkpoints" / "last.ckpt") == 2 and step_of(second / "checkpoints" / "last.ckpt") == 4
+
+    last = first / "checkpoints" / "last.ckpt"
+    code, out, err = fit(output, tmp_path, demo_shards, "--trainer.max_steps", "4", "--ckpt_path", str(last))
+    assert code == 0, err[-3000:]
+    assert f"run folder: {first.resolve()} (continued)" in err
+    assert sorted(p.name for p in (first / "checkpoints").iterdir()) == ["last.ckpt"]
+    assert step_of(last) == 4
+    assert not (tmp_path / "runs" / "demo" / "version_2").exists()
+    with open(first / "metrics.csv") as f:
+        steps = sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("val/loss")})
+    assert len(steps) == 2 and steps[0] == 1  # the first run's validation stays: one curve across the resume
+    assert len(list(first.glob("events.out.tfevents.*"))) == 2  # TensorBoard reads both files as one run
+
+
+def test_default_root_dir_moves_everything(demo_shards, tmp_path, output):
+    code, _, err = fit(output, tmp_path, demo_shards, "--trainer.default_root_dir", "elsewhere/mine")
+    assert code == 0, err[-3000:]
+    assert not (tmp_path / "runs").exists()
+    assert (tmp_path / "elsewhere" / "mine" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "elsewhere" / "mine" / "version_0" / "metrics.csv").is_file()
+
+
+def test_a_dirpath_holding_another_runs_checkpoints_is_refused(demo_shards, tmp_path, output):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "last.ckpt").write_bytes(b"another run")
+    code, _, err = fit(output, tmp_path, demo_shards, "--trainer.callbacks+=ModelCheckpoint",
+                       f"--trainer.callbacks.dirpath={folder}")  # fmt: skip
+    assert code == 2 and "holds another run's checkpoints" in err and "Traceback" not in err
+    assert (folder / "last.ckpt").read_bytes() == b"another run"
+
+
+def test_a_log_file_gets_progress_lines_and_no_adverts(demo_shards, tmp_path, output, recwarn):
+    """stdout is not a terminal under pytest: plain lines instead of a progress bar; no Lightning adverts, no
+    pytree deprecation warning, and the CPU thread count said."""
+    code, out, err = fit(output, tmp_path, demo_shards, "--trainer.log_every_n_steps", "1")
+    assert code == 0, err[-3000:]
+    lines = out.splitlines()
+    assert [line.split(",")[0] for line in lines if line.startswith("step ")] == ["step 1/2", "step 2/2"]
+    assert any(line.startswith("validation at step 2: val/loss ") for line in lines)
+    assert "Tip:" not in out + err and "litlogger" not in out + err
+    assert not [w for w in recwarn if "LeafSpec" in str(w.message)]
+    assert "CPU threads: " in err
+
+
+# ---------------------------------------------------------------------------------------------- atomic saves
+def test_a_full_disk_keeps_the_previous_last_ckpt_whole(demo_shards, tmp_path, output, monkeypatch):
+    code, _, err = fit(output, tmp_path, demo_shards)
+    assert code == 0, err[-3000:]
+    last = tmp_path / "runs" / "demo" / "version_0" / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"\0" * 1000)  # part of the file, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runs.torch, "save", full_disk)
+    code, _, err = fit(output, tmp_path, demo_shards, "--trainer.max_steps", "4", "--ckpt_path", str(last))
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        f"meloformer: error: {last.resolve()}: could not write the checkpoint (No space left on device); "
+        "the previous last.ckpt is unchanged"
+    )
+    assert "Traceback" not in err
+    assert last.read_bytes() == before and sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"]
+
+
+def test_atomic_save_replaces_whole_files(tmp_path):
+    io = runs.AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, tmp_path / "ckpt" / "last.ckpt")
+    io.save_checkpoint({"step": 2}, tmp_path / "ckpt" / "last.ckpt")
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt")["step"] == 2
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["last.ckpt"]
+
+
+# ---------------------------------------------------------------------------------------------- machine mistakes
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--trainer.accelerator", "cuda"], ["trainer.accelerator cuda: this machine has no CUDA GPU"]),
+        (["--config", "small.yaml"], ["no CUDA GPU", "small.yaml is a GPU config", "--config cpu.yaml"]),
+        (["--trainer.devices", "0"], ["trainer.devices 0"]),
+        (["--trainer.num_nodes", "2"], ["trainer.num_nodes 2", "wait forever", "NODE_RANK"]),
+        (["--model.summary_slots", "1"], ["model.summary_slots 1 is too few", "raise it"]),
+    ],
+    ids=["cuda", "gpu-config", "devices-0", "two-nodes", "one-summary-slot"],
+)
+def test_machine_mistakes_are_one_line(demo_shards, tmp_path, output, monkeypatch, args, needles):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("MASTER_ADDR", "NODE_RANK", "SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    with contextlib.chdir(tmp_path):
+        code = main(["fit", "--config", DEMO, "--data.data_dir", str(demo_shards), *args])
+    _, err = output()
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("meloformer: error: ")
+    for needle in needles:
+        assert needle in last
+
+
+def test_an_empty_validation_or_test_split_is_warned(demo_shards, tmp_path):
+    import json
+    import shutil
+
+    shards = shutil.copytree(demo_shards, tmp_path / "shards")
+    index = json.loads((shards / "index.json").read_text())
+    for piece in index["pieces"]:
+        piece["split"] = "train"
+    (shards / "index.json").write_text(json.dumps(index))
+    data = HIDDataModule(str(shards), max_seq_len=256, max_segments=64)
+    with pytest.warns(UserWarning) as caught:
+        data.setup("fit")
+    messages = " ".join(str(w.message) for w in caught)
+    assert "'val' split has no pieces: training runs without validation" in messages
+    assert "'test' split has no pieces" in messages
+
+
+# ---------------------------------------------------------------------------------------------- signals
+class SendSignal(pl.Callback):
+    """SIGTERM to this process at the end of training batch ``at`` (counted from the run's start)."""
+
+    def __init__(self, at: int) -> None:
+        self.at, self.batches = at, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.batches == self.at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.batches += 1
+
+
+def _fit_accumulating(shards, root, max_steps, *callbacks, ckpt_path=None) -> MeloFormerModule:
+    """Tiny model, 3 batches per optimizer step."""
+    pl.seed_everything(0)
+    module = MeloFormerModule(**TINY_MODEL)
+    trainer = pl.Trainer(
+        max_steps=max_steps, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        limit_val_batches=0, default_root_dir=root, accumulate_grad_batches=3,
+        callbacks=[PhaseSwitchCallback([{"start_step": 0, "batch_size": 1}]), StopCheckpoint(), *callbacks],
+    )  # fmt: skip
+    trainer.fit(module, HIDDataModule(str(shards), max_seq_len=256, max_segments=64), ckpt_path=ckpt_path)
+    return module
+
+
+def test_a_signal_inside_an_accumulated_step_finishes_that_step(demo_shards, tmp_path):
+    """SIGTERM after the first of the three batches of optimizer step 3: the next batch is still inside the
+    step, so the checkpoint is of step 3 once its third batch is done, and a resume equals an uninterrupted run."""
+    whole = _fit_accumulating(demo_shards, tmp_path / "whole", 4)
+    with pytest.raises(TrainingStopped, match="after optimizer step 3"):
+        _fit_accumulating(demo_shards, tmp_path / "cut", 4, SendSignal(at=6))
+    last = tmp_path / "cut" / "checkpoints" / "last.ckpt"
+    assert step_of(last) == 3
+    resumed = _fit_accumulating(demo_shards, tmp_path / "resumed", 4, ckpt_path=last)
+    for (name, a), b in zip(whole.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_ranks_agree_on_a_stop_only_every_n_steps():
+    """Under DDP the stop decision is a collective: asked every ``sync_every_n_steps`` steps, not every step."""
+    asked = []
+    strategy = SimpleNamespace(reduce_boolean_decision=lambda decision, all: asked.append(decision) or False)
+    trainer = SimpleNamespace(global_step=0, max_steps=100, world_size=2, strategy=strategy)
+    stop = StopCheckpoint(sync_every_n_steps=10)
+    for step in range(1, 31):
+        stop.on_train_batch_start(trainer, None, None, 0)
+        trainer.global_step = step
+        stop.on_train_batch_end(trainer, None, None, None, 0)
+    assert asked == [False, False, False]
