@@ -122,7 +122,7 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--top_p", type=float, default=0.95, help="1.0: off")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="sample K uses seed + K")
-    parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--device", type=str, default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--audio", action="store_true", help="also write sample_K.wav (General MIDI SoundFont)")
     parser.add_argument("--no_progress", action="store_true")
     return parser
@@ -146,6 +146,13 @@ def _time_signature(text: str) -> tuple[int, int]:
     return numerator, denominator
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: ``cuda`` when this machine has it, else ``cpu``; any other name as given."""
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def open_checkpoint(path: str | None, device: str):
     """The trained module of a checkpoint or model folder (``None``: the shipped model) on ``device``; ValueError
     with one line for a missing, foreign or damaged file or a device this machine lacks."""
@@ -154,6 +161,7 @@ def open_checkpoint(path: str | None, device: str):
     from meloformer.module import load_checkpoint, module_from_folder
     from meloformer.pretrained import default_model_folder, is_model_folder
 
+    device = resolve_device(device)
     try:
         where = torch.device(device)
     except RuntimeError:
@@ -246,7 +254,7 @@ def generate_main(argv: list[str]) -> int:
         return fail("generate", err)
     if notice:
         print(f"meloformer generate: {notice}", file=sys.stderr)
-    model = module.model.to(torch.device(args.device))
+    model = module.model  # on the device open_checkpoint chose
     for k in range(args.num_samples):
         desc = f"sample {k + 1}/{args.num_samples}"
         progress = not args.no_progress
