@@ -4,6 +4,7 @@ the CPU thread count of a run on CPU."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -49,13 +50,32 @@ def multi_node_launch() -> bool:
 
 def cpu_threads() -> tuple[int, str]:
     """Intra-op threads for a run on CPU, and why: ``OMP_NUM_THREADS`` when it is set; else the cores this
-    process may use, less the processes already busy (the 1-minute load average), at least 1.
+    process may use, less the cores other processes keep busy now, at least 1.
 
     On a 2-core machine beside one busy process, two threads lose most of their time waiting for each other
     (about 20x slower than one thread), so busy cores are left alone."""
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return int(os.environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = busy_cores()
     threads = max(1, min(cores, cores - round(busy)))
-    return threads, f"{cores} cores, load average {busy:.1f}; set OMP_NUM_THREADS to choose"
+    return threads, f"{cores} cores, {busy:.1f} busy; set OMP_NUM_THREADS to choose"
+
+
+def busy_cores(seconds: float = 0.3) -> float:
+    """How many cores other processes keep busy: the machine's CPU time not idle over ``seconds`` (this
+    process sleeps meanwhile), from ``/proc/stat``; elsewhere the 1-minute load average."""
+
+    def idle_and_total() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return ticks[3] + ticks[4], sum(ticks[:8])  # idle + iowait; user .. steal
+
+    try:
+        idle0, total0 = idle_and_total()
+        time.sleep(seconds)
+        idle1, total1 = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1 - (idle1 - idle0) / max(1, total1 - total0))

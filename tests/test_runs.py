@@ -245,3 +245,57 @@ def test_ranks_agree_on_a_stop_only_every_n_steps():
         trainer.global_step = step
         stop.on_train_batch_end(trainer, None, None, None, 0)
     assert asked == [False, False, False]
+
+
+# ---------------------------------------------------------------------------------------------- kill -9
+@pytest.mark.slow
+def test_kill_9_at_random_moments_leaves_only_whole_checkpoints(demo_shards, tmp_path):
+    """20 `meloformer fit` processes (a checkpoint every step, each resuming the last one) killed with SIGKILL
+    at random moments, from start-up to mid-training: every checkpoint file left is whole and loadable."""
+    import random
+    import shutil
+    import subprocess
+    import time
+
+    import yaml
+
+    from meloformer.checkpoint import read_checkpoint
+
+    config = yaml.safe_load(open(DEMO))
+    config["model"].update(TINY_MODEL)
+    config["data"]["data_dir"] = str(demo_shards)
+    config["trainer"].update(max_steps=100_000, limit_val_batches=0, enable_progress_bar=False)
+    config["trainer"]["callbacks"][0]["init_args"].update(every_n_train_steps=1, save_top_k=2, monitor="step",
+                                                           mode="max")  # fmt: skip
+    (tmp_path / "kill.yaml").write_text(yaml.safe_dump(config))
+    script, rng, checked, resumed = shutil.which("meloformer"), random.Random(0), {}, 0
+    for _ in range(20):
+        lasts = sorted(tmp_path.glob("runs/demo/version_*/checkpoints/last.ckpt"))
+        resume = ["--ckpt_path", str(lasts[-1])] if lasts else []
+        resumed += bool(resume)
+        fit = subprocess.Popen(
+            [script, "fit", "--config", str(tmp_path / "kill.yaml"), *resume], cwd=tmp_path,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )  # fmt: skip
+        time.sleep(rng.uniform(2.0, 9.0))
+        fit.kill()
+        fit.wait()
+        for path in tmp_path.glob("runs/demo/version_*/checkpoints/*.ckpt"):
+            stamp = (path.stat().st_mtime_ns, path.stat().st_size)
+            if checked.get(path) != stamp:
+                assert read_checkpoint(path)["global_step"] >= 1, path  # CRC of every entry, then torch.load
+                checked[path] = stamp
+    assert checked and resumed >= 10  # checkpoints were being written, and runs resumed from them
+
+
+def test_cpu_threads_leave_busy_cores_alone(monkeypatch):
+    from meloformer import machine
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    for busy, threads in ((0.1, 2), (0.9, 1), (1.6, 1), (2.0, 1)):
+        monkeypatch.setattr(machine, "busy_cores", lambda busy=busy: busy)
+        assert machine.cpu_threads()[0] == threads, busy
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert machine.cpu_threads() == (3, "OMP_NUM_THREADS")
+    assert 0 <= machine.busy_cores(0.05) <= os.cpu_count() + 1e-6
