@@ -193,7 +193,6 @@ def _output_folder(path: str) -> Path:
 
 
 def generate_main(argv: list[str]) -> int:
-
     from meloformer.audio import render_midi
     from meloformer.edits import crop_bars
     from meloformer.infill import Region, check_infill, infill, track_list
