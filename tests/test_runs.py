@@ -103,6 +103,23 @@ def test_default_root_dir_moves_everything(demo_shards, tmp_path, output):
     assert (tmp_path / "elsewhere" / "mine" / "version_0" / "metrics.csv").is_file()
 
 
+def test_the_cpu_config_trains_on_a_folder_into_default_root_dir(demo_shards, tmp_path, output):
+    """The README's "train on your own folder": configs/cpu.yaml, a dataset folder, a root of one's own."""
+    tiny = [f"--model.{name}={value}" for name, value in TINY_MODEL.items()]
+    with contextlib.chdir(tmp_path):
+        code = main(
+            ["fit", "--config", "cpu.yaml", *tiny, "--data.data_dir", str(demo_shards), "--trainer.max_steps", "2",
+             "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
+             "--trainer.default_root_dir", "mine"]
+        )  # fmt: skip
+    _, err = output()
+    assert code == 0, err[-3000:]
+    run = tmp_path / "mine" / "version_0"
+    assert step_of(run / "checkpoints" / "last.ckpt") == 2
+    assert list(run.glob("events.out.tfevents.*")) and (run / "metrics.csv").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
 def test_a_dirpath_holding_another_runs_checkpoints_is_refused(demo_shards, tmp_path, output):
     folder = tmp_path / "mine"
     folder.mkdir()
