@@ -62,7 +62,7 @@ def rows(work: Path) -> list[tuple[str, str]]:
     out.append(("fit: exit status, wall", f"{fit.get('rc', 'none (timed out or crashed)')}, {wall} s"))
     out += [("fit: phase switch", line) for line in re.findall(r"phase \d+/\d+ from optimizer step \d+: .*", log)]
     out.append(("fit: recompiles", str(log.count("Recompiling function"))))
-    metrics = sorted(work.glob("runs/small/csv/*/metrics.csv"))
+    metrics = sorted(work.glob("runs/small/version_*/metrics.csv"))  # the run folder of meloformer fit
     if metrics:
         with open(metrics[-1]) as f:
             logged = [r for r in csv.DictReader(f) if r.get("train/tokens_per_s")]

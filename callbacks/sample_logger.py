@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 
 from meloformer.audio import SAMPLE_RATE, render_score, write_wav
 from meloformer.features import piece_features
@@ -18,7 +18,12 @@ from meloformer.sampler import GenerationRequest, generate
 
 
 class SampleLogger(pl.Callback):
-    """Generate ``bars`` bars after every ``every_n_validations``-th validation (rank 0 only).
+    """Generate ``bars`` bars after every ``every_n_validations``-th validation.
+
+    The model decodes eagerly (``torch.compiler.set_stance("force_eager")``): a compiled training model would
+    otherwise compile a new graph for every prompt length, each counting against Dynamo's recompile limit.
+    Every rank samples the same piece (same seed, so about the same time) and all meet at a barrier after it,
+    so no rank sits in the next training collective while rank 0 samples; rank 0 writes and logs it.
 
     The MIDI file goes to ``<log_dir>/samples/step_<N>.mid``; the piano roll and the audio (General MIDI
     SoundFont) are logged to a TensorBoard logger (``samples/pianoroll``, ``samples/audio``) and saved beside
@@ -55,7 +60,6 @@ class SampleLogger(pl.Callback):
         self.seed = seed
         self.validations = 0
 
-    @rank_zero_only
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -66,10 +70,15 @@ class SampleLogger(pl.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 tokens = generate(pl_module.model, pl_module.tokenizer, self.request, seed=self.seed + step)
         finally:
             pl_module.train(was_training)
+        if trainer.is_global_zero:
+            self._log(trainer, pl_module, tokens, step)
+        trainer.strategy.barrier("SampleLogger")
+
+    def _log(self, trainer: pl.Trainer, pl_module: pl.LightningModule, tokens, step: int) -> None:
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
         out_dir.mkdir(parents=True, exist_ok=True)
         pl_module.tokenizer.decode_to_file(tokens, out_dir / f"step_{step}.mid")

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import sys
 import textwrap
+import warnings
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -126,7 +128,7 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--top_p", type=float, default=0.95, help="1.0: off")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="sample K uses seed + K")
-    parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--device", type=str, default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--audio", action="store_true", help="also write sample_K.wav (General MIDI SoundFont)")
     parser.add_argument("--no_progress", action="store_true")
     return parser
@@ -141,8 +143,6 @@ def _output_folder(path: str) -> Path:
 
 
 def generate_main(argv: list[str]) -> int:
-    import torch
-
     from meloformer.audio import render_midi
     from meloformer.edits import crop_bars
     from meloformer.infill import Region, check_infill, infill, track_list
@@ -221,7 +221,7 @@ def generate_main(argv: list[str]) -> int:
         return fail("generate", err)
     if notice:
         print(f"meloformer generate: {notice}", file=sys.stderr)
-    model = module.model.to(torch.device(args.device))
+    model = module.model  # on the device open_checkpoint chose
     for k in range(args.num_samples):
         desc = f"sample {k + 1}/{args.num_samples}"
         progress = not args.no_progress
@@ -415,11 +415,14 @@ class ConfigError(Exception):
 
 def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI of ``meloformer fit|validate|test`` (``run=False``: parse and instantiate only)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities import rank_zero_info
 
     from meloformer.callbacks import StopCheckpoint
     from meloformer.checkpoint import CheckpointError, check_checkpoint_file, read_checkpoint_metadata
     from meloformer.datamodules import HIDDataModule
+    from meloformer.machine import check_trainer
     from meloformer.module import MeloFormerModule
 
     class MeloFormerCLI(LightningCLI):
@@ -442,7 +445,14 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 raise ConfigError(str(err)) from None
 
         def before_instantiate_classes(self) -> None:
-            if self.config.get("subcommand") == "fit":
+            subcommand = self.config.get("subcommand")
+            if subcommand is not None:  # this machine can run the trainer asked for
+                configs = [Path(str(p)).name for p in self.config[subcommand].get("config") or []]
+                try:
+                    check_trainer(self.config[subcommand].trainer, configs)
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+            if subcommand == "fit":
                 max_steps = self.config.fit.trainer.max_steps
                 if max_steps is None or max_steps <= 0:
                     raise ConfigError(
@@ -469,7 +479,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         def instantiate_classes(self) -> None:
             try:
                 super().instantiate_classes()
-            except (ValueError, TypeError, OSError) as err:  # ShardError is a ValueError
+            except (ValueError, TypeError, OSError, MisconfigurationException) as err:  # ShardError: a ValueError
                 raise ConfigError(str(err)) from err
             if self.saved_settings is not None:
                 try:
@@ -483,6 +493,23 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 except (ValueError, OSError) as err:
                     raise ConfigError(str(err)) from err
 
+        def instantiate_trainer(self, **kwargs):
+            """The run folder (fit), atomic checkpoint files, plain progress lines in a log file, CPU threads."""
+            config = self._get(self.config_init, "trainer", default={})
+            if self.subcommand == "fit":
+                try:
+                    kwargs.update(fit_run(config, self.ckpt_path))
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+            kwargs.update(run_defaults(config, {**config, **kwargs}.get("callbacks")))
+            return super().instantiate_trainer(**kwargs)
+
+        def after_fit(self) -> None:
+            checkpoint = self.trainer.checkpoint_callback
+            path = checkpoint and (checkpoint.last_model_path or checkpoint.best_model_path)
+            if path:
+                rank_zero_info(f"checkpoint: {path}")
+
     return MeloFormerCLI(
         MeloFormerModule,
         HIDDataModule,
@@ -494,6 +521,76 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         trainer_defaults={"callbacks": [StopCheckpoint()]},  # SIGTERM / Ctrl-C: checkpoint, then stop
         parser_kwargs={"prog": "meloformer"},
     )
+
+
+def fit_run(trainer: dict, ckpt_path: str | None) -> dict:
+    """Trainer arguments of a fit's run folder (``meloformer.runs``): its loggers, unless the config names
+    others, and its ``checkpoints/`` for every ``ModelCheckpoint`` without a ``dirpath``. A checkpoint file
+    of a run is always its newest state (no ``last-v1.ckpt``). ValueError: a fresh fit into a ``dirpath``
+    that holds another run's checkpoints."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from meloformer.runs import run_folder, run_loggers
+
+    folder = run_folder(trainer.get("default_root_dir") or ".", ckpt_path)
+    callbacks = trainer.get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        callback._enable_version_counter = False  # Lightning has no setter; save_last would write last-v1.ckpt
+        if callback.dirpath is None:
+            callback.dirpath = str((folder / "checkpoints").resolve())
+        elif ckpt_path is None and list(Path(callback.dirpath).glob("*.ckpt")):
+            raise ValueError(
+                f"ModelCheckpoint dirpath {callback.dirpath} holds another run's checkpoints; leave dirpath out "
+                "(each run gets a folder of its own under --trainer.default_root_dir) or give an empty folder"
+            )
+    resumed = ckpt_path is not None and folder.is_dir()
+    rank_zero_info(f"run folder: {folder}{' (continued)' if resumed else ''}")
+    return {"logger": run_loggers(folder)} if trainer.get("logger") in (None, True) else {}
+
+
+def run_defaults(trainer: dict, callbacks) -> dict:
+    """Trainer arguments of every fit, validate and test: checkpoints written atomically, progress as plain
+    lines when stdout is not a terminal, and on CPU a thread count chosen for the machine's load (printed)."""
+    import torch
+    from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+    from lightning.pytorch.plugins.io import CheckpointIO
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from meloformer.callbacks import ProgressLines
+    from meloformer.machine import cpu_threads
+    from meloformer.runs import AtomicCheckpointIO
+
+    kwargs = {}
+    plugins = trainer.get("plugins") or []
+    plugins = plugins if isinstance(plugins, list) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+    callbacks = callbacks or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    if trainer.get("enable_progress_bar") is not False and not sys.stdout.isatty():
+        if not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, ProgressLines(trainer.get("log_every_n_steps") or 50)]
+    accelerator = trainer.get("accelerator")
+    if accelerator == "cpu" or accelerator in (None, "auto") and not torch.cuda.is_available():
+        threads, why = cpu_threads()
+        torch.set_num_threads(threads)
+        rank_zero_info(f"CPU threads: {threads} ({why})")
+    return kwargs
+
+
+def quiet_lightning() -> None:
+    """No Lightning adverts ("Tip: ... litlogger") and no torch deprecation warning raised inside Lightning's
+    ``_pytree``: neither is anything a user can act on."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_no_advert)
+
+
+def _no_advert(record: logging.LogRecord) -> bool:
+    return "Tip:" not in str(record.msg)
 
 
 def _one_line(message: str, limit: int = 300) -> str:
@@ -555,6 +652,7 @@ def _mask_plan(module):
 def lightning_main(command: str, argv: list[str]) -> int:
     """``meloformer fit|validate|test``: LightningCLI, with its errors as one line."""
     from meloformer.callbacks import TrainingStopped
+    from meloformer.runs import CheckpointWriteError
 
     try:
         resolved = [command, *resolve_config_arguments(argv)]
@@ -568,6 +666,9 @@ def lightning_main(command: str, argv: list[str]) -> int:
         return 2
     except TrainingStopped as stopped:  # its message is already printed
         return 128 + stopped.signum
+    except CheckpointWriteError as err:  # a full disk: the previous checkpoint stays whole
+        print(f"meloformer: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -617,6 +718,7 @@ def usage() -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = COMMANDS.get(argv[0]) if argv else None
+    quiet_lightning()
     if command is not None:
         return command.run(argv[1:])
     asked = bool(argv) and argv[0] in ("-h", "--help")

@@ -363,15 +363,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return module.eval()
 
 
+def resolve_device(device: str) -> str:
+    """``auto``: ``cuda`` when this machine has it, else ``cpu``; any other name as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
 def open_checkpoint(path: str | None, device: str) -> MeloFormerModule:
     """The trained module of a checkpoint, model folder or Hugging Face model id (``None``: the shipped model) on
-    ``device``; ValueError with one line for a missing, foreign or damaged file or a device this machine lacks."""
+    ``device`` (``resolve_device``); ValueError with one line for a missing, foreign or damaged file or a device
+    this machine lacks."""
     from meloformer.pretrained import default_model_folder, is_hub_id, is_model_folder
 
+    device = resolve_device(device)
     try:
         where = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
+        raise ValueError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:1, mps)") from None
     if where.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available on this machine")
     if where.type == "mps" and not torch.backends.mps.is_available():

@@ -163,7 +163,7 @@ class _Plan:
             velocities=velocities,
         )
         self.instruments = instruments
-        self.total_bars = None if bars is None or instruments is None else bars * (1 + len(instruments))
+        self.total_bars = None if bars is None or instruments is None else bars * len(instruments)  # instruments'
 
     def model_needed(self) -> bool:
         """Is a bar still to be written? Once the last one is closed, the rest is copied without the model."""
@@ -404,7 +404,10 @@ def generate(
         out.append(token)
         if token == BAR:
             queue = plan.forced_after_bar()
-            bar_count.update(1)
+            bar_count.update(grammar.track_number > 0)  # instrument bars; the conductor's are not counted
+        elif budget.is_track[token] and plan.total_bars is None and grammar.n_bars and grammar.track_number > 0:
+            bar_count.total = grammar.n_bars * grammar.track_number  # the model opened one more track
+            bar_count.refresh()
         if budget.is_track[token] or token == BAR:
             budget.opened_segment(len(out), queue)
         if logits is not None and not grammar.done and plan.model_needed():

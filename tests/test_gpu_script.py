@@ -33,7 +33,7 @@ def test_gpu_table_reads_every_step(tmp_path):
         "phase 3/3 from optimizer step 100: batch_size 6, num_workers 8\n[__recompiles] Recompiling function forward\n"
         "fit wall seconds: 203\n"
     )
-    metrics = tmp_path / "runs" / "small" / "csv" / "version_0" / "metrics.csv"
+    metrics = tmp_path / "runs" / "small" / "version_0" / "metrics.csv"
     metrics.parent.mkdir(parents=True)
     header = "step,phase,train/tokens_per_s,train/loss"
     metrics.write_text("\n".join([header, "9,1.0,1000,5", "19,2.0,3000,4", "29,2.0,5000,", "109,3.0,9000,3"]) + "\n")

@@ -8,7 +8,7 @@ import pytest
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import BAR, BOS, CHORD_QUALITIES, TRACK_CONDUCTOR, HIDTokenizer, TokenKind
 from meloformer.instruments import instrument_name, instrument_token
-from meloformer.sampling import GenerationRequest, check_request
+from meloformer.sampler import GenerationRequest, check_request
 from meloformer.steering import key_pitch_classes, parse_dynamics, parse_key, per_bar
 
 TOK = HIDTokenizer()
@@ -88,7 +88,7 @@ def test_key_and_dynamics_refuse_what_they_cannot_steer():
 
 
 def test_meter_changes_only_when_asked():
-    from meloformer.sampling import _Plan
+    from meloformer.sampler import _Plan
 
     assert _Plan(TOK, GenerationRequest(bars=4)).grammar.keep_meter
     assert not _Plan(TOK, GenerationRequest(bars=4, meter_changes=True)).grammar.keep_meter
