@@ -25,7 +25,7 @@ from meloformer.chords import progression
 from meloformer.hid import CHORD_QUALITIES, NOTE_COLUMNS, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.module import load_checkpoint, module_from_folder
 from meloformer.pretrained import default_model_folder
-from meloformer.sampling import GenerationRequest, generate
+from meloformer.sampler import GenerationRequest, generate
 
 REPO = Path(__file__).resolve().parents[1]
 

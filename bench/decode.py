@@ -21,7 +21,7 @@ import torch
 from attention import corpus, single_row
 from common import add_common_arguments, print_header, set_threads, write_report
 
-from meloformer.generate import IncrementalDecoder
+from meloformer.decoder import IncrementalDecoder
 from meloformer.hid import PAD, HIDTokenizer
 from meloformer.model import MeloFormer, MeloFormerConfig
 

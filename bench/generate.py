@@ -1,6 +1,6 @@
 """Generation speed of MeloFormer-small on CPU: KV-cached decoding vs recomputing the sequence per token.
 
-One run samples a piece under the grammar with the cached decoder (``meloformer.sampling.generate``), then
+One run samples a piece under the grammar with the cached decoder (``meloformer.sampler.generate``), then
 replays the same tokens without a cache (a full forward over the whole prefix for every token, the way the
 original prototype decoded). Speed does not depend on the weights, so the model is untrained.
 
@@ -17,7 +17,7 @@ from common import add_common_arguments, print_header, set_threads, write_report
 
 from meloformer.hid import TRACK_PROGRAM0, HIDTokenizer
 from meloformer.model import MeloFormer, MeloFormerConfig
-from meloformer.sampling import GenerationRequest, generate
+from meloformer.sampler import GenerationRequest, generate
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from meloformer.edits import crop_bars
 from meloformer.hid import HIDTokenizer
 from meloformer.infill import Region, infill
 from meloformer.model import MeloFormer, MeloFormerConfig
-from meloformer.sampling import GenerationRequest
+from meloformer.sampler import GenerationRequest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,14 +36,14 @@ import numpy as np
 import torch
 import yaml
 
-from meloformer.checkpoint import read_checkpoint
+from meloformer.checkpoint import read_checkpoint_metadata
 from meloformer.datamodules import HIDDataModule
 from meloformer.evaluate import evaluate_music, evaluation_data
 from meloformer.hid import PAD, TRACK_PROGRAM0
 from meloformer.layout import layout
 from meloformer.metrics import MusicMetrics, similarity_curve, similarity_error
 from meloformer.module import KIND_GROUPS, MeloFormerModule, load_checkpoint
-from meloformer.sampling import GenerationRequest, generate
+from meloformer.sampler import GenerationRequest, generate
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("summary", "causal", "local")
@@ -76,7 +76,7 @@ def train_arms(configs: dict[str, Path], steps: int) -> None:
     running = {}
     for arm, config in configs.items():
         last = config.parent / "checkpoints" / "last.ckpt"
-        if last.exists() and read_checkpoint(last)["global_step"] >= steps:
+        if last.exists() and read_checkpoint_metadata(last)["global_step"] >= steps:
             print(f"{arm}: trained ({steps} steps)")
             continue
         command = [sys.executable, "-m", "meloformer.cli", "fit", "--config", str(config)]
@@ -119,7 +119,7 @@ def test_losses(module: MeloFormerModule, data_dir: Path, batch_size: int) -> di
     sums, counts = np.zeros(size), np.zeros(size)
     for batch in data.test_dataloader():
         tokens = batch["tokens"]
-        loss, valid, group = module.token_losses(tokens)
+        loss, valid, group = module.token_losses({"tokens": tokens})
         lay = layout(tokens.numpy(), module.tokenizer.kinds)
         bars, texture = bucket_of(lay.bar[:, 1:]), texture_of(lay)[:, 1:]
         loss, valid, group = loss.numpy(), valid.numpy(), group.numpy()
@@ -202,7 +202,7 @@ def throughput(config: dict, data_dir: Path, steps: int = 5) -> dict[str, dict[s
     for _ in range(steps + 1):  # the first round warms up
         for arm, module in modules.items():
             started = time.perf_counter()
-            loss, valid, _ = module.token_losses(tokens)
+            loss, valid, _ = module.token_losses({"tokens": tokens})
             (loss.sum() / valid.sum()).backward()
             optimizers[arm].step()
             optimizers[arm].zero_grad()

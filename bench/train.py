@@ -1,13 +1,12 @@
 """Training throughput on CPU: MeloFormer-small (summary attention, sdpa) vs a plain causal transformer, and
 the DataLoader's rows/s against what the model consumes.
 
-MeloFormer runs the ``sdpa`` backend's block-sparse attention with each ``--sparse`` grouping
-(``QUERYxKEY`` block sizes; the model's default is 64x32) and, with ``--dense``, SDPA over the whole
-dense mask. The layout comes from the DataLoader (``batch["layout"]``, as in training); ``--main-layout``
-adds the first grouping with the layout computed in the step, as before it moved to the loader. Rows hold
-``--summary-slots`` slots, by default one per 8 tokens as the configs use (256 at 2,048 tokens, 1,024 at
-8,192). The table's "mask share" is the share of each MeloFormer step spent building its layout (when
-computed in the step) and its mask.
+MeloFormer runs the ``sdpa`` backend's block-sparse attention (64x32 blocks) with its side channels and mask
+built by the DataLoader (``batch["layout"]`` and ``batch["mask"]`` from the model's ``mask_plan``, as in
+training; the step then builds nothing), and, with ``--in-step``, with both built in the step, as before
+they moved to the loader; with ``--dense``, SDPA over the whole dense mask. Rows hold ``--summary-slots``
+slots, by default one per 8 tokens as the configs use (256 at 2,048 tokens, 1,024 at 8,192). The table's
+"mask share" is the share of each MeloFormer step spent building its layout and mask in the step.
 
 The plain transformer has MeloFormer-small's width, depth, heads, SwiGLU width, RMSNorm, rotary embedding
 and vocabulary, and attends with ``scaled_dot_product_attention(is_causal=True)`` over the same rows: the
@@ -17,7 +16,7 @@ A training step is forward + loss + backward + AdamW, on rows of the bundled dem
 The models' steps alternate, so a busy machine slows them alike; the median step counts. Loader rows/s is
 measured in the main process (no workers).
 
-    python bench/train.py --threads 1 [--seq-len 2048] [--summary-slots 256] [--sparse 64x32 128x32] [--dense]
+    python bench/train.py --threads 1 [--seq-len 2048] [--summary-slots 256] [--in-step] [--dense]
 
 Goals: MeloFormer >= 0.9x the plain causal tokens/s at 2,048 tokens and >= 1.0x at 8,192; loader >= 10x the
 rows/s the model consumes.
@@ -34,13 +33,13 @@ import time
 import torch
 import torch.nn.functional as F
 from common import add_common_arguments, print_header, set_threads, write_report
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 
 from meloformer.datamodules import HIDDataModule
-from meloformer.hid import BOS, PAD
-from meloformer.masks import RowLayout, block_sparse_mask, full_dense_mask
-from meloformer.model import AttentionContext, MeloFormerConfig, apply_rope, rope_angles
-from meloformer.module import MeloFormerModule
+from meloformer.hid import PAD
+from meloformer.model import MeloFormerConfig, apply_rope, rope_angles
+from meloformer.module import MeloFormerModule, next_token_losses
 
 
 class PlainBlock(nn.Module):
@@ -87,42 +86,45 @@ class PlainCausal(nn.Module):
 
 
 def plain_loss(model: PlainCausal, batch: dict[str, Tensor]) -> Tensor:
-    tokens = batch["tokens"]
-    targets = tokens[:, 1:]
-    valid = (targets != PAD) & (targets != BOS)
-    logits = model(tokens)[:, :-1]
-    return F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100))
+    loss, valid = next_token_losses(model(batch["tokens"]), batch["tokens"])
+    return loss.sum() / valid.sum()
 
 
-def meloformer_loss(
-    module: MeloFormerModule, batch: dict[str, Tensor], sparse: tuple[int, int] | None, loader_layout: bool
-) -> tuple[Tensor, float]:
-    """The module's training loss with the given attention mask, and the seconds spent building the layout
-    (unless the loader built it) and the mask."""
-    started = time.perf_counter()
-    tokens, model, config = batch["tokens"], module.model, module.model.config
-    rows = RowLayout.from_tensors(batch["layout"], tokens.shape[1]) if loader_layout else model.row_layout(tokens)
-    mask_mod = model.mask_mod(rows)
-    mask = full_dense_mask(mask_mod, rows) if sparse is None else block_sparse_mask(mask_mod, rows, *sparse)
-    ctx = AttentionContext(rows, mask, *rope_angles(rows.pos, config.head_dim, config.rope_base))
-    prepare = time.perf_counter() - started
-    targets = tokens[:, 1:]
-    valid = (targets != PAD) & (targets != BOS)
-    logits = model(tokens, ctx=ctx)[:, :-1]
-    return F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100)), prepare
+def meloformer_loss(module: MeloFormerModule, batch: dict[str, Tensor], mask: str, clock) -> Tensor:
+    """The module's training loss with ``mask`` (``loader``: the batch's own, ``in step``: built here from the
+    tokens, ``dense``: the whole matrix); ``clock`` marks the end of building layout and mask."""
+    tokens, model = batch["tokens"], module.model
+    if mask == "loader":
+        ctx = module.attention_context(batch)
+    else:
+        ctx = model.prepare(tokens, backend="dense" if mask == "dense" else "sdpa")
+    clock("mask")
+    loss, valid = next_token_losses(model(tokens, ctx=ctx), tokens)
+    return loss.sum() / valid.sum()
 
 
-def timed_step(
-    loss_fn, model: nn.Module, optimizer: torch.optim.Optimizer, batch: dict[str, Tensor]
-) -> tuple[float, float]:
-    """Seconds of one training step, and of its layout + mask building (0 for the plain model)."""
-    started = time.perf_counter()
-    loss = loss_fn(model, batch)
-    loss, prepare = loss if isinstance(loss, tuple) else (loss, 0.0)
+def timed_step(loss_fn, model: nn.Module, optimizer, batch: dict[str, Tensor], device: torch.device) -> dict:
+    """Seconds of one training step and of its parts: mask (layout and mask built in the step; 0 for the
+    plain model), forward (with the loss), backward, optimizer. On CUDA each part ends with a sync."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    marks = {"start": time.perf_counter()}
+
+    def clock(name: str) -> None:
+        sync()
+        marks[name] = time.perf_counter()
+
+    with torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda"):
+        loss = loss_fn(model, batch, clock=clock) if loss_fn is not plain_loss else loss_fn(model, batch)
+    marks.setdefault("mask", marks["start"])
+    clock("forward")
     loss.backward()
+    clock("backward")
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - started, prepare
+    clock("optimizer")
+    names = list(marks)
+    parts = {b: marks[b] - marks[a] for a, b in zip(names, names[1:])}
+    return parts | {"step": marks["optimizer"] - marks["start"]}
 
 
 def loader_rows_per_s(data: HIDDataModule, rows: int) -> float:
@@ -138,56 +140,54 @@ def loader_rows_per_s(data: HIDDataModule, rows: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", default="small", help="model size (small, base, large, xlarge)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per model (after 2 warm-up steps)")
     parser.add_argument("--summary-slots", type=int, default=None, help="default: seq-len / 8, as the configs")
-    parser.add_argument("--sparse", nargs="*", default=["64x32"], help="block-sparse groupings QUERYxKEY")
+    parser.add_argument("--in-step", action="store_true", help="also with layout and mask built in the step")
     parser.add_argument("--dense", action="store_true", help="also time SDPA over the whole dense mask")
-    parser.add_argument("--main-layout", action="store_true", help="also the first grouping without the layout "
-                        "from the loader (computed in the step, as before)")  # fmt: skip
     parser.add_argument("--loader-rows", type=int, default=200)
+    parser.add_argument("--device", default="cpu", help="cpu (sdpa backend, fp32) or cuda (flex, bf16 autocast)")
     add_common_arguments(parser, "train")
     args = parser.parse_args()
     set_threads(args.threads)
     torch.manual_seed(0)
-    L, B = args.seq_len, args.batch_size
+    L, B, device = args.seq_len, args.batch_size, torch.device(args.device)
     slots = args.summary_slots or L // 8
+    backend = "sdpa" if device.type == "cpu" else "flex"
 
-    module = MeloFormerModule(size="small", max_seq_len=L, summary_slots=slots, attention_backend="sdpa")
+    module = MeloFormerModule(size=args.size, max_seq_len=L, summary_slots=slots, attention_backend=backend)
     config = module.config
-    data = HIDDataModule(max_seq_len=L, max_segments=config.summary_slots, batch_size=B)
+    data = HIDDataModule(max_seq_len=L, max_segments=slots, batch_size=B, mask_plan=module.mask_plan(backend))
     data.prepare_data()
     data.setup("fit")
-    batches = [batch for _, batch in zip(range(args.steps + 2), data.train_dataloader())]
-    plain = PlainCausal(config)
+    batches = [move_data_to_device(b, device) for _, b in zip(range(args.steps + 2), data.train_dataloader())]
+    plain = PlainCausal(config).to(device)
+    module.to(device)
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    variants = {f"sparse {v}": (tuple(int(x) for x in v.split("x")), True) for v in args.sparse}
-    if args.main_layout:
-        variants[f"sparse {args.sparse[0]}, layout in step"] = (variants[f"sparse {args.sparse[0]}"][0], False)
-    variants |= {"dense mask": (None, True)} if args.dense else {}
+    masks = ["loader"] + ["in step"] * args.in_step + ["dense"] * args.dense
     runs = {
-        f"meloformer {name}": (functools.partial(meloformer_loss, sparse=blocks, loader_layout=on), module, optimizer)
-        for name, (blocks, on) in variants.items()
+        f"meloformer, mask {mask}": (functools.partial(meloformer_loss, mask=mask), module, optimizer) for mask in masks
     }
     runs["plain_causal"] = (plain_loss, plain, torch.optim.AdamW(plain.parameters(), lr=1e-4))
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    prepare_times: dict[str, list[float]] = {name: [] for name in runs}
+    parts: dict[str, list[dict]] = {name: [] for name in runs}
     for i, batch in enumerate(batches):
         for name, (loss_fn, model, optimizer) in runs.items():
-            seconds, prepare = timed_step(loss_fn, model, optimizer, batch)
+            seconds = timed_step(loss_fn, model, optimizer, batch, device)
             if i >= 2:
-                times[name].append(seconds)
-                prepare_times[name].append(prepare)
+                parts[name].append(seconds)
 
-    step = {name: statistics.median(t) for name, t in times.items()}
-    prepare_share = {name: statistics.median(p) / step[name] for name, p in prepare_times.items()}
+    split = {name: {k: statistics.median(p[k] for p in ps) for k in ps[0]} for name, ps in parts.items()}
+    step = {name: s["step"] for name, s in split.items()}
     tokens_per_s = {name: B * L / s for name, s in step.items()}
     first = next(iter(runs))
     model_rows_per_s = B / step[first]
     loader = loader_rows_per_s(data, args.loader_rows)
-    fill = float(torch.cat([batch["tokens"] for batch in batches]).ne(PAD).float().mean())
+    fill = float(torch.cat([batch["tokens"].cpu() for batch in batches]).ne(PAD).float().mean())
     result = {
+        "size": args.size,
+        "device": device.type,
         "seq_len": L,
         "batch_size": B,
         "summary_slots": config.summary_slots,
@@ -197,8 +197,7 @@ def main() -> None:
         },
         "row_fill": fill,
         "step_seconds": step,
-        "step_seconds_all": times,
-        "prepare_share": prepare_share,
+        "step_split_seconds": split,
         "tokens_per_s": tokens_per_s,
         "vs_plain": {name: tokens_per_s[name] / tokens_per_s["plain_causal"] for name in runs},
         "loader_rows_per_s": loader,
@@ -206,17 +205,18 @@ def main() -> None:
         "loader_vs_model": loader / model_rows_per_s,
         "goals": {"vs_plain": 1.0 if L >= 8192 else 0.9, "loader_vs_model": 10.0},
     }
-    print_header(f"training, rows of {L} tokens (+{config.summary_slots} summary slots), batch {B}, "
+    print_header(f"training {args.size} on {device.type}, rows of {L} tokens (+{slots} summary slots), batch {B}, "
                  f"median of {args.steps} steps")  # fmt: skip
-    print(f"{'model':40} {'params':>10} {'step s':>8} {'mask share':>10} {'tokens/s':>10} {'vs plain':>9}")
+    print(f"{'model':28} {'params':>12} {'step s':>8} {'mask':>6} {'fwd':>6} {'bwd':>6} {'opt':>6} "
+          f"{'tokens/s':>10} {'vs plain':>9}")  # fmt: skip
     for name in runs:
-        params, ratio = result["parameters"][name], result["vs_plain"][name]
-        print(f"{name:40} {params:>10,} {step[name]:>8.3f} {prepare_share[name]:>10.1%} "
-              f"{tokens_per_s[name]:>10,.0f} {ratio:>8.2f}x")  # fmt: skip
+        params, ratio, s = result["parameters"][name], result["vs_plain"][name], split[name]
+        shares = " ".join(f"{s[k] / s['step']:>6.0%}" for k in ("mask", "forward", "backward", "optimizer"))
+        print(f"{name:28} {params:>12,} {step[name]:>8.3f} {shares} {tokens_per_s[name]:>10,.0f} {ratio:>8.2f}x")
     print(f"goal: {first} >= {result['goals']['vs_plain']}x plain causal; load average {os.getloadavg()[0]:.1f}")
     print(f"loader {loader:,.1f} rows/s vs model {model_rows_per_s:.2f} rows/s: "
           f"{result['loader_vs_model']:.0f}x (goal >= 10x); rows {fill:.0%} filled")  # fmt: skip
-    write_report(args.out, result)
+    write_report(args.out, result, device.type)
 
 
 if __name__ == "__main__":

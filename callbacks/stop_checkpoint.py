@@ -2,10 +2,14 @@
 
 A cluster scheduler sends SIGTERM some time before it kills a job; a person presses Ctrl-C. Either signal
 only sets a flag. At the end of the optimizer step in progress (never inside one, nor between the batches of
-an accumulated step) every rank agrees to stop, ``last.ckpt`` is saved exactly as ``ModelCheckpoint`` saves
+an accumulated step) ``last.ckpt`` is saved exactly as ``ModelCheckpoint`` saves
 an interval checkpoint at that point (the DataModule's stream cursor included), so resuming from it continues
 with the next step as if nothing had happened; then fit ends with ``TrainingStopped``. A second Ctrl-C
 interrupts at once, without a checkpoint.
+
+With several processes the ranks must stop at the same step, and asking them costs a collective (and a
+host-device sync): they agree every ``sync_every_n_steps`` optimizer steps, so a signal stops the run at the
+next multiple of it. One process checks its flag after every step, at no cost.
 """
 
 from __future__ import annotations
@@ -36,7 +40,10 @@ class StopCheckpoint(pl.Callback):
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(self, sync_every_n_steps: int = 10) -> None:
+        if sync_every_n_steps < 1:
+            raise ValueError(f"StopCheckpoint: sync_every_n_steps must be at least 1, got {sync_every_n_steps}")
+        self.sync_every = sync_every_n_steps
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
         self._step_at_batch_start = 0
@@ -71,7 +78,12 @@ class StopCheckpoint(pl.Callback):
     ) -> None:
         if trainer.global_step in (self._step_at_batch_start, trainer.max_steps):  # mid-step, or done anyway
             return
-        if not trainer.strategy.reduce_boolean_decision(self.received is not None, all=False):
+        if trainer.world_size == 1:
+            if self.received is None:
+                return
+        elif trainer.global_step % self.sync_every or not trainer.strategy.reduce_boolean_decision(
+            self.received is not None, all=False
+        ):
             return
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)

@@ -10,18 +10,21 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Protocol
 
 import lightning.pytorch as pl
-from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, DistributedSampler
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader
 
 from meloformer.datamodules.rows import RowBuilder
 from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
 from meloformer.datamodules.stream import (
-    CollateWithLayout,
+    CollateWithPlan,
     LoaderPlan,
     RowDataset,
     StreamLoader,
@@ -68,6 +71,9 @@ class HIDDataModule(pl.LightningDataModule):
             on first use into ``data/demo-shards``.
         max_seq_len: tokens per row (the model's context).
         max_segments: most (track, bar) segments per row: the model's summary slots. None: no limit.
+        mask_plan: what the DataLoader workers add to each batch from its tokens: the model's ``MaskPlan``
+            (side channels and attention mask; ``meloformer fit`` links it from the model). None: tokens only,
+            and the model computes the rest in the step.
         batch_size: rows per batch and rank (a ``LoaderSchedule`` such as ``PhaseSwitchCallback`` overrides it).
         val_batch_size: rows per validation/test batch; None: ``batch_size``.
         num_workers: DataLoader worker processes (overridden per phase for training, as ``batch_size``).
@@ -94,6 +100,7 @@ class HIDDataModule(pl.LightningDataModule):
         tokenizer: dict[str, Any] | None = None,
         max_open_shards: int = 8,
         verify_checksums: bool = True,
+        mask_plan: Callable[[Tensor], dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         for name, value, low in (
@@ -111,10 +118,11 @@ class HIDDataModule(pl.LightningDataModule):
             self.tokenizer = HIDTokenizer(**(tokenizer or {}))
         except TypeError as err:
             raise ValueError(f"data: bad tokenizer settings {tokenizer}: {err}") from err
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["mask_plan"])  # the model's, not a data setting
         self.data_dir = data_dir
         self.max_seq_len = max_seq_len
         self.max_segments = max_segments
+        self.mask_plan = mask_plan
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
         self.num_workers = num_workers
@@ -191,13 +199,39 @@ class HIDDataModule(pl.LightningDataModule):
                 )
         if needed == "train":
             self._check_rows_hold_pieces()
+            for split, what in (("val", "training runs without validation"), ("test", "`meloformer test` has no rows")):
+                if len(reader.pieces(split)) == 0:
+                    rank_zero_warn(
+                        f"{self.root}: the {split!r} split has no pieces: {what} (rerun `meloformer preprocess` "
+                        f"with more files or a larger --{split}_fraction)"
+                    )
 
     def _check_rows_hold_pieces(self, probe: int = 32) -> None:
         """Refuse rows too short (or with too few summary slots) for a bar of most training pieces: most rows
         would be only padding, and a batch of them trains at a loss of 0."""
         builder = self._builders["train"]
         rows = range(min(probe, builder.rows_per_pass))
-        empty = sum(not (builder.row(i) != PAD).any() for i in rows)
+
+        def padding_only(builder: RowBuilder) -> int:
+            return sum(not (builder.row(i) != PAD).any() for i in rows)
+
+        empty = padding_only(builder)
+        if 2 * empty > len(rows) and self.max_segments is not None:
+            unlimited = RowBuilder(
+                builder.reader,
+                "train",
+                self.tokenizer,
+                self.max_seq_len,
+                seed=self.seed,
+                random_windows=self.random_windows,
+                transpose=self.transpose,
+            )
+            if 2 * padding_only(unlimited) <= len(rows):  # the rows are long enough; the slots are too few
+                raise ValueError(
+                    f"model.summary_slots {self.max_segments} is too few for the pieces in {self.root}: {empty} of "
+                    f"the first {len(rows)} training rows would be only padding (a bar needs a slot per track); "
+                    "raise it"
+                )
         if 2 * empty > len(rows):
             raise ValueError(
                 f"model.max_seq_len {self.max_seq_len} (with {self.max_segments} summary slots) is too short for "
@@ -243,12 +277,19 @@ class HIDDataModule(pl.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader | list:
-        """Deterministic rows: one anchored at each piece of the split, split across ranks (none: no loader)."""
+        """Deterministic rows: one anchored at each piece of the split, split across ranks without repeating a
+        row (``DistributedSampler`` pads the last round with repeated rows, which would count twice), so the
+        loss is the same on any number of ranks (none: no loader)."""
         if split not in self._builders:
             return []
         rank, world_size, _ = self._topology()
         dataset = RowDataset(self._builders[split])
-        sampler = DistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
+        if world_size > len(dataset):
+            raise ValueError(
+                f"{self.root}: the {split!r} split has {len(dataset)} pieces, fewer than the {world_size} ranks; "
+                "every rank needs one"
+            )
+        sampler = UnrepeatedDistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
         return DataLoader(
             dataset,
             batch_size=self.val_batch_size or self.batch_size,
@@ -258,7 +299,7 @@ class HIDDataModule(pl.LightningDataModule):
 
     def _loader_kwargs(self, num_workers: int) -> dict[str, Any]:
         on_gpu = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        collate = None if self.max_segments is None else CollateWithLayout(self.max_segments, self.tokenizer)
+        collate = None if self.mask_plan is None else CollateWithPlan(self.mask_plan)
         return {
             "num_workers": num_workers,
             "worker_init_fn": worker_init if num_workers else None,

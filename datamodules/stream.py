@@ -13,16 +13,15 @@ prefetches it, so the state saved in a checkpoint is exact.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, default_collate, get_worker_info
 
 from meloformer.datamodules.rows import RowBuilder
-from meloformer.hid import HIDTokenizer
-from meloformer.masks import row_layout
 
 
 @dataclass
@@ -82,18 +81,16 @@ class RowDataset(Dataset):
 
 
 @dataclass
-class CollateWithLayout:
-    """Collate rows and add their side channels (``masks.row_layout`` with ``max_segments`` summary slots) as
-    ``batch["layout"]``, a dict of int tensors: the numpy layout of a batch then runs in the DataLoader
-    workers, off the training step's critical path."""
+class CollateWithPlan:
+    """Collate rows, then add what ``plan`` computes from their tokens (the model's ``MaskPlan``: side channels
+    as ``batch["layout"]`` and the attention mask as ``batch["mask"]``), so that work runs in the DataLoader
+    workers, off the training step's critical path. The plan is handed in: the data side knows no model."""
 
-    max_segments: int
-    tokenizer: HIDTokenizer
+    plan: Callable[[Tensor], dict[str, Any]]
 
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch = default_collate(samples)
-        batch["layout"] = row_layout(batch["tokens"].numpy(), self.tokenizer.kinds, self.max_segments).tensors()
-        return batch
+        return batch | self.plan(batch["tokens"])
 
 
 class StreamSampler(DistributedSampler):

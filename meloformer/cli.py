@@ -5,29 +5,19 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import logging
 import sys
+import textwrap
+import warnings
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from jsonargparse import ArgumentError, ArgumentParser
 
 from meloformer.hid import HIDTokenizer
-
-LIGHTNING_COMMANDS = ("fit", "validate", "test")
-USAGE = """usage: meloformer {fit,validate,test,preprocess,generate,render,serve,evaluate,export,sizes} ...
-
-  fit, validate, test   train or evaluate (LightningCLI): meloformer fit --config demo.yaml
-                        (--print_config, dotted overrides such as --model.size base, --trainer.strategy ddp
-                        --trainer.num_nodes N --trainer.devices M; `meloformer fit --help` lists everything)
-  preprocess            tokenise a folder of MIDI files into HID shards
-  generate              sample MIDI files (and piano rolls, --audio WAV files) from a checkpoint, a model folder or
-                        the shipped model
-  render                synthesize a MIDI file to WAV: meloformer render in.mid out.wav
-  serve                 the web app (Gradio): meloformer serve [--ckpt_path CKPT_OR_FOLDER] [--port 7860]
-  evaluate              loss/perplexity of a checkpoint on a split, or music metrics of generated MIDI
-  export                turn a training checkpoint into a model folder (safetensors, config.json, model card)
-  sizes                 the model sizes and their real parameter counts
-"""
+from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS, DEFAULT_METER
 
 
 def preprocess_parser() -> ArgumentParser:
@@ -109,71 +99,41 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--out", type=str, required=True, help="folder for sample_K.mid and sample_K.png")
     parser.add_argument("--prompt", type=str, default=None, help="MIDI file to continue (or to add a track to)")
     parser.add_argument("--prompt_bars", type=int, default=None, help="use only the prompt's first bars")
-    parser.add_argument("--add_track", type=str, default=None, help="GM program (0-127) or 'drums': new track")
-    parser.add_argument("--instruments", nargs="+", default=None, help="tracks in order: programs or 'drums'")
+    parser.add_argument("--add_track", type=str, default=None, help="instrument of a new track: violin, drums, 40")
+    parser.add_argument(
+        "--instruments",
+        nargs="+",
+        default=None,
+        help="tracks in order, by General MIDI name or program: piano violin drums, choir-aahs 52 (default "
+        f"without a prompt: {' '.join(DEFAULT_INSTRUMENTS)})",
+    )
     parser.add_argument("--bars", type=int, default=None, help="bars in all (default 8; prompt + 8 to continue)")
     parser.add_argument("--tempo", type=float, default=None, help="quarter notes per minute")
-    parser.add_argument("--time_signature", type=str, default=None, help="e.g. 3/4")
+    parser.add_argument(
+        "--time_signature", type=str, default=None, help=f"e.g. 3/4 (default without a prompt: {DEFAULT_METER})"
+    )
     parser.add_argument("--chords", nargs="+", default=None, help="a chord per bar, repeated: C G Am F")
+    parser.add_argument(
+        "--meter_changes", action="store_true", help="let the model change the time signature after the first bar"
+    )
+    parser.add_argument("--key", type=str, default=None, help="keep the new bars in a key: 'D minor', Bb, F#m")
+    parser.add_argument(
+        "--dynamics",
+        nargs="+",
+        default=None,
+        help=f"velocity ranges spread over the new bars: 40-70 (without a prompt: {' '.join(DEFAULT_DYNAMICS)})",
+    )
     parser.add_argument("--infill", nargs="+", default=None, help="with --prompt: regenerate TRACK:FIRST-LAST bars")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
     parser.add_argument("--top_p", type=float, default=0.95, help="1.0: off")
     parser.add_argument("--num_samples", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="sample K uses seed + K")
-    parser.add_argument("--device", type=str, default="cpu")
+    parser.add_argument("--device", type=str, default="auto", help="auto: cuda when available, else cpu")
     parser.add_argument("--audio", action="store_true", help="also write sample_K.wav (General MIDI SoundFont)")
     parser.add_argument("--overwrite", action="store_true", help="replace samples of an earlier run in --out")
     parser.add_argument("--no_progress", action="store_true")
     return parser
-
-
-def _track_token(name: str) -> int:
-    from meloformer.hid import TRACK_DRUMS, TRACK_PROGRAM0
-
-    if name.strip().lower() == "drums":
-        return TRACK_DRUMS
-    if not name.strip().isdigit() or not 0 <= int(name) <= 127:
-        raise ValueError(f"instrument {name!r}: give a General MIDI program 0-127 or 'drums'")
-    return TRACK_PROGRAM0 + int(name)
-
-
-def _time_signature(text: str) -> tuple[int, int]:
-    try:
-        numerator, denominator = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise ValueError(f"time signature {text!r}: write it as N/D, e.g. 3/4") from None
-    return numerator, denominator
-
-
-def open_checkpoint(path: str | None, device: str):
-    """The trained module of a checkpoint or model folder (``None``: the shipped model) on ``device``; ValueError
-    with one line for a missing, foreign or damaged file or a device this machine lacks."""
-    import torch
-
-    from meloformer.module import load_checkpoint, module_from_folder
-    from meloformer.pretrained import default_model_folder, is_model_folder
-
-    try:
-        where = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, mps)") from None
-    if where.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
-    if where.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available on this machine")
-    path = str(default_model_folder()) if path is None else path
-    if is_model_folder(path):
-        return module_from_folder(path).to(where)
-    if not Path(path).is_file():
-        raise ValueError(f"--ckpt_path {path}: no such file or model folder")
-    try:
-        return load_checkpoint(path, map_location=where)
-    except ValueError:
-        raise
-    except Exception as err:  # a foreign or damaged file fails anywhere in torch.load/pickle: name it, no traceback
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--ckpt_path {path}: not a readable MeloFormer checkpoint ({reason})") from None
 
 
 def generate_main(argv: list[str]) -> int:
@@ -182,14 +142,22 @@ def generate_main(argv: list[str]) -> int:
 
 
 def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
-    import torch
 
     from meloformer.audio import render_midi, soundfont_path
     from meloformer.edits import crop_bars
     from meloformer.files import folder_lock, refuse_existing, writable_folder
     from meloformer.infill import Region, check_infill, infill, track_list
+    from meloformer.instruments import instrument_token
+    from meloformer.module import open_checkpoint
     from meloformer.pianoroll import save_pianoroll
-    from meloformer.sampling import GenerationRequest, check_request, context_of, fit_to_context, generate
+    from meloformer.sampler import (
+        GenerationRequest,
+        check_request,
+        context_of,
+        fit_to_context,
+        generate,
+        parse_time_signature,
+    )
 
     try:
         args = parse(generate_parser(), argv)
@@ -200,12 +168,15 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}")
         if args.prompt and (args.tempo is not None or args.time_signature):
             raise ValueError("--tempo and --time_signature come from the prompt; drop them or the prompt")
+        if args.meter_changes and (args.prompt or args.time_signature):
+            raise ValueError("--meter_changes lets the model choose the meters: drop --time_signature and --prompt")
         if args.add_track and not args.prompt:
             raise ValueError("--add_track needs a --prompt to add the track to")
-        if args.infill and (not args.prompt or args.add_track or args.bars or args.instruments or args.chords):
+        steering = args.bars or args.instruments or args.chords or args.key or args.dynamics
+        if args.infill and (not args.prompt or args.add_track or steering):
             raise ValueError(
-                "--infill needs --prompt and keeps its bars, tracks and chords (no --bars, "
-                "--instruments, --add_track or --chords)"
+                "--infill needs --prompt and keeps its bars, tracks, chords, key and dynamics (no --bars, "
+                "--instruments, --add_track, --chords, --key or --dynamics)"
             )
         regions = [Region.parse(text) for text in args.infill or ()]
         if args.audio:
@@ -222,17 +193,24 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
                 prompt = crop_bars(tok, prompt, 0, min(args.prompt_bars, tok.parse(prompt).n_bars))
             prompt_bars = tok.parse(prompt).n_bars
             bars = prompt_bars if args.add_track or regions else (bars or prompt_bars + 8)
+        else:
+            args.instruments = args.instruments or list(DEFAULT_INSTRUMENTS)
+            args.time_signature = args.time_signature or (None if args.meter_changes else DEFAULT_METER)
+            args.dynamics = args.dynamics or list(DEFAULT_DYNAMICS)
         request = GenerationRequest(
             bars=bars or 8,
-            instruments=[_track_token(x) for x in args.instruments] if args.instruments else None,
+            instruments=[instrument_token(x) for x in args.instruments] if args.instruments else None,
             tempo=args.tempo,
-            time_signature=_time_signature(args.time_signature) if args.time_signature else None,
+            time_signature=parse_time_signature(args.time_signature) if args.time_signature else None,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,
             prompt=prompt,
-            add_track=_track_token(args.add_track) if args.add_track else None,
+            add_track=instrument_token(args.add_track) if args.add_track else None,
             chords=args.chords,
+            key=args.key,
+            dynamics=args.dynamics,
+            meter_changes=args.meter_changes,
         )
         capacity = context_of(module.model, request)
         notice = None
@@ -251,7 +229,7 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
         return fail("generate", err)
     if notice:
         print(f"meloformer generate: {notice}", file=sys.stderr)
-    model = module.model.to(torch.device(args.device))
+    model = module.model  # on the device open_checkpoint chose
     for k in range(args.num_samples):
         desc = f"sample {k + 1}/{args.num_samples}"
         progress = not args.no_progress
@@ -261,7 +239,8 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
             else:
                 tokens = generate(model, tok, request, seed=args.seed + k, progress=progress, desc=desc)
             tok.decode_to_file(tokens, out / f"sample_{k}.mid")
-            save_pianoroll(tok, tokens, out / f"sample_{k}.png", title=f"sample {k} (seed {args.seed + k})")
+            marked = [region.as_tuple() for region in regions]
+            save_pianoroll(tok, tokens, out / f"sample_{k}.png", f"sample {k} (seed {args.seed + k})", marked)
             if args.audio:
                 render_midi(tok.decode(tokens), out / f"sample_{k}.wav")
         except (ValueError, OSError, RuntimeError) as err:  # keep what was written; name the sample that failed
@@ -311,7 +290,8 @@ def render_main(argv: list[str]) -> int:
 def evaluate_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="meloformer evaluate",
-        description="Loss/perplexity of --ckpt_path on --data's --split, or metrics of --generated vs --reference.",
+        description="Loss/perplexity of --ckpt_path on --data's --split, metrics of --generated vs --reference, "
+        "or the two-sample report of --generated against real pieces (--against REAL_DIR --out REPORT_DIR).",
     )
     parser.add_argument("--ckpt_path", type=str, default=None)
     parser.add_argument("--data", type=str, default=None, help="a dataset folder of `meloformer preprocess`")
@@ -320,7 +300,14 @@ def evaluate_parser() -> ArgumentParser:
     parser.add_argument("--device", type=str, default="cpu")
     parser.add_argument("--generated", type=str, default=None, help="folder of generated MIDI files")
     parser.add_argument("--reference", type=str, default=None, help="folder of reference MIDI files")
-    parser.add_argument("--out", type=str, default=None, help="write the results here as JSON")
+    parser.add_argument("--against", type=str, default=None, help="folder of real MIDI files: the two-sample report")
+    parser.add_argument("--prompt", type=str, default=None, help="--against: the prompt, whose key pieces should keep")
+    parser.add_argument("--region", type=str, default=None, help="--against: infilled TRACK:FIRST-LAST (from 1)")
+    parser.add_argument("--bars", type=int, default=None, help="--against: measure the first bars of each piece")
+    parser.add_argument("--bootstrap", type=int, default=200, help="--against: resamples for the Fréchet error")
+    parser.add_argument("--folds", type=int, default=5, help="--against: cross-validation folds of the classifier")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=str, default=None, help="the JSON file to write (--against: the report folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     return parser
 
@@ -328,9 +315,12 @@ def evaluate_parser() -> ArgumentParser:
 def evaluate_main(argv: list[str]) -> int:
     from meloformer.evaluate import evaluate_checkpoint, evaluate_music, loss_table, music_table, write_json
     from meloformer.files import refuse_existing, writable_folder
+    from meloformer.module import open_checkpoint
 
     try:
         args = parse(evaluate_parser(), argv)
+        if args.against:
+            return against_main(args)
         if args.out:  # checked before the evaluation, so its result cannot be lost to the output
             if Path(args.out).is_dir():
                 raise ValueError(f"--out {args.out}: is a folder; give the JSON file to write")
@@ -348,10 +338,43 @@ def evaluate_main(argv: list[str]) -> int:
             result = evaluate_checkpoint(module, args.data, args.split, args.batch_size, args.device)
             print(loss_table(result))
         else:
-            raise ValueError("give --ckpt_path and --data, or --generated and --reference")
+            raise ValueError("give --ckpt_path and --data, or --generated and --reference (or --against)")
         write_json(result, args.out)
     except (ValueError, OSError) as err:
         return fail("evaluate", err)
+    return 0
+
+
+def against_main(args) -> int:
+    """``evaluate --generated GEN --against REAL --out DIR``: the two-sample report, written into DIR."""
+    from meloformer.report import NO_SKLEARN, evaluate_against, markdown, write_report
+
+    if not args.generated or args.reference or not args.out:
+        raise ValueError("--against REAL_DIR needs --generated GEN_DIR and --out REPORT_DIR (and no --reference)")
+    if Path(args.out).is_file():
+        raise ValueError(f"--out {args.out}: is a file; give the report folder")
+    if args.prompt and not Path(args.prompt).is_file():
+        raise ValueError(f"--prompt {args.prompt}: no such file")
+    region = None
+    if args.region:
+        from meloformer.infill import Region  # torch: only where a region is given
+
+        region = Region.parse(args.region)
+    report, tokens = evaluate_against(
+        args.generated,
+        args.against,
+        region=(region.track - 1, region.first - 1, region.last - 1) if region else None,
+        prompt=args.prompt,
+        bars=args.bars,
+        bootstrap=args.bootstrap,
+        folds=args.folds,
+        seed=args.seed,
+    )
+    if report["classifier_note"] == NO_SKLEARN:
+        print(f"meloformer evaluate: {NO_SKLEARN}", file=sys.stderr)
+    paths = write_report(report, tokens, args.out)
+    print(markdown(report))
+    print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -382,17 +405,32 @@ def export_main(argv: list[str]) -> int:
 
 
 def sizes_main(argv: list[str]) -> int:
-    """Print every model size with its real parameter count (built on the meta device)."""
+    """Print every model size with its real parameter count (built on the meta device) and the rows (tokens /
+    summary slots) the shipped configs of that size train with, which override the size's defaults."""
+    import yaml
+
     from meloformer.model import SIZES, parameter_counts
 
     counts = parameter_counts()
-    header = ("size", "layers", "width", "heads", "kv", "max_seq_len", "slots", "params")
-    print("{:8} {:>6} {:>6} {:>5} {:>3} {:>11} {:>6} {:>12}".format(*header))
+    rows: dict[str, list[str]] = {name: [] for name in SIZES}
+    for name, path in sorted(shipped_configs().items()):
+        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
+        size = model.get("size")
+        if size in rows:
+            config = SIZES[size]
+            tokens, slots = (
+                model.get("max_seq_len", config.max_seq_len),
+                model.get("summary_slots", config.summary_slots),
+            )
+            rows[size].append(f"{name} {tokens}/{slots}")
+    header = ("size", "layers", "width", "heads", "kv", "max_seq_len", "slots", "params", "configs: tokens/slots")
+    print("{:8} {:>6} {:>6} {:>5} {:>3} {:>11} {:>6} {:>12}  {}".format(*header))
     for name, config in SIZES.items():
         print(
             f"{name:8} {config.n_layer:6} {config.n_embd:6} {config.n_head:5} {config.n_kv_head:3} "
-            f"{config.max_seq_len:11} {config.summary_slots:6} {counts[name]:12,}"
+            f"{config.max_seq_len:11} {config.summary_slots:6} {counts[name]:12,}  {', '.join(rows[name]) or '-'}"
         )
+    print("max_seq_len and slots are the size's defaults; a config's rows (tokens/slots) override them.")
     return 0
 
 
@@ -402,12 +440,15 @@ class ConfigError(Exception):
 
 def build_cli(args: list[str] | None = None, run: bool = True):
     """The LightningCLI of ``meloformer fit|validate|test`` (``run=False``: parse and instantiate only)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.utilities import rank_zero_info
 
     from meloformer.callbacks import StopCheckpoint
-    from meloformer.checkpoint import CheckpointError, read_checkpoint
+    from meloformer.checkpoint import CheckpointError, check_checkpoint_file, read_checkpoint_metadata
     from meloformer.datamodules import HIDDataModule
-    from meloformer.module import MeloFormerModule, check_same
+    from meloformer.machine import check_trainer
+    from meloformer.module import MeloFormerModule
 
     class MeloFormerCLI(LightningCLI):
         def add_arguments_to_parser(self, parser) -> None:
@@ -417,6 +458,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 parser.link_arguments(
                     "model", f"data.{target}", compute_fn=_config_field(source), apply_on="instantiate"
                 )
+            parser.link_arguments("model", "data.mask_plan", compute_fn=_mask_plan, apply_on="instantiate")
 
         def parse_arguments(self, parser, args) -> None:
             """Parse errors as one short line (``ConfigError``), not after the whole usage."""
@@ -428,7 +470,14 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 raise ConfigError(str(err)) from None
 
         def before_instantiate_classes(self) -> None:
-            if self.config.get("subcommand") == "fit":
+            subcommand = self.config.get("subcommand")
+            if subcommand is not None:  # this machine can run the trainer asked for
+                configs = [Path(str(p)).name for p in self.config[subcommand].get("config") or []]
+                try:
+                    check_trainer(self.config[subcommand].trainer, configs)
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+            if subcommand == "fit":
                 max_steps = self.config.fit.trainer.max_steps
                 if max_steps is None or max_steps <= 0:
                     raise ConfigError(
@@ -447,20 +496,19 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             if self.ckpt_path in (None, "last", "best", "hpc") or self.ckpt_path.startswith("registry"):
                 return
             try:
-                self.saved_settings = read_checkpoint(self.ckpt_path, mmap=True)["meloformer"]
+                check_checkpoint_file(self.ckpt_path)  # every byte, before Lightning loads the weights
+                self.saved_settings = read_checkpoint_metadata(self.ckpt_path)["meloformer"]
             except CheckpointError as err:
                 raise ConfigError(f"--ckpt_path {err}") from err
 
         def instantiate_classes(self) -> None:
             try:
                 super().instantiate_classes()
-            except (ValueError, TypeError, OSError) as err:  # ShardError is a ValueError
+            except (ValueError, TypeError, OSError, MisconfigurationException) as err:  # ShardError: a ValueError
                 raise ConfigError(str(err)) from err
             if self.saved_settings is not None:
                 try:
-                    check_same("tokenizer settings", self.saved_settings["tokenizer"], self.model.tokenizer.settings)
-                    model_config = dataclasses.asdict(self.model.config)
-                    check_same("model configuration", self.saved_settings["model_config"], model_config)
+                    self.model.check_resumable(self.saved_settings)
                 except ValueError as err:
                     raise ConfigError(f"--ckpt_path {self.ckpt_path}: {err}") from err
             if self.subcommand is not None:  # open the data now: an empty split or too short rows fail here
@@ -469,6 +517,23 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                     self.datamodule.setup(self.subcommand)
                 except (ValueError, OSError) as err:
                     raise ConfigError(str(err)) from err
+
+        def instantiate_trainer(self, **kwargs):
+            """The run folder (fit), atomic checkpoint files, plain progress lines in a log file, CPU threads."""
+            config = self._get(self.config_init, "trainer", default={})
+            if self.subcommand == "fit":
+                try:
+                    kwargs.update(fit_run(config, self.ckpt_path))
+                except ValueError as err:
+                    raise ConfigError(str(err)) from None
+            kwargs.update(run_defaults(config, {**config, **kwargs}.get("callbacks")))
+            return super().instantiate_trainer(**kwargs)
+
+        def after_fit(self) -> None:
+            checkpoint = self.trainer.checkpoint_callback
+            path = checkpoint and (checkpoint.last_model_path or checkpoint.best_model_path)
+            if path:
+                rank_zero_info(f"checkpoint: {path}")
 
     return MeloFormerCLI(
         MeloFormerModule,
@@ -481,6 +546,76 @@ def build_cli(args: list[str] | None = None, run: bool = True):
         trainer_defaults={"callbacks": [StopCheckpoint()]},  # SIGTERM / Ctrl-C: checkpoint, then stop
         parser_kwargs={"prog": "meloformer"},
     )
+
+
+def fit_run(trainer: dict, ckpt_path: str | None) -> dict:
+    """Trainer arguments of a fit's run folder (``meloformer.runs``): its loggers, unless the config names
+    others, and its ``checkpoints/`` for every ``ModelCheckpoint`` without a ``dirpath``. A checkpoint file
+    of a run is always its newest state (no ``last-v1.ckpt``). ValueError: a fresh fit into a ``dirpath``
+    that holds another run's checkpoints."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from meloformer.runs import run_folder, run_loggers
+
+    folder = run_folder(trainer.get("default_root_dir") or ".", ckpt_path)
+    callbacks = trainer.get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        if not isinstance(callback, ModelCheckpoint):
+            continue
+        callback._enable_version_counter = False  # Lightning has no setter; save_last would write last-v1.ckpt
+        if callback.dirpath is None:
+            callback.dirpath = str((folder / "checkpoints").resolve())
+        elif ckpt_path is None and list(Path(callback.dirpath).glob("*.ckpt")):
+            raise ValueError(
+                f"ModelCheckpoint dirpath {callback.dirpath} holds another run's checkpoints; leave dirpath out "
+                "(each run gets a folder of its own under --trainer.default_root_dir) or give an empty folder"
+            )
+    resumed = ckpt_path is not None and folder.is_dir()
+    rank_zero_info(f"run folder: {folder}{' (continued)' if resumed else ''}")
+    return {"logger": run_loggers(folder)} if trainer.get("logger") in (None, True) else {}
+
+
+def run_defaults(trainer: dict, callbacks) -> dict:
+    """Trainer arguments of every fit, validate and test: checkpoints written atomically, progress as plain
+    lines when stdout is not a terminal, and on CPU a thread count chosen for the machine's load (printed)."""
+    import torch
+    from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+    from lightning.pytorch.plugins.io import CheckpointIO
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from meloformer.callbacks import ProgressLines
+    from meloformer.machine import cpu_threads
+    from meloformer.runs import AtomicCheckpointIO
+
+    kwargs = {}
+    plugins = trainer.get("plugins") or []
+    plugins = plugins if isinstance(plugins, list) else [plugins]
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+    callbacks = callbacks or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    if trainer.get("enable_progress_bar") is not False and not sys.stdout.isatty():
+        if not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs["callbacks"] = [*callbacks, ProgressLines(trainer.get("log_every_n_steps") or 50)]
+    accelerator = trainer.get("accelerator")
+    if accelerator == "cpu" or accelerator in (None, "auto") and not torch.cuda.is_available():
+        threads, why = cpu_threads()
+        torch.set_num_threads(threads)
+        rank_zero_info(f"CPU threads: {threads} ({why})")
+    return kwargs
+
+
+def quiet_lightning() -> None:
+    """No Lightning adverts ("Tip: ... litlogger") and no torch deprecation warning raised inside Lightning's
+    ``_pytree``: neither is anything a user can act on."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_no_advert)
+
+
+def _no_advert(record: logging.LogRecord) -> bool:
+    return "Tip:" not in str(record.msg)
 
 
 def _one_line(message: str, limit: int = 300) -> str:
@@ -534,42 +669,86 @@ def _config_field(name: str):
     return field
 
 
+def _mask_plan(module):
+    """The model's mask plan: the DataLoader workers build each batch's side channels and mask."""
+    return module.mask_plan()
+
+
+def lightning_main(command: str, argv: list[str]) -> int:
+    """``meloformer fit|validate|test``: LightningCLI, with its errors as one line."""
+    from meloformer.callbacks import TrainingStopped
+    from meloformer.runs import CheckpointWriteError
+
+    try:
+        resolved = [command, *resolve_config_arguments(argv)]
+        if sys.argv[1:] == [command, *argv]:  # the process's command line: LightningCLI reads it (args= is for
+            sys.argv[1:] = resolved  # Python callers), and DDP relaunches it for the other ranks
+            build_cli(None)
+        else:
+            build_cli(resolved)
+    except ConfigError as err:
+        print(f"meloformer: error: {_one_line(str(err))}", file=sys.stderr)
+        return 2
+    except TrainingStopped as stopped:  # its message is already printed
+        return 128 + stopped.signum
+    except CheckpointWriteError as err:  # a full disk: the previous checkpoint stays whole
+        print(f"meloformer: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def serve_main(argv: list[str]) -> int:
+    from meloformer.serve import serve_main as serve  # Gradio loads only for this command
+
+    return serve(argv)
+
+
+@dataclasses.dataclass(frozen=True)
+class Command:
+    run: Callable[[list[str]], int]  # gets the arguments after the command's name
+    help: str
+
+
+COMMANDS: dict[str, Command] = {
+    "fit": Command(
+        functools.partial(lightning_main, "fit"),
+        "train (LightningCLI): meloformer fit --config demo.yaml (--print_config, dotted overrides such as "
+        "--model.size base, --trainer.strategy ddp --trainer.num_nodes N --trainer.devices M; "
+        "`meloformer fit --help` lists everything)",
+    ),
+    "validate": Command(functools.partial(lightning_main, "validate"), "a checkpoint's validation loss (LightningCLI)"),
+    "test": Command(functools.partial(lightning_main, "test"), "a checkpoint's test loss (LightningCLI)"),
+    "preprocess": Command(preprocess_main, "tokenise a folder of MIDI files into HID shards"),
+    "generate": Command(
+        generate_main,
+        "sample MIDI files (and piano rolls, --audio WAV files) from a checkpoint, a model folder or the shipped model",
+    ),
+    "render": Command(render_main, "synthesize a MIDI file to WAV: meloformer render in.mid out.wav"),
+    "serve": Command(serve_main, "the web app (Gradio): meloformer serve [--ckpt_path CKPT_OR_FOLDER] [--port 7860]"),
+    "evaluate": Command(evaluate_main, "a checkpoint's loss/perplexity on a split, or music metrics of generated MIDI"),
+    "export": Command(export_main, "a training checkpoint -> a model folder (safetensors, config.json, model card)"),
+    "sizes": Command(sizes_main, "the model sizes and their real parameter counts"),
+}
+
+
+def usage() -> str:
+    """The top-level help, written from ``COMMANDS``."""
+    lines = [f"usage: meloformer {{{','.join(COMMANDS)}}} ...", ""]
+    for name, command in COMMANDS.items():
+        first, *rest = textwrap.wrap(command.help, 92)
+        lines += [f"  {name:12}{first}", *(f"  {'':12}{line}" for line in rest)]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = argv[0] if argv else None
-    if command in LIGHTNING_COMMANDS:
-        from meloformer.callbacks import TrainingStopped
-
-        try:
-            argv = resolve_config_arguments(argv)
-            if from_command_line:
-                sys.argv[1:] = argv  # LightningCLI reads the command line itself (args= is for Python callers)
-            build_cli(None if from_command_line else argv)
-        except ConfigError as err:
-            print(f"meloformer: error: {_one_line(str(err))}", file=sys.stderr)
-            return 2
-        except TrainingStopped as stopped:  # its message is already printed
-            return 128 + stopped.signum
-        return 0
-    if command == "preprocess":
-        return preprocess_main(argv[1:])
-    if command == "generate":
-        return generate_main(argv[1:])
-    if command == "render":
-        return render_main(argv[1:])
-    if command == "serve":
-        from meloformer.serve import serve_main
-
-        return serve_main(argv[1:])
-    if command == "evaluate":
-        return evaluate_main(argv[1:])
-    if command == "export":
-        return export_main(argv[1:])
-    if command == "sizes":
-        return sizes_main(argv[1:])
-    print(USAGE, file=sys.stdout if command in ("-h", "--help") else sys.stderr)
-    return 0 if command in ("-h", "--help") else 2
+    command = COMMANDS.get(argv[0]) if argv else None
+    quiet_lightning()
+    if command is not None:
+        return command.run(argv[1:])
+    asked = bool(argv) and argv[0] in ("-h", "--help")
+    print(usage(), file=sys.stdout if asked else sys.stderr)
+    return 0 if asked else 2
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@ checks. Around the bars it asks for what the encoder writes and parse does not c
 bar's length, rising pitches at one onset, tracks in the canonical priority order (drums, bass,
 chords/pads, melodic lines) unless ``free_track_order``, every track as many bars as the conductor, at
 most ``max_tracks`` tracks (15 pitched), and at least one note. On top come the controls of generation: a
-fixed number of bars, a fixed time signature and tempo, a fixed list of instrument tracks, and a chord per
-bar (the conductor must write it).
+fixed number of bars, a fixed time signature and tempo (or ``keep_meter``: the conductor's first bar sets
+the meter of the piece), a fixed list of instrument tracks, a chord per bar (the conductor must write it),
+and per bar the pitch classes of a key (pitched notes and free chords stay in it) and a velocity range.
 
-numpy only: the sampler in ``meloformer.sampling`` applies the mask to the model's logits.
+numpy only: the sampler in ``meloformer.sampler`` applies the mask to the model's logits.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import numpy as np
 from meloformer.hid import (
     BAR,
     BOS,
+    CHORD_QUALITIES,
     EOS,
     MAX_PITCHED_TRACKS,
     TRACK_CONDUCTOR,
@@ -39,6 +41,20 @@ def track_order_key(track_token: int) -> tuple[int, int]:
     return (track_priority(program, False), program)
 
 
+def _pitch_mask(tok: HIDTokenizer, pitch_classes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the 128 pitches in ``pitch_classes``, the chords of ``tok.chords`` whose tones all are)."""
+    chords = [all(pitch_classes[(root + k) % 12] for k in CHORD_QUALITIES[q]) for root, q in tok.chords]
+    return pitch_classes[np.arange(128) % 12], np.array(chords)
+
+
+def _velocity_mask(tok: HIDTokenizer, low: int, high: int) -> np.ndarray:
+    """The Vel tokens whose velocity lies in ``low..high``."""
+    mask = np.zeros(tok.vocab_size, dtype=bool)
+    values = tok.velocity_values
+    mask[tok.vel0 + np.flatnonzero((values >= low) & (values <= high))] = True
+    return mask
+
+
 class HIDGrammar:
     """Incremental grammar state for one sequence being generated."""
 
@@ -51,6 +67,9 @@ class HIDGrammar:
         instruments: list[int] | None = None,
         free_track_order: bool = False,
         chords: list[int | None] | None = None,
+        keep_meter: bool = False,
+        pitch_classes: list[np.ndarray | None] | None = None,
+        velocities: list[tuple[int, int] | None] | None = None,
     ) -> None:
         if time_signature is not None and tuple(time_signature) not in tok.time_signatures:
             raise HIDError(f"unsupported time signature {time_signature[0]}/{time_signature[1]}")
@@ -63,6 +82,10 @@ class HIDGrammar:
         self.instruments = list(instruments) if instruments is not None else None
         self.free_track_order = free_track_order
         self.chords = list(chords) if chords is not None else []  # per bar: index into tok.chords, None = free
+        self.keep_meter = keep_meter
+        # per bar, None = free: the allowed Pitch tokens of pitched tracks and free Chord tokens; Vel tokens
+        self._pitches = [None if pcs is None else _pitch_mask(tok, pcs) for pcs in pitch_classes or ()]
+        self._velocities = [None if vr is None else _velocity_mask(tok, *vr) for vr in velocities or ()]
         kinds = tok.kinds
         self._of_kind = {k: kinds == k for k in TokenKind}
         self._pos = np.arange(tok.bar_positions)
@@ -142,6 +165,9 @@ class HIDGrammar:
             ):
                 mask[t] = True
 
+    def _of_bar(self, per_bar: list) -> np.ndarray | None:
+        return per_bar[self.bars_done - 1] if self.bars_done <= len(per_bar) else None
+
     # ------------------------------------------------------------------ the rules
     def allowed(self) -> np.ndarray:
         mask = np.zeros(self.tok.vocab_size, dtype=bool)
@@ -167,10 +193,17 @@ class HIDGrammar:
         elif chord is not None:  # the bar's given chord comes next (a time signature may still precede it)
             kinds = tuple(k for k in kinds if k == TokenKind.TIMESIG)
             mask[tok.chord0 + chord] = True
+        pitches, velocities = self._of_bar(self._pitches), self._of_bar(self._velocities)
         for kind in kinds:
             if kind == TokenKind.TIMESIG and self.time_signature is not None:
                 if self.bars_done == 1:  # a fixed time signature is written once, in bar 0
                     mask[tok.timesig0 + tok.time_signatures.index(self.time_signature)] = True
+            elif kind == TokenKind.TIMESIG and self.keep_meter and self.bars_done > 1:
+                continue  # the first bar's meter holds
+            elif kind == TokenKind.CHORD and pitches is not None:
+                mask[tok.chord0 : tok.chord0 + len(tok.chords)] = pitches[1]
+            elif kind == TokenKind.VEL and velocities is not None:
+                mask |= velocities
             elif kind == TokenKind.TEMPO and self.tempo_bin is not None:
                 mask[tok.tempo0 + self.tempo_bin] = True
             elif kind == TokenKind.POS:
@@ -181,6 +214,8 @@ class HIDGrammar:
                 mask[tok.pos0 + self._pos[ok]] = True
             elif kind == TokenKind.PITCH:
                 mask[tok.pitch0 + self.last_pitch + 1 : tok.pitch0 + 128] = True
+                if pitches is not None and self.track_token != TRACK_DRUMS:
+                    mask[tok.pitch0 : tok.pitch0 + 128] &= pitches[0]
             else:
                 mask |= self._of_kind[kind]
         if bar.may_end and chord is None:

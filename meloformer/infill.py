@@ -14,9 +14,9 @@ import re
 import numpy as np
 
 from meloformer.hid import BAR, BOS, EOS, TRACK_CONDUCTOR, HIDTokenizer
+from meloformer.instruments import instrument_name
 from meloformer.model import MeloFormer
-from meloformer.pianoroll import track_label
-from meloformer.sampling import GenerationRequest, check_request, generate
+from meloformer.sampler import GenerationRequest, check_request, generate
 
 _REGION = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
 
@@ -44,10 +44,14 @@ class Region:
     def __str__(self) -> str:
         return f"{self.track}:{self.first}-{self.last}"
 
+    def as_tuple(self) -> tuple[int, int, int]:
+        return self.track, self.first, self.last
+
 
 def track_list(tok: HIDTokenizer, prompt: np.ndarray) -> str:
-    """The prompt's instrument tracks as numbered for ``--infill``: ``1 drums, 2 program 33, ...``."""
-    return ", ".join(f"{n} {track_label(token)}" for n, (token, _) in enumerate(tok.parse(prompt).tracks, start=1))
+    """The prompt's instrument tracks as numbered for ``--infill``: ``1 Drums, 2 Electric Bass (finger), ...``."""
+    tracks = tok.parse(prompt).tracks
+    return ", ".join(f"{n} {instrument_name(token)}" for n, (token, _) in enumerate(tracks, start=1))
 
 
 def check_regions(tok: HIDTokenizer, prompt: np.ndarray, regions: list[Region]) -> None:

@@ -83,8 +83,8 @@ def _gather(values: np.ndarray, index: np.ndarray, fill: int) -> np.ndarray:
     return np.where(index >= 0, out, fill)
 
 
-def layout(tokens, kinds: np.ndarray, doc_ids: np.ndarray | None = None) -> Layout:
-    """Side channels of ``tokens`` (``[N]`` or ``[B, N]``); ``doc_ids`` overrides the BOS-derived documents.
+def layout(tokens, kinds: np.ndarray) -> Layout:
+    """Side channels of ``tokens`` (``[N]`` or ``[B, N]``).
 
     ``kinds`` is the tokenizer's kind table (``HIDTokenizer.kinds``, token id -> ``TokenKind``): which id is
     a ``Pos`` or a ``Track`` depends on the tokenizer's settings, so it is always passed, never assumed.
@@ -106,11 +106,7 @@ def layout(tokens, kinds: np.ndarray, doc_ids: np.ndarray | None = None) -> Layo
     is_global = is_bos | is_eos | is_track
     structural = is_global | is_bar | is_pad
 
-    if doc_ids is None:
-        doc = np.cumsum(is_bos, axis=-1)
-    else:
-        doc = np.atleast_2d(np.asarray(doc_ids)).astype(np.int64)
-    doc = np.where(is_pad, -1, doc)
+    doc = np.where(is_pad, -1, np.cumsum(is_bos, axis=-1))
 
     last_bos = _last_index_where(is_bos)
     last_track = _last_index_where(is_track)

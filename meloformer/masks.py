@@ -1,16 +1,20 @@
 """Summary-token attention masks (docs/design.md section 4), written as FlexAttention ``mask_mod``s.
 
-A row of the attention holds ``L`` regular tokens and then one contiguous block of ``S`` summary slots;
-slot ``s`` summarises segment ``s`` of the row and sits at the logical position where that segment ends.
-Keeping the slots together (instead of interleaving them after their segments) leaves whole tiles empty,
-which FlexAttention skips.
+A row of the attention holds ``L`` regular tokens and then one contiguous block of ``S`` summary slots
+(``meloformer.row_layout``). Keeping the slots together (instead of interleaving them after their segments)
+leaves whole tiles empty, which FlexAttention skips.
 
-Every rule is a small ``mask_mod(b, h, q_idx, kv_idx)`` over per-sample side channels (``RowLayout``,
-tensors ``[B, L + S]`` indexed by the batch index ``b``), composed with ``and_masks``/``or_masks``. The one
-composed function is evaluated on broadcast index tensors, tile by tile (``evaluate_tiles``), to build
-every representation of the mask (``attention_mask``): the ``BlockSparseMask`` of the ``sdpa`` backend, the
-``BlockMask`` of the ``flex`` backend (which also evaluates it inside its kernel) and the dense boolean
-matrix of the tests; and row by row for KV-cached decoding. So the rules exist exactly once.
+Every rule is a small ``mask_mod(b, h, q_idx, kv_idx)`` over the rows' packed codes (``row_layout.Code``:
+one int64 load per side, then constant bit tests), composed with ``and_masks``/``or_masks``. The one
+composed function is evaluated on broadcast index tensors to build every representation of the mask
+(``attention_mask``): the ``BlockSparseMask`` of the ``sdpa`` backend, the ``BlockMask`` of the ``flex``
+backend (which also evaluates it inside its kernel) and the dense boolean matrix of the tests; and row by
+row for KV-cached decoding. So the rules exist exactly once. Which tiles are visible, and which fully,
+comes from one evaluation per run of a segment's tokens in a tile (``tile_visibility``), not per element.
+
+During training the tiles are evaluated in the DataLoader workers (``MaskPlan``, on the CPU): a batch
+arrives with its side channels and its backend's tile structure (``PlannedMask``), and the step only wraps
+them (``PlannedMask.mask``), with no host sync.
 """
 
 from __future__ import annotations
@@ -25,130 +29,14 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks, or_masks
 
 from meloformer.arith import ceil_div
-from meloformer.hid import TokenKind
-from meloformer.layout import layout
+from meloformer.row_layout import Code, RowLayout, row_layout
 
 DEFAULT_FINE_BARS = (1, 2, 4, 8, 12, 16, 24, 32)
-SLOT_MULTIPLE = 128
+MAX_FINE_BAR = 62  # the fine-bar table is the bits of one int64 constant
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-
-# Kind classes of the optional token-kind sparsity: a token of a class sees tokens of its own class (and of
-# class 0, which is unrestricted). Durations, like velocities, only see their own kind.
-_KIND_CLASS = np.zeros(len(TokenKind), dtype=np.int64)
-_KIND_CLASS[[TokenKind.POS, TokenKind.PITCH]] = 1
-_KIND_CLASS[TokenKind.VEL] = 2
-_KIND_CLASS[TokenKind.DUR] = 3
-
-
-@dataclasses.dataclass
-class RowLayout:
-    """Side channels of each attention row: ``L`` regular tokens, then ``S`` summary slots; all ``[B, L + S]``.
-
-    ``doc`` is -1 for padding and for unused slots (nobody sees them, they see only themselves). For a slot,
-    ``pos`` is its segment's end, ``segment`` its own index, and ``track``/``bar``/``track_token`` those of
-    its segment; ``is_global``, ``kind_class`` and ``onset_group`` only matter for regular tokens.
-    """
-
-    num_regular: int
-    pos: Tensor
-    doc: Tensor
-    segment: Tensor
-    track: Tensor
-    bar: Tensor
-    track_token: Tensor
-    is_global: Tensor
-    kind_class: Tensor
-    onset_group: Tensor
-
-    @property
-    def batch_size(self) -> int:
-        return self.pos.shape[0]
-
-    @property
-    def length(self) -> int:
-        return self.pos.shape[1]
-
-    @property
-    def num_slots(self) -> int:
-        return self.length - self.num_regular
-
-    def tensors(self) -> dict[str, Tensor]:
-        """The side channels as a dict of tensors: how a batch carries them from the DataLoader workers."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_regular"}
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, Tensor], num_regular: int) -> RowLayout:
-        return cls(num_regular=num_regular, **tensors)
-
-    def without_slots(self) -> RowLayout:
-        """The regular tokens' side channels alone (attention variants without summary slots)."""
-        n = self.num_regular
-        return dataclasses.replace(self, **{k: v[:, :n] for k, v in self.tensors().items()})
-
-    def to(self, device: torch.device | str) -> RowLayout:
-        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
-
-
-def slots_for(num_segments: int, minimum: int) -> int:
-    """Summary slots for a batch: ``minimum`` (static shapes), or the next multiple of 128 that fits."""
-    if num_segments <= minimum:
-        return minimum
-    return ceil_div(num_segments, SLOT_MULTIPLE) * SLOT_MULTIPLE
-
-
-def row_layout(
-    tokens: np.ndarray | Tensor,
-    kinds: np.ndarray | Tensor,
-    min_slots: int | None = None,
-    doc_ids: np.ndarray | Tensor | None = None,
-    with_slots: bool = True,
-) -> RowLayout:
-    """Build the per-row side channels of a batch ``[B, L]`` with one call to ``meloformer.layout.layout``.
-
-    ``kinds`` is the tokenizer's kind table (``HIDTokenizer.kinds``; the model carries it as ``model.kinds``).
-
-    Rows get ``min_slots`` summary slots, or ``slots_for`` more when a row has more segments; ``None`` gives
-    exactly the largest segment count. ``with_slots=False`` gives rows without summary slots (the ``causal``
-    and ``local`` attention variants).
-    """
-    if isinstance(tokens, Tensor):
-        tokens = tokens.detach().cpu().numpy()
-    if isinstance(doc_ids, Tensor):
-        doc_ids = doc_ids.detach().cpu().numpy()
-    if isinstance(kinds, Tensor):
-        kinds = kinds.detach().cpu().numpy()
-    tokens = np.atleast_2d(tokens)
-    lay = layout(tokens, kinds, doc_ids)
-    if with_slots:
-        segments = int(np.max(lay.num_segments(), initial=0))
-        table = lay.segment_table(segments if min_slots is None else slots_for(segments, min_slots))
-    else:
-        table = {
-            k: np.zeros((tokens.shape[0], 0), dtype=np.int64) for k in ("end", "track", "bar", "doc", "track_token")
-        }
-    n = tokens.shape[1]
-    slot_doc = table["doc"]
-    slots = table["end"].shape[1]
-    kind_class = _KIND_CLASS[lay.kind]
-    rows = {
-        "pos": (np.broadcast_to(np.arange(n), tokens.shape), table["end"]),
-        "doc": (lay.doc, slot_doc),
-        "segment": (lay.segment, np.broadcast_to(np.arange(slots), slot_doc.shape)),
-        "track": (lay.track, table["track"]),
-        "bar": (lay.bar, table["bar"]),
-        "track_token": (lay.track_token, table["track_token"]),
-        "is_global": (lay.is_global, np.zeros_like(slot_doc, dtype=bool)),
-        "kind_class": (kind_class, np.zeros_like(slot_doc)),
-        "onset_group": (lay.onset_group, np.full_like(slot_doc, -1)),
-    }
-    # int32 halves memory and speeds up the mask's integer arithmetic.
-    tensors = {k: np.concatenate([r, s], axis=1) for k, (r, s) in rows.items()}
-    tensors = {k: torch.from_numpy(v if v.dtype == bool else v.astype(np.int32)) for k, v in tensors.items()}
-    return RowLayout(num_regular=n, **tensors)
-
-
 ATTENTION_VARIANTS = ("summary", "causal", "local")
+SEGMENT = Code.DOC | Code.TRACK | Code.BAR
 
 
 def summary_mask_mod(
@@ -166,32 +54,39 @@ def summary_mask_mod(
     """
     if attention not in ATTENTION_VARIANTS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
-    n = rows.num_regular
-    doc, pos, seg, track, bar = rows.doc, rows.pos, rows.segment, rows.track, rows.bar
-    is_global, kind_class, onset_group = rows.is_global, rows.kind_class, rows.onset_group
-    max_offset = max(fine_bars, default=0)
-    fine = torch.zeros(max_offset + 1, dtype=torch.bool, device=doc.device)
-    fine[[o for o in fine_bars if o > 0]] = True
+    if any(o < 1 or o > MAX_FINE_BAR for o in fine_bars):
+        raise ValueError(f"fine_bars must lie in 1..{MAX_FINE_BAR}, got {tuple(fine_bars)}")
+    n, code, kind_code = rows.num_regular, rows.code, rows.kind_code
+    fine = sum(1 << o for o in set(fine_bars))  # bit o set: a token sees its track's bar o bars back
+
+    def bars(b, q, kv):
+        """Bar of the query and of the key, plus one (0: outside a segment)."""
+        return code[b, q] & Code.BAR, code[b, kv] & Code.BAR
 
     def itself(b, h, q, kv):
         """Every row sees itself, so padding and unused slots (which see nothing else) give no NaN."""
         return q == kv
 
     def same_doc(b, h, q, kv):
-        """All four rules stay inside one document; padding and unused slots (doc -1) are never seen."""
-        return (doc[b, q] == doc[b, kv]) & (doc[b, q] >= 0)
+        """All four rules stay inside one document; padding and unused slots (dead) are never seen."""
+        cq = code[b, q]
+        return (((cq ^ code[b, kv]) & (Code.DOC | Code.DEAD)) == 0) & ((cq & Code.DEAD) == 0)
 
     def sr(b, h, q, kv):
-        """The summary slot of segment s sees every regular token of s."""
-        return (q >= n) & (kv < n) & (seg[b, kv] == seg[b, q])
+        """The summary slot of segment s sees every regular token of s (same document, track and bar)."""
+        return (q >= n) & (kv < n) & (((code[b, q] ^ code[b, kv]) & SEGMENT) == 0)
+
+    def earlier_end(b, h, q, kv):
+        """The key's position (a slot's: its segment's end) lies before the query's."""
+        return (code[b, kv] >> Code.POS_SHIFT) < (code[b, q] >> Code.POS_SHIFT)
 
     def ss(b, h, q, kv):
         """The summary slot of segment s sees the slot of every segment s' that ended before s ended."""
-        return (q >= n) & (kv >= n) & (pos[b, kv] < pos[b, q])
+        return (q >= n) & (kv >= n) & earlier_end(b, h, q, kv)
 
     def rs(b, h, q, kv):
         """A regular token at position p sees the slot of every segment s' that ended before p."""
-        return (q < n) & (kv >= n) & (pos[b, kv] < pos[b, q])
+        return (q < n) & (kv >= n) & earlier_end(b, h, q, kv)
 
     def rr_causal(b, h, q, kv):
         """A regular token sees only regular tokens at or before its own position (one of the rules below)."""
@@ -199,30 +94,34 @@ def summary_mask_mod(
 
     def rr_global(b, h, q, kv):
         """A regular token sees every earlier global token of its piece: BOS, Track and EOS."""
-        return is_global[b, kv]
+        return (code[b, kv] & Code.GLOBAL) != 0
 
     def rr_same_segment(b, h, q, kv):
         """A regular token sees the earlier tokens of its own segment."""
-        return (seg[b, q] == seg[b, kv]) & (seg[b, q] >= 0)
+        cq = code[b, q]
+        return (((cq ^ code[b, kv]) & SEGMENT) == 0) & ((cq & Code.BAR) != 0)
 
     def rr_fine_bar(b, h, q, kv):
         """A regular token sees the tokens of its own track whose bar lies ``fine_bars`` bars before its own."""
-        offset = bar[b, q] - bar[b, kv]
-        in_table = (offset > 0) & (offset <= max_offset) & fine[offset.clamp(0, max_offset)]
-        return (track[b, q] == track[b, kv]) & (bar[b, kv] >= 0) & in_table
+        bar_q, bar_kv = bars(b, q, kv)
+        offset = (bar_q - bar_kv).clamp(0, 63)  # not before: bit 0, never set
+        same_track = ((code[b, q] ^ code[b, kv]) & Code.TRACK) == 0
+        return same_track & (bar_kv != 0) & (((fine >> offset) & 1) != 0)
 
     def rr_cross_track(b, h, q, kv):
         """A regular token sees the tokens of other tracks within ``cross_window`` bars of its own bar (causality
         keeps only the tracks before it)."""
-        near = (bar[b, q] - bar[b, kv]).abs() <= cross_window
-        return (track[b, q] != track[b, kv]) & (bar[b, q] >= 0) & (bar[b, kv] >= 0) & near
+        bar_q, bar_kv = bars(b, q, kv)
+        other_track = ((code[b, q] ^ code[b, kv]) & Code.TRACK) != 0
+        return other_track & (bar_q != 0) & (bar_kv != 0) & ((bar_q - bar_kv).abs() <= cross_window)
 
     def rr_kind(b, h, q, kv):
         """With ``kind_sparsity``, the three local rules only pair kinds of one class: onsets and pitches see
         onsets and pitches, velocities velocities, durations durations; an onset group always sees itself, and
         other kinds (Bar, conductor events) are not restricted."""
-        cq, ck = kind_class[b, q], kind_class[b, kv]
-        same_onset = (onset_group[b, q] == onset_group[b, kv]) & (onset_group[b, q] >= 0)
+        kq, kk = kind_code[b, q], kind_code[b, kv]
+        cq, ck = kq & 3, kk & 3
+        same_onset = ((kq >> 2) == (kk >> 2)) & ((kq >> 2) != 0)
         return (cq == 0) | (ck == 0) | (cq == ck) | same_onset
 
     local = or_masks(rr_same_segment, rr_fine_bar, rr_cross_track)
@@ -271,16 +170,14 @@ def candidate_tiles(rows: RowLayout, block_size: int) -> Tensor:
     return (docs_meet & past) | torch.eye(n_blocks, dtype=torch.bool, device=live.device)
 
 
-def evaluate_tiles(
-    mask_mod: MaskMod, rows: RowLayout, block_size: int, elements: int = 1 << 20
-) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
-    """``mask_mod`` on every candidate tile: their (batch, query block, key block) indices and ``[C, bs, bs]``.
+def tile_elements(
+    mask_mod: MaskMod, rows: RowLayout, block_size: int, index: tuple[Tensor, ...], elements: int = 1 << 20
+) -> Tensor:
+    """``mask_mod`` on every element of the tiles ``index`` (batch, query block, key block): ``[C, bs, bs]``.
 
-    The same broadcast evaluation feeds the dense ``sdpa`` matrix and the flex ``BlockMask``; tiles go in
-    chunks of about ``elements`` entries, so memory stays small at any context length.
+    Tiles go in chunks of about ``elements`` entries, so memory stays small at any context length.
     """
     t, device = rows.length, rows.pos.device
-    index = torch.nonzero(candidate_tiles(rows, block_size), as_tuple=True)
     offsets = torch.arange(block_size, device=device)
     h = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
     tiles = torch.empty(len(index[0]), block_size, block_size, dtype=torch.bool, device=device)
@@ -290,7 +187,78 @@ def evaluate_tiles(
         q, kv = qb * block_size + offsets[:, None], kb * block_size + offsets
         inside = (q < t) & (kv < t)
         tiles[start : start + step] = mask_mod(b, h, q.clamp(max=t - 1), kv.clamp(max=t - 1)) & inside
-    return index, tiles
+    return tiles
+
+
+def evaluate_tiles(mask_mod: MaskMod, rows: RowLayout, block_size: int) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """``mask_mod`` on every element of every candidate tile: their indices and ``[C, bs, bs]`` (the reference
+    that ``tile_visibility`` must agree with, and the dense matrix's source)."""
+    index = torch.nonzero(candidate_tiles(rows, block_size), as_tuple=True)
+    return index, tile_elements(mask_mod, rows, block_size, index)
+
+
+def _block_runs(rows: RowLayout, block_size: int, runs: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per block of positions, the first position of each run the mask treats alike: ``[B, n, K]`` positions,
+    which of them are real, the count per block and whether the block holds a dead (or past-the-end) position.
+
+    With ``runs`` the regular tokens of one segment inside a block form one run (every rule but the causal
+    order among them treats them alike); every other live position is a run of its own, and dead positions
+    (padding, unused slots: they see only themselves and nobody sees them) belong to none.
+    """
+    n_blocks = ceil_div(rows.length, block_size)
+    fill = n_blocks * block_size - rows.length
+    live = F.pad(rows.doc >= 0, (0, fill), value=False)
+    p = torch.arange(n_blocks * block_size, device=live.device)
+    seg = F.pad(rows.segment, (0, fill), value=-1)
+    start = live & ((p % block_size == 0) | (p >= rows.num_regular) | (seg < 0))
+    if runs:
+        start |= live & (seg != F.pad(seg, (1, 0), value=-1)[:, :-1])
+    else:
+        start = live
+    start = start.view(rows.batch_size, n_blocks, block_size)
+    count = start.sum(-1)
+    k = max(int(count.max()), 1)
+    order = start.int().argsort(dim=-1, descending=True, stable=True)[..., :k]
+    first = order + torch.arange(n_blocks, device=live.device)[:, None] * block_size
+    real = torch.arange(k, device=live.device) < count[..., None]
+    dead = ~live.view(rows.batch_size, n_blocks, block_size).all(-1)
+    return first.clamp(max=rows.length - 1), real, count, dead
+
+
+def tile_visibility(
+    mask_mod: MaskMod, rows: RowLayout, block_size: int, runs: bool = False, elements: int = 1 << 22
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor, Tensor]:
+    """Which candidate tiles hold a visible pair and which are all visible: (batch, query block, key block)
+    indices, ``any`` and ``all`` per tile, exactly, without evaluating every element of a tile.
+
+    ``mask_mod`` runs on the first position of each run (``_block_runs``) of the query and key blocks; a
+    segment split between two blocks has a first position in each, so the causal order decides between
+    them as it does for every pair. A diagonal tile always holds a visible pair (itself) and never only
+    visible ones; a tile with a dead position is never full.
+    """
+    device = rows.pos.device
+    index = torch.nonzero(candidate_tiles(rows, block_size), as_tuple=True)
+    first, real, count, dead = _block_runs(rows, block_size, runs)
+    b, qb, kb = index
+    visible_any = torch.empty(len(b), dtype=torch.bool, device=device)
+    visible_all = torch.empty_like(visible_any)
+    h = torch.zeros(1, 1, 1, dtype=torch.long, device=device)
+    # Tiles grouped by their blocks' run counts, so each group pads only to its own widest block.
+    width = torch.bucketize(count, torch.tensor([16, 32, 64], device=device)) if runs else torch.zeros_like(count)
+    group = width[b, qb] * 4 + width[b, kb]
+    for g in group.unique().tolist():
+        members = torch.nonzero(group == g).squeeze(1)
+        kq, kk = int(count[b[members], qb[members]].max()), int(count[b[members], kb[members]].max())
+        step = max(1, elements // max(kq * kk, 1))
+        for start in range(0, len(members), step):
+            m = members[start : start + step]
+            bm, qm, km = b[m], qb[m], kb[m]
+            q, kv = first[bm, qm, :kq, None], first[bm, km, None, :kk]
+            pairs = real[bm, qm, :kq, None] & real[bm, km, None, :kk]
+            seen = mask_mod(bm[:, None, None], h, q, kv)
+            visible_any[m] = (seen & pairs).flatten(1).any(1) | (qm == km)
+            visible_all[m] = (seen | ~pairs).flatten(1).all(1) & (qm != km) & ~dead[bm, qm] & ~dead[bm, km]
+    return index, visible_any, visible_all
 
 
 def full_dense_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> Tensor:
@@ -333,19 +301,22 @@ class BlockSparseMask:
 
 
 def block_sparse_mask(
-    mask_mod: MaskMod, rows: RowLayout, query_block: int = 64, key_block: int = 32
+    mask_mod: MaskMod, rows: RowLayout, query_block: int = 64, key_block: int = 32, runs: bool = False
 ) -> BlockSparseMask:
-    """Build a ``BlockSparseMask`` from the evaluated ``key_block`` tiles, never the full dense matrix.
+    """Build a ``BlockSparseMask`` from the visible ``key_block`` tiles, never the full dense matrix.
 
     ``query_block`` is a multiple of ``key_block``: a query block sees a key block when any of its tiles
     holds a visible pair. Query rows past the row's end (block padding) see the first gathered key, so no
-    row is empty (their outputs are dropped).
+    row is empty (their outputs are dropped). Only partially visible tiles are evaluated element by element
+    (``runs``: see ``flex_blocks``).
     """
     if query_block % key_block:
         raise ValueError(f"query_block {query_block} must be a multiple of key_block {key_block}")
-    (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, key_block)
-    seen = tiles.any(dim=(1, 2))
-    b, qb, kb, tiles = b[seen], qb[seen], kb[seen], tiles[seen]
+    (b, qb, kb), seen, full = tile_visibility(mask_mod, rows, key_block, runs)
+    b, qb, kb, full = b[seen], qb[seen], kb[seen], full[seen]
+    tiles = torch.ones(len(b), key_block, key_block, dtype=torch.bool, device=b.device)
+    partial = ~full
+    tiles[partial] = tile_elements(mask_mod, rows, key_block, (b[partial], qb[partial], kb[partial]))
     t, batch, per = rows.length, rows.batch_size, query_block // key_block
     n_keys, n_queries = ceil_div(t, key_block), ceil_div(t, query_block)
     device = tiles.device
@@ -373,34 +344,141 @@ def block_sparse_mask(
 
 
 def attention_mask(
-    mask_mod: MaskMod, rows: RowLayout, backend: str, block_size: int | None = None
+    mask_mod: MaskMod, rows: RowLayout, backend: str, block_size: int | None = None, runs: bool = False
 ) -> BlockSparseMask | BlockMask | Tensor:
     """The mask of one batch as its backend runs it, built from the evaluated tiles in one call.
 
     ``sdpa`` gets the ``BlockSparseMask``, ``flex`` the ``BlockMask`` (``block_size``: 128 on CUDA, 32 on CPU,
-    where sparser tiles measured faster) and ``dense`` the full boolean matrix (the reference).
+    where sparser tiles measured faster) and ``dense`` the full boolean matrix (the reference). ``runs``: the
+    mask treats a segment's tokens alike but for their causal order (``MaskRules.runs``).
     """
     if backend == "sdpa":
-        return block_sparse_mask(mask_mod, rows)
+        return block_sparse_mask(mask_mod, rows, runs=runs)
     if backend == "flex":
-        return block_mask(mask_mod, rows, block_size or (32 if rows.pos.device.type == "cpu" else 128))
+        size = block_size or flex_block_size(rows.pos.device)
+        return flex_blocks(mask_mod, rows, size, runs).block_mask(mask_mod)
     if backend == "dense":
         return full_dense_mask(mask_mod, rows)
     raise ValueError(f"unknown attention mask backend {backend!r}")
 
 
-def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:
-    """The ``flex`` backend's per-sample block mask; build it once per batch and share it across layers."""
-    (b, qb, kb), tiles = evaluate_tiles(mask_mod, rows, block_size)
+def flex_block_size(device: torch.device | str) -> int:
+    """The flex tile: 128 on CUDA (the kernel's), 32 on CPU, where sparser tiles measured faster."""
+    return 32 if torch.device(device).type == "cpu" else 128
+
+
+@dataclasses.dataclass
+class FlexBlocks:
+    """The tile structure of a flex ``BlockMask`` as plain tensors (kv and q sides, partial and full tiles):
+    computed where the tiles are evaluated, wrapped around a ``mask_mod`` on the step's device."""
+
+    seq_length: int
+    block_size: int
+    kv_num_blocks: Tensor
+    kv_indices: Tensor
+    full_kv_num_blocks: Tensor
+    full_kv_indices: Tensor
+    q_num_blocks: Tensor
+    q_indices: Tensor
+    full_q_num_blocks: Tensor
+    full_q_indices: Tensor
+
+    def block_mask(self, mask_mod: MaskMod) -> BlockMask:
+        """The ``BlockMask`` of these tiles that evaluates ``mask_mod`` inside its partial tiles: no tensor op."""
+        tensors = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)[2:]}
+        t, size = self.seq_length, self.block_size
+        return BlockMask(seq_lengths=(t, t), **tensors, BLOCK_SIZE=(size, size), mask_mod=mask_mod)
+
+    def tile_counts(self) -> dict[str, int]:
+        """Tiles flex computes: partial ones (``mask_mod`` on every element) and full ones (none)."""
+        partial, full = int(self.kv_num_blocks.sum()), int(self.full_kv_num_blocks.sum())
+        return {"partial": partial, "full": full, "computed": partial + full}
+
+
+def flex_blocks(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128, runs: bool = False) -> FlexBlocks:
+    """The ``flex`` backend's per-sample tile structure of ``mask_mod`` on ``rows``; built once per batch.
+
+    ``runs``: the mask treats a segment's tokens alike but for their causal order (``MaskRules.runs``), so
+    ``tile_visibility`` evaluates it once per run instead of once per element."""
+    (b, qb, kb), any_, all_ = tile_visibility(mask_mod, rows, block_size, runs)
     n_blocks = ceil_div(rows.length, block_size)
-    partial = torch.zeros(rows.batch_size, 1, n_blocks, n_blocks, dtype=torch.bool, device=tiles.device)
+    partial = torch.zeros(rows.batch_size, 1, n_blocks, n_blocks, dtype=torch.bool, device=any_.device)
     full = torch.zeros_like(partial)
-    any_, all_ = tiles.any(dim=(1, 2)), tiles.all(dim=(1, 2))
     partial[b, 0, qb, kb] = any_ & ~all_
     full[b, 0, qb, kb] = all_
 
-    def to_kv(blocks: Tensor) -> tuple[Tensor, Tensor]:
+    def ordered(blocks: Tensor) -> tuple[Tensor, Tensor]:
+        """Per row of tiles: how many are set, and their indices first (the layout flex reads)."""
         return blocks.sum(-1, dtype=torch.int32), blocks.int().argsort(dim=-1, descending=True, stable=True).int()
 
-    t = rows.length
-    return BlockMask.from_kv_blocks(*to_kv(partial), *to_kv(full), block_size, mask_mod, seq_lengths=(t, t))
+    kv, full_kv = ordered(partial), ordered(full)
+    q, full_q = ordered(partial.transpose(-1, -2)), ordered(full.transpose(-1, -2))
+    return FlexBlocks(rows.length, block_size, *kv, *full_kv, *q, *full_q)
+
+
+def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:
+    """The ``flex`` backend's per-sample block mask; build it once per batch and share it across layers."""
+    return flex_blocks(mask_mod, rows, block_size).block_mask(mask_mod)
+
+
+@dataclasses.dataclass
+class MaskRules:
+    """Which mask a model attends with: the variant and the settings of its rules (``summary_mask_mod``)."""
+
+    fine_bars: tuple[int, ...] = DEFAULT_FINE_BARS
+    cross_window: int = 1
+    kind_sparsity: bool = False
+    attention: str = "summary"
+
+    @property
+    def with_slots(self) -> bool:
+        return self.attention == "summary"
+
+    @property
+    def runs(self) -> bool:
+        """Every rule treats the tokens of one segment alike, but for their causal order (not so for the
+        kind classes of ``kind_sparsity``): tiles can be evaluated once per segment run."""
+        return not self.kind_sparsity
+
+    def mask_mod(self, rows: RowLayout) -> MaskMod:
+        return summary_mask_mod(rows, self.fine_bars, self.cross_window, self.kind_sparsity, self.attention)
+
+
+@dataclasses.dataclass
+class PlannedMask:
+    """A batch's mask as the DataLoader workers built it for ``backend``: ``FlexBlocks`` or a
+    ``BlockSparseMask``. Lightning moves its tensors to the step's device with the batch."""
+
+    backend: str
+    structure: FlexBlocks | BlockSparseMask
+
+    def mask(self, mask_mod: MaskMod) -> BlockMask | BlockSparseMask:
+        if isinstance(self.structure, FlexBlocks):
+            return self.structure.block_mask(mask_mod)
+        return self.structure
+
+
+@dataclasses.dataclass
+class MaskPlan:
+    """What the DataLoader workers add to a batch of tokens ``[B, L]``: its side channels (``batch["layout"]``,
+    ``min_slots`` summary slots or more) and its mask for ``backend`` (``batch["mask"]``, a ``PlannedMask``).
+
+    A plain picklable object (the model's kind table, rules and sizes), so the data side needs no model.
+    """
+
+    kinds: np.ndarray
+    rules: MaskRules
+    min_slots: int
+    backend: str  # flex or sdpa
+    flex_block_size: int = 128
+
+    def __call__(self, tokens: Tensor) -> dict[str, object]:
+        rows = row_layout(tokens, self.kinds, self.min_slots, self.rules.with_slots)
+        mask_mod = self.rules.mask_mod(rows)
+        if self.backend == "flex":
+            structure = flex_blocks(mask_mod, rows, self.flex_block_size, self.rules.runs)
+        elif self.backend == "sdpa":
+            structure = block_sparse_mask(mask_mod, rows, runs=self.rules.runs)
+        else:
+            raise ValueError(f"a mask plan is for the flex or sdpa backend, got {self.backend!r}")
+        return {"layout": rows.tensors(), "mask": PlannedMask(self.backend, structure)}

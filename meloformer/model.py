@@ -12,16 +12,19 @@ pair (CPU training: torch 2.13 has no FlexAttention backward on CPU, and this pa
 the dense mask and plain causal attention). ``auto`` takes ``sdpa`` on CPU when gradients are enabled and
 ``flex`` otherwise. A dense boolean mask (``prepare(backend="dense")``) is the reference of the tests.
 
-Decoding (``meloformer.generate``) runs the same blocks with one ``KVCache`` per layer: attention writes
+Decoding (``meloformer.decoder``) runs the same blocks with one ``KVCache`` per layer: attention writes
 its new keys and values there and, for a decoding step, attends over the cached ones (litgpt's
 ``input_pos`` pattern); the step's ``AttentionContext`` says where to write and what to read.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import math
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -36,11 +39,13 @@ from meloformer.hid import TRACK_CONDUCTOR, HIDTokenizer
 from meloformer.masks import (
     DEFAULT_FINE_BARS,
     BlockSparseMask,
-    RowLayout,
+    MaskPlan,
+    MaskRules,
+    PlannedMask,
     attention_mask,
-    row_layout,
-    summary_mask_mod,
+    flex_block_size,
 )
+from meloformer.row_layout import RowLayout, row_layout
 
 # Compiled once for the process: the eager flex_attention materialises the whole score matrix.
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
@@ -51,11 +56,31 @@ SlotInput = Literal["learned", "segment_mean"]
 Checkpointing = Literal["none", "ffn", "block"]
 DEFAULT_VOCAB_SIZE = HIDTokenizer().vocab_size
 NUM_TRACK_EMBEDDINGS = 1 + 2 + 128  # none, conductor, drums, 128 programs
+# The card ``save_pretrained``/``push_to_hub`` write where a folder has none (``meloformer export`` writes its own).
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+# MeloFormer model
+
+A symbolic-music transformer (MeloFormer, HID tokens). `config.json` holds the model configuration and,
+under `tokenizer`, the tokenizer settings.
+
+```python
+from meloformer.model import MeloFormer
+model = MeloFormer.from_pretrained("THIS_FOLDER_OR_HUB_ID")
+```
+
+```bash
+meloformer generate --ckpt_path THIS_FOLDER_OR_HUB_ID --out samples
+```
+"""
 
 
 @dataclasses.dataclass
 class MeloFormerConfig:
-    """Every setting of the model; ``attention_backend`` and ``gradient_checkpointing`` may change at any time."""
+    """The architecture: what the weights mean. Checkpoints and model folders store it, and a resume must match
+    it (``RuntimeConfig`` holds how the model runs, which may change at any time)."""
 
     vocab_size: int = DEFAULT_VOCAB_SIZE
     n_layer: int = 6
@@ -70,9 +95,6 @@ class MeloFormerConfig:
     kind_sparsity: bool = False
     attention: AttentionVariant = "summary"  # summary | causal | local (the last two: no summary slots; ablations)
     slot_input: SlotInput = "learned"  # a slot's input; segment_mean adds the mean embedding of its segment's tokens
-    attention_backend: Backend = "auto"
-    flex_block_size: int | None = None  # None: 128 on CUDA, 32 on CPU (sparser tiles, measured faster)
-    gradient_checkpointing: Checkpointing = "none"
     rope_base: float = 10_000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -101,6 +123,29 @@ class MeloFormerConfig:
         if "n_embd" in overrides:
             overrides.setdefault("ffn_hidden", None)  # None: computed from n_embd in __post_init__
         return dataclasses.replace(SIZES[name], **overrides)
+
+    @classmethod
+    def from_stored(cls, stored: dict) -> MeloFormerConfig:
+        """The configuration a checkpoint or model folder stores. Fields added since it was saved take their
+        defaults, which keep the behaviour it was trained with (``slot_input: learned``); the run-time knobs
+        that older ones stored among these fields are dropped."""
+        unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown model fields {', '.join(unknown)} (made by a newer MeloFormer?)")
+        return cls(**{k: v for k, v in stored.items() if k not in RUNTIME_FIELDS})
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """How the model runs, not what it computes: free to change at any time, also between a checkpoint and its
+    resume (a smaller GPU with checkpointing on, CPU ``sdpa`` to GPU ``flex``). Never stored with the weights."""
+
+    attention_backend: Backend = "auto"
+    flex_block_size: int | None = None  # None: 128 on CUDA, 32 on CPU (sparser tiles, measured faster)
+    gradient_checkpointing: Checkpointing = "none"
+
+
+RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(RuntimeConfig))
 
 
 # The original's sizes (17M, 85M, 200M, 450M parameters): head size 64, 4 query heads per key/value head.
@@ -206,7 +251,7 @@ class AttentionContext:
 @dataclasses.dataclass
 class KVCache:
     """One layer's keys and values while decoding, ``[B, H_kv, size, d]``; the decoder decides which token or
-    summary slot each entry holds (``meloformer.generate``)."""
+    summary slot each entry holds (``meloformer.decoder``)."""
 
     k: Tensor
     v: Tensor
@@ -285,7 +330,6 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: MeloFormerConfig) -> None:
         super().__init__()
-        self.config = config
         self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = RMSNorm(config.n_embd, config.norm_eps)
@@ -294,27 +338,42 @@ class Block(nn.Module):
     def feed_forward(self, x: Tensor) -> Tensor:
         return x + self.ffn(self.ffn_norm(x))
 
-    def forward(self, x: Tensor, ctx: AttentionContext, cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, ctx: AttentionContext, cache: KVCache | None = None, checkpoint_ffn: bool = False
+    ) -> Tensor:
         x = x + self.attn(self.attn_norm(x), ctx, cache)
-        if self.config.gradient_checkpointing == "ffn" and torch.is_grad_enabled():
+        if checkpoint_ffn:
             return checkpoint(self.feed_forward, x, use_reentrant=False)
         return self.feed_forward(x)
 
 
-class MeloFormer(nn.Module, PyTorchModelHubMixin):
+class MeloFormer(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="meloformer",
+    license="mit",
+    tags=["symbolic-music", "midi", "music-generation", "meloformer"],
+    model_card_template=MODEL_CARD,
+):
     """The network of ``config`` for the tokenizer whose kind table is ``kinds`` (``HIDTokenizer.kinds``).
+
+    ``runtime`` (default: ``RuntimeConfig()``) may be replaced or changed at any time.
 
     The side channels (tracks, bars, segments) are read off the token ids through ``kinds``, so the model
     keeps it as a non-persistent buffer: it follows the model across devices but stays out of state dicts.
-    ``save_pretrained``/``from_pretrained`` (huggingface_hub) write and read model folders
-    (``meloformer.pretrained``).
+    huggingface_hub's ``from_pretrained(folder_or_hub_id)``, ``save_pretrained`` and ``push_to_hub`` read and
+    write model folders: ``config.json`` holds every config field and, under ``tokenizer``, the tokenizer
+    settings that the kind table is rebuilt from (``meloformer.pretrained``).
     """
 
-    def __init__(self, config: MeloFormerConfig, kinds: np.ndarray | Tensor) -> None:
+    def __init__(
+        self, config: MeloFormerConfig, kinds: np.ndarray | Tensor, runtime: RuntimeConfig | None = None
+    ) -> None:
         super().__init__()
         if len(kinds) != config.vocab_size:
             raise ValueError(f"the kind table has {len(kinds)} entries but vocab_size is {config.vocab_size}")
         self.config = config
+        self.runtime = runtime or RuntimeConfig()
         self.register_buffer("kinds", torch.as_tensor(np.asarray(kinds), dtype=torch.long), persistent=False)
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.track_emb = nn.Embedding(NUM_TRACK_EMBEDDINGS, config.n_embd)
@@ -322,6 +381,43 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         self.reset_parameters()
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        config: MeloFormerConfig | dict[str, Any],
+        kinds: np.ndarray | Tensor | None = None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        **hub: Any,
+    ) -> MeloFormer:
+        """``from_pretrained``'s loader. ``config`` is ``config.json`` as read (the mixin cannot decode it: the
+        annotations are postponed); the kind table comes from its tokenizer settings. Weights load strictly,
+        and the stored config (tokenizer settings included) is what ``save_pretrained`` writes back."""
+        settings: dict[str, Any] = {}
+        if isinstance(config, dict):
+            settings = config.get("tokenizer", {})
+            config = MeloFormerConfig.from_stored({k: v for k, v in config.items() if k != "tokenizer"})
+        if kinds is None:
+            kinds = HIDTokenizer(**settings).kinds
+        with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints "Loading weights from local directory"
+            model = super()._from_pretrained(
+                model_id=model_id, config=config, kinds=kinds, map_location=map_location, strict=strict, **hub
+            )
+        model._hub_mixin_config = {**dataclasses.asdict(config), "tokenizer": settings}
+        return model
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        super()._save_pretrained(save_directory)
+        (save_directory / "model.safetensors").chmod(0o644)  # safetensors writes it owner-only (0600)
+
+    @property
+    def tokenizer_settings(self) -> dict[str, Any]:
+        """The HID tokenizer settings stored with the model (``from_pretrained``); {} for the defaults."""
+        stored = self._hub_mixin_config
+        return dict(stored.get("tokenizer", {})) if isinstance(stored, dict) else {}
 
     def reset_parameters(self) -> None:
         """Normal(0, init_std) weights; residual outputs scaled down by sqrt(2 n_layer) as in GPT-2."""
@@ -340,48 +436,59 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
     # ------------------------------------------------------------------ per-batch preparation
     def backend(self, device: torch.device) -> str:
         """The attention backend this call uses; ``auto`` avoids flex where it has no backward (CPU)."""
-        backend = self.config.attention_backend
+        backend = self.runtime.attention_backend
         if backend == "auto":
             return "sdpa" if device.type == "cpu" and torch.is_grad_enabled() else "flex"
         if backend not in ("flex", "sdpa"):
             raise ValueError(f"attention_backend must be auto, flex or sdpa, got {backend!r}")
         return backend
 
-    def mask_mod(self, rows: RowLayout):
+    @property
+    def mask_rules(self) -> MaskRules:
         c = self.config
-        return summary_mask_mod(rows, c.fine_bars, c.cross_window, c.kind_sparsity, c.attention)
+        return MaskRules(c.fine_bars, c.cross_window, c.kind_sparsity, c.attention)
 
-    def row_layout(
-        self,
-        tokens: Tensor,
-        doc_ids: Tensor | None = None,
-        min_slots: int | None = None,
-    ) -> RowLayout:
+    def mask_mod(self, rows: RowLayout):
+        return self.mask_rules.mask_mod(rows)
+
+    def row_layout(self, tokens: Tensor, min_slots: int | None = None) -> RowLayout:
         """Side channels of a batch with ``summary_slots`` slots (more, rounded up to 128, if needed)."""
         min_slots = self.config.summary_slots if min_slots is None else min_slots
-        with_slots = self.config.attention == "summary"
-        return row_layout(tokens, self.kinds, min_slots, doc_ids, with_slots).to(tokens.device)
+        return row_layout(tokens, self.kinds, min_slots, self.mask_rules.with_slots).to(tokens.device)
+
+    def mask_plan(self, backend: str) -> MaskPlan:
+        """What the DataLoader workers compute for each batch so the step builds nothing (``masks.MaskPlan``)."""
+        block_size = self.runtime.flex_block_size or flex_block_size("cuda" if backend == "flex" else "cpu")
+        kinds = self.kinds.cpu().numpy()
+        return MaskPlan(kinds, self.mask_rules, self.config.summary_slots, backend, block_size)
 
     def prepare(
         self,
         tokens: Tensor,
-        doc_ids: Tensor | None = None,
         backend: str | None = None,
         rows: RowLayout | None = None,
+        planned: PlannedMask | None = None,
     ) -> AttentionContext:
         """Side channels, mask and rotary angles for a batch: built once, shared by every layer.
 
-        ``rows`` are side channels computed beforehand (by the DataLoader workers); by default they are
-        computed here from ``tokens`` and ``doc_ids``.
+        ``rows`` are side channels computed beforehand, and ``planned`` the mask the DataLoader workers built
+        for them (``mask_plan``); used when it is for this call's backend, so the step then builds no mask.
+        By default everything is computed here from ``tokens``.
         """
         if tokens.shape[1] > self.config.max_seq_len:
             raise ValueError(f"{tokens.shape[1]} tokens exceed max_seq_len={self.config.max_seq_len}")
         if rows is None:
-            rows = self.row_layout(tokens, doc_ids)
-        else:  # the loader's rows always hold summary slots; the causal and local variants use none
-            rows = (rows if self.config.attention == "summary" else rows.without_slots()).to(tokens.device)
-        backend = backend or self.backend(tokens.device)
-        mask = attention_mask(self.mask_mod(rows), rows, backend, self.config.flex_block_size)
+            rows = self.row_layout(tokens)
+        elif rows.num_slots and not self.mask_rules.with_slots:  # rows made for summary attention
+            rows, planned = rows.without_slots().to(tokens.device), None
+        else:
+            rows = rows.to(tokens.device)
+        backend = backend or (planned.backend if planned is not None else self.backend(tokens.device))
+        mask_mod = self.mask_mod(rows)
+        if planned is not None and planned.backend == backend:
+            mask = planned.mask(mask_mod)
+        else:
+            mask = attention_mask(mask_mod, rows, backend, self.runtime.flex_block_size, self.mask_rules.runs)
         cos, sin = rope_angles(rows.pos, self.config.head_dim, self.config.rope_base)
         return AttentionContext(rows, mask, cos, sin)
 
@@ -409,7 +516,6 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
     def forward(
         self,
         tokens: Tensor,
-        doc_ids: Tensor | None = None,
         ctx: AttentionContext | None = None,
         caches: list[KVCache] | None = None,
     ) -> Tensor:
@@ -419,7 +525,7 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         layer's keys and values of the whole row, which is how a decoder's prefill fills them.
         """
         if ctx is None:
-            ctx = self.prepare(tokens, doc_ids)
+            ctx = self.prepare(tokens)
         n = tokens.shape[1]
         track_token = ctx.rows.track_token
         x = torch.cat([self.embed_tokens(tokens, track_token[:, :n]), self.embed_slots(tokens, ctx.rows)], dim=1)
@@ -431,10 +537,11 @@ class MeloFormer(nn.Module, PyTorchModelHubMixin):
         A checkpointed block that recomputes in backward writes the same keys and values to the same cache
         entries again, so checkpointing and caches combine.
         """
+        mode = self.runtime.gradient_checkpointing if torch.is_grad_enabled() else "none"
         for layer, block in enumerate(self.blocks):
             cache = None if caches is None else caches[layer]
-            if self.config.gradient_checkpointing == "block" and torch.is_grad_enabled():
+            if mode == "block":
                 x = checkpoint(block, x, ctx, cache, use_reentrant=False)
             else:
-                x = block(x, ctx, cache)
+                x = block(x, ctx, cache, checkpoint_ffn=mode == "ffn")
         return x

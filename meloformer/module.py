@@ -3,8 +3,9 @@
 It holds the math: next-token loss over the regular tokens of a batch (no loss on padding or on the ``BOS``
 that opens the next packed piece; summary slots produce no logits), loss and perplexity per token kind,
 throughput, and AdamW with linear warmup then cosine decay over ``trainer.max_steps``. Precision comes from
-the Trainer. The model configuration and tokenizer settings travel in every checkpoint, so
-``load_checkpoint`` rebuilds the model without the training config.
+the Trainer. The architecture (``MeloFormerConfig``) and tokenizer settings travel in every checkpoint, so
+``load_checkpoint`` rebuilds the model without the training config, and a resume must match them
+(``check_resumable``); the run-time knobs (backend, checkpointing, tile size, compile) may differ.
 """
 
 from __future__ import annotations
@@ -22,10 +23,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
-from meloformer.checkpoint import read_checkpoint
+from meloformer.checkpoint import read_checkpoint, read_checkpoint_metadata
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
-from meloformer.masks import RowLayout
-from meloformer.model import AttentionVariant, Backend, Checkpointing, MeloFormer, MeloFormerConfig, SlotInput
+from meloformer.masks import MaskPlan
+from meloformer.model import (
+    RUNTIME_FIELDS,
+    AttentionContext,
+    AttentionVariant,
+    Backend,
+    Checkpointing,
+    MeloFormer,
+    MeloFormerConfig,
+    RuntimeConfig,
+    SlotInput,
+)
+from meloformer.row_layout import RowLayout
 
 # Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
 KIND_GROUPS = ("bar", "position", "pitch", "duration", "velocity", "track", "conductor")
@@ -52,16 +64,19 @@ class MeloFormerModule(pl.LightningModule):
     Args:
         size: small, base, large or xlarge (``meloformer sizes`` prints their parameter counts): the value of
             every model field left at None.
-        n_layer ... init_std: the fields of ``MeloFormerConfig`` (docs/design.md section 5); None: the size's
-            value. ``max_seq_len`` is the row length (the DataModule packs rows of it), ``summary_slots`` the
-            summary slots per row (rows hold at most this many segments). A new ``n_embd`` without an
-            ``ffn_hidden`` gets 8/3 of its width (rounded up to 64), not the size's.
+        n_layer ... init_std: the architecture, the fields of ``MeloFormerConfig`` (docs/design.md section 5);
+            None: the size's value. ``max_seq_len`` is the row length (the DataModule packs rows of it),
+            ``summary_slots`` the summary slots per row (rows hold at most this many segments). A new ``n_embd``
+            without an ``ffn_hidden`` gets 8/3 of its width (rounded up to 64), not the size's.
         tokenizer: HID tokenizer settings (None: the defaults); the data must have been made with them.
         lr: peak learning rate, reached after ``warmup_steps`` optimizer steps, then cosine decay to
             ``lr * min_lr_ratio`` at ``trainer.max_steps``.
+        attention_backend, flex_block_size, gradient_checkpointing: the fields of ``RuntimeConfig``.
         compile: ``torch.compile`` the model.
         recompile_limit, accumulated_recompile_limit: Dynamo's limits (None: torch's defaults); each phase's
             batch size is one more compiled shape.
+
+    The run-time knobs (``RuntimeConfig``'s fields, compile and the recompile limits) may change on resume.
     """
 
     def __init__(
@@ -79,9 +94,6 @@ class MeloFormerModule(pl.LightningModule):
         kind_sparsity: bool | None = None,
         attention: AttentionVariant | None = None,
         slot_input: SlotInput | None = None,
-        attention_backend: Backend | None = None,
-        flex_block_size: int | None = None,
-        gradient_checkpointing: Checkpointing | None = None,
         rope_base: float | None = None,
         norm_eps: float | None = None,
         init_std: float | None = None,
@@ -91,6 +103,9 @@ class MeloFormerModule(pl.LightningModule):
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 1000,
         min_lr_ratio: float = 0.1,
+        attention_backend: Backend = "auto",
+        flex_block_size: int | None = None,
+        gradient_checkpointing: Checkpointing = "none",
         compile: bool = False,
         recompile_limit: int | None = None,
         accumulated_recompile_limit: int | None = None,
@@ -106,13 +121,14 @@ class MeloFormerModule(pl.LightningModule):
         self.hparams["tokenizer"] = self.tokenizer.settings  # resolved, so checkpoints are self-contained
         given = {name: self.hparams[name] for name in MODEL_FIELDS if self.hparams[name] is not None}
         self.config = MeloFormerConfig.from_size(size, vocab_size=self.tokenizer.vocab_size, **given)
-        self.model = MeloFormer(self.config, self.tokenizer.kinds)
+        runtime = RuntimeConfig(attention_backend, flex_block_size, gradient_checkpointing)
+        self.model = MeloFormer(self.config, self.tokenizer.kinds, runtime)
         self.register_buffer("kind_group", torch.from_numpy(_kind_groups(self.tokenizer)), persistent=False)
         self.metrics = nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("all", *KIND_GROUPS)}
         )
         self._compiled = False
-        self._last_step: tuple[float, int] | None = None
+        self._last_step: tuple[float, Tensor] | None = None
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -148,21 +164,32 @@ class MeloFormerModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ math
-    def forward(self, tokens: Tensor, doc_ids: Tensor | None = None) -> Tensor:
-        return self.model(tokens, doc_ids)
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)
 
-    def token_losses(self, tokens: Tensor, layout: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Per-target loss ``[B, L-1]``, which targets count, and each target's kind group (-1: none).
+    def mask_plan(self, backend: str | None = None) -> MaskPlan:
+        """What the DataLoader workers add to each batch (``masks.MaskPlan``): side channels and the mask of
+        ``backend`` (default: ``attention_backend``, where ``auto`` is flex when CUDA is available, else sdpa)."""
+        if backend is None:
+            backend = self.model.runtime.attention_backend
+            backend = ("flex" if torch.cuda.is_available() else "sdpa") if backend == "auto" else backend
+        return self.model.mask_plan(backend)
 
-        ``layout`` is the batch's side channels from the DataLoader workers, if it carries them.
-        """
+    def attention_context(self, batch: dict[str, Any], backend: str | None = None) -> AttentionContext:
+        """The exact attention context a step runs for a loader batch: the batch's own side channels and
+        mask when the loader built them (``mask_plan``) for this backend (default: the batch's, else the
+        model's choice), so the step then only wraps them."""
+        tokens = batch["tokens"]
+        layout = batch.get("layout")
         rows = None if layout is None else RowLayout.from_tensors(layout, tokens.shape[1])
-        ctx = self.model.prepare(tokens, rows=rows)  # layout and mask, outside the compiled forward
-        logits = self.model(tokens, ctx=ctx)[:, :-1]
-        targets = tokens[:, 1:]
-        valid = (targets != PAD) & (targets != BOS)
-        loss = F.cross_entropy(logits.transpose(1, 2), targets.masked_fill(~valid, -100), reduction="none")
-        group = self.kind_group[targets]
+        return self.model.prepare(tokens, backend, rows, batch.get("mask"))
+
+    def token_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-target loss ``[B, L-1]``, which targets count, and each target's kind group (-1: none)."""
+        tokens = batch["tokens"]
+        ctx = self.attention_context(batch)  # layout and mask, outside the compiled forward
+        loss, valid = next_token_losses(self.model(tokens, ctx=ctx), tokens)
+        group = self.kind_group[tokens[:, 1:]]
         in_conductor = ctx.rows.track[:, 1 : tokens.shape[1]] == 0
         group = torch.where((group == POSITION_GROUP) & in_conductor, CONDUCTOR_GROUP, group)
         return loss, valid, group
@@ -173,27 +200,30 @@ class MeloFormerModule(pl.LightningModule):
         n = len(KIND_GROUPS)
         index = torch.where(valid & (group >= 0), group, n).flatten()
         sums = torch.zeros(n + 1, device=loss.device, dtype=loss.dtype).index_add_(0, index, loss.flatten())
-        counts = torch.bincount(index, minlength=n + 1)
+        counts = torch.zeros(n + 1, device=loss.device, dtype=loss.dtype).index_add_(
+            0, index, torch.ones_like(loss.flatten())
+        )
         mean = loss.sum() / valid.sum().clamp(min=1)
         return mean, sums[:n], counts[:n]
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """One step with no host sync: every logged value stays a device tensor (a kind group that no target
+        of the batch has logs NaN)."""
         tokens = batch["tokens"]
-        loss, valid, group = self.token_losses(tokens, batch.get("layout"))
+        loss, valid, group = self.token_losses(batch)
         mean, sums, counts = self.group_means(loss, valid, group)
         size = tokens.shape[0]
         self.log("train/loss", mean, prog_bar=True, batch_size=size)
         self.log("train/ppl", torch.exp(mean.detach()), batch_size=size)
-        per_kind = {
-            f"train/loss_{name}": sums[i].detach() / counts[i] for i, name in enumerate(KIND_GROUPS) if counts[i] > 0
-        }
-        self.log_dict(per_kind, batch_size=size)
+        per_kind = sums.detach() / counts  # 0 / 0 = NaN where the batch has no target of a group
+        self.log_dict({f"train/loss_{name}": per_kind[i] for i, name in enumerate(KIND_GROUPS)}, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
-        self._log_throughput(int((tokens != PAD).sum()), size)
+        self._log_throughput((tokens != PAD).sum(), size)
         return mean
 
-    def _log_throughput(self, tokens: int, size: int) -> None:
-        """Non-padding tokens per second of this process, over the previous step (loading included)."""
+    def _log_throughput(self, tokens: Tensor, size: int) -> None:
+        """Non-padding tokens per second of this process, over the previous step (loading included); the
+        token count stays on the device."""
         now = time.perf_counter()
         if self._last_step is not None:
             started, previous_tokens = self._last_step
@@ -210,7 +240,7 @@ class MeloFormerModule(pl.LightningModule):
         self._eval_step("test", batch)
 
     def _eval_step(self, stage: str, batch: dict[str, Tensor]) -> None:
-        loss, valid, group = self.token_losses(batch["tokens"], batch.get("layout"))
+        loss, valid, group = self.token_losses(batch)
         mean, sums, counts = self.group_means(loss, valid, group)
         # Every metric is updated (possibly with weight 0), so all ranks compute the same metrics.
         self.metrics[f"{stage}_all"].update(mean, valid.sum())
@@ -248,14 +278,23 @@ class MeloFormerModule(pl.LightningModule):
         saved = checkpoint.get("meloformer")
         if saved is None:
             raise ValueError("not a MeloFormer checkpoint (no 'meloformer' entry)")
+        self.check_resumable(saved)
+
+    def check_resumable(self, saved: dict[str, Any]) -> None:
+        """Raise ValueError unless a checkpoint's ``meloformer`` entry has this module's architecture and
+        tokenizer settings (the one resume check: the CLI runs it before training, Lightning on restore)."""
         check_same("tokenizer settings", saved["tokenizer"], self.tokenizer.settings)
-        check_same("model configuration", stored_config(saved["model_config"]), dataclasses.asdict(self.config))
+        stored = dataclasses.asdict(MeloFormerConfig.from_stored(saved["model_config"]))
+        check_same("model configuration", stored, dataclasses.asdict(self.config))
 
 
-def stored_config(config: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's model configuration with the fields added since it was saved at their defaults, which
-    keep the behaviour it was trained with (``slot_input: learned``)."""
-    return dataclasses.asdict(MeloFormerConfig(**config))
+def next_token_losses(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    """Next-token cross-entropy ``[B, L-1]`` of ``logits`` ``[B, L, vocab]`` on ``tokens`` ``[B, L]``, and which
+    targets count: no loss on padding or on the ``BOS`` that opens the next packed piece."""
+    targets = tokens[:, 1:]
+    valid = (targets != PAD) & (targets != BOS)
+    loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets.masked_fill(~valid, -100), reduction="none")
+    return loss, valid
 
 
 def check_same(what: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
@@ -280,7 +319,7 @@ def _kind_groups(tokenizer: HIDTokenizer) -> np.ndarray:
 
 def model_card(module: MeloFormerModule, ckpt_path: str | Path) -> str:
     """A plain model card for ``meloformer export``: what the model is and how to use it."""
-    step = read_checkpoint(ckpt_path).get("global_step", "?")
+    step = read_checkpoint_metadata(ckpt_path).get("global_step", "?")
     c = module.config
     return (
         f"# MeloFormer model\n\nExported from `{Path(ckpt_path).name}` after {step} optimizer steps.\n\n"
@@ -315,8 +354,44 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     saved = checkpoint["meloformer"]
     hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's
     hparams.pop("overrides", None)  # checkpoints made before the model fields were arguments of their own
-    training = {k: v for k, v in hparams.items() if k not in MODEL_FIELDS and k != "tokenizer"}
-    module = module_of(stored_config(saved["model_config"]), saved["tokenizer"], **training)
+    # The architecture comes from what the checkpoint stores; the run-time knobs start at their defaults.
+    training = {k: v for k, v in hparams.items() if k not in (*MODEL_FIELDS, *RUNTIME_FIELDS, "tokenizer")}
+    config = dataclasses.asdict(MeloFormerConfig.from_stored(saved["model_config"]))
+    module = module_of(config, saved["tokenizer"], **training)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()
+
+
+def resolve_device(device: str) -> str:
+    """``auto``: ``cuda`` when this machine has it, else ``cpu``; any other name as given."""
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def open_checkpoint(path: str | None, device: str) -> MeloFormerModule:
+    """The trained module of a checkpoint, model folder or Hugging Face model id (``None``: the shipped model) on
+    ``device`` (``resolve_device``); ValueError with one line for a missing, foreign or damaged file or a device
+    this machine lacks."""
+    from meloformer.pretrained import default_model_folder, is_hub_id, is_model_folder
+
+    device = resolve_device(device)
+    try:
+        where = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: not a device (auto, cpu, cuda, cuda:1, mps)") from None
+    if where.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if where.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available on this machine")
+    path = str(default_model_folder()) if path is None else path
+    if is_model_folder(path) or is_hub_id(path):
+        return module_from_folder(path).to(where)
+    if not Path(path).is_file():
+        raise ValueError(f"--ckpt_path {path}: no such file or model folder")
+    try:
+        return load_checkpoint(path, map_location=where)
+    except ValueError:
+        raise
+    except Exception as err:  # a foreign or damaged file fails anywhere in torch.load/pickle: name it, no traceback
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--ckpt_path {path}: not a readable MeloFormer checkpoint ({reason})") from None

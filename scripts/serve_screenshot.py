@@ -2,7 +2,9 @@
 generate one sample in headless Chromium (the browser test's set-up: Debian's chromium-headless-shell driven
 by playwright), and screenshot the page.
 
-    python scripts/serve_screenshot.py --instruments "52 52 53 53" --chords "C G Am F" --bars 8 --seed 1
+    python scripts/serve_screenshot.py        # the page's defaults (choir SATB, 8 bars of 4/4) over C G Am F, C major
+
+The instruments are chosen in the page's dropdowns by name, as a user does.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import shutil
 
 from playwright.sync_api import sync_playwright
 
-from meloformer.cli import open_checkpoint
+from meloformer.module import open_checkpoint
 from meloformer.serve import Studio, build_app, launch
 
 BROWSER_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"]
@@ -23,10 +25,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt_path", default=None, help="a checkpoint or model folder (default: the shipped model)")
     parser.add_argument("--out", default="docs/serve.png")
-    parser.add_argument("--instruments", default="drums 33 0")
-    parser.add_argument("--bars", default="4")
-    parser.add_argument("--chords", default="")
-    parser.add_argument("--seed", default="3")
+    parser.add_argument(
+        "--tracks", nargs="*", default=None, help="instrument names, one per track (default: the page's)"
+    )
+    parser.add_argument("--bars", default="8")
+    parser.add_argument("--chords", default="C G Am F")
+    parser.add_argument("--key", default="C major")
+    parser.add_argument("--seed", default="1")
     args = parser.parse_args()
     browser_path = shutil.which("chromium-headless-shell") or shutil.which("chromium")
     if browser_path is None:
@@ -38,7 +43,11 @@ def main() -> None:
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.set_default_timeout(300_000)
         page.goto(url)
-        page.locator("#instruments textarea").fill(args.instruments)
+        for slot, name in enumerate(args.tracks or [], start=1):
+            page.locator(f"#track_{slot} input").fill(name)
+            page.get_by_role("option", name=name, exact=True).first.click()
+        page.locator("#key input").fill(args.key)
+        page.get_by_role("option", name=args.key, exact=True).first.click()
         page.locator("#bars input").fill(args.bars)
         page.locator("#chords textarea").fill(args.chords)
         page.locator("#seed input").fill(args.seed)

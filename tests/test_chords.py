@@ -10,7 +10,7 @@ from meloformer.chords import SPELLINGS, parse_chord, progression
 from meloformer.edits import crop_bars
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import CHORD_QUALITIES, PITCH_CLASS_NAMES, TRACK_PROGRAM0, HIDTokenizer, TokenKind
-from meloformer.sampling import GenerationRequest, check_request, generate
+from meloformer.sampler import GenerationRequest, check_request, generate
 
 TOK = HIDTokenizer()
 
@@ -130,7 +130,7 @@ def test_continuation_keeps_the_prompt_chords_and_fixes_the_new_bars(model):
 def test_chords_need_bars_to_generate():
     chorale = next(f for f in demo_files() if "bach" in str(f))
     prompt = crop_bars(TOK, TOK.encode(chorale), 0, 2)
-    with pytest.raises(ValueError, match="chords need a number of bars"):
+    with pytest.raises(ValueError, match="--chords needs a number of bars"):
         check_request(TOK, GenerationRequest(bars=None, chords=["C"]))
     for request in [
         GenerationRequest(bars=None, prompt=prompt, add_track=TRACK_PROGRAM0, chords=["C"]),

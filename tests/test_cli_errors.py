@@ -60,7 +60,7 @@ CASES = {
     "prompt-bars-0": (["generate", "--prompt", "{root}/chorale.mid", "--prompt_bars", "0"], "--prompt_bars must be"),
     "bars-past-max": (["generate", "--bars", "2000"], "bars must be in 1..1024"),
     "bars-past-context": (["generate", "--bars", "200", "--instruments", "0"], "the model's context holds 256"),
-    "instrument-name": (["generate", "--instruments", "flute"], "give a General MIDI program 0-127 or 'drums'"),
+    "instrument-name": (["generate", "--instruments", "flut"], "unknown instrument 'flut' (a General MIDI name"),
     "time-signature-text": (["generate", "--time_signature", "three"], "write it as N/D"),
     "time-signature-unknown": (["generate", "--time_signature", "7/32"], "unsupported time signature 7/32"),
     "add-track-no-prompt": (["generate", "--add_track", "drums"], "--add_track needs a --prompt"),
@@ -164,9 +164,9 @@ def test_console_script_prints_no_traceback(files):
 
 
 def test_a_failing_sample_keeps_the_ones_before_it(files, tmp_path, monkeypatch, capsys):
-    import meloformer.sampling
+    import meloformer.sampler
 
-    real, calls = meloformer.sampling.generate, []
+    real, calls = meloformer.sampler.generate, []
 
     def fail_third(*args, **kwargs):
         calls.append(1)
@@ -174,7 +174,7 @@ def test_a_failing_sample_keeps_the_ones_before_it(files, tmp_path, monkeypatch,
             raise RuntimeError("out of memory")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(meloformer.sampling, "generate", fail_third)
+    monkeypatch.setattr(meloformer.sampler, "generate", fail_third)
     out = tmp_path / "samples"
     args = ["generate", "--ckpt_path", files["ckpt"], "--out", str(out), "--bars", "2", "--num_samples", "4"]
     assert main([*args, "--no_progress"]) == 1

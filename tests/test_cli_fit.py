@@ -75,7 +75,7 @@ def test_command_line_sets_model_fields(tmp_path):
     saved = checkpoint["meloformer"]["model_config"]
     expected = MeloFormerConfig.from_size(
         "small", vocab_size=saved["vocab_size"], n_layer=2, n_embd=64, n_head=2, n_kv_head=1,
-        max_seq_len=512, summary_slots=128, attention_backend="sdpa",
+        max_seq_len=512, summary_slots=128,
     )  # fmt: skip
     assert saved == dataclasses.asdict(expected) and saved["ffn_hidden"] == 192  # 8/3 of 64, not small's 1408
     parameters = sum(t.numel() for k, t in checkpoint["state_dict"].items() if k.startswith("model."))
@@ -154,6 +154,9 @@ def test_sizes_command_prints_real_parameter_counts(tmp_path):
     assert done.returncode == 0, done.stderr
     for name, count in parameter_counts().items():
         assert f"{count:,}" in next(line for line in done.stdout.splitlines() if line.startswith(name))
+    small = next(line for line in done.stdout.splitlines() if line.startswith("small"))
+    model = yaml.safe_load((REPO / "configs" / "small.yaml").read_text())["model"]
+    assert f"small.yaml {model['max_seq_len']}/{model['summary_slots']}" in small  # the rows it really trains
 
 
 def test_help_lists_the_commands(tmp_path):

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import site
 import subprocess
+import sys
 import venv
+from pathlib import Path
 
 import pytest
 import yaml
@@ -69,18 +72,29 @@ def test_demo_config_trains_from_an_installed_wheel(tmp_path):
     source = tmp_path / "source"
     ignore = shutil.ignore_patterns(".*", "build", "dist", "data", "runs", "*.egg-info", "__pycache__", "results")
     shutil.copytree(REPO, source, ignore=ignore)
-    env_dir = tmp_path / "env"
-    venv.create(env_dir, system_site_packages=True, with_pip=False)  # torch & co. from the host, pip too
-    python = env_dir / "bin" / "python"
-    pip = [str(python), "-m", "pip", "--disable-pip-version-check", "-q"]
     wheels = tmp_path / "wheels"
-    built = subprocess.run(
-        [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
+    built = subprocess.run(  # as `pip install -e .` builds: in an isolated build environment
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "wheel", "--no-deps", "-w", str(wheels),
+         str(source)],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = wheels.glob("meloformer-*.whl")
-    installed = subprocess.run([*pip, "install", "--no-deps", str(wheel)], capture_output=True, text=True)
+    # A fresh environment that sees this one's packages (torch & co., pip) through a .pth file: from inside a
+    # virtual environment, system_site_packages=True would mean the base interpreter's, which lack them.
+    env_dir = tmp_path / "env"
+    venv.create(env_dir, with_pip=False)
+    python = env_dir / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(purelib) / "host-packages.pth").write_text("\n".join(site.getsitepackages()) + "\n")
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "--disable-pip-version-check", "-q", "install", "--no-deps", "--force-reinstall",
+         str(wheel)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
     assert installed.returncode == 0, installed.stderr[-3000:]
 
     work = tmp_path / "work"

@@ -18,8 +18,9 @@ from meloformer.datamodules.stream import StreamSampler
 from meloformer.edits import crop_bars
 from meloformer.hid import BOS, CHORD_QUALITIES, PAD, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.layout import layout
-from meloformer.masks import row_layout
+from meloformer.masks import MaskPlan, MaskRules
 from meloformer.preprocess import preprocess
+from meloformer.row_layout import row_layout
 
 TOKENIZER = HIDTokenizer()
 
@@ -265,17 +266,21 @@ def test_sampler_splits_the_stream_across_ranks_in_batches():
 
 
 def test_loader_batches_carry_rows_and_worker_count(demo_shards):
-    data = HIDDataModule(str(demo_shards), max_seq_len=256, max_segments=64, batch_size=2, num_workers=2)
+    plan = MaskPlan(HIDTokenizer().kinds, MaskRules(), 64, "sdpa")
+    data = HIDDataModule(
+        str(demo_shards), max_seq_len=256, max_segments=64, batch_size=2, num_workers=2, mask_plan=plan
+    )
     data.setup("fit")
     loader = data.train_dataloader()
     batches = [batch for _, batch in zip(range(4), loader)]
     assert [b["row"].tolist() for b in batches] == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert all(b["num_workers"].tolist() == [2, 2] for b in batches)
     assert all(b["tokens"].shape == (2, 256) for b in batches)
-    for b in batches:  # the side channels come from the workers, as the model would compute them
+    for b in batches:  # the side channels and the mask come from the workers, as the model would compute them
         expected = row_layout(b["tokens"], data.tokenizer.kinds, 64).tensors()
         assert b["layout"].keys() == expected.keys()
         assert all(torch.equal(b["layout"][k], v) for k, v in expected.items())
+        assert b["mask"].backend == "sdpa" and b["mask"].structure.calls
     assert loader.state_dict() == {"position": 0, "batch_size": 2, "num_batches": len(loader), "consumed": 0}
 
 

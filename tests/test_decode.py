@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_model import FLEX_LEN, batch, hid_pieces, tiny_model
 
-from meloformer.generate import IncrementalDecoder
+from meloformer.decoder import IncrementalDecoder
 from meloformer.hid import BAR, EOS, HIDTokenizer, TokenKind
 from meloformer.layout import layout
 

@@ -76,7 +76,7 @@ def test_generate_continues_a_prompt_and_adds_a_track(checkpoint, tmp_path):
 
 def test_generate_rejects_bad_controls(checkpoint, tmp_path):
     for args, problem in [
-        (["--instruments", "flute"], "General MIDI program"),
+        (["--instruments", "flut"], "close names: flute"),
         (["--time_signature", "three"], "N/D"),
         (["--time_signature", "7/32"], "unsupported time signature"),
     ]:
@@ -130,3 +130,18 @@ def test_evaluate_generated_against_reference_and_checkpoint_on_a_split(checkpoi
     losses = json.loads((tmp_path / "loss.json").read_text())
     assert {"loss", "ppl", "loss_pitch", "ppl_pitch", "loss_conductor"} <= set(losses)
     assert 0 < losses["loss"] < 10 and "pitch" in done.stdout
+
+
+def test_generate_device_defaults_to_auto(tiny_checkpoint, monkeypatch):
+    """``--device auto`` (the default): CUDA when the machine has it, else the CPU."""
+    import torch
+
+    from meloformer.cli import generate_parser
+    from meloformer.module import open_checkpoint, resolve_device
+
+    assert generate_parser().parse_args(["--out", "x"]).device == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == "cuda" and resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    assert next(open_checkpoint(str(tiny_checkpoint), "auto").parameters()).device.type == "cpu"

@@ -9,9 +9,10 @@ import pytest
 import symusic
 
 from _music import REPO, demo_files
+from meloformer.chords import parse_chord
 from meloformer.cli import main
 from meloformer.edits import crop_bars
-from meloformer.hid import NOTE_COLUMNS, HIDTokenizer
+from meloformer.hid import CHORD_QUALITIES, NOTE_COLUMNS, HIDTokenizer
 
 TOK = HIDTokenizer()
 TRACK, BAR = NOTE_COLUMNS.index("track"), NOTE_COLUMNS.index("bar")
@@ -56,7 +57,7 @@ def test_infill_keeps_the_prompt_outside_the_region(checkpoint, tmp_path, capsys
     args = ["--ckpt_path", str(checkpoint), "--prompt", str(chorale), "--prompt_bars", "3", "--num_samples", "2"]
     code, out, err = generate(*args, "--infill", "2:2-3", "4:1", "--out", str(tmp_path), capsys=capsys)
     assert code == 0, err
-    assert "prompt tracks: 1 program 52, 2 program 52, 3 program 53, 4 program 53" in out
+    assert "prompt tracks: 1 Choir Aahs, 2 Choir Aahs, 3 Voice Oohs, 4 Voice Oohs" in out
     prompt = crop_bars(TOK, TOK.encode(chorale), 0, 3)
 
     def outside(notes: np.ndarray) -> list[tuple[int, ...]]:
@@ -77,7 +78,7 @@ def test_bad_chords_and_regions_are_one_line_errors(checkpoint, tmp_path, capsys
     prompt = ["--prompt", str(chorale), "--prompt_bars", "3"]
     for args, problem in [
         (["--chords", "C", "H7"], "unknown chord 'H7'; accepted forms, shown on C: C Cmaj CM | Cm"),
-        ([*prompt, "--infill", "5:1-2"], "track 5 is out of range; the prompt's tracks are 1 program 52, 2 prog"),
+        ([*prompt, "--infill", "5:1-2"], "track 5 is out of range; the prompt's tracks are 1 Choir Aahs, 2 Choir"),
         ([*prompt, "--infill", "1:2-4"], "bars 2-4 are outside the prompt's 3 bars"),
         ([*prompt, "--infill", "1-2"], "write TRACK:FIRST-LAST"),
         (["--infill", "1:1-2"], "--infill needs --prompt"),
@@ -88,3 +89,52 @@ def test_bad_chords_and_regions_are_one_line_errors(checkpoint, tmp_path, capsys
         assert code == 2 and problem in err, (args, err)
         assert len(err.strip().splitlines()) == 1
     assert not list(tmp_path.iterdir())  # nothing written
+
+
+D_MINOR = {2, 4, 5, 7, 9, 10, 0, 1}  # D E F G A Bb C, and the leading tone C#
+
+
+def test_key_dynamics_and_named_instruments_bound_the_written_midi(checkpoint, tmp_path, capsys):
+    args = ["--ckpt_path", str(checkpoint), "--bars", "4", "--instruments", "piano", "Violin", "drums", "--seed", "1"]
+    code, _, err = generate(*args, "--key", "D minor", "--dynamics", "20-40", "90-110", "--out", str(tmp_path),
+                            capsys=capsys)  # fmt: skip
+    assert code == 0, err
+    score = symusic.Score(str(tmp_path / "sample_0.mid"))
+    assert sorted((t.is_drum, t.program) for t in score.tracks) == [(False, 0), (False, 40), (True, 0)]
+    pitched = [n for t in score.tracks if not t.is_drum for n in t.notes]
+    assert pitched and {n.pitch % 12 for n in pitched} <= D_MINOR
+    bar = 4 * score.ticks_per_quarter  # the default meter, 4/4
+    for note in (n for t in score.tracks for n in t.notes):
+        assert (20 <= note.velocity <= 40) if note.time < 2 * bar else (90 <= note.velocity <= 110)
+    for marker in score.markers:  # the conductor's own chords stay in the key too
+        root, quality = parse_chord(marker.text)
+        assert {(root + k) % 12 for k in CHORD_QUALITIES[quality]} <= D_MINOR, marker.text
+
+
+def test_the_default_sample_is_a_four_voice_choir_in_one_meter(checkpoint, tmp_path, capsys):
+    code, _, err = generate("--ckpt_path", str(checkpoint), "--out", str(tmp_path), capsys=capsys)
+    assert code == 0, err
+    score = symusic.Score(str(tmp_path / "sample_0.mid"))
+    assert [t.program for t in score.tracks] == [52, 52, 53, 53]
+    assert [(ts.numerator, ts.denominator) for ts in score.time_signatures] == [(4, 4)]
+    assert len({n.velocity for t in score.tracks for n in t.notes}) > 1  # the default dynamics move
+
+
+@pytest.mark.parametrize(
+    "args, problem",
+    [
+        (["--instruments", "vilin"], "unknown instrument 'vilin' (a General MIDI name or program 0-127; close"),
+        (["--instruments", "200"], "instrument '200': a General MIDI program is 0-127"),
+        (["--key", "H minor"], "key 'H minor': write a tonic A-G"),
+        (["--key", "D dorian"], "key 'D dorian': write a tonic A-G"),
+        (["--dynamics", "70-40"], "dynamics '70-40': write a velocity range LO-HI within 1-127"),
+        (["--dynamics", "loud"], "dynamics 'loud': write a velocity range"),
+        (["--dynamics", "1-2"], "dynamics '1-2': no velocity step inside"),
+        (["--meter_changes", "--time_signature", "3/4"], "--meter_changes lets the model choose the meters"),
+    ],
+)  # fmt: skip
+def test_bad_instruments_keys_and_dynamics_are_one_line_errors(checkpoint, tmp_path, capsys, args, problem):
+    code, _, err = generate("--ckpt_path", str(checkpoint), "--out", str(tmp_path / "out"), *args, capsys=capsys)
+    assert code == 2 and problem in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

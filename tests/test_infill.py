@@ -11,7 +11,7 @@ from meloformer.edits import crop_bars
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import NOTE_COLUMNS, HIDTokenizer
 from meloformer.infill import Region, check_infill, check_regions, infill, reorder_tracks, track_list
-from meloformer.sampling import GenerationRequest, check_request
+from meloformer.sampler import GenerationRequest, check_request
 
 TOK = HIDTokenizer()
 TRACK, BAR = NOTE_COLUMNS.index("track"), NOTE_COLUMNS.index("bar")
@@ -114,8 +114,8 @@ def test_bad_region_is_one_line(text):
 
 
 def test_regions_outside_the_prompt_are_refused_naming_the_tracks(prompt):
-    assert track_list(TOK, prompt) == "1 program 52, 2 program 52, 3 program 53, 4 program 53"
-    with pytest.raises(ValueError, match=r"track 5 is out of range; the prompt's tracks are 1 program 52, 2 "):
+    assert track_list(TOK, prompt) == "1 Choir Aahs, 2 Choir Aahs, 3 Voice Oohs, 4 Voice Oohs"
+    with pytest.raises(ValueError, match=r"track 5 is out of range; the prompt's tracks are 1 Choir Aahs, 2 "):
         check_regions(TOK, prompt, [Region.parse("5:1-2")])
     with pytest.raises(ValueError, match=r"bars 3-5 are outside the prompt's 4 bars"):
         check_regions(TOK, prompt, [Region.parse("1:1"), Region.parse("2:3-5")])
@@ -139,7 +139,7 @@ def test_regenerate_needs_bars_of_the_prompt(prompt):
 
 
 def test_the_model_stops_once_the_last_region_bar_is_written(model, prompt, monkeypatch):
-    from meloformer.generate import IncrementalDecoder
+    from meloformer.decoder import IncrementalDecoder
 
     calls = []
     step = IncrementalDecoder.step

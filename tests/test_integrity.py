@@ -330,7 +330,7 @@ def test_a_signal_to_the_console_script(demo_shards, tmp_path, signum, after):
     assert "Traceback" not in err
     assert out.count(f"{name}: stopping after this optimizer step") == 1  # the worker stays quiet
     (line,) = [x for x in err.splitlines() if x.startswith(f"stopped by {name}")]
-    last = (tmp_path / "runs" / "demo" / "checkpoints").resolve() / "last.ckpt"
+    last = (tmp_path / "runs" / "demo" / "version_0" / "checkpoints").resolve() / "last.ckpt"
     step = torch.load(last, weights_only=True)["global_step"]
     assert f"after optimizer step {step}; saved {last}" in line
     assert (1 if signum == signal.SIGTERM else 50) <= step < 100000

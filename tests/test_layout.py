@@ -80,13 +80,6 @@ def test_layout_equals_the_token_by_token_reference(rows: np.ndarray):
     assert batch.num_segments().tolist() == [max(reference(row)["segment"]) + 1 for row in rows]
 
 
-def test_doc_ids_override_the_bos_count(rows: np.ndarray):
-    doc_ids = np.arange(rows.size).reshape(rows.shape) // 7
-    lay = layout(rows, TOK.kinds, doc_ids=doc_ids)
-    assert np.array_equal(lay.doc, np.where(rows == PAD, -1, doc_ids))
-    assert np.array_equal(lay.segment, layout(rows, TOK.kinds).segment)
-
-
 def test_segment_table(rows: np.ndarray):
     lay = layout(rows, TOK.kinds)
     table = lay.segment_table(200)

@@ -6,25 +6,30 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
+from _reference_mask import reference_mask_mod
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, create_mask, flex_attention
 
 from _music import demo_files
+from meloformer.decoder import open_last_segment
 from meloformer.edits import crop_bars
-from meloformer.generate import open_last_segment
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.masks import (
     BlockSparseMask,
+    MaskPlan,
+    MaskRules,
     attention_mask,
     block_mask,
     block_sparse_mask,
     candidate_tiles,
     dense_mask,
+    evaluate_tiles,
+    flex_blocks,
     full_dense_mask,
-    row_layout,
-    slots_for,
     summary_mask_mod,
+    tile_visibility,
 )
 from meloformer.model import compiled_flex_attention
+from meloformer.row_layout import row_layout, slots_for
 
 TOK = HIDTokenizer()
 BARS = 4
@@ -456,3 +461,90 @@ def test_flex_eager_and_compiled_equal_sdpa_with_the_dense_mask():
     assert torch.allclose(eager, reference, atol=1e-5)
     assert torch.allclose(compiled, reference, atol=1e-5)
     assert not reference.isnan().any()
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"kind_sparsity": True, "fine_bars": (1, 3), "cross_window": 2},
+        {"fine_bars": (2, 62), "cross_window": 0},
+        {"attention": "causal"},
+        {"attention": "local", "kind_sparsity": True},
+    ],
+)
+def test_packed_codes_give_the_mask_of_the_separate_side_channels(shifted_demo_rows: np.ndarray, settings: dict):
+    """The one-load-per-side rules equal the rules written over the separate side channels, on real rows."""
+    rows = row_layout(shifted_demo_rows[::5], TOK.kinds, with_slots=settings.get("attention", "summary") == "summary")
+    ours = full_dense_mask(summary_mask_mod(rows, **settings), rows)
+    reference = full_dense_mask(reference_mask_mod(rows, **settings), rows)
+    assert ours.any(-1).all() and torch.equal(ours, reference)
+
+
+def test_fine_bars_past_the_code_table_are_refused():
+    rows = row_layout(np.array([TOKENS]), TOK.kinds, 24)
+    with pytest.raises(ValueError, match="fine_bars must lie in 1..62"):
+        summary_mask_mod(rows, fine_bars=(1, 63))
+
+
+def test_flex_blocks_equal_torch_block_mask_from_kv_blocks(shifted_demo_rows: np.ndarray):
+    """The q side computed with the kv side (so the step transposes nothing) equals torch's own transpose."""
+    rows = row_layout(shifted_demo_rows[::9], TOK.kinds)
+    mod = summary_mask_mod(rows)
+    blocks = flex_blocks(mod, rows, 32)
+    ours = blocks.block_mask(mod)
+    reference = BlockMask.from_kv_blocks(
+        blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices, 32, mod
+    )
+    for name in ("q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(ours, name), getattr(reference, name)), name
+    for count, name in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        used = torch.arange(ours.q_indices.shape[-1]) < getattr(ours, count)[..., None]
+        assert torch.equal(getattr(ours, name)[used], getattr(reference, name)[used]), name
+    counts = blocks.tile_counts()
+    assert counts["computed"] == int(ours.to_dense().sum()) and counts["full"] == int(blocks.full_kv_num_blocks.sum())
+
+
+@pytest.mark.parametrize("backend", ["flex", "sdpa"])
+def test_a_mask_plan_builds_what_the_step_would(backend: str):
+    """A batch through ``MaskPlan`` (the DataLoader workers) carries the same side channels and mask as the
+    model computes from the tokens."""
+    tokens = torch.tensor([TOKENS + TOKENS[:30], TOKENS[:50] + [PAD] * (len(TOKENS) - 20)])
+    plan = MaskPlan(TOK.kinds, MaskRules(), 24, backend, 32)
+    planned = plan(tokens)
+    rows = row_layout(tokens, TOK.kinds, 24)
+    assert all(torch.equal(planned["layout"][k], v) for k, v in rows.tensors().items())
+    mod = summary_mask_mod(rows)
+    mask = planned["mask"].mask(mod)
+    if backend == "flex":
+        assert torch.equal(mask.to_dense(), block_mask(mod, rows, 32).to_dense())
+    else:
+        reference = block_sparse_mask(mod, rows)
+        assert all(torch.equal(a.mask, b.mask) for a, b in zip(mask.calls, reference.calls))
+        assert torch.equal(mask.order, reference.order)
+
+
+@pytest.mark.parametrize("settings", [{}, {"attention": "local"}, {"kind_sparsity": True}])
+def test_tile_visibility_by_runs_equals_every_element(shifted_demo_rows: np.ndarray, settings: dict):
+    """Which tiles hold a visible pair and which hold only visible pairs, from one evaluation per run, equal
+    the element-by-element evaluation at every tile size, wherever segments end."""
+    rows = row_layout(shifted_demo_rows[::3], TOK.kinds, with_slots="attention" not in settings)
+    mod = summary_mask_mod(rows, **settings)
+    runs = MaskRules(**settings).runs
+    for size in (8, 32, 128):
+        index, tiles = evaluate_tiles(mod, rows, size)
+        same_index, visible, full = tile_visibility(mod, rows, size, runs)
+        assert all(torch.equal(a, b) for a, b in zip(index, same_index))
+        assert torch.equal(visible, tiles.any((1, 2))), size
+        assert torch.equal(full, tiles.all((1, 2))), size
+        assert full.any() or size > 8  # the test meets full tiles
+
+
+def test_block_sparse_mask_by_runs_equals_every_element():
+    tokens = np.array([TOKENS + TOKENS[:-30] + [PAD] * 37, TOKENS + TOKENS[::-1] + TOKENS[:7]])
+    rows = row_layout(tokens, TOK.kinds, 24)
+    mod = summary_mask_mod(rows)
+    fast, slow = block_sparse_mask(mod, rows, runs=True), block_sparse_mask(mod, rows)
+    assert len(fast.calls) == len(slow.calls) and torch.equal(fast.order, slow.order)
+    for a, b in zip(fast.calls, slow.calls):
+        assert torch.equal(a.query, b.query) and torch.equal(a.keys, b.keys) and torch.equal(a.mask, b.mask)

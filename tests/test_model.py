@@ -14,19 +14,21 @@ from torch.func import functional_call
 from _music import demo_files, make_score
 from meloformer.edits import crop_bars
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer
-from meloformer.masks import BlockSparseMask, block_sparse_mask, full_dense_mask, row_layout, summary_mask_mod
+from meloformer.masks import BlockSparseMask, block_sparse_mask, full_dense_mask, summary_mask_mod
 from meloformer.model import (
     NUM_TRACK_EMBEDDINGS,
     SIZES,
     KVCache,
     MeloFormer,
     MeloFormerConfig,
+    RuntimeConfig,
     apply_rope,
     attend,
     parameter_counts,
     rope_angles,
     track_embedding_index,
 )
+from meloformer.row_layout import row_layout
 
 TOK = HIDTokenizer()
 # One shape for every compiled-flex call of the session (compiling costs seconds per shape on CPU).
@@ -38,7 +40,6 @@ TINY = MeloFormerConfig(
     n_embd=32,
     max_seq_len=FLEX_LEN,
     summary_slots=FLEX_SLOTS,
-    attention_backend="sdpa",
 )
 
 
@@ -89,9 +90,11 @@ def batch(rows: list[np.ndarray], length: int = FLEX_LEN) -> torch.Tensor:
     return out
 
 
-def tiny_model(seed: int = 0, **overrides) -> MeloFormer:
+def tiny_model(seed: int = 0, attention_backend="sdpa", gradient_checkpointing="none", **overrides) -> MeloFormer:
+    """A tiny model of ``TINY`` with ``overrides``, running with the given run-time knobs."""
     torch.manual_seed(seed)
-    return MeloFormer(dataclasses.replace(TINY, **overrides), TOK.kinds)
+    runtime = RuntimeConfig(attention_backend=attention_backend, gradient_checkpointing=gradient_checkpointing)
+    return MeloFormer(dataclasses.replace(TINY, **overrides), TOK.kinds, runtime)
 
 
 def test_sizes_and_real_parameter_counts():
@@ -164,10 +167,10 @@ def test_auto_backend_and_setting_it_after_construction():
     assert model.backend(cpu) == "sdpa"
     with torch.no_grad():
         assert model.backend(cpu) == "flex"
-    model.config.attention_backend = "sdpa"
+    model.runtime.attention_backend = "sdpa"
     with torch.no_grad():
         assert model.backend(cpu) == "sdpa"
-    model.config.attention_backend = "dense"
+    model.runtime.attention_backend = "dense"
     with pytest.raises(ValueError, match="attention_backend"):
         model.backend(cpu)
 
@@ -278,17 +281,6 @@ def test_packed_rows_give_each_piece_its_logits_alone(backend: str):
     assert torch.allclose(logits[1, : len(b)], alone[1, : len(b)], atol=1e-5)
 
 
-def test_doc_ids_override_the_documents_from_bos():
-    a, b = hid_pieces(2, FLEX_LEN // 2, seed=7)
-    tokens = batch([np.concatenate([a, b])], len(a) + len(b))
-    docs = torch.cat([torch.zeros(len(a)), torch.ones(len(b))]).long()[None]
-    model = tiny_model().eval()
-    with torch.no_grad():
-        assert torch.allclose(model(tokens), model(tokens, doc_ids=docs), atol=1e-6)
-        merged = model(tokens, doc_ids=torch.zeros_like(docs))
-        assert not torch.allclose(model(tokens)[0, len(a) :], merged[0, len(a) :], atol=1e-4)
-
-
 @pytest.mark.parametrize("attention", ["causal", "local"])
 def test_loader_rows_with_slots_serve_the_variants_without_slots(attention: str):
     tokens = packed_rows(seed=13, length=FLEX_LEN)
@@ -299,15 +291,19 @@ def test_loader_rows_with_slots_serve_the_variants_without_slots(attention: str)
 
 
 def test_side_channels_computed_beforehand_are_used():
-    """``prepare(rows=...)`` (the DataLoader's layout) uses the given rows instead of computing its own."""
+    """``prepare(rows=...)`` (the DataLoader's layout) uses the given rows instead of computing its own: rows
+    whose second piece is laid out as if it had no BOS (one document) change the second piece's logits."""
     a, b = hid_pieces(2, FLEX_LEN // 2, seed=7)
     tokens = batch([np.concatenate([a, b])], len(a) + len(b))
-    merged = torch.zeros_like(tokens)
+    one_document = tokens.clone()
+    one_document[0, len(a)] = tokens[0, len(a) + 1]  # the second BOS replaced: a layout of one document
     model = tiny_model().eval()
     with torch.no_grad():
-        given = model(tokens, ctx=model.prepare(tokens, rows=row_layout(tokens, TOK.kinds, TINY.summary_slots, merged)))
-        assert torch.equal(given, model(tokens, doc_ids=merged))
-        assert not torch.allclose(given, model(tokens), atol=1e-4)
+        own = row_layout(tokens, TOK.kinds, TINY.summary_slots)
+        assert torch.equal(model(tokens, ctx=model.prepare(tokens, rows=own)), model(tokens))
+        other = row_layout(one_document, TOK.kinds, TINY.summary_slots)
+        given = model(tokens, ctx=model.prepare(tokens, rows=other))
+        assert not torch.allclose(given[0, len(a) + 1 :], model(tokens)[0, len(a) + 1 :], atol=1e-4)
 
 
 def test_more_segments_than_summary_slots_rounds_up():

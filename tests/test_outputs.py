@@ -300,10 +300,6 @@ def _invalid_json(folder: Path) -> None:
     (folder / "config.json").write_text('{"n_layer": 1,')
 
 
-def _no_checksums(folder: Path) -> None:
-    (folder / CHECKSUMS).unlink()
-
-
 @pytest.mark.parametrize(
     "damage, problem",
     [
@@ -312,7 +308,6 @@ def _no_checksums(folder: Path) -> None:
         (_other_config, "config.json: not the file this folder was exported with"),
         (_broken_config, "config.json: field 'n_embd' is 'wide', not of type int"),
         (_invalid_json, "config.json: not valid JSON"),
-        (_no_checksums, f"{CHECKSUMS}: missing"),
     ],
 )
 def test_a_damaged_model_folder_is_refused_by_every_loader(exported, damage, problem, tmp_path, capsys):

@@ -74,3 +74,29 @@ def test_sample_logger_without_a_synthesizer_warns_and_keeps_training(demo_shard
         trainer.fit(MeloFormerModule(**tiny_model, warmup_steps=1), data)
     assert trainer.global_step == 1
     assert sorted(p.name for p in (tmp_path / "tb").rglob("step_*.*")) == ["step_1.mid", "step_1.png"]  # no .wav
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sample_logger_decodes_eagerly_on_every_rank_then_meets_at_a_barrier(tiny_model, tmp_path, rank):
+    """A compiled model is not recompiled for the sample (Dynamo sees no new frame); every rank samples and
+    waits at a barrier after it, and only rank 0 writes."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    module = MeloFormerModule(**tiny_model)
+    module.model.compile(backend="eager")
+    barriers = []
+    trainer = SimpleNamespace(
+        sanity_checking=False, global_step=3, is_global_zero=rank == 0, log_dir=str(tmp_path), loggers=[],
+        default_root_dir=str(tmp_path), strategy=SimpleNamespace(barrier=barriers.append),
+    )  # fmt: skip
+    torch._dynamo.reset()
+    counters.clear()
+    SampleLogger(bars=1, instruments=[6]).on_validation_end(trainer, module)
+    assert counters["frames"]["total"] == 0
+    assert barriers == ["SampleLogger"]
+    assert sorted(p.name for p in tmp_path.rglob("step_3.*")) == (
+        ["step_3.mid", "step_3.png", "step_3.wav"] if rank == 0 else []
+    )

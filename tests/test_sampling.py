@@ -3,6 +3,8 @@ piece inside the token budget."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ import torch
 from _music import demo_files, write_and_read_back
 from meloformer.edits import crop_bars
 from meloformer.hid import BAR, EOS, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
-from meloformer.sampling import (
+from meloformer.sampler import (
     GenerationRequest,
     check_request,
     filter_logits,
@@ -204,10 +206,14 @@ def test_bad_controls_are_refused(change, problem):
         check_request(TOK, GenerationRequest(**{"bars": 2, **change}))
 
 
-def test_progress_bar_counts_bars_of_every_track(model, capsys):
-    request = GenerationRequest(bars=3, instruments=[TRACK_DRUMS, TRACK_PROGRAM0])
-    generate(model, TOK, request, seed=0, progress=True)
-    assert "9/9" in capsys.readouterr().err  # 3 bars of the conductor and of each of the two tracks
+@pytest.mark.parametrize("instruments", [[TRACK_DRUMS, TRACK_PROGRAM0], None], ids=["given", "chosen-by-the-model"])
+def test_progress_bar_counts_instrument_bars_against_a_total(model, capsys, instruments):
+    """The bar counts the bars of instrument tracks (not the conductor's) against a total; when the model
+    chooses the instruments, the total grows with each track it opens."""
+    tokens = generate(model, TOK, GenerationRequest(bars=3, instruments=instruments), seed=0, progress=True)
+    tracks = len(TOK.parse(tokens).tracks)
+    counts = re.findall(r"(\d+)/(\d+) ", capsys.readouterr().err.replace("\r", "\n"))
+    assert counts[-1] == (str(3 * tracks), str(3 * tracks))
 
 
 def test_a_wish_for_another_bar_closes_a_finished_track():

@@ -6,17 +6,22 @@ from __future__ import annotations
 import shutil
 import socket
 
+import numpy as np
 import pytest
 import symusic
 import torch
+from matplotlib.colors import to_rgb
+from PIL import Image
 
 from _music import demo_files
-from meloformer.cli import main, open_checkpoint
+from meloformer.cli import main
 from meloformer.hid import TRACK_DRUMS, TRACK_PROGRAM0
-from meloformer.module import load_checkpoint
+from meloformer.module import load_checkpoint, open_checkpoint
+from meloformer.pianoroll import MARK_COLOUR
 from meloformer.pretrained import save_model_folder
 from meloformer.serve import Studio, build_app, launch
 
+MARK_RGB = np.round(np.array(to_rgb(MARK_COLOUR)) * 255).astype(np.uint8)
 BROWSER_ARGS = [
     "--no-sandbox",
     "--disable-gpu",
@@ -27,7 +32,7 @@ BROWSER_ARGS = [
 ]
 # The controls of Studio.request in order, with values that generate a short piece.
 DEFAULTS = {
-    "instruments": "",
+    "instruments": [],
     "bars": 2,
     "tempo": 0,
     "time_signature": "model's choice",
@@ -61,13 +66,16 @@ def test_the_app_loads_a_model_folder(tiny_checkpoint, tmp_path):
 
 
 def test_controls_become_the_generation_request(studio):
-    request, _ = studio.request(**{**DEFAULTS, "instruments": "drums 33", "tempo": 96, "time_signature": "3/4"})
-    assert request.bars == 2 and request.instruments == [TRACK_DRUMS, TRACK_PROGRAM0 + 33]
+    named = {"instruments": ["Drums", "Electric Bass (finger)", "(none)", "Violin"], "tempo": 96}
+    request, _ = studio.request(**{**DEFAULTS, **named, "time_signature": "3/4", "key": "D minor", "dynamics": "40-70"})
+    assert request.bars == 2 and request.instruments == [TRACK_DRUMS, TRACK_PROGRAM0 + 33, TRACK_PROGRAM0 + 40]
     assert request.tempo == 96 and request.time_signature == (3, 4) and request.prompt is None
+    assert request.key == "D minor" and request.dynamics == ["40-70"]
     prompt = str(next(f for f in demo_files() if "bach" in str(f)))
-    request, _ = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3})
+    request, _ = studio.request(**{**DEFAULTS, **named, "prompt": prompt, "prompt_bars": 3})
     assert studio.tok.parse(request.prompt).n_bars == 3 and request.bars == 3 + 2  # bars are new bars
-    add = {"mode": "add a track", "new_track": "73"}
+    assert request.instruments is None and request.tempo is None  # the prompt's
+    add = {"mode": "add a track", "new_track": "Flute"}
     request, _ = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3, **add})
     assert request.add_track == TRACK_PROGRAM0 + 73 and request.bars == 3
     request, _ = studio.request(**{**DEFAULTS, "bars": 4, "chords": "C G Am F"})  # at most a chord per bar
@@ -82,12 +90,13 @@ def test_controls_become_the_generation_request(studio):
     [
         ({"bars": 0}, "bars 0"),
         ({"bars": None}, "bars None"),
-        ({"instruments": "flute"}, "General MIDI program"),
+        ({"instruments": ["vilin"]}, "unknown instrument 'vilin'.*close names: violin"),
+        ({"dynamics": "70-40"}, "dynamics '70-40'"),
+        ({"key": "H major"}, "key 'H major'"),
         ({"tempo": 1000}, "tempo 1000"),
         ({"temperature": 0}, "temperature 0"),
         ({"time_signature": "7/32"}, None),  # not offered by the page: the model chooses
-        ({"prompt": "PROMPT", "tempo": 90}, "come from the prompt"),
-        ({"prompt": "PROMPT", "mode": "add a track"}, "give its instrument"),
+        ({"prompt": "PROMPT", "mode": "add a track"}, "choose its instrument"),
         ({"prompt": "BAD"}, "bad.mid: not a usable MIDI file"),
         ({"chords": "C H7"}, "H7"),
         ({"prompt": "PROMPT", "mode": "regenerate bars (infill)"}, "give regions"),
@@ -131,9 +140,19 @@ def page(studio):
     app.close()
 
 
+def choose(page, slot: str, name: str) -> None:
+    """Pick ``name`` in the dropdown ``slot`` as a user does: type into its filter, click the option."""
+    page.locator(f"#{slot} input").click()
+    page.locator(f"#{slot} input").fill(name)
+    page.get_by_role("option", name=name, exact=True).first.click()
+
+
 @pytest.mark.slow
 def test_page_generates_a_sample_with_piano_roll_audio_and_midi(page, tmp_path):
-    page.locator("#instruments textarea").fill("0 33")
+    choose(page, "track_1", "Acoustic Grand Piano")
+    choose(page, "track_2", "Electric Bass (finger)")
+    for slot in ("track_3", "track_4"):
+        choose(page, slot, "(none)")
     page.locator("#bars input").fill("2")
     page.locator("#generate").click()
     page.locator("#pianoroll img").wait_for(state="visible")
@@ -148,8 +167,34 @@ def test_page_generates_a_sample_with_piano_roll_audio_and_midi(page, tmp_path):
 
 @pytest.mark.slow
 def test_page_shows_bad_input_as_a_message(page, capfd):
-    page.locator("#instruments textarea").fill("flute")
+    page.locator("#dynamics textarea").fill("70-40")
     page.locator("#generate").click()
-    message = page.get_by_text("instrument 'flute': give a General MIDI program 0-127 or 'drums'")
+    message = page.get_by_text("dynamics '70-40': write a velocity range LO-HI within 1-127")
     message.first.wait_for(state="visible")
     assert "Traceback" not in capfd.readouterr().err
+    page.locator("#dynamics textarea").fill("")
+
+
+@pytest.mark.slow
+def test_page_marks_the_regenerated_bars_in_the_piano_roll(page, tmp_path):
+    chorale = next(f for f in demo_files() if "bach" in str(f))
+    page.get_by_text("prompt (optional)").click()
+    page.locator("#prompt input[type=file]").set_input_files(str(chorale))
+    page.get_by_label("regenerate bars (infill)").check()
+    page.locator("#regions textarea").fill("2:2-3")
+    page.locator("#prompt_bars input").fill("4")
+    page.locator("#generate").click()
+    page.get_by_text("regenerated 2:2-3 (shaded)").first.wait_for(state="visible")
+    picture = page.locator("#pianoroll img")
+    source = picture.get_attribute("src")
+    (tmp_path / "roll.png").write_bytes(page.request.get(source).body())
+    pixels = np.asarray(Image.open(tmp_path / "roll.png").convert("RGB")).reshape(-1, 3)
+    assert (pixels == MARK_RGB).all(axis=1).sum() > 1000  # the shaded bars
+
+
+def test_the_api_has_named_optional_parameters(studio):
+    endpoint = build_app(studio).get_api_info()["named_endpoints"]["/generate"]
+    names = [p["parameter_name"] for p in endpoint["parameters"]]
+    assert names[:6] == [f"track_{n}" for n in range(1, 7)] and "prompt" in names and "key" in names
+    assert all(p["parameter_has_default"] for p in endpoint["parameters"])  # the prompt too: not "(required)"
+    assert [r["label"] for r in endpoint["returns"]] == ["piano roll", "audio", "MIDI", "status"]

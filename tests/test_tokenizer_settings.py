@@ -18,8 +18,9 @@ from _music import REPO, demo_files
 from meloformer.edits import crop_bars
 from meloformer.hid import HIDTokenizer
 from meloformer.layout import layout
-from meloformer.masks import _KIND_CLASS, full_dense_mask, row_layout
+from meloformer.masks import full_dense_mask
 from meloformer.model import MeloFormer, MeloFormerConfig
+from meloformer.row_layout import KIND_CLASS, row_layout
 
 SETTINGS = [{"resolution": 24}, {"resolution": 8}, {"tempo_bins": 16}]
 DEFAULT = HIDTokenizer()
@@ -42,7 +43,7 @@ def test_model_reads_kinds_from_its_own_tokenizer(settings):
     tokens = _piece(tok)
     model = _model(tok, kind_sparsity=True, summary_slots=32, max_seq_len=512)
     rows = model.row_layout(torch.from_numpy(tokens)[None])
-    expected = _KIND_CLASS[layout(tokens, tok.kinds).kind]
+    expected = KIND_CLASS[layout(tokens, tok.kinds).kind]
     assert np.array_equal(rows.kind_class[0, : len(tokens)].numpy(), expected)
     if tokens.max() < DEFAULT.vocab_size:  # the default table gives other kinds (the old, silent bug)
         wrong = row_layout(tokens[None], DEFAULT.kinds, 32)

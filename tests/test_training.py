@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from meloformer.datamodules.shards import ShardReader
 from meloformer.edits import crop_bars
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.layout import layout
-from meloformer.model import MeloFormerConfig
+from meloformer.model import MeloFormerConfig, RuntimeConfig
 from meloformer.module import KIND_GROUPS, MODEL_FIELDS, MeloFormerModule, load_checkpoint
 
 TOKENIZER = HIDTokenizer()
@@ -76,7 +78,7 @@ def packed_row(shards, length=256) -> torch.Tensor:
 def test_loss_covers_regular_tokens_only_and_groups_kinds(demo_shards, tiny_model):
     module = MeloFormerModule(**tiny_model)
     tokens = packed_row(demo_shards)
-    loss, valid, group = module.token_losses(tokens)
+    loss, valid, group = module.token_losses({"tokens": tokens})
     targets = tokens[0, 1:].numpy()
     assert np.array_equal(valid[0].numpy(), (targets != PAD) & (targets != BOS))
     assert (loss[~valid] == 0).all()
@@ -188,7 +190,7 @@ def test_validation_loss_is_token_weighted_over_the_whole_split(demo_shards, tin
     sums, counts = torch.zeros(len(KIND_GROUPS) + 1), torch.zeros(len(KIND_GROUPS) + 1)
     with torch.no_grad():
         for batch in datamodule.val_dataloader():
-            loss, valid, group = module.token_losses(batch["tokens"])
+            loss, valid, group = module.token_losses({"tokens": batch["tokens"]})
             sums[0], counts[0] = sums[0] + loss[valid].sum(), counts[0] + valid.sum()
             for i in range(len(KIND_GROUPS)):
                 chosen = valid & (group == i)
@@ -265,6 +267,10 @@ def test_every_model_field_is_a_typed_argument():
     assert set(MODEL_FIELDS) == set(config) - {"vocab_size"}
     for name in MODEL_FIELDS:
         assert arguments[name] == config[name] | None, name
+    runtime, defaults = typing.get_type_hints(RuntimeConfig), inspect.signature(MeloFormerModule).parameters
+    assert not set(runtime) & set(config)  # a field is the architecture's or a run-time knob, never both
+    for field in dataclasses.fields(RuntimeConfig):  # the same type and default as the model's run-time knobs
+        assert (arguments[field.name], defaults[field.name].default) == (runtime[field.name], field.default)
 
 
 def test_model_fields_override_the_size():

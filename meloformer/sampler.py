@@ -2,9 +2,9 @@
 
 Each step masks the tokens that ``HIDGrammar`` forbids, then applies temperature, top-k and top-p, so every
 sample decodes to a valid MIDI file with notes. Controls: number of bars, instruments, tempo, time
-signature, a chord per bar, and a prompt (continue it, add a track over it, or regenerate some of its
-bars, which ``meloformer.infill`` builds on). Bars taken from a prompt are copied token for token; the
-model only runs once the first free choice comes, on everything before it at once.
+signature, a chord per bar, a key, dynamics (velocity ranges), and a prompt (continue it, add a track over
+it, or regenerate some of its bars, which ``meloformer.infill`` builds on). Bars taken from a prompt are
+copied token for token; the model only runs once the first free choice comes, on everything before it at once.
 
 Every piece fits the model's context: the sampler keeps a token budget (``_Budget``) that always holds back
 what the rest of the piece needs at the least (a ``Bar`` token per bar still to come, the notes that a bar
@@ -25,11 +25,12 @@ from torch import Tensor
 from tqdm import tqdm
 
 from meloformer.chords import progression
+from meloformer.decoder import IncrementalDecoder
 from meloformer.edits import crop_bars
-from meloformer.generate import IncrementalDecoder
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import BAR, EOS, MAX_PITCHED_TRACKS, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.model import MeloFormer
+from meloformer.steering import key_pitch_classes, parse_dynamics, per_bar
 
 
 @dataclass
@@ -37,7 +38,9 @@ class GenerationRequest:
     """What to generate. ``prompt`` is an encoded piece: continue it (``bars`` > its bars: every prompt
     bar is kept, later bars are generated for every prompt track) or, with ``add_track``, keep it whole and
     write one new track (appended last, so it sees every prompt track), or keep it all but the
-    ``regenerate`` bars. ``chords`` (names such as ``Am``) fix the chord of each generated bar, repeated."""
+    ``regenerate`` bars. ``chords`` (names such as ``Am``) fix the chord of each generated bar, repeated;
+    ``key`` and ``dynamics`` (``meloformer.steering``) bound the pitches and velocities of the new bars. Without
+    a prompt, the first bar's meter holds for the whole piece unless ``meter_changes``."""
 
     bars: int | None = 8
     instruments: list[int] | None = None  # Track token ids, in order; None: the model chooses
@@ -49,8 +52,20 @@ class GenerationRequest:
     prompt: np.ndarray | None = None
     add_track: int | None = None  # a Track token id
     chords: list[str] | None = None
+    key: str | None = None  # e.g. "D minor": pitched notes and free chords of new bars stay in it
+    dynamics: list[str] | None = None  # velocity ranges such as "40-70", spread over the new bars
+    meter_changes: bool = False  # may the model change the time signature after the first bar?
     regenerate: list[tuple[int, int]] | None = None  # (instrument track, bar) of the prompt, both from 0
     max_tokens: int | None = None  # token budget of the piece; None (and at most): the model's max_seq_len
+
+
+def parse_time_signature(text: str) -> tuple[int, int]:
+    """``"3/4"`` -> ``(3, 4)``; ValueError names the text otherwise."""
+    try:
+        numerator, denominator = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"time signature {text!r}: write it as N/D, e.g. 3/4") from None
+    return numerator, denominator
 
 
 def filter_logits(logits: Tensor, allowed: np.ndarray, temperature: float, top_k: int, top_p: float) -> Tensor:
@@ -119,19 +134,29 @@ class _Plan:
             self.last_written = max(written, default=(-1, -1))
         elif request.regenerate:
             raise ValueError("regenerating bars needs a prompt")
-        chords = None
-        if request.chords:
+        chords = pitch_classes = velocities = None
+        steered = [name for name in ("chords", "key", "dynamics") if getattr(request, name)]
+        if steered:
             if request.prompt is not None and (request.add_track is not None or request.regenerate):
-                raise ValueError("chords fix new bars; adding a track or regenerating bars keeps the prompt's chords")
-            if bars is None:
-                raise ValueError("chords need a number of bars")
-            first = 0 if request.prompt is None else piece.n_bars  # a prompt's bars keep their own chords
-            if len(request.chords) > bars - first:
+                name = steered[0]
                 raise ValueError(
-                    f"{len(request.chords)} chords for {bars - first} new bars: give at most one chord per bar "
-                    "(or more bars)"
+                    f"--{name} steers new bars only; adding a track or regenerating bars keeps the prompt's {name}"
                 )
-            chords = [None] * first + progression(tok, request.chords, bars - first)
+            if bars is None:
+                raise ValueError(f"--{steered[0]} needs a number of bars")
+            first = 0 if request.prompt is None else piece.n_bars  # a prompt's bars keep their own
+            free = [None] * first
+            if request.chords:
+                if len(request.chords) > bars - first:
+                    raise ValueError(
+                        f"{len(request.chords)} chords for {bars - first} new bars: give at most one chord per "
+                        "bar (or more bars)"
+                    )
+                chords = free + progression(tok, request.chords, bars - first)
+            if request.key:
+                pitch_classes = free + [key_pitch_classes(request.key)] * (bars - first)
+            if request.dynamics:
+                velocities = free + per_bar(parse_dynamics(request.dynamics, tok), bars - first)
         self.grammar = HIDGrammar(
             tok,
             n_bars=bars,
@@ -140,9 +165,12 @@ class _Plan:
             instruments=instruments,
             free_track_order=request.add_track is not None,
             chords=chords,
+            keep_meter=request.prompt is None and not request.meter_changes,
+            pitch_classes=pitch_classes,
+            velocities=velocities,
         )
         self.instruments = instruments
-        self.total_bars = None if bars is None or instruments is None else bars * (1 + len(instruments))
+        self.total_bars = None if bars is None or instruments is None else bars * len(instruments)  # instruments'
 
     def model_needed(self) -> bool:
         """Is a bar still to be written? Once the last one is closed, the rest is copied without the model."""
@@ -383,7 +411,10 @@ def generate(
         out.append(token)
         if token == BAR:
             queue = plan.forced_after_bar()
-            bar_count.update(1)
+            bar_count.update(grammar.track_number > 0)  # instrument bars; the conductor's are not counted
+        elif budget.is_track[token] and plan.total_bars is None and grammar.n_bars and grammar.track_number > 0:
+            bar_count.total = grammar.n_bars * grammar.track_number  # the model opened one more track
+            bar_count.refresh()
         if budget.is_track[token] or token == BAR:
             budget.opened_segment(len(out), queue)
         if logits is not None and not grammar.done and plan.model_needed():

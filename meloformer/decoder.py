@@ -18,16 +18,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from meloformer.masks import RowLayout, dense_mask
+from meloformer.masks import dense_mask
 from meloformer.model import AttentionContext, KVCache, MeloFormer, rope_angles
+from meloformer.row_layout import RowLayout
 
 
 def open_last_segment(rows: RowLayout) -> RowLayout:
     """``rows`` with the segment holding each row's last token still open: its slot unused (doc -1), since
     while decoding a summary exists only once the next token has closed its segment."""
     last = rows.num_regular - 1
-    slot_doc = torch.where(rows.pos[:, last + 1 :] == last, -1, rows.doc[:, last + 1 :])
-    return dataclasses.replace(rows, doc=torch.cat([rows.doc[:, : last + 1], slot_doc], dim=1))
+    return rows.with_dead_slots(rows.pos[:, last + 1 :] == last)
 
 
 class IncrementalDecoder:

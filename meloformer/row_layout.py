@@ -1,0 +1,178 @@
+"""The side channels of a batch of attention rows (docs/design.md section 4): what every mask rule reads.
+
+A row of the attention holds ``L`` regular tokens and then one contiguous block of ``S`` summary slots;
+slot ``s`` summarises segment ``s`` of the row and sits at the logical position where that segment ends.
+``row_layout`` builds them with one call to ``meloformer.layout.layout`` (numpy), in the DataLoader workers
+during training, so the step only moves them to the device.
+
+Every position also gets one packed int64 ``code`` (``Code``): the few fields the mask compares (document,
+track, bar, global, dead, position), so a mask rule loads one number per side and tests constant bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from meloformer.arith import ceil_div
+from meloformer.hid import TokenKind
+from meloformer.layout import layout
+
+SLOT_MULTIPLE = 128
+
+# Kind classes of the optional token-kind sparsity: a token of a class sees tokens of its own class (and of
+# class 0, which is unrestricted). Durations, like velocities, only see their own kind.
+KIND_CLASS = np.zeros(len(TokenKind), dtype=np.int64)
+KIND_CLASS[[TokenKind.POS, TokenKind.PITCH]] = 1
+KIND_CLASS[TokenKind.VEL] = 2
+KIND_CLASS[TokenKind.DUR] = 3
+
+
+class Code:
+    """Bit fields of a position's packed code (int64); ``bar`` and ``track`` are stored plus one (0: none)."""
+
+    BAR_BITS, TRACK_BITS, DOC_BITS, POS_BITS = 18, 8, 16, 19
+    TRACK_SHIFT = BAR_BITS
+    DOC_SHIFT = TRACK_SHIFT + TRACK_BITS
+    GLOBAL_SHIFT = DOC_SHIFT + DOC_BITS
+    DEAD_SHIFT = GLOBAL_SHIFT + 1
+    POS_SHIFT = DEAD_SHIFT + 1
+    BAR = (1 << BAR_BITS) - 1
+    TRACK = ((1 << TRACK_BITS) - 1) << TRACK_SHIFT
+    DOC = ((1 << DOC_BITS) - 1) << DOC_SHIFT
+    GLOBAL = 1 << GLOBAL_SHIFT
+    DEAD = 1 << DEAD_SHIFT  # padding and unused slots: they see only themselves and are never seen
+
+    @classmethod
+    def pack(cls, pos: np.ndarray, doc: np.ndarray, track: np.ndarray, bar: np.ndarray, is_global: np.ndarray):
+        """The codes of positions with these side channels (doc -1: dead)."""
+        limits = {"pos": (pos, cls.POS_BITS), "doc": (doc, cls.DOC_BITS), "track": (track + 1, cls.TRACK_BITS),
+                  "bar": (bar + 1, cls.BAR_BITS)}  # fmt: skip
+        for name, (values, bits) in limits.items():
+            if values.size and values.max() >= 1 << bits:
+                raise ValueError(f"a row's {name} reaches {int(values.max())}, past the mask code's {bits} bits")
+        dead = doc < 0
+        code = (pos.astype(np.int64) << cls.POS_SHIFT) | (bar + 1) | ((track + 1) << cls.TRACK_SHIFT)
+        code |= np.where(dead, cls.DEAD, np.maximum(doc, 0) << cls.DOC_SHIFT)
+        return code | (is_global.astype(np.int64) << cls.GLOBAL_SHIFT)
+
+
+@dataclasses.dataclass
+class RowLayout:
+    """Side channels of each attention row: ``L`` regular tokens, then ``S`` summary slots; all ``[B, L + S]``.
+
+    ``doc`` is -1 for padding and for unused slots (nobody sees them, they see only themselves). For a slot,
+    ``pos`` is its segment's end, ``segment`` its own index, and ``track``/``bar``/``track_token`` those of
+    its segment; ``is_global``, ``kind_class`` and ``onset_group`` only matter for regular tokens. ``code``
+    packs what the mask compares (``Code``); ``kind_code`` packs ``kind_class`` and ``onset_group`` for the
+    optional kind sparsity.
+    """
+
+    num_regular: int
+    pos: Tensor
+    doc: Tensor
+    segment: Tensor
+    track: Tensor
+    bar: Tensor
+    track_token: Tensor
+    is_global: Tensor
+    kind_class: Tensor
+    onset_group: Tensor
+    code: Tensor
+    kind_code: Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.pos.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.pos.shape[1]
+
+    @property
+    def num_slots(self) -> int:
+        return self.length - self.num_regular
+
+    def tensors(self) -> dict[str, Tensor]:
+        """The side channels as a dict of tensors: how a batch carries them from the DataLoader workers."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "num_regular"}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], num_regular: int) -> RowLayout:
+        return cls(num_regular=num_regular, **tensors)
+
+    def without_slots(self) -> RowLayout:
+        """The regular tokens' side channels alone (attention variants without summary slots)."""
+        n = self.num_regular
+        return dataclasses.replace(self, **{k: v[:, :n] for k, v in self.tensors().items()})
+
+    def with_dead_slots(self, dead: Tensor) -> RowLayout:
+        """These rows with the slots where ``dead`` ``[B, S]`` is True unused: doc -1, seeing only themselves."""
+        n = self.num_regular
+        doc = torch.cat([self.doc[:, :n], self.doc[:, n:].masked_fill(dead, -1)], dim=1)
+        slot_code = torch.where(dead, (self.code[:, n:] & ~Code.DOC) | Code.DEAD, self.code[:, n:])
+        return dataclasses.replace(self, doc=doc, code=torch.cat([self.code[:, :n], slot_code], dim=1))
+
+    def to(self, device: torch.device | str) -> RowLayout:
+        return dataclasses.replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
+
+
+def slots_for(num_segments: int, minimum: int) -> int:
+    """Summary slots for a batch: ``minimum`` (static shapes), or the next multiple of 128 that fits."""
+    if num_segments <= minimum:
+        return minimum
+    return ceil_div(num_segments, SLOT_MULTIPLE) * SLOT_MULTIPLE
+
+
+def row_layout(
+    tokens: np.ndarray | Tensor,
+    kinds: np.ndarray | Tensor,
+    min_slots: int | None = None,
+    with_slots: bool = True,
+) -> RowLayout:
+    """Build the per-row side channels of a batch ``[B, L]`` with one call to ``meloformer.layout.layout``.
+
+    ``kinds`` is the tokenizer's kind table (``HIDTokenizer.kinds``; the model carries it as ``model.kinds``).
+    Documents are the pieces of a row, each opened by ``BOS``.
+
+    Rows get ``min_slots`` summary slots, or ``slots_for`` more when a row has more segments; ``None`` gives
+    exactly the largest segment count. ``with_slots=False`` gives rows without summary slots (the ``causal``
+    and ``local`` attention variants).
+    """
+    if isinstance(tokens, Tensor):
+        tokens = tokens.detach().cpu().numpy()
+    if isinstance(kinds, Tensor):
+        kinds = kinds.detach().cpu().numpy()
+    tokens = np.atleast_2d(tokens)
+    lay = layout(tokens, kinds)
+    if with_slots:
+        segments = int(np.max(lay.num_segments(), initial=0))
+        table = lay.segment_table(segments if min_slots is None else slots_for(segments, min_slots))
+    else:
+        table = {
+            k: np.zeros((tokens.shape[0], 0), dtype=np.int64) for k in ("end", "track", "bar", "doc", "track_token")
+        }
+    n = tokens.shape[1]
+    slot_doc = table["doc"]
+    slots = table["end"].shape[1]
+    rows = {
+        "pos": (np.broadcast_to(np.arange(n), tokens.shape), table["end"]),
+        "doc": (lay.doc, slot_doc),
+        "segment": (lay.segment, np.broadcast_to(np.arange(slots), slot_doc.shape)),
+        "track": (lay.track, table["track"]),
+        "bar": (lay.bar, table["bar"]),
+        "track_token": (lay.track_token, table["track_token"]),
+        "is_global": (lay.is_global, np.zeros_like(slot_doc, dtype=bool)),
+        "kind_class": (KIND_CLASS[lay.kind], np.zeros_like(slot_doc)),
+        "onset_group": (lay.onset_group, np.full_like(slot_doc, -1)),
+    }
+    arrays = {k: np.concatenate([r, s], axis=1) for k, (r, s) in rows.items()}
+    code = Code.pack(arrays["pos"], arrays["doc"], arrays["track"], arrays["bar"], arrays["is_global"])
+    kind_code = arrays["kind_class"] | ((arrays["onset_group"] + 1) << 2)
+    # int32 halves memory and speeds up integer arithmetic; the packed code needs int64.
+    tensors = {k: torch.from_numpy(v if v.dtype == bool else v.astype(np.int32)) for k, v in arrays.items()}
+    tensors["code"], tensors["kind_code"] = torch.from_numpy(code), torch.from_numpy(kind_code.astype(np.int32))
+    return RowLayout(num_regular=n, **tensors)

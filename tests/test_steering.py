@@ -1,0 +1,94 @@
+"""Keys, dynamics, one meter per piece and instrument names: parsed as people write them, enforced by the grammar."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meloformer.grammar import HIDGrammar
+from meloformer.hid import BAR, BOS, CHORD_QUALITIES, TRACK_CONDUCTOR, HIDTokenizer, TokenKind
+from meloformer.instruments import instrument_name, instrument_token
+from meloformer.sampler import GenerationRequest, check_request
+from meloformer.steering import key_pitch_classes, parse_dynamics, parse_key, per_bar
+
+TOK = HIDTokenizer()
+
+
+@pytest.mark.parametrize(
+    "name, tonic, mode",
+    [("D minor", 2, "minor"), ("Dm", 2, "minor"), ("F# major", 6, "major"), ("Bb", 10, "major"), ("ebmin", 3, "minor"),
+     ("CM", 0, "major"), ("Cb major", 11, "major")],
+)  # fmt: skip
+def test_keys_as_people_write_them(name, tonic, mode):
+    assert parse_key(name) == (tonic, mode)
+
+
+def test_key_pitch_classes_are_the_scale():
+    assert set(np.flatnonzero(key_pitch_classes("C major"))) == {0, 2, 4, 5, 7, 9, 11}
+    assert set(np.flatnonzero(key_pitch_classes("A minor"))) == {9, 11, 0, 2, 4, 5, 7, 8}  # with G#, the leading tone
+
+
+def test_dynamics_spread_evenly_over_the_bars():
+    ranges = parse_dynamics(["40-60", "80-100"], TOK)
+    assert per_bar(ranges, 5) == [(40, 60)] * 3 + [(80, 100)] * 2
+    assert per_bar(parse_dynamics(["40-70"], TOK), 3) == [(40, 70)] * 3
+
+
+def walk_to_first_pitch(grammar: HIDGrammar, instrument: int) -> None:
+    """BOS, the conductor's first bar (4/4, Pos_0, a tempo), the instrument's first bar and a Pos."""
+    for token in (BOS, TRACK_CONDUCTOR, BAR, TOK.timesig0 + TOK.time_signatures.index((4, 4)), TOK.pos0, TOK.tempo0):
+        grammar.advance(token)
+    grammar.advance(instrument)
+    grammar.advance(BAR)
+    grammar.advance(TOK.pos0)
+
+
+def test_the_grammar_keeps_pitches_chords_and_velocities_inside_the_controls():
+    scale = key_pitch_classes("D minor")
+    piano = instrument_token("piano")
+    grammar = HIDGrammar(TOK, n_bars=1, instruments=[piano], pitch_classes=[scale], velocities=[(40, 70)])
+    for token in (BOS, TRACK_CONDUCTOR, BAR, TOK.timesig0):
+        grammar.advance(token)
+    chords = np.flatnonzero(grammar.allowed() & (TOK.kinds == TokenKind.CHORD)) - TOK.chord0
+    in_key = [c for c, (root, q) in enumerate(TOK.chords) if all(scale[(root + k) % 12] for k in CHORD_QUALITIES[q])]
+    assert list(chords) == in_key and ("Dmin" in [TOK.vocab[TOK.chord0 + c].removeprefix("Chord_") for c in chords])
+    grammar = HIDGrammar(TOK, n_bars=1, instruments=[piano], pitch_classes=[scale], velocities=[(40, 70)])
+    walk_to_first_pitch(grammar, piano)
+    pitches = np.flatnonzero(grammar.allowed()) - TOK.pitch0
+    assert set(pitches % 12) == set(np.flatnonzero(scale)) and len(pitches) == scale[np.arange(128) % 12].sum()
+    grammar.advance(TOK.pitch0 + 62)
+    grammar.advance(int(np.flatnonzero(grammar.allowed())[0]))  # a duration
+    velocities = TOK.velocity_values[np.flatnonzero(grammar.allowed() & (TOK.kinds == TokenKind.VEL)) - TOK.vel0]
+    assert list(velocities) == [v for v in TOK.velocity_values if 40 <= v <= 70] and len(velocities) > 1
+
+
+def test_one_meter_per_piece_unless_a_prompt_brings_its_own():
+    grammar = HIDGrammar(TOK, n_bars=2, keep_meter=True)
+    walk = (BOS, TRACK_CONDUCTOR, BAR, TOK.timesig0 + TOK.time_signatures.index((3, 4)), TOK.pos0, TOK.tempo0, BAR)
+    for token in walk:
+        grammar.advance(token)
+    assert not (grammar.allowed() & (TOK.kinds == TokenKind.TIMESIG)).any()
+    free = HIDGrammar.from_tokens(TOK, walk, n_bars=2)
+    assert (free.allowed() & (TOK.kinds == TokenKind.TIMESIG)).any()
+
+
+def test_instruments_by_name_or_number():
+    assert instrument_token("Choir Aahs") == instrument_token("choir-aahs") == instrument_token("52")
+    assert instrument_name(instrument_token("violin")) == "Violin"
+    assert instrument_name(instrument_token("drums")) == "Drums"
+    assert instrument_name(instrument_token("piano")) == "Acoustic Grand Piano"
+    with pytest.raises(ValueError, match=r"close names: violin, viola"):
+        instrument_token("vilin")
+
+
+def test_key_and_dynamics_refuse_what_they_cannot_steer():
+    prompt = TOK.encode(next(iter(__import__("_music").demo_files())))
+    with pytest.raises(ValueError, match="--key steers new bars only; adding a track"):
+        check_request(TOK, GenerationRequest(bars=None, prompt=prompt, add_track=instrument_token("flute"), key="C"))
+
+
+def test_meter_changes_only_when_asked():
+    from meloformer.sampler import _Plan
+
+    assert _Plan(TOK, GenerationRequest(bars=4)).grammar.keep_meter
+    assert not _Plan(TOK, GenerationRequest(bars=4, meter_changes=True)).grammar.keep_meter
