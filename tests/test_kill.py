@@ -40,7 +40,7 @@ import contextlib, json, os, sys, tempfile
 import torch
 from meloformer.cli import main
 import meloformer.audio, meloformer.infill, meloformer.module, meloformer.pianoroll, meloformer.pretrained
-import meloformer.preprocess, meloformer.sampling
+import meloformer.preprocess, meloformer.sampler
 torch.set_num_threads(1)  # no thread pool to fork
 with tempfile.TemporaryDirectory() as warm, contextlib.redirect_stdout(sys.stderr):
     main(json.loads(sys.argv[1]) + ["--out", warm])  # loads what generate loads lazily (~8 s a run)

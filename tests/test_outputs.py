@@ -170,12 +170,12 @@ def generate(tiny_checkpoint, out: Path, *extra: str) -> int:
 def no_sampling(monkeypatch):
     """Fail the test if the model samples: the refusals below must come before any sampling."""
     import meloformer.infill  # noqa: F401 (imported first, it keeps the real `generate` it imports by name)
-    import meloformer.sampling
+    import meloformer.sampler
 
     def refuse(*args, **kwargs):
         raise AssertionError("sampled before refusing")
 
-    monkeypatch.setattr(meloformer.sampling, "generate", refuse)
+    monkeypatch.setattr(meloformer.sampler, "generate", refuse)
 
 
 def test_generate_audio_without_the_soundfont_fails_before_sampling(
@@ -452,20 +452,31 @@ def test_bad_raw_api_requests_get_a_message_and_leave_no_traceback(tiny_checkpoi
         port = s.getsockname()[1]
     app = build_app(Studio(load_checkpoint(tiny_checkpoint)))
     url = launch(app, port=port, block=False)
-    good = ["", 1, 0, "model's choice", 1.0, 0.95, None, "continue", "", 0, "", "", 0]
+    import gradio as gr
+
+    (handler,) = [fn for fn in app.fns.values() if fn.api_name == "generate"]
+    good = [component.value for component in handler.inputs]
+
+    def first(kind) -> int:
+        return next(i for i, component in enumerate(handler.inputs) if type(component) is kind)
+
+    def changed(kind, value) -> list:
+        return [value if i == first(kind) else v for i, v in enumerate(good)]
+
     bad = {
-        "too few values": good[:3],
-        "a word for a number": ["", "two", *good[2:]],
+        "too few values": good[:2],
+        "a word for a number": changed(gr.Number, "two"),
         "no values at all": [None] * len(good),
-        "a file the server did not receive": [*good[:6], {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}]
-        + good[7:],
-        "a mode that does not exist": [*good[:7], "sideways", *good[8:]],
+        "a file the server did not receive": changed(
+            gr.File, {"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}
+        ),
+        "a choice that does not exist": changed(gr.Radio, "sideways"),
     }
     try:
         capfd.readouterr()
         for case, data in bad.items():
-            event = httpx.post(f"{url}gradio_api/call/run", json={"data": data}, timeout=60).json()["event_id"]
-            answer = httpx.get(f"{url}gradio_api/call/run/{event}", timeout=120).text
+            event = httpx.post(f"{url}gradio_api/call/generate", json={"data": data}, timeout=60).json()["event_id"]
+            answer = httpx.get(f"{url}gradio_api/call/generate/{event}", timeout=120).text
             assert "event: error" in answer, (case, answer)
             assert json.loads(answer.split("data: ", 1)[1].splitlines()[0])["error"], (case, answer)
     finally:

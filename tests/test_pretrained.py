@@ -47,7 +47,7 @@ def test_export_then_from_pretrained_gives_equal_logits(checkpoint, exported):  
     card = ModelCard.load(exported / "README.md")
     assert card.data.license == "mit" and card.data.library_name == "meloformer" and "midi" in card.data.tags
     assert {p.name: p.stat().st_mode & 0o777 for p in exported.iterdir()} == dict.fromkeys(
-        ("model.safetensors", "config.json", "README.md"), 0o644
+        ("model.safetensors", "config.json", "README.md", "checksums.json"), 0o644
     )
 
 
