@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -145,3 +146,47 @@ def folder_lock(folder: Path, name: str, what: str) -> Iterator[None]:
         except BlockingIOError:
             raise ValueError(f"{folder}: another {what} is writing this folder ({name})") from None
         yield
+
+
+CHECKSUMS = "checksums.json"  # size and sha256 of MODEL_FILES, written by export, checked by every loader
+MODEL_FILES = ("config.json", "model.safetensors")  # the card, README.md, is documentation: free to edit
+CHECKSUMS_FORMAT = "meloformer-model-folder-checksums-v1"
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from ``path`` (which holds ``what``); ValueError with one line naming the file otherwise."""
+    if not path.is_file():
+        raise ValueError(f"{path}: missing; it holds {what}")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return value
+
+
+def verify_checksums(folder: str | Path) -> None:
+    """Check a model folder's files against the ``checksums.json`` that ``export`` wrote (a folder without one,
+    from ``save_pretrained`` or a hub download, passes); ValueError with one line naming the file otherwise."""
+    folder = Path(folder)
+    if not (folder / CHECKSUMS).is_file():
+        return
+    listed = read_json_object(folder / CHECKSUMS, "the checksums of the folder's files")
+    files = listed.get("files") if listed.get("format") == CHECKSUMS_FORMAT else None
+    if not isinstance(files, dict) or not set(MODEL_FILES) <= files.keys():
+        raise ValueError(f"{folder / CHECKSUMS}: not a MeloFormer checksum list of {' and '.join(MODEL_FILES)}")
+    for name, expected in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{path}: missing (listed in {CHECKSUMS})")
+        size = path.stat().st_size
+        if size != expected.get("bytes"):
+            problem = f"{size:,} bytes, {expected.get('bytes'):,} exported"
+        elif sha256_file(path) != expected.get("sha256"):
+            problem = f"its sha256 differs from {CHECKSUMS}"
+        else:
+            continue
+        raise ValueError(
+            f"{path}: not the file this folder was exported with: damaged, truncated or another model's ({problem})"
+        )

@@ -35,6 +35,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 from meloformer.arith import ceil_div
+from meloformer.files import verify_checksums
 from meloformer.hid import TRACK_CONDUCTOR, HIDTokenizer
 from meloformer.masks import (
     DEFAULT_FINE_BARS,
@@ -396,6 +397,8 @@ class MeloFormer(
         """``from_pretrained``'s loader. ``config`` is ``config.json`` as read (the mixin cannot decode it: the
         annotations are postponed); the kind table comes from its tokenizer settings. Weights load strictly,
         and the stored config (tokenizer settings included) is what ``save_pretrained`` writes back."""
+        if Path(model_id).is_dir():  # a folder that export wrote: its files must be the ones it wrote
+            verify_checksums(model_id)
         settings: dict[str, Any] = {}
         if isinstance(config, dict):
             settings = config.get("tokenizer", {})

@@ -20,15 +20,22 @@ from typing import Any
 from huggingface_hub import ModelCard, constants
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
-from meloformer.files import atomic_folder, sha256_file, writable_folder, write_text
+from meloformer.files import (
+    CHECKSUMS,
+    CHECKSUMS_FORMAT,
+    MODEL_FILES,
+    atomic_folder,
+    read_json_object,
+    sha256_file,
+    verify_checksums,
+    writable_folder,
+    write_text,
+)
 from meloformer.hid import HIDTokenizer
 from meloformer.model import MeloFormer, MeloFormerConfig, RuntimeConfig
 
 SHIPPED_MODELS = Path(str(resources.files("meloformer.models")))  # models/ of the repository, as package data
 DEFAULT_MODEL = "meloformer-pd-2m"
-CHECKSUMS = "checksums.json"  # size and sha256 of MODEL_FILES, written by export, checked by every loader
-MODEL_FILES = ("config.json", "model.safetensors")  # the card, README.md, is documentation: free to edit
-CHECKSUMS_FORMAT = "meloformer-model-folder-checksums-v1"
 
 
 def model_card_text(card: str) -> str:
@@ -83,44 +90,13 @@ def verify_model_folder(folder: str | Path) -> dict[str, Any]:
     if not is_model_folder(folder):
         raise ValueError(f"{folder}: not a model folder (no config.json)")
     saved = _read_config(folder / "config.json")
-    if not (folder / CHECKSUMS).is_file():  # not written by export (save_pretrained, a hub download)
-        return saved
-    listed = _read_json(folder / CHECKSUMS, "the checksums of the folder's files")
-    files = listed.get("files") if listed.get("format") == CHECKSUMS_FORMAT else None
-    if not isinstance(files, dict) or not set(MODEL_FILES) <= files.keys():
-        raise ValueError(f"{folder / CHECKSUMS}: not a MeloFormer checksum list of {' and '.join(MODEL_FILES)}")
-    for name, expected in files.items():
-        path = folder / name
-        if not path.is_file():
-            raise ValueError(f"{path}: missing (listed in {CHECKSUMS})")
-        size = path.stat().st_size
-        if size != expected.get("bytes"):
-            problem = f"{size:,} bytes, {expected.get('bytes'):,} exported"
-        elif sha256_file(path) != expected.get("sha256"):
-            problem = f"its sha256 differs from {CHECKSUMS}"
-        else:
-            continue
-        raise ValueError(
-            f"{path}: not the file this folder was exported with: damaged, truncated or another model's ({problem})"
-        )
+    verify_checksums(folder)
     return saved
-
-
-def _read_json(path: Path, what: str) -> dict:
-    if not path.is_file():
-        raise ValueError(f"{path}: missing; it holds {what}")
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return value
 
 
 def _read_config(path: Path) -> dict[str, Any]:
     """``config.json`` checked field by field: every field known, of its type, the tokenizer settings usable."""
-    saved = _read_json(path, "the model configuration")
+    saved = read_json_object(path, "the model configuration")
     fields = {f.name: f for f in (*dataclasses.fields(MeloFormerConfig), *dataclasses.fields(RuntimeConfig))}
     for name, value in saved.items():
         if name == "tokenizer":
@@ -164,8 +140,8 @@ def load_model_folder(folder: str | Path, device: str = "cpu") -> tuple[MeloForm
         raise ValueError(f"{where}: not a model folder (no config.json)")
     if not local and not is_hub_id(where):
         raise ValueError(f"{where}: no such model folder (nor a Hugging Face model id, owner/name)")
-    if local:
-        verify_model_folder(where)
+    if local:  # the fields here; from_pretrained checks the files against checksums.json
+        _read_config(Path(where) / "config.json")
     try:
         model = MeloFormer.from_pretrained(where, map_location=device)
     except (EntryNotFoundError, HfHubHTTPError, HFValidationError, OfflineModeIsEnabled, OSError) as err:

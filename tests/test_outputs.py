@@ -20,6 +20,7 @@ import pytest
 from _music import demo_files, make_score
 from meloformer.cli import main
 from meloformer.files import atomic_path, folder_lock, temporary_name, writable_folder
+from meloformer.model import MeloFormer
 from meloformer.pretrained import (
     CHECKSUMS,
     DEFAULT_MODEL,
@@ -316,6 +317,9 @@ def test_a_damaged_model_folder_is_refused_by_every_loader(exported, damage, pro
     damage(folder)
     with pytest.raises(ValueError, match=problem.replace("(", r"\(")):
         load_model_folder(folder)
+    if damage is not _invalid_json:  # (that one the mixin itself refuses first, with json's ValueError)
+        with pytest.raises(ValueError, match="not the file this folder was exported with"):
+            MeloFormer.from_pretrained(folder)  # the hub mixin's own call checks the files too
     args = ["--ckpt_path", str(folder), "--out", str(tmp_path / "out"), "--bars", "1", "--no_progress"]
     assert main(["generate", *args]) == 2
     assert problem in one_line_error(capsys, "generate")
