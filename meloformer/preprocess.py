@@ -9,7 +9,6 @@ piece, a duplicate or a skipped file, matched by path and file hash) are not pro
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -37,7 +36,7 @@ from meloformer.datamodules.shards import (
     write_index,
     write_shard,
 )
-from meloformer.files import write_text
+from meloformer.files import folder_lock, write_text
 from meloformer.hid import HIDError, HIDTokenizer
 
 MIDI_SUFFIXES = {".mid", ".midi"}
@@ -172,7 +171,8 @@ def preprocess(
     created = not output_dir.exists()
     output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        with _exclusive(output_dir), _clean_on_failure(output_dir):
+        # One run per folder: a second one stops instead of interleaving its shards.
+        with folder_lock(output_dir, LOCK_NAME, "preprocess"), _clean_on_failure(output_dir):
             index = open_index(output_dir, tokenizer, val_fraction, test_fraction)
             repaired = repair_damaged_shards(input_dir, output_dir, index, tokenizer)
             problems: dict[str, str] = {}
@@ -223,20 +223,6 @@ def check_arguments(
         raise ValueError(f"shard_files must be at least 1, got {shard_files}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
-
-
-@contextmanager
-def _exclusive(output_dir: Path) -> Iterator[None]:
-    """Hold ``output_dir/preprocess.lock`` for the run: a second run on the folder stops instead of interleaving.
-
-    An advisory ``flock``: the kernel releases it when the process ends, however it ends.
-    """
-    with open(output_dir / LOCK_NAME, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(f"{output_dir}: another preprocess is writing this folder ({LOCK_NAME})") from None
-        yield
 
 
 @contextmanager
