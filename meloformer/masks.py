@@ -355,8 +355,7 @@ def attention_mask(
     if backend == "sdpa":
         return block_sparse_mask(mask_mod, rows, runs=runs)
     if backend == "flex":
-        size = block_size or flex_block_size(rows.pos.device)
-        return flex_blocks(mask_mod, rows, size, runs).block_mask(mask_mod)
+        return block_mask(mask_mod, rows, block_size or flex_block_size(rows.pos.device), runs)
     if backend == "dense":
         return full_dense_mask(mask_mod, rows)
     raise ValueError(f"unknown attention mask backend {backend!r}")
@@ -416,9 +415,9 @@ def flex_blocks(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128, runs:
     return FlexBlocks(rows.length, block_size, *kv, *full_kv, *q, *full_q)
 
 
-def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128) -> BlockMask:
+def block_mask(mask_mod: MaskMod, rows: RowLayout, block_size: int = 128, runs: bool = False) -> BlockMask:
     """The ``flex`` backend's per-sample block mask; build it once per batch and share it across layers."""
-    return flex_blocks(mask_mod, rows, block_size).block_mask(mask_mod)
+    return flex_blocks(mask_mod, rows, block_size, runs).block_mask(mask_mod)
 
 
 @dataclasses.dataclass
