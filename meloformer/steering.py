@@ -5,6 +5,9 @@ major scale, or for minor the natural minor scale plus the raised seventh (the l
 minor, which minor-key music such as the chorales uses at every cadence). In a key, pitched notes take only
 those pitch classes and the conductor's chords only those whose tones all lie in them.
 
+A forced chord progression (``--chords``) binds the notes of its bars (``ChordBinding``): chord tones are
+favoured, and the bass track takes the chord's root at the downbeat.
+
 Dynamics are velocity ranges ``LO-HI`` (MIDI 1-127), spread evenly over the bars: ``40-70`` holds for every
 bar, ``50-70 70-100 50-70`` is an arch in thirds. Notes take only the velocity steps inside their bar's range.
 """
@@ -17,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from meloformer.chords import ACCIDENTALS, LETTERS
-from meloformer.hid import HIDTokenizer
+from meloformer.hid import CHORD_QUALITIES, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer
 
 # A first sample from what the shipped model knows best (the chorales): four voices in 4/4, with an arch of
 # dynamics (its own velocities barely move: the training data's are nearly constant).
@@ -70,3 +73,68 @@ def parse_dynamics(ranges: Sequence[str], tok: HIDTokenizer) -> list[tuple[int, 
 def per_bar(ranges: Sequence[tuple[int, int]], bars: int) -> list[tuple[int, int]]:
     """The ranges spread evenly over ``bars`` bars, in order."""
     return [ranges[b * len(ranges) // bars] for b in range(bars)]
+
+
+# General MIDI programs that play a bass line: the basses, cello, contrabass, trombone, tuba, bassoon.
+BASS_PROGRAMS = frozenset([*range(32, 40), 42, 43, 57, 58, 70])
+
+
+def bass_track(instruments: Sequence[int]) -> int | None:
+    """The number (from 1; the conductor is 0) of the track that carries the bass among ``instruments``
+    (``Track`` tokens): the last bass instrument, else the last pitched track; None with fewer than two
+    pitched tracks (a single line is a melody, not a bass)."""
+    pitched = [n for n, token in enumerate(instruments, start=1) if token != TRACK_DRUMS]
+    if len(pitched) < 2:
+        return None
+    basses = [n for n in pitched if instruments[n - 1] - TRACK_PROGRAM0 in BASS_PROGRAMS]
+    return (basses or pitched)[-1]
+
+
+class ChordBinding:
+    """How a forced chord per bar steers the notes written under it.
+
+    ``bias`` adds ``strength`` to the log-probability of every pitch whose pitch class is a tone of the bar's
+    chord (pitched tracks only); ``downbeat`` allows only the chord's root among the pitches of the bass
+    track's notes at position 0. ``chords`` holds, per bar, an index into ``tok.chords`` or None (free).
+    """
+
+    def __init__(
+        self, tok: HIDTokenizer, chords: Sequence[int | None], instruments: Sequence[int] | None, strength: float
+    ) -> None:
+        self.chords, self.instruments = list(chords), list(instruments or [])
+        self._anything = np.ones(tok.vocab_size, dtype=bool)
+        self.bass = bass_track(self.instruments) if instruments else None
+        pitch_class = np.arange(128) % 12
+        self._bias, self._roots = {}, {}
+        is_pitch = np.zeros(tok.vocab_size, dtype=bool)
+        is_pitch[tok.pitch0 : tok.pitch0 + 128] = True
+        for index in {c for c in self.chords if c is not None}:
+            root, quality = tok.chords[index]
+            tones = np.isin(pitch_class, [(root + k) % 12 for k in CHORD_QUALITIES[quality]])
+            bias = np.zeros(tok.vocab_size, dtype=np.float32)
+            bias[tok.pitch0 : tok.pitch0 + 128] = strength * tones
+            self._bias[index] = bias
+            roots = ~is_pitch
+            roots[tok.pitch0 : tok.pitch0 + 128] = pitch_class == root
+            self._roots[index] = roots
+
+    def _chord(self, bar: int, track_number: int) -> int | None:
+        if track_number < 1 or not 0 <= bar < len(self.chords):
+            return None
+        if track_number <= len(self.instruments) and self.instruments[track_number - 1] == TRACK_DRUMS:
+            return None
+        return self.chords[bar]
+
+    def bias(self, bar: int, track_number: int) -> np.ndarray | None:
+        """The log-probability bias over the vocabulary for a note of ``track_number`` in ``bar`` (from 0), or
+        None where no chord binds (the conductor, drums, free bars)."""
+        chord = self._chord(bar, track_number)
+        return None if chord is None else self._bias[chord]
+
+    def downbeat(self, bar: int, track_number: int) -> np.ndarray:
+        """What the tokens at the downbeat of ``bar`` may be: the root among pitches in the bass track, any
+        token elsewhere."""
+        chord = self._chord(bar, track_number)
+        if chord is None or track_number != self.bass:
+            return self._anything
+        return self._roots[chord]
