@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import re
 import sys
 import textwrap
 import warnings
@@ -476,7 +477,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             try:
                 super().parse_arguments(parser, args)
             except ArgumentError as err:
-                raise ConfigError(str(err)) from None
+                raise ConfigError(moved_field_hint(str(err))) from None
 
         def before_instantiate_classes(self) -> None:
             subcommand = self.config.get("subcommand")
@@ -669,6 +670,21 @@ def resolve_config_arguments(argv: list[str]) -> list[str]:
         elif arg.startswith("--config="):
             out[i] = "--config=" + resolve_config(arg.removeprefix("--config="))
     return out
+
+
+def moved_field_hint(message: str) -> str:
+    """``message``, with where a model field now lives when it names one at its place in older configs
+    (``--model.n_layer``, ``model: {size: small}``)."""
+    from meloformer.model import MeloFormerConfig, RuntimeConfig
+
+    found = re.search(r"--model\.(\w+)|Group 'model' does not accept option '(\w+)", message)
+    name = found and (found.group(1) or found.group(2))
+    for group, fields in (("config", MeloFormerConfig), ("runtime", RuntimeConfig)):
+        if name in {f.name for f in dataclasses.fields(fields)}:
+            return f"{message} (it is model.{group}.{name} now)"
+    if name in ("size", "overrides"):
+        return f"{message} (the architecture is model.config now, every field spelled out: see `meloformer sizes`)"
+    return message
 
 
 def _config_field(name: str):
