@@ -56,7 +56,7 @@ BOOTSTRAP = 500
 def arm_config(base: dict, arm: str, steps: int, data_dir: Path, runs: Path) -> Path:
     """The ablation config with ``attention: arm``, its own log and checkpoint folders; written under runs/."""
     config = json.loads(json.dumps(base))
-    config["model"]["attention"] = arm
+    config["model"]["config"]["attention"] = arm
     config["data"]["data_dir"] = str(data_dir)
     trainer = config["trainer"]
     trainer["max_steps"] = steps
@@ -186,7 +186,8 @@ def similarity_spread(generated: Path, reference: list[float], seed: int = 0) ->
 def throughput(config: dict, data_dir: Path, steps: int = 5) -> dict[str, dict[str, float]]:
     """Training steps/s and tokens/s of each arm's model, alternating steps in one process, one thread."""
     torch.set_num_threads(1)
-    modules = {arm: MeloFormerModule(**{**config["model"], "attention": arm}) for arm in ARMS}
+    model = config["model"]
+    modules = {arm: MeloFormerModule(**{**model, "config": {**model["config"], "attention": arm}}) for arm in ARMS}
     first = next(iter(modules.values()))
     data = HIDDataModule(
         data_dir=str(data_dir),

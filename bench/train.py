@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from meloformer.datamodules import HIDDataModule
 from meloformer.hid import PAD
-from meloformer.model import MeloFormerConfig, apply_rope, rope_angles
+from meloformer.model import MeloFormerConfig, RuntimeConfig, apply_rope, rope_angles
 from meloformer.module import MeloFormerModule, next_token_losses
 
 
@@ -157,7 +157,8 @@ def main() -> None:
     slots = args.summary_slots or L // 8
     backend = "sdpa" if device.type == "cpu" else "flex"
 
-    module = MeloFormerModule(size=args.size, max_seq_len=L, summary_slots=slots, attention_backend=backend)
+    sized = MeloFormerConfig.from_size(args.size, max_seq_len=L, summary_slots=slots)
+    module = MeloFormerModule(sized, RuntimeConfig(attention_backend=backend))
     config = module.config
     data = HIDDataModule(max_seq_len=L, max_segments=slots, batch_size=B, mask_plan=module.mask_plan(backend))
     data.prepare_data()

@@ -228,15 +228,15 @@ class HIDDataModule(pl.LightningDataModule):
             )
             if 2 * padding_only(unlimited) <= len(rows):  # the rows are long enough; the slots are too few
                 raise ValueError(
-                    f"model.summary_slots {self.max_segments} is too few for the pieces in {self.root}: {empty} of "
-                    f"the first {len(rows)} training rows would be only padding (a bar needs a slot per track); "
-                    "raise it"
+                    f"model.config.summary_slots {self.max_segments} is too few for the pieces in {self.root}: "
+                    f"{empty} of the first {len(rows)} training rows would be only padding (a bar needs a slot per "
+                    "track); raise it"
                 )
         if 2 * empty > len(rows):
             raise ValueError(
-                f"model.max_seq_len {self.max_seq_len} (with {self.max_segments} summary slots) is too short for "
-                f"the pieces in {self.root}: {empty} of the first {len(rows)} training rows would be only "
-                "padding (not one bar fits); raise it"
+                f"model.config.max_seq_len {self.max_seq_len} (with {self.max_segments} summary slots) is too "
+                f"short for the pieces in {self.root}: {empty} of the first {len(rows)} training rows would be "
+                "only padding (not one bar fits); raise it"
             )
 
     # ------------------------------------------------------------------ loaders

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import re
 import sys
 import textwrap
 import warnings
@@ -414,15 +415,11 @@ def sizes_main(argv: list[str]) -> int:
     counts = parameter_counts()
     rows: dict[str, list[str]] = {name: [] for name in SIZES}
     for name, path in sorted(shipped_configs().items()):
-        model = (yaml.safe_load(path.read_text()) or {}).get("model") or {}
-        size = model.get("size")
-        if size in rows:
-            config = SIZES[size]
-            tokens, slots = (
-                model.get("max_seq_len", config.max_seq_len),
-                model.get("summary_slots", config.summary_slots),
-            )
-            rows[size].append(f"{name} {tokens}/{slots}")
+        config = ((yaml.safe_load(path.read_text()) or {}).get("model") or {}).get("config") or {}
+        size = size_of(config)
+        if size is not None:
+            full = dataclasses.asdict(SIZES["small"]) | config
+            rows[size].append(f"{name} {full['max_seq_len']}/{full['summary_slots']}")
     header = ("size", "layers", "width", "heads", "kv", "max_seq_len", "slots", "params", "configs: tokens/slots")
     print("{:8} {:>6} {:>6} {:>5} {:>3} {:>11} {:>6} {:>12}  {}".format(*header))
     for name, config in SIZES.items():
@@ -432,6 +429,19 @@ def sizes_main(argv: list[str]) -> int:
         )
     print("max_seq_len and slots are the size's defaults; a config's rows (tokens/slots) override them.")
     return 0
+
+
+def size_of(config: dict) -> str | None:
+    """The size whose architecture a config's ``model.config`` (fields left out: the small size's) has, rows
+    (``max_seq_len``, ``summary_slots``) and ``vocab_size`` (the tokenizer's) aside; None: no size's."""
+    from meloformer.model import SIZES
+
+    def shape(fields: dict) -> dict:
+        aside = ("vocab_size", "max_seq_len", "summary_slots")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items() if k not in aside}
+
+    given = shape(dataclasses.asdict(SIZES["small"]) | config)
+    return next((name for name, size in SIZES.items() if shape(dataclasses.asdict(size)) == given), None)
 
 
 class ConfigError(Exception):
@@ -467,7 +477,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
             try:
                 super().parse_arguments(parser, args)
             except ArgumentError as err:
-                raise ConfigError(str(err)) from None
+                raise ConfigError(moved_field_hint(str(err))) from None
 
         def before_instantiate_classes(self) -> None:
             subcommand = self.config.get("subcommand")
@@ -662,6 +672,21 @@ def resolve_config_arguments(argv: list[str]) -> list[str]:
     return out
 
 
+def moved_field_hint(message: str) -> str:
+    """``message``, with where a model field now lives when it names one at its place in older configs
+    (``--model.n_layer``, ``model: {size: small}``)."""
+    from meloformer.model import MeloFormerConfig, RuntimeConfig
+
+    found = re.search(r"--model\.(\w+)|Group 'model' does not accept option '(\w+)", message)
+    name = found and (found.group(1) or found.group(2))
+    for group, fields in (("config", MeloFormerConfig), ("runtime", RuntimeConfig)):
+        if name in {f.name for f in dataclasses.fields(fields)}:
+            return f"{message} (it is model.{group}.{name} now)"
+    if name in ("size", "overrides"):
+        return f"{message} (the architecture is model.config now, every field spelled out: see `meloformer sizes`)"
+    return message
+
+
 def _config_field(name: str):
     def field(module) -> int:
         return getattr(module.config, name)
@@ -713,7 +738,7 @@ COMMANDS: dict[str, Command] = {
     "fit": Command(
         functools.partial(lightning_main, "fit"),
         "train (LightningCLI): meloformer fit --config demo.yaml (--print_config, dotted overrides such as "
-        "--model.size base, --trainer.strategy ddp --trainer.num_nodes N --trainer.devices M; "
+        "--model.config.n_layer 8, --trainer.strategy ddp --trainer.num_nodes N --trainer.devices M; "
         "`meloformer fit --help` lists everything)",
     ),
     "validate": Command(functools.partial(lightning_main, "validate"), "a checkpoint's validation loss (LightningCLI)"),

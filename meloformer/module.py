@@ -11,6 +11,7 @@ the Trainer. The architecture (``MeloFormerConfig``) and tokenizer settings trav
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from pathlib import Path
@@ -26,17 +27,7 @@ from torchmetrics.aggregation import MeanMetric
 from meloformer.checkpoint import read_checkpoint, read_checkpoint_metadata
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.masks import MaskPlan
-from meloformer.model import (
-    RUNTIME_FIELDS,
-    AttentionContext,
-    AttentionVariant,
-    Backend,
-    Checkpointing,
-    MeloFormer,
-    MeloFormerConfig,
-    RuntimeConfig,
-    SlotInput,
-)
+from meloformer.model import SIZES, AttentionContext, MeloFormer, MeloFormerConfig, RuntimeConfig
 from meloformer.row_layout import RowLayout
 
 # Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
@@ -54,58 +45,39 @@ _GROUP_OF_KIND = {
 }
 CONDUCTOR_GROUP = KIND_GROUPS.index("conductor")
 POSITION_GROUP = KIND_GROUPS.index("position")
-# The MeloFormerConfig fields that are arguments of MeloFormerModule (vocab_size is the tokenizer's).
-MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(MeloFormerConfig) if f.name != "vocab_size")
 
 
 class MeloFormerModule(pl.LightningModule):
     """Train MeloFormer on batches of ``HIDDataModule`` (``{"tokens": LongTensor[B, L], ...}``).
 
     Args:
-        size: small, base, large or xlarge (``meloformer sizes`` prints their parameter counts): the value of
-            every model field left at None.
-        n_layer ... init_std: the architecture, the fields of ``MeloFormerConfig`` (docs/design.md section 5);
-            None: the size's value. ``max_seq_len`` is the row length (the DataModule packs rows of it),
-            ``summary_slots`` the summary slots per row (rows hold at most this many segments). A new ``n_embd``
-            without an ``ffn_hidden`` gets 8/3 of its width (rounded up to 64), not the size's.
+        config: the architecture (``MeloFormerConfig``, docs/design.md section 5; or its dict, as checkpoints
+            store it); default: the small size (``meloformer sizes``). ``max_seq_len`` is the row length (the
+            DataModule packs rows of it), ``summary_slots`` the summary slots per row (rows hold at most this
+            many segments). ``vocab_size`` is replaced by the tokenizer's. In a YAML config or on the command
+            line (``--model.config.n_embd 128``) every field left out keeps the small size's value, also the
+            derived ``ffn_hidden``: a new ``n_embd`` wants its ``ffn_hidden`` given too.
+        runtime: how the model runs (``RuntimeConfig``: backend, tile size, gradient checkpointing; or its dict).
         tokenizer: HID tokenizer settings (None: the defaults); the data must have been made with them.
         lr: peak learning rate, reached after ``warmup_steps`` optimizer steps, then cosine decay to
             ``lr * min_lr_ratio`` at ``trainer.max_steps``.
-        attention_backend, flex_block_size, gradient_checkpointing: the fields of ``RuntimeConfig``.
         compile: ``torch.compile`` the model.
         recompile_limit, accumulated_recompile_limit: Dynamo's limits (None: torch's defaults); each phase's
             batch size is one more compiled shape.
 
-    The run-time knobs (``RuntimeConfig``'s fields, compile and the recompile limits) may change on resume.
+    The run-time knobs (``runtime``, compile and the recompile limits) may change on resume.
     """
 
     def __init__(
         self,
-        size: str = "small",
-        n_layer: int | None = None,
-        n_head: int | None = None,
-        n_kv_head: int | None = None,
-        n_embd: int | None = None,
-        ffn_hidden: int | None = None,
-        max_seq_len: int | None = None,
-        summary_slots: int | None = None,
-        fine_bars: tuple[int, ...] | None = None,
-        cross_window: int | None = None,
-        kind_sparsity: bool | None = None,
-        attention: AttentionVariant | None = None,
-        slot_input: SlotInput | None = None,
-        rope_base: float | None = None,
-        norm_eps: float | None = None,
-        init_std: float | None = None,
+        config: MeloFormerConfig = SIZES["small"],
+        runtime: RuntimeConfig = RuntimeConfig(),  # noqa: B008 (the model runs a copy: never changed)
         tokenizer: dict[str, Any] | None = None,
         lr: float = 3e-4,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.95),
         warmup_steps: int = 1000,
         min_lr_ratio: float = 0.1,
-        attention_backend: Backend = "auto",
-        flex_block_size: int | None = None,
-        gradient_checkpointing: Checkpointing = "none",
         compile: bool = False,
         recompile_limit: int | None = None,
         accumulated_recompile_limit: int | None = None,
@@ -117,12 +89,19 @@ class MeloFormerModule(pl.LightningModule):
             raise ValueError(f"model: bad tokenizer settings {tokenizer}: {err}") from err
         if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or lr <= 0:
             raise ValueError("model: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        if isinstance(config, dict):
+            config = MeloFormerConfig.from_stored(config)
+        if isinstance(runtime, dict):
+            runtime = RuntimeConfig(**runtime)
+        self.config = dataclasses.replace(config, vocab_size=self.tokenizer.vocab_size)
         self.save_hyperparameters()
-        self.hparams["tokenizer"] = self.tokenizer.settings  # resolved, so checkpoints are self-contained
-        given = {name: self.hparams[name] for name in MODEL_FIELDS if self.hparams[name] is not None}
-        self.config = MeloFormerConfig.from_size(size, vocab_size=self.tokenizer.vocab_size, **given)
-        runtime = RuntimeConfig(attention_backend, flex_block_size, gradient_checkpointing)
-        self.model = MeloFormer(self.config, self.tokenizer.kinds, runtime)
+        # Plain data, so checkpoints load with weights_only and hparams.yaml reads back; the tokenizer resolved.
+        self.hparams.update(
+            config=dataclasses.asdict(self.config),
+            runtime=dataclasses.asdict(runtime),
+            tokenizer=self.tokenizer.settings,
+        )
+        self.model = MeloFormer(self.config, self.tokenizer.kinds, dataclasses.replace(runtime))
         self.register_buffer("kind_group", torch.from_numpy(_kind_groups(self.tokenizer)), persistent=False)
         self.metrics = nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("all", *KIND_GROUPS)}
@@ -332,9 +311,8 @@ def model_card(module: MeloFormerModule, ckpt_path: str | Path) -> str:
 
 def module_of(config: dict[str, Any], tokenizer: dict[str, Any], **training: Any) -> MeloFormerModule:
     """A module whose model has exactly ``config`` (every ``MeloFormerConfig`` field, as checkpoints and model
-    folders store it): nothing comes from a size, so a change of the size table cannot change it."""
-    fields = {k: v for k, v in config.items() if k != "vocab_size"}  # the tokenizer's; the weights check it
-    return MeloFormerModule(**training, **fields, tokenizer=tokenizer)
+    folders store it; ``vocab_size`` is the tokenizer's, and the weights check it)."""
+    return MeloFormerModule(MeloFormerConfig.from_stored(config), tokenizer=tokenizer, **training)
 
 
 def module_from_folder(folder: str | Path) -> MeloFormerModule:
@@ -347,17 +325,21 @@ def module_from_folder(folder: str | Path) -> MeloFormerModule:
     return module.eval()
 
 
+# The training hyperparameters: every argument of MeloFormerModule but the model's and the tokenizer's.
+TRAINING_ARGS = tuple(
+    name for name in inspect.signature(MeloFormerModule).parameters if name not in ("config", "runtime", "tokenizer")
+)
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> MeloFormerModule:
     """Rebuild a trained module (model, tokenizer, hyperparameters) from a checkpoint alone (checked first:
-    a damaged or foreign file is a ``CheckpointError``)."""
+    a damaged or foreign file is a ``CheckpointError``). The architecture comes from what the checkpoint
+    stores, the run-time knobs start at their defaults; older checkpoints, with the model fields (or
+    ``overrides``) among their hyperparameters, load too."""
     checkpoint = read_checkpoint(path, map_location=map_location)
     saved = checkpoint["meloformer"]
-    hparams = {k: v for k, v in checkpoint["hyper_parameters"].items() if not k.startswith("_")}  # LightningCLI's
-    hparams.pop("overrides", None)  # checkpoints made before the model fields were arguments of their own
-    # The architecture comes from what the checkpoint stores; the run-time knobs start at their defaults.
-    training = {k: v for k, v in hparams.items() if k not in (*MODEL_FIELDS, *RUNTIME_FIELDS, "tokenizer")}
-    config = dataclasses.asdict(MeloFormerConfig.from_stored(saved["model_config"]))
-    module = module_of(config, saved["tokenizer"], **training)
+    training = {k: v for k, v in checkpoint["hyper_parameters"].items() if k in TRAINING_ARGS}
+    module = module_of(saved["model_config"], saved["tokenizer"], **training)
     module.on_load_checkpoint(checkpoint)
     module.load_state_dict(checkpoint["state_dict"])
     return module.eval()

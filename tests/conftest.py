@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 
 import pytest
@@ -14,16 +15,32 @@ from meloformer.model import MeloFormer, MeloFormerConfig
 # The web app's tests need gradio, which a bare GPU machine lacks; every other test runs without it.
 collect_ignore = [] if importlib.util.find_spec("gradio") else ["test_serve.py"]
 
-# A MeloFormer small enough to train a few steps in well under a second on CPU.
+# A MeloFormer small enough to train a few steps in well under a second on CPU: MeloFormerModule's arguments,
+# as plain data (the module takes the dicts too). ffn_hidden is given: on the command line a field left out
+# keeps the small size's value.
 TINY_MODEL = {
-    "max_seq_len": 256,
-    "summary_slots": 64,
-    "attention_backend": "sdpa",
-    "n_layer": 1,
-    "n_embd": 32,
-    "n_head": 2,
-    "n_kv_head": 1,
+    "config": {
+        "max_seq_len": 256,
+        "summary_slots": 64,
+        "n_layer": 1,
+        "n_embd": 32,
+        "ffn_hidden": 128,
+        "n_head": 2,
+        "n_kv_head": 1,
+    },
+    "runtime": {"attention_backend": "sdpa"},
 }
+
+
+def model_flags(settings: dict = TINY_MODEL) -> list[str]:
+    """``settings`` (``MeloFormerModule`` arguments, nested dicts) as dotted ``--model.`` command-line flags."""
+    flags = []
+    for name, value in settings.items():
+        if isinstance(value, dict):
+            flags += [f"--model.{name}.{field}={v}" for field, v in value.items()]
+        else:
+            flags.append(f"--model.{name}={value}")
+    return flags
 
 
 @pytest.fixture(scope="session")
@@ -38,8 +55,8 @@ def demo_shards(tmp_path_factory):
 
 @pytest.fixture
 def tiny_model() -> dict:
-    """Keyword arguments of ``MeloFormerModule`` for a tiny model (a fresh copy per test)."""
-    return dict(TINY_MODEL)
+    """Keyword arguments of ``MeloFormerModule`` for a tiny model (a fresh deep copy per test)."""
+    return copy.deepcopy(TINY_MODEL)
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from meloformer.cli import main
 from meloformer.module import MeloFormerModule
 
 # Small enough that 200 bars of one track cannot fit its context.
-TINY = {"max_seq_len": 256, "summary_slots": 64, "attention_backend": "sdpa"}
-TINY |= {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1}
+TINY = {"config": {"max_seq_len": 256, "summary_slots": 64, "n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1}}
+TINY |= {"runtime": {"attention_backend": "sdpa"}}
 
 
 @pytest.fixture(scope="module")

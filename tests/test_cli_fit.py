@@ -13,8 +13,8 @@ import yaml
 
 from _music import REPO
 from meloformer.cli import build_cli, main
-from meloformer.model import SIZES, MeloFormerConfig, parameter_counts
-from meloformer.module import MODEL_FIELDS, load_checkpoint
+from meloformer.model import SIZES, MeloFormerConfig, RuntimeConfig, parameter_counts
+from meloformer.module import load_checkpoint
 
 DEMO = str(REPO / "configs" / "demo.yaml")
 GPU_CONFIGS = ["small", "base", "large", "xlarge"]
@@ -54,30 +54,45 @@ def test_print_config_shows_one_resolved_config(tmp_path):
     done = meloformer("fit", "--config", DEMO, "--print_config", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     config = yaml.safe_load(done.stdout)
-    assert config["model"]["size"] == "small" and config["model"]["attention_backend"] == "sdpa"
-    assert set(MODEL_FIELDS) <= set(config["model"])  # every model field, null where the size decides
-    assert (config["model"]["n_embd"], config["model"]["ffn_hidden"]) == (128, None)
+    model = config["model"]
+    assert set(model["config"]) == {f.name for f in dataclasses.fields(MeloFormerConfig)}  # every field, resolved
+    assert set(model["runtime"]) == {f.name for f in dataclasses.fields(RuntimeConfig)}
+    assert (model["config"]["n_embd"], model["config"]["ffn_hidden"]) == (128, 384)
+    assert model["runtime"]["attention_backend"] == "sdpa" and model["lr"] == 2e-3
     assert config["trainer"]["precision"] == "32-true"
     assert "max_seq_len" not in config["data"]  # linked from the model: set once, in model
     callbacks = [c["class_path"] for c in config["trainer"]["callbacks"]]
     assert "meloformer.callbacks.PhaseSwitchCallback" in callbacks
 
 
+def test_a_field_left_out_keeps_its_value_also_a_derived_one(tmp_path):
+    """The fields of ``model.config`` start at the small size's values, ``ffn_hidden`` too (derived from the
+    size's ``n_embd``): a new ``n_embd`` alone keeps small's SwiGLU width (the configs give both)."""
+    done = meloformer("fit", "--model.config.n_embd", "128", "--print_config", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = yaml.safe_load(done.stdout)["model"]["config"]
+    assert config == {**dataclasses.asdict(SIZES["small"]), "fine_bars": list(SIZES["small"].fine_bars), "n_embd": 128}
+    assert config["ffn_hidden"] == SIZES["small"].ffn_hidden == 1408
+
+
 def test_command_line_sets_model_fields(tmp_path):
-    """Dotted flags set single model fields over the config's; the rest come from the config and the size."""
+    """Dotted flags set single model fields over the config's; the rest come from the config (and small)."""
     done = meloformer(
-        "fit", "--config", DEMO, "--model.n_layer", "2", "--model.n_embd", "64", "--model.n_head", "2",
-        "--model.n_kv_head", "1", "--trainer.max_steps", "2", *QUICK, "--trainer.limit_val_batches", "0", cwd=tmp_path,
+        "fit", "--config", DEMO, "--model.config.n_layer", "2", "--model.config.n_embd", "64",
+        "--model.config.n_head", "2", "--model.config.n_kv_head", "1", "--model.runtime.gradient_checkpointing",
+        "ffn", "--trainer.max_steps", "2", *QUICK, "--trainer.limit_val_batches", "0", cwd=tmp_path,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (last,) = (tmp_path / "runs" / "demo").rglob("last.ckpt")
-    checkpoint = torch.load(last, weights_only=False, map_location="cpu")
+    checkpoint = torch.load(last, weights_only=True, map_location="cpu")
     saved = checkpoint["meloformer"]["model_config"]
     expected = MeloFormerConfig.from_size(
-        "small", vocab_size=saved["vocab_size"], n_layer=2, n_embd=64, n_head=2, n_kv_head=1,
+        "small", vocab_size=saved["vocab_size"], n_layer=2, n_embd=64, n_head=2, n_kv_head=1, ffn_hidden=384,
         max_seq_len=512, summary_slots=128,
     )  # fmt: skip
-    assert saved == dataclasses.asdict(expected) and saved["ffn_hidden"] == 192  # 8/3 of 64, not small's 1408
+    assert saved == dataclasses.asdict(expected)  # ffn_hidden: the config's, kept
+    assert checkpoint["hyper_parameters"]["config"] == saved  # plain data, read with weights_only
+    assert checkpoint["hyper_parameters"]["runtime"]["gradient_checkpointing"] == "ffn"
     parameters = sum(t.numel() for k, t in checkpoint["state_dict"].items() if k.startswith("model."))
     assert load_checkpoint(last).model.num_parameters() == parameters  # a CLI checkpoint rebuilds alone
 
@@ -87,7 +102,7 @@ def test_command_line_sets_model_fields(tmp_path):
     [
         (["--model.sise", "base"], "sise"),
         (["--trainer.max_steps", "many"], "max_steps"),
-        (["--model.n_layers", "2"], "unrecognized arguments: --model.n_layers 2"),
+        (["--model.config.n_layers", "2"], "unrecognized arguments: --model.config.n_layers 2"),
         (
             [
                 "--trainer.callbacks.init_args.phases",
@@ -116,14 +131,28 @@ def test_bad_config_stops_before_training(tmp_path, demo_shards, args, problem):
 @pytest.mark.parametrize(
     ("args", "line"),
     [
-        (["--model.n_layer", "two"], """Parser key "model.n_layer": Expected a <class 'int'>; given: two"""),
         (
-            ["--model.attention", "full"],
-            """Parser key "model.attention": Expected a typing.Literal['summary', 'causal', 'local']; given: full""",
+            ["--model.config.n_layer", "two"],
+            """Parser key "model.config.n_layer": Expected a <class 'int'>. Got value: two""",
         ),
-        (["--model.overrides", "{n_layer: 2}"], "unrecognized arguments: --model.overrides {n_layer: 2}"),
+        (
+            ["--model.config.attention", "full"],
+            """Parser key "model.config.attention": Expected a typing.Literal['summary', 'causal', 'local']. """
+            "Got value: full",
+        ),
+        (
+            ["--model.overrides", "{n_layer: 2}"],
+            "unrecognized arguments: --model.overrides {n_layer: 2} (the architecture is model.config now, every "
+            "field spelled out: see `meloformer sizes`)",
+        ),
+        (["--model.n_layer", "2"], "unrecognized arguments: --model.n_layer 2 (it is model.config.n_layer now)"),
+        (
+            ["--model.size", "base"],
+            "unrecognized arguments: --model.size base (the architecture is model.config now, every field spelled "
+            "out: see `meloformer sizes`)",
+        ),
     ],
-    ids=["wrong-type", "not-a-choice", "old-overrides"],
+    ids=["wrong-type", "not-a-choice", "old-overrides", "old-flat-field", "old-size"],
 )
 def test_a_bad_model_field_is_one_line(args, line, capsys):
     """jsonargparse checks every model field against its type; the CLI shows its verdict as one line."""
@@ -140,7 +169,8 @@ def test_gpu_configs_build(size, demo_shards):
          "--trainer.accelerator", "cpu", "--trainer.precision", "32-true"],
         run=False,
     )  # fmt: skip
-    assert cli.model.config.n_embd == SIZES[size].n_embd
+    rows = {"max_seq_len": 8192, "summary_slots": 1024, "vocab_size": SIZES[size].vocab_size}
+    assert cli.model.config == dataclasses.replace(SIZES[size], **rows)  # the size, with rows of its own
     assert (cli.datamodule.max_seq_len, cli.datamodule.max_segments) == (8192, 1024)
     assert cli.model.hparams.compile and cli.trainer.accumulate_grad_batches == 8
     (phases,) = [c.phases for c in cli.trainer.callbacks if hasattr(c, "phases")]
@@ -155,8 +185,8 @@ def test_sizes_command_prints_real_parameter_counts(tmp_path):
     for name, count in parameter_counts().items():
         assert f"{count:,}" in next(line for line in done.stdout.splitlines() if line.startswith(name))
     small = next(line for line in done.stdout.splitlines() if line.startswith("small"))
-    model = yaml.safe_load((REPO / "configs" / "small.yaml").read_text())["model"]
-    assert f"small.yaml {model['max_seq_len']}/{model['summary_slots']}" in small  # the rows it really trains
+    config = yaml.safe_load((REPO / "configs" / "small.yaml").read_text())["model"]["config"]
+    assert f"small.yaml {config['max_seq_len']}/{config['summary_slots']}" in small  # the rows it really trains
 
 
 def test_help_lists_the_commands(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import site
@@ -14,7 +15,8 @@ import pytest
 import yaml
 
 from _music import REPO
-from meloformer.cli import ConfigError, resolve_config, resolve_config_arguments, shipped_configs
+from meloformer.cli import ConfigError, resolve_config, resolve_config_arguments, shipped_configs, size_of
+from meloformer.model import SIZES, MeloFormerConfig
 
 SHIPPED = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
 
@@ -32,6 +34,21 @@ def test_every_repository_config_is_shipped():
         assert path.read_bytes() == (REPO / "configs" / name).read_bytes()
 
 
+@pytest.mark.parametrize("name", SHIPPED)
+def test_each_config_spells_out_its_architecture(name):
+    """small, base, large and xlarge train their size (rows of their own aside); demo, cpu and ablation a compact
+    model of no size. Every one gives ffn_hidden with its n_embd (a field left out keeps small's)."""
+    model = yaml.safe_load((REPO / "configs" / name).read_text())["model"]
+    assert "size" not in model and {"n_layer", "n_embd", "ffn_hidden", "max_seq_len"} <= set(model["config"])
+    config = MeloFormerConfig(**model["config"])
+    size = name.removesuffix(".yaml")
+    if size in SIZES:
+        assert size_of(model["config"]) == size
+        assert config == dataclasses.replace(SIZES[size], max_seq_len=8192, summary_slots=1024)
+    else:
+        assert size_of(model["config"]) is None and config.n_embd == 128
+
+
 def test_bare_names_resolve_and_paths_stay(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert resolve_config("small.yaml") == str(shipped_configs()["small.yaml"])
@@ -39,7 +56,7 @@ def test_bare_names_resolve_and_paths_stay(tmp_path, monkeypatch):
     (tmp_path / "small.yaml").write_text("seed_everything: 1\n")
     assert resolve_config("small.yaml") == "small.yaml"  # a file in the working folder wins
     assert resolve_config("elsewhere/demo.yaml") == "elsewhere/demo.yaml"  # paths are left to jsonargparse
-    argv = ["fit", "-c", "demo", "--config=large.yaml", "--model.size", "small"]
+    argv = ["fit", "-c", "demo", "--config=large.yaml", "--model.config.n_layer", "2"]
     resolved = resolve_config_arguments(argv)
     assert resolved[2] == str(shipped_configs()["demo.yaml"])
     assert resolved[3] == "--config=" + str(shipped_configs()["large.yaml"])
@@ -52,7 +69,7 @@ def test_console_script_finds_a_shipped_config_from_any_folder(tmp_path):
     done = meloformer("fit", "--config", "small.yaml", "--print_config", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     config = yaml.safe_load(done.stdout)
-    assert config["model"]["size"] == "small" and config["trainer"]["precision"] == "bf16-mixed"
+    assert config["model"]["config"]["n_embd"] == 512 and config["trainer"]["precision"] == "bf16-mixed"
 
 
 def test_unknown_config_name_lists_the_shipped_ones(tmp_path):

@@ -28,7 +28,8 @@ def checkpoint(tmp_path_factory):
     done = meloformer(
         "fit", "--config", str(REPO / "configs" / "demo.yaml"), "--trainer.max_steps", "3",
         "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
-        "--model.n_layer", "1", "--model.n_embd", "32", "--model.n_head", "2", "--model.n_kv_head", "1", cwd=work,
+        "--model.config.n_layer", "1", "--model.config.n_embd", "32", "--model.config.ffn_hidden", "128",
+        "--model.config.n_head", "2", "--model.config.n_kv_head", "1", cwd=work,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     (last,) = (work / "runs" / "demo").rglob("last.ckpt")

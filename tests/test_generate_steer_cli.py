@@ -27,7 +27,8 @@ def checkpoint(tmp_path_factory, demo_shards):
             "fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.data_dir", str(demo_shards),
             "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
             "--trainer.enable_model_summary", "false",
-            "--model.n_layer", "1", "--model.n_embd", "32", "--model.n_head", "2", "--model.n_kv_head", "1",
+            "--model.config.n_layer", "1", "--model.config.n_embd", "32", "--model.config.ffn_hidden", "128",
+            "--model.config.n_head", "2", "--model.config.n_kv_head", "1",
         ])  # fmt: skip
     assert code == 0
     (last,) = (work / "runs" / "demo").rglob("last.ckpt")

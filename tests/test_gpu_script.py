@@ -75,5 +75,5 @@ def test_gpu_script_on_cpu_stops_before_cuda_and_says_so(tmp_path):
     assert "the CUDA tests, the attention rows and the 150-step fit need a GPU" in done.stderr
     assert (tmp_path / "shards" / "index.json").is_file()  # the CPU steps ran
     config = yaml.safe_load((tmp_path / "resolved-config.yaml").read_text())
-    assert config["model"]["size"] == "small" and config["data"]["data_dir"] == str(tmp_path / "shards")
+    assert config["model"]["config"]["n_embd"] == 512 and config["data"]["data_dir"] == str(tmp_path / "shards")
     assert not (tmp_path / "cuda-tests.log").exists() and not (tmp_path / "fit.log").exists()

@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, model_flags
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from _music import REPO
@@ -34,7 +34,7 @@ pytestmark = [
 DEMO = str(REPO / "configs" / "demo.yaml")
 # The demo config with the tiny model, quiet and quick.
 TINY_FIT = [
-    "fit", "--config", DEMO, *(f"--model.{name}={value}" for name, value in TINY_MODEL.items()),
+    "fit", "--config", DEMO, *model_flags(TINY_MODEL),
     "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
 ]  # fmt: skip
 
@@ -213,9 +213,9 @@ def test_generate_and_evaluate_refuse_a_damaged_checkpoint(checkpoint, demo_shar
 @pytest.mark.parametrize(
     ("change", "named"),
     [
-        (["--model.n_embd", "64"], "n_embd: checkpoint 32 vs now"),
-        (["--model.n_layer", "2"], "n_layer: checkpoint 1 vs now"),
-        (["--model.max_seq_len", "512"], "max_seq_len: checkpoint 256 vs now 512"),
+        (["--model.config.n_embd", "64"], "n_embd: checkpoint 32 vs now"),
+        (["--model.config.n_layer", "2"], "n_layer: checkpoint 1 vs now"),
+        (["--model.config.max_seq_len", "512"], "max_seq_len: checkpoint 256 vs now 512"),
         (["--model.tokenizer", "{velocity_bins: 16}"], "velocity_bins: checkpoint 32 vs now 16"),
     ],
     ids=["width", "depth", "max_seq_len", "tokenizer"],
@@ -354,7 +354,7 @@ def _no_train_split(demo_shards, tmp_path):
     [
         (["--trainer.max_steps", "-5"], ["trainer.max_steps must be a positive", "-5"]),
         (["--trainer.max_steps", "0"], ["trainer.max_steps must be a positive"]),
-        (["--model.max_seq_len", "20"], ["model.max_seq_len 20", "only padding"]),
+        (["--model.config.max_seq_len", "20"], ["model.config.max_seq_len 20", "only padding"]),
         (["--data.data_dir", "{no-train}"], ["'train' split has no pieces"]),
         (["--model.sise", "base"], ["unrecognized arguments: --model.sise"]),
         (["--trainer.max_steps", "many"], ["trainer.max_steps", "int"]),

@@ -11,7 +11,7 @@ import zipfile
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, model_flags
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from _music import REPO
@@ -29,7 +29,7 @@ pytestmark = [
 ]
 TINY_FIT = [
     "fit", "--config", str(REPO / "configs" / "demo.yaml"),
-    *(f"--model.{name}={value}" for name, value in TINY_MODEL.items()),
+    *model_flags(TINY_MODEL),
     "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
 ]  # fmt: skip
 
@@ -46,7 +46,7 @@ class Losses(pl.Callback):
 
 def fit(shards, root, max_steps: int, ckpt_path=None, **runtime) -> list[tuple[int, float]]:
     pl.seed_everything(0)
-    module = MeloFormerModule(**(TINY_MODEL | runtime), lr=2e-3, warmup_steps=2)
+    module = MeloFormerModule(TINY_MODEL["config"], TINY_MODEL["runtime"] | runtime, lr=2e-3, warmup_steps=2)
     losses = Losses()
     every_step = ModelCheckpoint(dirpath=root, every_n_train_steps=1, save_top_k=-1)
     phases = PhaseSwitchCallback([{"start_step": 0, "batch_size": 2}])
@@ -95,25 +95,40 @@ def resume_by_path(ckpt, shards, root, *args: str) -> int:
         )
 
 
-def test_an_old_checkpoint_resumes_by_path_with_other_run_time_knobs(cli_checkpoint, demo_shards, tmp_path, capsys):
+# The hyperparameters of older checkpoints: the model fields one by one (the run-time knobs at None), and
+# before them ``overrides``; both with a ``size``.
+FLAT = {"size": "small", **TINY_MODEL["config"]}
+FLAT |= {"attention_backend": None, "gradient_checkpointing": None, "flex_block_size": None}
+OVERRIDES = {"size": "small", "max_seq_len": 256, "summary_slots": 64, "attention_backend": "sdpa"}
+OVERRIDES |= {"overrides": {k: v for k, v in TINY_MODEL["config"].items() if k not in ("max_seq_len", "summary_slots")}}
+
+
+@pytest.mark.parametrize("hyperparameters", [FLAT, OVERRIDES], ids=["flat-fields", "overrides"])
+def test_an_old_checkpoint_resumes_by_path_with_other_run_time_knobs(
+    cli_checkpoint, demo_shards, tmp_path, capsys, hyperparameters
+):
     """A checkpoint from before ``slot_input``, whose stored configuration still held the run-time knobs, and
-    whose hyperparameters left them at None: the CLI resumes it, with checkpointing on, as load_checkpoint loads it."""
+    whose hyperparameters are of an older shape: the CLI resumes it, with checkpointing on, as load_checkpoint
+    loads it."""
     old = torch.load(cli_checkpoint, weights_only=True)
     stored = old["meloformer"]["model_config"]
     del stored["slot_input"]
     stored |= {"attention_backend": "sdpa", "flex_block_size": None, "gradient_checkpointing": "none"}
-    old["hyper_parameters"] |= {"attention_backend": None, "gradient_checkpointing": None, "flex_block_size": None}
+    training = {k: v for k, v in old["hyper_parameters"].items() if k not in ("config", "runtime")}
+    old["hyper_parameters"] = training | hyperparameters
     torch.save(old, tmp_path / "old.ckpt")
-    assert load_checkpoint(tmp_path / "old.ckpt").config.slot_input == "learned"
-    code = resume_by_path(tmp_path / "old.ckpt", demo_shards, tmp_path, "--model.gradient_checkpointing", "block")
-    assert code == 0, capsys.readouterr().err[-3000:]
+    loaded = load_checkpoint(tmp_path / "old.ckpt")
+    assert loaded.config.slot_input == "learned" and loaded.hparams.lr == old["hyper_parameters"]["lr"]
+    flag = "--model.runtime.gradient_checkpointing"
+    assert resume_by_path(tmp_path / "old.ckpt", demo_shards, tmp_path, flag, "block") == 0, capsys.readouterr().err
     (last,) = (tmp_path / "runs").rglob("last.ckpt")
-    assert torch.load(last, weights_only=True)["global_step"] == 3
+    resumed = torch.load(last, weights_only=True)
+    assert resumed["global_step"] == 3 and resumed["hyper_parameters"]["runtime"]["gradient_checkpointing"] == "block"
 
 
 def test_the_cli_refuses_what_the_module_refuses(cli_checkpoint, demo_shards, tmp_path, capsys):
     """The CLI and Lightning's restore run the same check: another architecture is one line, before training."""
-    code = resume_by_path(cli_checkpoint, demo_shards, tmp_path, "--model.slot_input", "segment_mean")
+    code = resume_by_path(cli_checkpoint, demo_shards, tmp_path, "--model.config.slot_input", "segment_mean")
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 2 and "slot_input: checkpoint 'learned' vs now 'segment_mean'" in last, last
     assert not (tmp_path / "runs").exists()

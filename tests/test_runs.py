@@ -20,7 +20,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, model_flags
 
 from _music import REPO
 from meloformer import runs
@@ -52,7 +52,7 @@ def output(capsys, caplog):
 
 def fit(output, tmp_path, shards, *args: str) -> tuple[int, str, str]:
     """``meloformer fit`` of the demo config with the tiny model in ``tmp_path``: exit code, stdout, stderr."""
-    tiny = [f"--model.{name}={value}" for name, value in TINY_MODEL.items()]
+    tiny = model_flags(TINY_MODEL)
     with contextlib.chdir(tmp_path):
         code = main(
             ["fit", "--config", DEMO, *tiny, "--data.data_dir", str(shards), "--trainer.limit_val_batches", "1",
@@ -105,7 +105,7 @@ def test_default_root_dir_moves_everything(demo_shards, tmp_path, output):
 
 def test_the_cpu_config_trains_on_a_folder_into_default_root_dir(demo_shards, tmp_path, output):
     """The README's "train on your own folder": configs/cpu.yaml, a dataset folder, a root of one's own."""
-    tiny = [f"--model.{name}={value}" for name, value in TINY_MODEL.items()]
+    tiny = model_flags(TINY_MODEL)
     with contextlib.chdir(tmp_path):
         code = main(
             ["fit", "--config", "cpu.yaml", *tiny, "--data.data_dir", str(demo_shards), "--trainer.max_steps", "2",
@@ -181,7 +181,7 @@ def test_atomic_save_replaces_whole_files(tmp_path):
         (["--config", "small.yaml"], ["no CUDA GPU", "small.yaml is a GPU config", "--config cpu.yaml"]),
         (["--trainer.devices", "0"], ["trainer.devices 0"]),
         (["--trainer.num_nodes", "2"], ["trainer.num_nodes 2", "wait forever", "NODE_RANK"]),
-        (["--model.summary_slots", "1"], ["model.summary_slots 1 is too few", "raise it"]),
+        (["--model.config.summary_slots", "1"], ["model.config.summary_slots 1 is too few", "raise it"]),
     ],
     ids=["cuda", "gpu-config", "devices-0", "two-nodes", "one-summary-slot"],
 )

@@ -3,6 +3,8 @@ only wraps it, with no host sync (issue: the step rebuilt the mask with ~9,400 a
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning.pytorch as pl
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from meloformer.datamodules import HIDDataModule
 from meloformer.datamodules.rows import RowBuilder
 from meloformer.datamodules.shards import ShardReader
 from meloformer.hid import HIDTokenizer
+from meloformer.model import SIZES
 from meloformer.module import MeloFormerModule
 
 # Ops that make a CUDA host wait for the device (a value or a data-dependent shape comes back).
@@ -43,7 +46,7 @@ def test_the_attention_context_of_a_loader_batch_is_a_few_calls_and_no_sync(demo
     tok = HIDTokenizer()
     builder = RowBuilder(ShardReader(demo_shards), "train", tok, 8192, 1024, transpose=5)
     tokens = torch.from_numpy(np.stack([builder.row(i) for i in range(4)]))
-    module = MeloFormerModule(size="small", max_seq_len=8192, summary_slots=1024)
+    module = MeloFormerModule(dataclasses.replace(SIZES["small"], max_seq_len=8192, summary_slots=1024))
     batch = {"tokens": tokens} | module.mask_plan("flex")(tokens)
     with Ops() as ops:
         ctx = module.attention_context(batch)

@@ -85,8 +85,10 @@ def test_preprocess_fit_resume_generate_with_other_settings(settings, tmp_path):
     fit = [
         "fit", "--config", str(REPO / "configs" / "demo.yaml"), "--data.data_dir", shards,
         "--model.tokenizer", tokenizer,
-        "--model.n_layer", "1", "--model.n_embd", "32", "--model.n_head", "2", "--model.n_kv_head", "1",
-        "--model.max_seq_len", "256", "--model.summary_slots", "64", "--trainer.enable_progress_bar", "false",
+        "--model.config.n_layer", "1", "--model.config.n_embd", "32", "--model.config.ffn_hidden", "128",
+        "--model.config.n_head", "2", "--model.config.n_kv_head", "1",
+        "--model.config.max_seq_len", "256", "--model.config.summary_slots", "64",
+        "--trainer.enable_progress_bar", "false",
         "--trainer.limit_val_batches", "1", "--trainer.val_check_interval", "2",
         "--trainer.callbacks.init_args.phases", "[{start_step: 0, batch_size: 1}]",
     ]  # fmt: skip

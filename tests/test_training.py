@@ -23,8 +23,8 @@ from meloformer.datamodules.shards import ShardReader
 from meloformer.edits import crop_bars
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.layout import layout
-from meloformer.model import MeloFormerConfig, RuntimeConfig
-from meloformer.module import KIND_GROUPS, MODEL_FIELDS, MeloFormerModule, load_checkpoint
+from meloformer.model import SIZES, MeloFormerConfig, RuntimeConfig
+from meloformer.module import KIND_GROUPS, MeloFormerModule, load_checkpoint
 
 TOKENIZER = HIDTokenizer()
 
@@ -220,31 +220,38 @@ def test_checkpoint_rebuilds_the_model_alone(demo_shards, tiny_model, tmp_path):
         torch.testing.assert_close(rebuilt(tokens), module(tokens))
 
 
-def test_a_checkpoint_with_the_old_overrides_still_loads(tmp_path):
-    """Checkpoints made before the model fields were arguments hold ``overrides`` among their hyperparameters;
-    the model comes from the exact configuration every checkpoint stores, so they load alike."""
-    module = MeloFormerModule(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, ffn_hidden=1408, max_seq_len=256)
-    old = {"size": "small", "max_seq_len": 256, "summary_slots": None, "attention_backend": None}
-    old |= {"overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1}, "lr": 1e-3}
-    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": old}
+TINY = MeloFormerConfig(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, ffn_hidden=1408, max_seq_len=256)
+# The hyperparameters of older checkpoints: the model fields one by one, and before them ``overrides``.
+FLAT = {"size": "small", "n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1, "ffn_hidden": 1408}
+FLAT |= {"max_seq_len": 256, "summary_slots": None, "attention_backend": "sdpa", "gradient_checkpointing": "none"}
+OVERRIDES = {"size": "small", "max_seq_len": 256, "summary_slots": None, "attention_backend": None}
+OVERRIDES |= {"overrides": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_kv_head": 1}}
+
+
+@pytest.mark.parametrize("old", [FLAT, OVERRIDES], ids=["flat-fields", "overrides"])
+def test_a_checkpoint_with_old_hyperparameters_still_loads(tmp_path, old):
+    """Older checkpoints hold the model fields (or ``overrides``) among their hyperparameters; the model comes
+    from the exact configuration every checkpoint stores, so they load alike, with their training settings."""
+    module = MeloFormerModule(TINY)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": old | {"lr": 1e-3}}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "old.ckpt")
     loaded = load_checkpoint(tmp_path / "old.ckpt")
     assert loaded.config == module.config and loaded.hparams.lr == 1e-3
-    assert "overrides" not in loaded.hparams
+    assert set(loaded.hparams) == set(inspect.signature(MeloFormerModule).parameters)  # no size, no overrides
 
 
 def test_a_checkpoint_from_before_a_new_model_field_loads_with_its_default(tmp_path):
     """A checkpoint saved before ``slot_input`` existed stores no such field: it loads (and resumes) with the
     default, ``learned``, the behaviour it was trained with; asking for another value is refused."""
-    module = MeloFormerModule(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, max_seq_len=256)
+    module = MeloFormerModule(TINY)
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
     del checkpoint["meloformer"]["model_config"]["slot_input"]
     torch.save(checkpoint, tmp_path / "old.ckpt")
     loaded = load_checkpoint(tmp_path / "old.ckpt")
     assert loaded.config.slot_input == "learned" and loaded.config == module.config
-    other = MeloFormerModule(n_layer=1, n_embd=32, n_head=2, n_kv_head=1, max_seq_len=256, slot_input="segment_mean")
+    other = MeloFormerModule(dataclasses.replace(TINY, slot_input="segment_mean"))
     with pytest.raises(ValueError, match="slot_input: checkpoint 'learned' vs now 'segment_mean'"):
         other.on_load_checkpoint(checkpoint)
 
@@ -252,7 +259,7 @@ def test_a_checkpoint_from_before_a_new_model_field_loads_with_its_default(tmp_p
 def test_resuming_with_another_model_or_tokenizer_is_an_error(demo_shards, tiny_model, tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     trainer(tmp_path, 1, checkpoints).fit(MeloFormerModule(**tiny_model), data(demo_shards))
-    wider = {**tiny_model, "n_embd": 64}
+    wider = {**tiny_model, "config": {**tiny_model["config"], "n_embd": 64}}
     with pytest.raises(ValueError, match="other model configuration.*n_embd: checkpoint 32 vs now 64"):
         trainer(tmp_path, 2).fit(MeloFormerModule(**wider), data(demo_shards), ckpt_path=tmp_path / "last.ckpt")
     finer = MeloFormerModule(**tiny_model, tokenizer={"velocity_bins": 16})
@@ -260,31 +267,35 @@ def test_resuming_with_another_model_or_tokenizer_is_an_error(demo_shards, tiny_
         trainer(tmp_path, 2).fit(finer, data(demo_shards), ckpt_path=tmp_path / "last.ckpt")
 
 
-def test_every_model_field_is_a_typed_argument():
-    """Each ``MeloFormerConfig`` field but vocab_size (the tokenizer's) is an argument ``T | None`` of the module,
-    so jsonargparse checks its values, ``--print_config`` lists it, and checkpoints can rebuild any config."""
-    config, arguments = typing.get_type_hints(MeloFormerConfig), typing.get_type_hints(MeloFormerModule.__init__)
-    assert set(MODEL_FIELDS) == set(config) - {"vocab_size"}
-    for name in MODEL_FIELDS:
-        assert arguments[name] == config[name] | None, name
-    runtime, defaults = typing.get_type_hints(RuntimeConfig), inspect.signature(MeloFormerModule).parameters
-    assert not set(runtime) & set(config)  # a field is the architecture's or a run-time knob, never both
-    for field in dataclasses.fields(RuntimeConfig):  # the same type and default as the model's run-time knobs
-        assert (arguments[field.name], defaults[field.name].default) == (runtime[field.name], field.default)
+def test_no_module_argument_mirrors_a_config_field():
+    """The architecture is one argument, ``config`` (a ``MeloFormerConfig``, default: the small size), and the
+    run-time knobs another, ``runtime``: no field of either is an argument of its own."""
+    arguments = inspect.signature(MeloFormerModule).parameters
+    model, runtime = ({f.name for f in dataclasses.fields(c)} for c in (MeloFormerConfig, RuntimeConfig))
+    assert not set(arguments) & (model | runtime) and not model & runtime
+    hints = typing.get_type_hints(MeloFormerModule.__init__)
+    assert (hints["config"], hints["runtime"]) == (MeloFormerConfig, RuntimeConfig)
+    assert (arguments["config"].default, arguments["runtime"].default) == (SIZES["small"], RuntimeConfig())
 
 
-def test_model_fields_override_the_size():
-    module = MeloFormerModule(size="base", n_layer=2, n_embd=128, n_head=4, n_kv_head=2, attention="causal")
-    assert (module.config.n_layer, module.config.n_embd, module.config.attention) == (2, 128, "causal")
-    assert module.config.max_seq_len == 4096 and module.config.ffn_hidden == 384  # the size's; n_embd's own
-    assert module.config.vocab_size == TOKENIZER.vocab_size
+def test_the_module_builds_its_config_with_the_tokenizers_vocabulary():
+    """``vocab_size`` is the tokenizer's; the dicts checkpoints store build the same module; hparams hold them as
+    plain data."""
+    given = MeloFormerConfig.from_size("base", n_layer=2, n_embd=128, n_head=4, n_kv_head=2, attention="causal")
+    module = MeloFormerModule(dataclasses.replace(given, vocab_size=7), RuntimeConfig(gradient_checkpointing="ffn"))
+    assert module.config == dataclasses.replace(given, vocab_size=TOKENIZER.vocab_size)
+    assert module.model.runtime == RuntimeConfig(gradient_checkpointing="ffn")
+    assert module.hparams.config == dataclasses.asdict(module.config)
+    assert module.hparams.runtime == dataclasses.asdict(RuntimeConfig(gradient_checkpointing="ffn"))
+    again = MeloFormerModule(module.hparams.config, module.hparams.runtime)
+    assert again.config == module.config and again.model.runtime == module.model.runtime
 
 
 @pytest.mark.parametrize(
     ("kwargs", "problem"),
     [
-        ({"size": "huge"}, "unknown size 'huge'"),
-        ({"n_embd": 100}, "n_embd must divide into n_head heads"),
+        ({"config": {"n_layers": 2}}, "unknown model fields n_layers"),
+        ({"config": {"n_embd": 100, "n_head": 8}}, "n_embd must divide into n_head heads"),
         ({"tokenizer": {"resolutoin": 8}}, "bad tokenizer settings"),
     ],
 )
