@@ -4,6 +4,11 @@ The target track is moved last, as ``--add_track`` places a new one, so while it
 every other track in full; its bars before A and after B are copied token for token, A..B are sampled
 under the grammar, and the tracks are written back in the prompt's order. Regions of several tracks are
 filled one track after another, each hearing the result of the ones before.
+
+The model writes left to right, so on its own the region cannot hear the track's bars after B. The sampler
+therefore steers the region with what surrounds it (``RegionFit``): its pitches stay inside the range of
+the track's other notes, each is drawn towards consonance with the lowest note the other tracks sound at
+its onset, and the region's first and last bars towards the track's notes just before and just after it.
 """
 
 from __future__ import annotations
@@ -13,10 +18,18 @@ import re
 
 import numpy as np
 
-from meloformer.hid import BAR, BOS, EOS, TRACK_CONDUCTOR, HIDTokenizer
+from meloformer.features import CONSONANT
+from meloformer.hid import BAR, BOS, EOS, TRACK_CONDUCTOR, TRACK_DRUMS, HIDTokenizer
 from meloformer.instruments import instrument_name
+from meloformer.metrics import COL
 from meloformer.model import MeloFormer
 from meloformer.sampler import GenerationRequest, check_request, generate
+
+# Log-probability added to a pitch consonant with the lowest other note sounding at its onset.
+CONSONANCE_BIAS = 1.5
+# Log-probability taken per semitone that a pitch in the region's first (last) bar lies more than a whole tone
+# from the track's last note before (first note after) the region.
+LEAP_PENALTY = 0.3
 
 _REGION = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*(?:-\s*(\d+))?\s*$")
 
@@ -106,7 +119,8 @@ def infill(
     tokens = request.prompt
     for track, bars in _bars_by_track(regions).items():
         order, track_request = _track_request(tok, request, tokens, track, bars)
-        out = generate(model, tok, track_request, seed=seed, progress=progress)
+        fit = RegionFit(tok, track_request.prompt, len(order), bars)
+        out = generate(model, tok, track_request, seed=seed, progress=progress, steer=fit)
         tokens = reorder_tracks(tok, out, list(np.argsort(order)))
     return tokens
 
@@ -128,3 +142,51 @@ def _track_request(
     regenerate = [(n_tracks - 1, b) for b in sorted(bars)]
     moved = reorder_tracks(tok, tokens, order)
     return order, dataclasses.replace(request, prompt=moved, bars=None, add_track=None, regenerate=regenerate)
+
+
+class RegionFit:
+    """``steering.Steer`` for the regenerated ``bars`` (from 0) of track ``track`` (its number; the conductor
+    is 0) of ``tokens``: the region's pitches within the range of the track's other notes, a bias of
+    ``CONSONANCE_BIAS`` towards consonance (interval classes 0, 3, 4, 7, 8, 9) with the lowest note the other
+    tracks sound at the onset, and ``LEAP_PENALTY`` per semitone beyond a whole tone from the track's note
+    next to the region in its first and last bars."""
+
+    def __init__(self, tok: HIDTokenizer, tokens: np.ndarray, track: int, bars: set[int]) -> None:
+        self.tok, self.track, self.bars = tok, track, set(bars)
+        piece = tok.parse(tokens)
+        self.bar_starts = piece.bar_starts(tok)
+        notes = tok.note_table(piece)
+        drums = [number for number, (token, _) in enumerate(piece.tracks) if token == TRACK_DRUMS]
+        pitched = notes[~np.isin(notes[:, COL["track"]], drums)]
+        self.drums = track - 1 in drums  # drums have no pitch to steer
+        own = pitched[pitched[:, COL["track"]] == track - 1]
+        self.others = pitched[pitched[:, COL["track"]] != track - 1]
+        kept = own[~np.isin(own[:, COL["bar"]], sorted(self.bars))]
+        self.pitch = np.arange(128)
+        self.range = None
+        if len(kept):
+            self.range = np.ones(tok.vocab_size, dtype=bool)
+            low, high = kept[:, COL["pitch"]].min(), kept[:, COL["pitch"]].max()
+            self.range[tok.pitch0 : tok.pitch0 + 128] = (self.pitch >= low) & (self.pitch <= high)
+        self.near: dict[int, list[int]] = {}  # bar -> the pitches its notes are drawn towards
+        first, last = min(self.bars), max(self.bars)
+        before, after = kept[kept[:, COL["bar"]] < first], kept[kept[:, COL["bar"]] > last]
+        for bar, side, edge in ((first, before, np.max), (last, after, np.min)):
+            if len(side):  # the top note at the onset next to the region
+                at = side[side[:, COL["onset"]] == edge(side[:, COL["onset"]])]
+                self.near.setdefault(bar, []).append(int(at[:, COL["pitch"]].max()))
+
+    def __call__(self, bar: int, track: int, onset: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if track != self.track or bar not in self.bars or onset < 0 or self.drums:
+            return None, None
+        score = np.zeros(128, dtype=np.float32)
+        time = self.bar_starts[bar] + onset
+        o = self.others
+        held = o[(o[:, COL["onset"]] <= time) & (o[:, COL["onset"]] + o[:, COL["duration"]] > time)]
+        if len(held):
+            score += CONSONANCE_BIAS * np.isin(np.abs(self.pitch - held[:, COL["pitch"]].min()) % 12, CONSONANT)
+        for pitch in self.near.get(bar, ()):
+            score -= LEAP_PENALTY * np.maximum(np.abs(self.pitch - pitch) - 2, 0)
+        bias = np.zeros(self.tok.vocab_size, dtype=np.float32)
+        bias[self.tok.pitch0 : self.tok.pitch0 + 128] = score
+        return bias, self.range

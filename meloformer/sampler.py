@@ -30,7 +30,7 @@ from meloformer.edits import crop_bars
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import BAR, EOS, MAX_PITCHED_TRACKS, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.model import MeloFormer
-from meloformer.steering import ChordBinding, key_pitch_classes, parse_dynamics, per_bar
+from meloformer.steering import ChordBinding, Steer, key_pitch_classes, parse_dynamics, per_bar
 
 
 @dataclass
@@ -376,13 +376,15 @@ def generate(
     seed: int = 0,
     progress: bool = False,
     desc: str = "generate",
+    steer: Steer | None = None,
 ) -> np.ndarray:
     """Sample one piece under the grammar with KV-cached decoding; returns its tokens (BOS ... EOS).
 
     The piece never outgrows the model's context (see the module docstring); a prompt that would is cropped
     to its last bars (``fit_to_context``, which also returns the notice to show). In bars with a forced chord,
     chord tones get ``CHORD_TONE_BIAS`` and the bass track's notes at the downbeat take the chord's root
-    (``steering.ChordBinding``).
+    (``steering.ChordBinding``). ``steer`` adds its own bias and pitch limits (``steering.Steer``; infilling's
+    ``infill.RegionFit``).
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -393,7 +395,8 @@ def generate(
     grammar = plan.grammar
     budget = _Budget(tok, plan, capacity)
     forced = any(chord is not None for chord in grammar.chords)
-    binding = ChordBinding(tok, grammar.chords, plan.instruments, CHORD_TONE_BIAS) if forced else None
+    steers = [ChordBinding(tok, grammar.chords, plan.instruments, CHORD_TONE_BIAS)] if forced else []
+    steers += [steer] if steer is not None else []
     onset = -1  # the current bar's latest Pos
     decoder = IncrementalDecoder(model, capacity=capacity)
     queue: list[int] | None = None  # the rest of a bar copied from the prompt
@@ -415,13 +418,12 @@ def generate(
                 if logits is None:  # the first free choice: run everything so far through the model at once
                     logits = decoder.prefill(torch.tensor([out], device=device))[:, -1]
                 folded = fold_bar_into_closing(logits[0], allowed, budget.closes_track)
-                bar, track = grammar.bars_done - 1, grammar.track_number
-                bias = binding.bias(bar, track) if binding is not None else None
-                if bias is not None:
-                    folded = folded + torch.from_numpy(bias).to(folded.device)
-                    if onset == 0:  # the downbeat: the bass track takes the root
-                        restricted = allowed & binding.downbeat(bar, track)
-                        allowed = restricted if restricted.any() else allowed
+                for steering in steers:
+                    bias, only = steering(grammar.bars_done - 1, grammar.track_number, onset)
+                    if bias is not None:
+                        folded = folded + torch.from_numpy(bias).to(folded.device)
+                    if only is not None and (allowed & only).any():
+                        allowed = allowed & only
                 scores = filter_logits(folded, allowed, request.temperature, request.top_k, request.top_p)
                 token = int(torch.multinomial(scores.softmax(-1).cpu(), 1, generator=generator))
         grammar.advance(token)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -75,6 +76,15 @@ def per_bar(ranges: Sequence[tuple[int, int]], bars: int) -> list[tuple[int, int
     return [ranges[b * len(ranges) // bars] for b in range(bars)]
 
 
+class Steer(Protocol):
+    """A control applied while sampling: for the next token of ``track`` (its number; 0 is the conductor) in
+    ``bar`` (from 0), the latest onset ``onset`` of that bar (-1 before any), a log-probability bias over the
+    vocabulary and a mask of the tokens still allowed (each None where it has nothing to say). The sampler
+    ignores a mask that would leave nothing the grammar allows."""
+
+    def __call__(self, bar: int, track: int, onset: int) -> tuple[np.ndarray | None, np.ndarray | None]: ...
+
+
 # General MIDI programs that play a bass line: the basses, cello, contrabass, trombone, tuba, bassoon.
 BASS_PROGRAMS = frozenset([*range(32, 40), 42, 43, 57, 58, 70])
 
@@ -117,6 +127,10 @@ class ChordBinding:
             roots = ~is_pitch
             roots[tok.pitch0 : tok.pitch0 + 128] = pitch_class == root
             self._roots[index] = roots
+
+    def __call__(self, bar: int, track: int, onset: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """``Steer``: the chord-tone bias, and at the downbeat the bass's root."""
+        return self.bias(bar, track), self.downbeat(bar, track) if onset == 0 else None
 
     def _chord(self, bar: int, track_number: int) -> int | None:
         if track_number < 1 or not 0 <= bar < len(self.chords):

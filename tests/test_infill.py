@@ -74,8 +74,9 @@ def test_infill_is_reproducible_per_seed(model, prompt):
 def test_the_target_track_is_generated_last_hearing_every_other_track(model, prompt, monkeypatch):
     seen = []
 
-    def fake_generate(model, tok, request, seed, progress):
+    def fake_generate(model, tok, request, seed, progress, steer):
         seen.append(request)
+        assert steer.track == 4 and steer.bars == {1, 2}  # the moved-last track's bars 2-3
         return request.prompt  # nothing regenerated: the result must be the prompt again
 
     monkeypatch.setattr(infill_module, "generate", fake_generate)
@@ -151,3 +152,40 @@ def test_the_model_stops_once_the_last_region_bar_is_written(model, prompt, monk
     # The prefill ends at that Bar; a step per token written in the region; the Bar that closes the region is
     # sampled from the last step's logits, and the model does not run over the copied bars after it.
     assert calls == list(range(bar + 1, bar + 1 + region))
+
+
+def test_region_fit_keeps_the_range_and_leans_to_consonance_and_the_neighbours(prompt):
+    """For the soprano's bars 2-3 (from 0: 1-2) of a 4-bar chorale: pitches outside the soprano's other notes
+    are refused, consonance with the lowest other note sounding gets CONSONANCE_BIAS, and the first and last
+    region bars lean to the notes just before and after; other tracks, bars and the conductor are left alone."""
+    notes = TOK.note_table(prompt)
+    soprano = notes[notes[:, TRACK] == 0]
+    kept = soprano[~np.isin(soprano[:, BAR], [1, 2])]
+    fit = infill_module.RegionFit(TOK, prompt, 1, {1, 2})
+    pitch = slice(TOK.pitch0, TOK.pitch0 + 128)
+    bias, allowed = fit(1, 1, 0)
+    low, high = kept[:, NOTE_COLUMNS.index("pitch")].min(), kept[:, NOTE_COLUMNS.index("pitch")].max()
+    assert np.flatnonzero(allowed[pitch]).tolist() == list(range(low, high + 1))
+    assert allowed[: TOK.pitch0].all()  # only pitches are limited
+    onset = int(fit.bar_starts[1])
+    others = notes[(notes[:, TRACK] != 0)]
+    o, d, p = (NOTE_COLUMNS.index(c) for c in ("onset", "duration", "pitch"))
+    bass = others[(others[:, o] <= onset) & (others[:, o] + others[:, d] > onset)][:, p].min()
+    before = int(
+        kept[kept[:, BAR] == 0][:, p][kept[kept[:, BAR] == 0][:, o] == kept[kept[:, BAR] == 0][:, o].max()].max()
+    )
+    expected = infill_module.CONSONANCE_BIAS * np.isin(np.abs(np.arange(128) - bass) % 12, (0, 3, 4, 7, 8, 9))
+    expected -= infill_module.LEAP_PENALTY * np.maximum(np.abs(np.arange(128) - before) - 2, 0)
+    assert np.allclose(bias[pitch], expected)
+    assert fit(0, 1, 0) == (None, None) and fit(1, 2, 0) == (None, None) and fit(1, 0, 0) == (None, None)
+
+
+def test_an_infilled_region_stays_in_the_tracks_range(model, prompt):
+    """The sampler applies the fit: even an untrained model's region keeps to the track's own range."""
+    regions = [Region.parse("1:2-3")]
+    notes = TOK.note_table(prompt)
+    kept = notes[(notes[:, TRACK] == 0) & ~in_regions(notes, regions)][:, NOTE_COLUMNS.index("pitch")]
+    for seed in range(2):
+        out = TOK.note_table(infill(model, TOK, GenerationRequest(prompt=prompt), regions, seed=seed))
+        region = out[in_regions(out, regions)][:, NOTE_COLUMNS.index("pitch")]
+        assert len(region) and kept.min() <= region.min() and region.max() <= kept.max()
