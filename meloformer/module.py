@@ -64,6 +64,10 @@ class MeloFormerModule(pl.LightningModule):
         compile: ``torch.compile`` the model.
         recompile_limit, accumulated_recompile_limit: Dynamo's limits (None: torch's defaults); each phase's
             batch size is one more compiled shape.
+        init_from: a model folder (or Hugging Face model id) whose weights the model starts from, to fine-tune
+            it (for example the shipped ``models/meloformer-pd-2m`` on your own music); its architecture and
+            tokenizer settings must equal ``config``'s and ``tokenizer``'s. A resume takes the checkpoint's
+            weights instead.
 
     The run-time knobs (``runtime``, compile and the recompile limits) may change on resume.
     """
@@ -81,6 +85,7 @@ class MeloFormerModule(pl.LightningModule):
         compile: bool = False,
         recompile_limit: int | None = None,
         accumulated_recompile_limit: int | None = None,
+        init_from: str | None = None,
     ) -> None:  # pragma: no mutate block (mutmut's wrapper would hide these arguments from save_hyperparameters)
         super().__init__()
         try:
@@ -102,12 +107,27 @@ class MeloFormerModule(pl.LightningModule):
             tokenizer=self.tokenizer.settings,
         )
         self.model = MeloFormer(self.config, self.tokenizer.kinds, dataclasses.replace(runtime))
+        if init_from is not None:
+            self._load_weights_of(init_from)
         self.register_buffer("kind_group", torch.from_numpy(_kind_groups(self.tokenizer)), persistent=False)
         self.metrics = nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("val", "test") for name in ("all", *KIND_GROUPS)}
         )
         self._compiled = False
         self._last_step: tuple[float, Tensor] | None = None
+
+    def _load_weights_of(self, folder: str) -> None:
+        """Start from the weights of a model folder with this architecture and tokenizer (``init_from``)."""
+        from meloformer.pretrained import load_model_folder
+
+        model, tokenizer = load_model_folder(folder)
+        try:
+            check_same("tokenizer settings", tokenizer.settings, self.tokenizer.settings, "model folder")
+            stored, current = (dataclasses.asdict(c) for c in (model.config, self.config))
+            check_same("model configuration", stored, current, "model folder")
+        except ValueError as err:
+            raise ValueError(f"model.init_from {folder}: {err}") from None
+        self.model.load_state_dict(model.state_dict())
 
     # ------------------------------------------------------------------ setup
     def configure_model(self) -> None:
@@ -276,12 +296,12 @@ def next_token_losses(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
     return loss, valid
 
 
-def check_same(what: str, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Raise ValueError naming every field where the checkpoint and the current run differ."""
+def check_same(what: str, saved: dict[str, Any], current: dict[str, Any], source: str = "checkpoint") -> None:
+    """Raise ValueError naming every field where the ``source`` (a checkpoint) and the current run differ."""
     differing = [k for k in sorted(set(saved) | set(current)) if _plain(saved.get(k)) != _plain(current.get(k))]
     if differing:
-        detail = ", ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
-        raise ValueError(f"the checkpoint was made with other {what} ({detail})")
+        detail = ", ".join(f"{k}: {source} {saved.get(k)!r} vs now {current.get(k)!r}" for k in differing)
+        raise ValueError(f"the {source} was made with other {what} ({detail})")
 
 
 def _plain(value: Any) -> Any:
@@ -325,9 +345,12 @@ def module_from_folder(folder: str | Path) -> MeloFormerModule:
     return module.eval()
 
 
-# The training hyperparameters: every argument of MeloFormerModule but the model's and the tokenizer's.
+# The training hyperparameters: every argument of MeloFormerModule but the model's, the tokenizer's and the
+# starting weights (a checkpoint holds its own; the folder they came from need not exist any more).
 TRAINING_ARGS = tuple(
-    name for name in inspect.signature(MeloFormerModule).parameters if name not in ("config", "runtime", "tokenizer")
+    name
+    for name in inspect.signature(MeloFormerModule).parameters
+    if name not in ("config", "runtime", "tokenizer", "init_from")
 )
 
 

@@ -372,3 +372,30 @@ def test_compiled_training_matches_eager(demo_shards, tiny_model, tmp_path):
         assert (module.model._compiled_call_impl is not None) == compiled
     assert torch._dynamo.config.recompile_limit == 16
     np.testing.assert_allclose(losses[True], losses[False], rtol=1e-4)
+
+
+def test_init_from_starts_from_a_model_folders_weights_and_refuses_another_shape(tmp_path):
+    """Fine-tuning: the model starts from the folder's weights (the shipped model with its own architecture);
+    another architecture is one line naming the field; a checkpoint never needs the folder again."""
+    import shutil
+
+    from meloformer.pretrained import default_model_folder, load_model_folder
+
+    folder = tmp_path / "model"
+    shutil.copytree(default_model_folder(), folder)
+    shipped, tok = load_model_folder(folder)
+    module = MeloFormerModule(shipped.config, tokenizer=tok.settings, init_from=str(folder))
+    for (name, ours), theirs in zip(module.model.state_dict().items(), shipped.state_dict().values()):
+        assert torch.equal(ours, theirs), name
+    fresh = MeloFormerModule(shipped.config, tokenizer=tok.settings)
+    assert not torch.equal(fresh.model.tok_emb.weight, module.model.tok_emb.weight)
+    other = dataclasses.replace(shipped.config, n_layer=2)
+    message = r"^model.init_from .*: the model folder was made with other model configuration \(n_layer: model "
+    with pytest.raises(ValueError, match=message + r"folder 4 vs now 2\)$"):
+        MeloFormerModule(other, tokenizer=tok.settings, init_from=str(folder))
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, tmp_path / "tuned.ckpt")
+    shutil.rmtree(folder)
+    loaded = load_checkpoint(tmp_path / "tuned.ckpt")  # the folder is gone: the checkpoint holds the weights
+    assert torch.equal(loaded.model.tok_emb.weight, module.model.tok_emb.weight)
