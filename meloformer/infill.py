@@ -86,8 +86,14 @@ def check_regions(tok: HIDTokenizer, prompt: np.ndarray, regions: list[Region]) 
 def reorder_tracks(tok: HIDTokenizer, tokens: np.ndarray, order: list[int]) -> np.ndarray:
     """The piece with its instrument tracks in ``order`` (indices from 0); every bar's tokens unchanged."""
     piece = tok.parse(tokens)
+    return assemble(piece.conductor, [piece.tracks[i] for i in order])
+
+
+def assemble(conductor: list[np.ndarray], tracks: list[tuple[int, list[np.ndarray]]]) -> np.ndarray:
+    """The tokens of a piece from its conductor's bars and its (``Track`` token, bars) tracks, each bar the
+    tokens after its ``Bar``."""
     parts: list[list[int] | np.ndarray] = [[BOS, TRACK_CONDUCTOR]]
-    for track_token, bars in [(TRACK_CONDUCTOR, piece.conductor)] + [piece.tracks[i] for i in order]:
+    for track_token, bars in [(TRACK_CONDUCTOR, conductor), *tracks]:
         if track_token != TRACK_CONDUCTOR:
             parts.append([track_token])
         for bar in bars:
@@ -121,8 +127,36 @@ def infill(
         order, track_request = _track_request(tok, request, tokens, track, bars)
         fit = RegionFit(tok, track_request.prompt, len(order), bars)
         out = generate(model, tok, track_request, seed=seed, progress=progress, steer=fit)
+        out = end_before_repeats(tok, out, len(order) - 1, bars)
         tokens = reorder_tracks(tok, out, list(np.argsort(order)))
     return tokens
+
+
+def end_before_repeats(tok: HIDTokenizer, tokens: np.ndarray, track: int, bars: set[int]) -> np.ndarray:
+    """The piece with each note of ``bars`` of instrument track ``track`` (both from 0) that is held into the
+    next onset of its pitch shortened to the longest duration step that ends by it. MIDI cannot hold two
+    overlapping notes of one pitch on a channel: a reader pairs their note-offs either way, which would change
+    the length of a kept note after the region in the written file."""
+    piece = tok.parse(tokens)
+    notes = tok.note_table(piece)
+    own = notes[notes[:, COL["track"]] == track]
+    onset, pitch, duration = own[:, COL["onset"]], own[:, COL["pitch"]], own[:, COL["duration"]]
+    order = np.lexsort((onset, pitch))
+    gap = np.full(len(own), np.iinfo(np.int64).max, dtype=np.int64)
+    same = pitch[order[:-1]] == pitch[order[1:]]
+    gap[order[:-1][same]] = onset[order[1:][same]] - onset[order[:-1][same]]
+    held = np.isin(own[:, COL["bar"]], sorted(bars)) & (duration > gap)
+    if not held.any():
+        return tokens
+    steps = tok.duration_values
+    duration = np.where(held, steps[np.maximum(np.searchsorted(steps, gap, "right") - 1, 0)], duration)
+    rows = np.stack([onset, pitch, duration, own[:, COL["velocity"]]], axis=1)
+    written = np.array(tok._track_tokens(rows, False, piece.bar_starts(tok)))
+    rewritten = [bar[1:] for bar in np.split(written, np.flatnonzero(written == BAR)[1:])]  # each after its Bar
+    token, kept = piece.tracks[track]
+    tracks = list(piece.tracks)
+    tracks[track] = (token, [rewritten[b] if b in bars else bar for b, bar in enumerate(kept)])
+    return assemble(piece.conductor, tracks)
 
 
 def _bars_by_track(regions: list[Region]) -> dict[int, set[int]]:

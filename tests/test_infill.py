@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import symusic
 
 import meloformer.infill as infill_module
 from _music import demo_files
@@ -189,3 +190,26 @@ def test_an_infilled_region_stays_in_the_tracks_range(model, prompt):
         out = TOK.note_table(infill(model, TOK, GenerationRequest(prompt=prompt), regions, seed=seed))
         region = out[in_regions(out, regions)][:, NOTE_COLUMNS.index("pitch")]
         assert len(region) and kept.min() <= region.min() and region.max() <= kept.max()
+
+
+def test_a_region_note_held_into_its_pitchs_next_onset_ends_there(tmp_path):
+    """A regenerated note held into the next onset of its pitch after the region would make the written MIDI
+    ambiguous (a reader pairs the note-offs either way) and change the kept note's length: it is shortened to
+    the longest duration step that ends by it, and every bar outside the region keeps its tokens."""
+    from _music import make_score
+
+    score = make_score([(0, False, [(0, 8, 60, 100), (4, 1, 60, 100), (5, 1, 64, 100)])])  # C held over bar 2's C
+    tokens = TOK.encode(score)
+    assert sorted(map(tuple, TOK.note_table(tokens)[:, [BAR, 4, 5]].tolist())) == [
+        (0, 60, 96),
+        (1, 60, 12),
+        (1, 64, 12),
+    ]
+    fixed = infill_module.end_before_repeats(TOK, tokens, 0, {0})
+    notes = sorted(map(tuple, TOK.note_table(fixed)[:, [BAR, 4, 5]].tolist()))
+    assert notes == [(0, 60, 48), (1, 60, 12), (1, 64, 12)]
+    assert np.array_equal(TOK.parse(fixed).tracks[0][1][1], TOK.parse(tokens).tracks[0][1][1])  # bar 2 as it was
+    TOK.decode_to_file(fixed, tmp_path / "fixed.mid")
+    read = sorted((n.time, n.pitch, n.duration) for n in symusic.Score(str(tmp_path / "fixed.mid")).tracks[0].notes)
+    assert read == [(0, 60, 48), (48, 60, 12), (60, 64, 12)]
+    assert np.array_equal(infill_module.end_before_repeats(TOK, tokens, 0, {1}), tokens)  # bar 2 holds no such note
