@@ -178,6 +178,12 @@ def chord_rates(
     }
 
 
+def lowest_sounding(notes: np.ndarray, time: int) -> int | None:
+    """The lowest pitch among ``notes`` (note-table rows) that sounds at ``time``; None where none does."""
+    held = notes[(notes[:, COL["onset"]] <= time) & (notes[:, COL["onset"]] + notes[:, COL["duration"]] > time)]
+    return int(held[:, COL["pitch"]].min()) if len(held) else None
+
+
 def region_features(notes: np.ndarray, track: int, first: int, last: int) -> dict[str, float | None]:
     """Boundary leaps, range and consonance of bars ``first..last`` (0-based) of instrument track ``track``
     (``notes``: the pitched notes of the piece)."""
@@ -202,12 +208,10 @@ def region_features(notes: np.ndarray, track: int, first: int, last: int) -> dic
     others = notes[notes[:, COL["track"]] != track]
     consonant = counted = 0
     for onset, pitch in region[:, [COL["onset"], COL["pitch"]]].tolist():
-        held = others[
-            (others[:, COL["onset"]] <= onset) & (others[:, COL["onset"]] + others[:, COL["duration"]] > onset)
-        ]
-        if len(held):
+        bass = lowest_sounding(others, onset)
+        if bass is not None:
             counted += 1
-            consonant += abs(pitch - int(held[:, COL["pitch"]].min())) % 12 in CONSONANT
+            consonant += abs(pitch - bass) % 12 in CONSONANT
     if counted:
         out["region_consonance"] = consonant / counted
     return out

@@ -18,7 +18,7 @@ import re
 
 import numpy as np
 
-from meloformer.features import CONSONANT
+from meloformer.features import CONSONANT, lowest_sounding
 from meloformer.hid import BAR, BOS, EOS, TRACK_CONDUCTOR, TRACK_DRUMS, HIDTokenizer
 from meloformer.instruments import instrument_name
 from meloformer.metrics import COL
@@ -214,11 +214,9 @@ class RegionFit:
         if track != self.track or bar not in self.bars or onset < 0 or self.drums:
             return None, None
         score = np.zeros(128, dtype=np.float32)
-        time = self.bar_starts[bar] + onset
-        o = self.others
-        held = o[(o[:, COL["onset"]] <= time) & (o[:, COL["onset"]] + o[:, COL["duration"]] > time)]
-        if len(held):
-            score += CONSONANCE_BIAS * np.isin(np.abs(self.pitch - held[:, COL["pitch"]].min()) % 12, CONSONANT)
+        bass = lowest_sounding(self.others, self.bar_starts[bar] + onset)
+        if bass is not None:
+            score += CONSONANCE_BIAS * np.isin(np.abs(self.pitch - bass) % 12, CONSONANT)
         for pitch in self.near.get(bar, ()):
             score -= LEAP_PENALTY * np.maximum(np.abs(self.pitch - pitch) - 2, 0)
         bias = np.zeros(self.tok.vocab_size, dtype=np.float32)

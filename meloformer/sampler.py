@@ -364,7 +364,8 @@ def fit_to_context(
 
 
 # Added to the log-probability of a pitch whose pitch class is a tone of its bar's forced chord (``--chords``):
-# e^1.5, about 4.5 times as likely relative to the other pitches (chosen by measurement: docs/results.md).
+# e^1.0, about 2.7 times as likely relative to the other pitches (1.5 bound tighter but cost more voice-leading:
+# docs/results.md).
 CHORD_TONE_BIAS = 1.0
 
 
