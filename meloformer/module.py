@@ -120,7 +120,10 @@ class MeloFormerModule(pl.LightningModule):
         """Start from the weights of a model folder with this architecture and tokenizer (``init_from``)."""
         from meloformer.pretrained import load_model_folder
 
-        model, tokenizer = load_model_folder(folder)
+        try:
+            model, tokenizer = load_model_folder(folder)
+        except ValueError as err:  # it names the folder
+            raise ValueError(f"model.init_from: {err}") from None
         try:
             check_same("tokenizer settings", tokenizer.settings, self.tokenizer.settings, "model folder")
             stored, current = (dataclasses.asdict(c) for c in (model.config, self.config))

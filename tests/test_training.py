@@ -393,6 +393,8 @@ def test_init_from_starts_from_a_model_folders_weights_and_refuses_another_shape
     message = r"^model.init_from .*: the model folder was made with other model configuration \(n_layer: model "
     with pytest.raises(ValueError, match=message + r"folder 4 vs now 2\)$"):
         MeloFormerModule(other, tokenizer=tok.settings, init_from=str(folder))
+    with pytest.raises(ValueError, match=r"^model.init_from: .*nowhere: no such model folder"):
+        MeloFormerModule(shipped.config, tokenizer=tok.settings, init_from=str(tmp_path / "nowhere"))
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
     module.on_save_checkpoint(checkpoint)
     torch.save(checkpoint, tmp_path / "tuned.ckpt")
