@@ -6,9 +6,10 @@ Also the tiles flex computes at 128 (partial ones run the ``mask_mod`` on every 
 against a causal mask over the same regular tokens, their fill, and the time to build the flex tile
 structure on one CPU thread (what a DataLoader worker spends per row).
 
-Rows are built like training rows (``packed``: bar-window crops of demo-corpus pieces, at most
-``--piece-tokens`` each, packed into one row with document ids), and, as the worst case, one long piece
-(``single``: every token in one document). Each time is the best of ``--repeats`` runs after a warm-up
+Both masks: ``summary`` and ``window`` (``--attention``). Rows are built like training rows (``packed``:
+bar-window crops of demo-corpus pieces, at most ``--piece-tokens`` each, packed into one row with document
+ids; for ``window`` each starts on a 128-token boundary, as its training rows do), and, as the worst case,
+one long piece (``single``: every token in one document). Each time is the best of ``--repeats`` runs after a warm-up
 (compilation excluded), so a busy machine disturbs the ratios less.
 
     python bench/attention.py [--quick] [--out bench/results/attention.json]
@@ -17,6 +18,7 @@ Rows are built like training rows (``packed``: bar-window crops of demo-corpus p
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -27,8 +29,8 @@ from common import REPO, add_common_arguments, best_time, print_header, set_thre
 
 from meloformer.arith import ceil_div
 from meloformer.edits import crop_bars
-from meloformer.hid import BOS, HIDError, HIDTokenizer
-from meloformer.masks import flex_blocks, full_dense_mask, summary_mask_mod
+from meloformer.hid import BOS, PAD, HIDError, HIDTokenizer
+from meloformer.masks import MaskRules, flex_blocks, full_dense_mask
 from meloformer.model import SIZES, compiled_flex_attention
 from meloformer.row_layout import row_layout, slots_for
 
@@ -79,14 +81,16 @@ def crop(piece: np.ndarray, max_tokens: int, rng: np.random.Generator) -> np.nda
     return best[:max_tokens].astype(np.int64)
 
 
-def packed_row(pieces: list[np.ndarray], length: int, piece_tokens: int, seed: int = 0) -> np.ndarray:
-    """A training-like row: crops of random pieces, packed back to back and cut to ``length``."""
+def packed_row(pieces: list[np.ndarray], length: int, piece_tokens: int, seed: int = 0, align: int = 1) -> np.ndarray:
+    """A training-like row: crops of random pieces, packed back to back (each starting at a multiple of
+    ``align``, padding between, as ``RowBuilder`` packs for the window attention) and cut to ``length``."""
     rng = np.random.default_rng(seed)
     out, total = [], 0
     while total < length:
         c = crop(pieces[int(rng.integers(len(pieces)))], piece_tokens, rng)
-        out.append(c)
-        total += len(c)
+        gap = -len(c) % align
+        out += [c, np.full(gap, PAD, dtype=np.int64)]
+        total += len(c) + gap
     return np.concatenate(out)[:length]
 
 
@@ -98,21 +102,21 @@ def single_row(pieces: list[np.ndarray], length: int) -> np.ndarray:
     return longest[:length]
 
 
-def bench_row(tokens: np.ndarray, device: torch.device, repeats: int, block_size: int) -> dict:
+def bench_row(tokens: np.ndarray, device: torch.device, repeats: int, block_size: int, rules: MaskRules) -> dict:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     train = device.type == "cuda"
     dtype = torch.bfloat16 if train else torch.float32
     n = len(tokens)
     segments = int(row_layout(tokens[None], TOK.kinds).num_slots)
     rows = row_layout(tokens[None], TOK.kinds, slots_for(segments, n // 8)).to(device)
-    mask_mod = summary_mask_mod(rows)
+    mask_mod = rules.mask_mod(rows)
     t = rows.length
 
     cpu_rows = rows.to("cpu")
-    cpu_mod = summary_mask_mod(cpu_rows)
-    tiles128 = flex_blocks(cpu_mod, cpu_rows, 128, runs=True)
-    tiles_build = best_time(lambda: flex_blocks(cpu_mod, cpu_rows, 128, runs=True), repeats, lambda: None)
-    blocks = flex_blocks(mask_mod, rows, block_size, runs=True).block_mask(mask_mod)
+    cpu_mod = rules.mask_mod(cpu_rows)
+    tiles128 = flex_blocks(cpu_mod, cpu_rows, 128, runs=rules.runs)
+    tiles_build = best_time(lambda: flex_blocks(cpu_mod, cpu_rows, 128, runs=rules.runs), repeats, lambda: None)
+    blocks = flex_blocks(mask_mod, rows, block_size, runs=rules.runs).block_mask(mask_mod)
     dense = full_dense_mask(mask_mod, rows)
     causal_tiles = ceil_div(n, 128) * (ceil_div(n, 128) + 1) // 2
     counts = tiles128.tile_counts()
@@ -145,6 +149,7 @@ def bench_row(tokens: np.ndarray, device: torch.device, repeats: int, block_size
         max_diff = (flex_out.float() - reference.float()).abs().max().item()
         times = {name: best_time(run(fn), repeats, sync) for name, fn in kernels.items()}
     return {
+        "attention": rules.attention,
         "tokens": n,
         "summary_slots": rows.num_slots,
         "segments": segments,
@@ -172,6 +177,7 @@ def main() -> None:
     parser.add_argument("--piece-tokens", type=int, default=2048, help="longest crop packed into a row")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--block-size", type=int, default=None, help="flex tile size (default: model's choice)")
+    parser.add_argument("--attention", nargs="+", default=["summary", "window"], choices=("summary", "window"))
     add_common_arguments(parser, "attention")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -184,27 +190,28 @@ def main() -> None:
     pieces = corpus()
     results = []
     header = (
-        f"{'row':>7} {'tokens':>6} {'slots':>5} {'docs':>4} {'tiles/causal':>12} {'full':>5} {'fill':>5} "
+        f"{'mask':>7} {'row':>7} {'tokens':>6} {'slots':>5} {'docs':>4} {'tiles/causal':>12} {'full':>5} {'fill':>5} "
         f"{'build s':>7} {'flex s':>8} {'sdpa+mask s':>11} {'causal s':>8} {'flex/causal':>11}"
     )
     mode = "forward+backward, bf16" if device.type == "cuda" else "forward, fp32"
     print_header(f"attention {mode}, flex tile {block_size}, best of {repeats}", device.type)
     print(header)
-    for workload in workloads:
-        for length in lengths:
-            tokens = (
-                packed_row(pieces, length, args.piece_tokens) if workload == "packed" else single_row(pieces, length)
-            )
-            r = bench_row(tokens, device, repeats, block_size) | {"workload": workload}
-            results.append(r)
-            s = r["seconds"]
-            print(
-                f"{workload:>7} {length:>6} {r['summary_slots']:>5} {r['documents']:>4} "
-                f"{r['computed_vs_causal_128']:>11.2f}x {r['full_share_128']:>5.0%} {r['fill_128']:>5.0%} "
-                f"{r['tiles_build_cpu_s']:>7.2f} {s['flex']:>8.4f} {s['sdpa_dense_mask']:>11.4f} "
-                f"{s['sdpa_causal']:>8.4f} {s['sdpa_causal'] / s['flex']:>10.2f}x",
-                flush=True,
-            )
+    for attention, workload, length in itertools.product(args.attention, workloads, lengths):
+        rules = MaskRules(attention=attention)
+        if workload == "packed":
+            tokens = packed_row(pieces, length, args.piece_tokens, align=rules.doc_align)
+        else:
+            tokens = single_row(pieces, length)
+        r = bench_row(tokens, device, repeats, block_size, rules) | {"workload": workload}
+        results.append(r)
+        s = r["seconds"]
+        print(
+            f"{attention:>7} {workload:>7} {length:>6} {r['summary_slots']:>5} {r['documents']:>4} "
+            f"{r['computed_vs_causal_128']:>11.2f}x {r['full_share_128']:>5.0%} {r['fill_128']:>5.0%} "
+            f"{r['tiles_build_cpu_s']:>7.2f} {s['flex']:>8.4f} {s['sdpa_dense_mask']:>11.4f} "
+            f"{s['sdpa_causal']:>8.4f} {s['sdpa_causal'] / s['flex']:>10.2f}x",
+            flush=True,
+        )
     report = {"mode": mode, "heads": [HEADS, KV_HEADS, HEAD_DIM], "piece_tokens": args.piece_tokens, "results": results}
     write_report(args.out, report, device.type)
 

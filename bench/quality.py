@@ -41,6 +41,7 @@ from meloformer.datamodules import HIDDataModule
 from meloformer.evaluate import evaluate_music, evaluation_data
 from meloformer.hid import PAD, TRACK_PROGRAM0
 from meloformer.layout import layout
+from meloformer.masks import ATTENTION_VARIANTS
 from meloformer.metrics import MusicMetrics, similarity_curve, similarity_error
 from meloformer.module import KIND_GROUPS, MeloFormerModule, load_checkpoint
 from meloformer.sampler import GenerationRequest, generate
@@ -183,11 +184,11 @@ def similarity_spread(generated: Path, reference: list[float], seed: int = 0) ->
     return float(np.nanstd(errors))
 
 
-def throughput(config: dict, data_dir: Path, steps: int = 5) -> dict[str, dict[str, float]]:
+def throughput(config: dict, data_dir: Path, arms: list[str], steps: int = 5) -> dict[str, dict[str, float]]:
     """Training steps/s and tokens/s of each arm's model, alternating steps in one process, one thread."""
     torch.set_num_threads(1)
     model = config["model"]
-    modules = {arm: MeloFormerModule(**{**model, "config": {**model["config"], "attention": arm}}) for arm in ARMS}
+    modules = {arm: MeloFormerModule(**{**model, "config": {**model["config"], "attention": arm}}) for arm in arms}
     first = next(iter(modules.values()))
     data = HIDDataModule(
         data_dir=str(data_dir),
@@ -199,7 +200,7 @@ def throughput(config: dict, data_dir: Path, steps: int = 5) -> dict[str, dict[s
     data.setup("test")
     tokens = next(iter(data.test_dataloader()))["tokens"][: config["data"]["batch_size"]]
     optimizers = {arm: torch.optim.AdamW(m.parameters(), lr=1e-4) for arm, m in modules.items()}
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    times: dict[str, list[float]] = {arm: [] for arm in arms}
     for _ in range(steps + 1):  # the first round warms up
         for arm, module in modules.items():
             started = time.perf_counter()
@@ -215,12 +216,12 @@ def throughput(config: dict, data_dir: Path, steps: int = 5) -> dict[str, dict[s
     }
 
 
-def learning_curves(runs: Path) -> dict[str, dict[str, list]]:
+def learning_curves(runs: Path, arms: list[str]) -> dict[str, dict[str, list]]:
     """Per arm, (step, train loss) and (step, val loss) from the CSV logs."""
     import csv
 
     curves = {}
-    for arm in ARMS:
+    for arm in arms:
         log = runs / arm / "version_0" / "metrics.csv"
         rows = list(csv.DictReader(open(log))) if log.exists() else []  # none before the first logged step
         curve = {"train": [], "val": []}
@@ -254,13 +255,14 @@ def plot(curves: dict, results: dict, out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4))
     names = [bucket_name(b) for b in BAR_BUCKETS]
-    width = 0.8 / len(ARMS)
-    for i, arm in enumerate(ARMS):
+    arms = list(results)
+    width = 0.8 / len(arms)
+    for i, arm in enumerate(arms):
         values = [results[arm]["test"].get(n, np.nan) for n in names]
         ax.bar(np.arange(len(names)) + i * width, values, width, label=arm)
     ax.set_xticks(np.arange(len(names)) + width, [n[len("loss_bars_") :] for n in names])
     ax.set(xlabel="bar index within the piece", ylabel="test loss", title="Test loss by bar index")
-    lows = [results[a]["test"].get(n, np.nan) for a in ARMS for n in names]
+    lows = [results[a]["test"].get(n, np.nan) for a in arms for n in names]
     ax.set_ylim(0.9 * np.nanmin(lows), 1.05 * np.nanmax(lows))
     ax.legend()
     fig.tight_layout()
@@ -277,19 +279,20 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--bars", type=int, default=16)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "results")
+    parser.add_argument("--arms", nargs="+", choices=ATTENTION_VARIANTS, default=list(ARMS))
     args = parser.parse_args()
     base = yaml.safe_load(args.config.read_text())
     if not (args.data / "index.json").exists():
         subprocess.run(
             [sys.executable, "-m", "meloformer.cli", "preprocess", str(args.midi), str(args.data)], check=True
         )
-    configs = {arm: arm_config(base, arm, args.steps, args.data, args.runs) for arm in ARMS}
+    configs = {arm: arm_config(base, arm, args.steps, args.data, args.runs) for arm in args.arms}
     train_arms(configs, args.steps)
 
     args.out.mkdir(parents=True, exist_ok=True)
     references = test_midi(args.midi, args.data, args.runs / "test-midi")
     results = {}
-    for arm in ARMS:
+    for arm in args.arms:
         module = load_checkpoint(configs[arm].parent / "checkpoints" / "last.ckpt")
         torch.set_num_threads(2)
         results[arm] = {"test": test_losses(module, args.data, batch_size=4), "music": {}}
@@ -301,10 +304,10 @@ def main() -> None:
             music["generated_tokens_per_s"] = speed
             results[arm]["music"][texture] = music
         print(f"{arm}: test loss {results[arm]['test']['loss']:.4f}")
-    speed = throughput(base, args.data)
-    for arm in ARMS:
+    speed = throughput(base, args.data, args.arms)
+    for arm in args.arms:
         results[arm]["train_speed"] = speed[arm]
-    curves = learning_curves(args.runs)
+    curves = learning_curves(args.runs, args.arms)
     plot(curves, results, args.out)
     report = {
         "steps": args.steps,
@@ -321,30 +324,31 @@ def main() -> None:
 
 def table(results: dict) -> str:
     """The Markdown table of the ablation (one column per arm)."""
-    rows = ["| | " + " | ".join(ARMS) + " |", "|---|" + "---:|" * len(ARMS)]
+    arms = list(results)
+    rows = ["| | " + " | ".join(arms) + " |", "|---|" + "---:|" * len(arms)]
 
     def row(label: str, values: list[float], fmt: str = "{:.4f}") -> None:
         rows.append(f"| {label} | " + " | ".join(fmt.format(v) for v in values) + " |")
 
-    test = {a: results[a]["test"] for a in ARMS}
-    row("test loss", [test[a]["loss"] for a in ARMS])
-    row("test perplexity", [test[a]["ppl"] for a in ARMS], "{:.3f}")
+    test = {a: results[a]["test"] for a in arms}
+    row("test loss", [test[a]["loss"] for a in arms])
+    row("test perplexity", [test[a]["ppl"] for a in arms], "{:.3f}")
     names = [f"loss_{g}" for g in KIND_GROUPS] + [bucket_name(b) for b in BAR_BUCKETS]
     for name in names + [f"loss_{t}" for t in TEXTURES]:
-        row(name.replace("loss_", "loss, "), [test[a].get(name, float("nan")) for a in ARMS])
+        row(name.replace("loss_", "loss, "), [test[a].get(name, float("nan")) for a in arms])
     for texture in TEXTURES:
-        music = {a: results[a]["music"][texture] for a in ARMS}
-        reference = music[ARMS[0]]["reference"]
+        music = {a: results[a]["music"][texture] for a in arms}
+        reference = music[arms[0]]["reference"]
         for metric in ("pitch_class_entropy", "groove_consistency", "polyphony", "notes_per_bar", "empty_bar_rate"):
             label = f"{texture} samples: {metric} (test pieces {reference[metric]:.3f})"
-            row(label, [music[a]["generated"][metric] for a in ARMS], "{:.3f}")
+            row(label, [music[a]["generated"][metric] for a in arms], "{:.3f}")
         rows.append(
             f"| {texture} samples: similarity error ± bootstrap s.e. (lower is better) | "
-            + " | ".join(f"{music[a]['similarity_error']:.4f} ± {music[a]['similarity_error_se']:.4f}" for a in ARMS)
+            + " | ".join(f"{music[a]['similarity_error']:.4f} ± {music[a]['similarity_error_se']:.4f}" for a in arms)
             + " |"
         )
-    row("training steps/s", [1 / results[a]["train_speed"]["step_s"] for a in ARMS], "{:.3f}")
-    row("training tokens/s", [results[a]["train_speed"]["tokens_per_s"] for a in ARMS], "{:.0f}")
+    row("training steps/s", [1 / results[a]["train_speed"]["step_s"] for a in arms], "{:.3f}")
+    row("training tokens/s", [results[a]["train_speed"]["tokens_per_s"] for a in arms], "{:.0f}")
     return "\n".join(rows)
 
 

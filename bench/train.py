@@ -1,5 +1,6 @@
 """Training throughput on CPU: MeloFormer-small (summary attention, sdpa) vs a plain causal transformer, and
-the DataLoader's rows/s against what the model consumes.
+the DataLoader's rows/s against what the model consumes. ``--attention window`` times the tile-friendly
+variant instead (its rows start each piece on a 128-token boundary).
 
 MeloFormer runs the ``sdpa`` backend's block-sparse attention (64x32 blocks) with its side channels and mask
 built by the DataLoader (``batch["layout"]`` and ``batch["mask"]`` from the model's ``mask_plan``, as in
@@ -149,6 +150,7 @@ def main() -> None:
     parser.add_argument("--dense", action="store_true", help="also time SDPA over the whole dense mask")
     parser.add_argument("--loader-rows", type=int, default=200)
     parser.add_argument("--device", default="cpu", help="cpu (sdpa backend, fp32) or cuda (flex, bf16 autocast)")
+    parser.add_argument("--attention", default="summary", choices=("summary", "window"), help="MeloFormer's mask")
     add_common_arguments(parser, "train")
     args = parser.parse_args()
     set_threads(args.threads)
@@ -157,7 +159,7 @@ def main() -> None:
     slots = args.summary_slots or L // 8
     backend = "sdpa" if device.type == "cpu" else "flex"
 
-    sized = MeloFormerConfig.from_size(args.size, max_seq_len=L, summary_slots=slots)
+    sized = MeloFormerConfig.from_size(args.size, max_seq_len=L, summary_slots=slots, attention=args.attention)
     module = MeloFormerModule(sized, RuntimeConfig(attention_backend=backend))
     config = module.config
     data = HIDDataModule(max_seq_len=L, max_segments=slots, batch_size=B, mask_plan=module.mask_plan(backend))
@@ -188,6 +190,7 @@ def main() -> None:
     fill = float(torch.cat([batch["tokens"].cpu() for batch in batches]).ne(PAD).float().mean())
     result = {
         "size": args.size,
+        "attention": args.attention,
         "device": device.type,
         "seq_len": L,
         "batch_size": B,
@@ -206,8 +209,8 @@ def main() -> None:
         "loader_vs_model": loader / model_rows_per_s,
         "goals": {"vs_plain": 1.0 if L >= 8192 else 0.9, "loader_vs_model": 10.0},
     }
-    print_header(f"training {args.size} on {device.type}, rows of {L} tokens (+{slots} summary slots), batch {B}, "
-                 f"median of {args.steps} steps")  # fmt: skip
+    print_header(f"training {args.size} ({args.attention}) on {device.type}, rows of {L} tokens (+{slots} summary "
+                 f"slots), batch {B}, median of {args.steps} steps")  # fmt: skip
     print(f"{'model':28} {'params':>12} {'step s':>8} {'mask':>6} {'fwd':>6} {'bwd':>6} {'opt':>6} "
           f"{'tokens/s':>10} {'vs plain':>9}")  # fmt: skip
     for name in runs:

@@ -73,7 +73,8 @@ class HIDDataModule(pl.LightningDataModule):
         max_segments: most (track, bar) segments per row: the model's summary slots. None: no limit.
         mask_plan: what the DataLoader workers add to each batch from its tokens: the model's ``MaskPlan``
             (side channels and attention mask; ``meloformer fit`` links it from the model). None: tokens only,
-            and the model computes the rest in the step.
+            and the model computes the rest in the step. A plan's ``doc_align`` sets where rows start their
+            documents (``RowBuilder``).
         batch_size: rows per batch and rank (a ``LoaderSchedule`` such as ``PhaseSwitchCallback`` overrides it).
         val_batch_size: rows per validation/test batch; None: ``batch_size``.
         num_workers: DataLoader worker processes (overridden per phase for training, as ``batch_size``).
@@ -196,6 +197,7 @@ class HIDDataModule(pl.LightningDataModule):
                     seed=self.seed,
                     random_windows=self.random_windows,
                     transpose=self.transpose,
+                    doc_align=getattr(self.mask_plan, "doc_align", 1),
                 )
         if needed == "train":
             self._check_rows_hold_pieces()

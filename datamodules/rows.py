@@ -86,7 +86,9 @@ class RowBuilder:
     """Builds row ``index`` of one split: the anchor piece's crop, then filler crops, then padding.
 
     ``max_segments`` is the model's number of summary slots (None: unlimited). ``transpose`` is the largest
-    random transposition in semitones (train only; drums stay, pitches stay within 0..127).
+    random transposition in semitones (train only; drums stay, pitches stay within 0..127). ``doc_align``:
+    every crop starts at a multiple of it (padding in between), so a mask laid out for tiles of that size
+    (the ``window`` attention's 128-token chunks) finds documents on tile boundaries.
     """
 
     def __init__(
@@ -100,6 +102,7 @@ class RowBuilder:
         random_windows: bool = True,
         transpose: int = 0,
         fill_attempts: int = 8,
+        doc_align: int = 1,
     ) -> None:
         self.reader = reader
         self.split = split
@@ -112,6 +115,7 @@ class RowBuilder:
         self.random_windows = random_windows and self.random
         self.transpose = transpose if self.random else 0
         self.fill_attempts = fill_attempts
+        self.doc_align = doc_align
         self._permutation: tuple[int, np.ndarray] | None = None
 
     @property
@@ -136,23 +140,20 @@ class RowBuilder:
             raise ValueError(f"the {self.split!r} split has no pieces")
         rng = np.random.default_rng([self.seed, _SPLIT_TAGS[self.split], 1 << 32, index])
         window_rng = rng if self.random_windows else None
-        crops: list[np.ndarray] = []
-        room, segment_room = self.max_seq_len, self.max_segments
+        row = np.full(self.max_seq_len, PAD, dtype=np.int64)
+        used, segment_room = 0, self.max_segments
         piece = self.anchor(index)
         for attempt in range(self.fill_attempts + 1):
+            room = self.max_seq_len - used
             if room < MIN_CROP_TOKENS:
                 break
             if attempt > 0:
                 piece = int(rng.integers(len(self.table)))
             crop = self._crop(piece, room, segment_room, window_rng, rng)
             if crop is not None:
-                crops.append(crop[0])
-                room -= len(crop[0])
+                row[used : used + len(crop[0])] = crop[0]
+                used = -(-(used + len(crop[0])) // self.doc_align) * self.doc_align
                 segment_room -= crop[1]
-        row = np.full(self.max_seq_len, PAD, dtype=np.int64)
-        if crops:
-            packed = np.concatenate(crops)
-            row[: len(packed)] = packed
         return row
 
     def _crop(

@@ -35,7 +35,8 @@ DEFAULT_FINE_BARS = (1, 2, 4, 8, 12, 16, 24, 32)
 MAX_FINE_BAR = 62  # the fine-bar table is the bits of one int64 constant
 
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
-ATTENTION_VARIANTS = ("summary", "causal", "local")
+ATTENTION_VARIANTS = ("summary", "window", "causal", "local")
+CHUNK = 1 << Code.CHUNK_BITS  # the window variant counts a document's tokens in chunks of 128 from its start
 SEGMENT = Code.DOC | Code.TRACK | Code.BAR
 
 
@@ -45,19 +46,25 @@ def summary_mask_mod(
     cross_window: int = 1,
     kind_sparsity: bool = False,
     attention: str = "summary",
+    token_window: int = 1024,
 ) -> MaskMod:
     """The mask of one attention variant for the rows of ``rows`` (query and key index the same row).
 
-    ``summary`` is the full mask of docs/design.md section 4 (SR, SS, RS and RR). The two ablations use rows without
-    summary slots: ``causal`` lets a regular token see every earlier token of its document (full attention),
-    and ``local`` keeps only the RR rules (what the summaries add on top of them).
+    ``summary`` is the full mask of docs/design.md section 4 (SR, SS, RS and RR). ``window`` keeps the slots
+    but lays RR out for 128-token tiles: a regular token sees its document's tokens in its own chunk and the
+    chunks before it up to ``token_window`` tokens, and the slots of the segments that ended before that
+    window. The two ablations use rows without summary slots: ``causal`` lets a regular token see every
+    earlier token of its document (full attention), and ``local`` keeps only the RR rules of ``summary``.
     """
     if attention not in ATTENTION_VARIANTS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
     if any(o < 1 or o > MAX_FINE_BAR for o in fine_bars):
         raise ValueError(f"fine_bars must lie in 1..{MAX_FINE_BAR}, got {tuple(fine_bars)}")
+    if token_window < CHUNK or token_window % CHUNK:
+        raise ValueError(f"token_window must be a positive multiple of {CHUNK}, got {token_window}")
     n, code, kind_code = rows.num_regular, rows.code, rows.kind_code
     fine = sum(1 << o for o in set(fine_bars))  # bit o set: a token sees its track's bar o bars back
+    chunks = token_window // CHUNK
 
     def bars(b, q, kv):
         """Bar of the query and of the key, plus one (0: outside a segment)."""
@@ -87,6 +94,20 @@ def summary_mask_mod(
     def rs(b, h, q, kv):
         """A regular token at position p sees the slot of every segment s' that ended before p."""
         return (q < n) & (kv >= n) & earlier_end(b, h, q, kv)
+
+    def chunks_back(b, q, kv):
+        """How many chunks of its document the key (a slot: its segment's end) lies before the query."""
+        return (code[b, q] >> Code.CHUNK_SHIFT) - (code[b, kv] >> Code.CHUNK_SHIFT)
+
+    def rs_before_window(b, h, q, kv):
+        """A regular token sees the slot of every segment that ended before its window, whose tokens it no
+        longer sees one by one."""
+        return (q < n) & (kv >= n) & (chunks_back(b, q, kv) >= chunks)
+
+    def rr_window(b, h, q, kv):
+        """A regular token sees the regular tokens of its own chunk and of the ``token_window`` / 128 - 1 chunks
+        before it."""
+        return (kv < n) & (chunks_back(b, q, kv) < chunks)
 
     def rr_causal(b, h, q, kv):
         """A regular token sees only regular tokens at or before its own position (one of the rules below)."""
@@ -128,7 +149,10 @@ def summary_mask_mod(
     if kind_sparsity:
         local = and_masks(local, rr_kind)
     rr = and_masks(rr_causal, or_masks(rr_global, local))
-    visible = {"summary": or_masks(sr, ss, rs, rr), "causal": rr_causal, "local": rr}[attention]
+    if attention == "window":
+        visible = or_masks(sr, ss, rs_before_window, and_masks(rr_causal, or_masks(rr_same_segment, rr_window)))
+    else:
+        visible = {"summary": or_masks(sr, ss, rs, rr), "causal": rr_causal, "local": rr}[attention]
     return or_masks(itself, and_masks(same_doc, visible))
 
 
@@ -201,9 +225,10 @@ def _block_runs(rows: RowLayout, block_size: int, runs: bool) -> tuple[Tensor, T
     """Per block of positions, the first position of each run the mask treats alike: ``[B, n, K]`` positions,
     which of them are real, the count per block and whether the block holds a dead (or past-the-end) position.
 
-    With ``runs`` the regular tokens of one segment inside a block form one run (every rule but the causal
-    order among them treats them alike); every other live position is a run of its own, and dead positions
-    (padding, unused slots: they see only themselves and nobody sees them) belong to none.
+    With ``runs`` the regular tokens of one segment and one chunk (``CHUNK``) inside a block form one run
+    (every rule but the causal order among them treats them alike); every other live position is a run of its
+    own, and dead positions (padding, unused slots: they see only themselves and nobody sees them) belong to
+    none.
     """
     n_blocks = ceil_div(rows.length, block_size)
     fill = n_blocks * block_size - rows.length
@@ -212,7 +237,8 @@ def _block_runs(rows: RowLayout, block_size: int, runs: bool) -> tuple[Tensor, T
     seg = F.pad(rows.segment, (0, fill), value=-1)
     start = live & ((p % block_size == 0) | (p >= rows.num_regular) | (seg < 0))
     if runs:
-        start |= live & (seg != F.pad(seg, (1, 0), value=-1)[:, :-1])
+        chunk_start = F.pad((rows.code >> Code.POS_SHIFT) % CHUNK == 0, (0, fill), value=False)
+        start |= live & ((seg != F.pad(seg, (1, 0), value=-1)[:, :-1]) | chunk_start)
     else:
         start = live
     start = start.view(rows.batch_size, n_blocks, block_size)
@@ -428,10 +454,16 @@ class MaskRules:
     cross_window: int = 1
     kind_sparsity: bool = False
     attention: str = "summary"
+    token_window: int = 1024
 
     @property
     def with_slots(self) -> bool:
-        return self.attention == "summary"
+        return self.attention in ("summary", "window")
+
+    @property
+    def doc_align(self) -> int:
+        """Where packed rows should start their documents: on the window variant's chunk (tile) boundaries."""
+        return CHUNK if self.attention == "window" else 1
 
     @property
     def runs(self) -> bool:
@@ -440,7 +472,9 @@ class MaskRules:
         return not self.kind_sparsity
 
     def mask_mod(self, rows: RowLayout) -> MaskMod:
-        return summary_mask_mod(rows, self.fine_bars, self.cross_window, self.kind_sparsity, self.attention)
+        return summary_mask_mod(
+            rows, self.fine_bars, self.cross_window, self.kind_sparsity, self.attention, self.token_window
+        )
 
 
 @dataclasses.dataclass
@@ -470,6 +504,10 @@ class MaskPlan:
     min_slots: int
     backend: str  # flex or sdpa
     flex_block_size: int = 128
+
+    @property
+    def doc_align(self) -> int:
+        return self.rules.doc_align
 
     def __call__(self, tokens: Tensor) -> dict[str, object]:
         rows = row_layout(tokens, self.kinds, self.min_slots, self.rules.with_slots)

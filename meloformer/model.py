@@ -52,7 +52,7 @@ from meloformer.row_layout import RowLayout, row_layout
 compiled_flex_attention = torch.compile(flex_attention, dynamic=False)
 
 Backend = Literal["auto", "flex", "sdpa"]
-AttentionVariant = Literal["summary", "causal", "local"]
+AttentionVariant = Literal["summary", "window", "causal", "local"]
 SlotInput = Literal["learned", "segment_mean"]
 Checkpointing = Literal["none", "ffn", "block"]
 DEFAULT_VOCAB_SIZE = HIDTokenizer().vocab_size
@@ -94,7 +94,8 @@ class MeloFormerConfig:
     fine_bars: tuple[int, ...] = DEFAULT_FINE_BARS
     cross_window: int = 1
     kind_sparsity: bool = False
-    attention: AttentionVariant = "summary"  # summary | causal | local (the last two: no summary slots; ablations)
+    attention: AttentionVariant = "summary"  # summary | window | causal | local (the last two: no slots; ablations)
+    token_window: int = 1024  # window: the recent tokens a token sees one by one (a multiple of 128)
     slot_input: SlotInput = "learned"  # a slot's input; segment_mean adds the mean embedding of its segment's tokens
     rope_base: float = 10_000.0
     norm_eps: float = 1e-5
@@ -449,7 +450,7 @@ class MeloFormer(
     @property
     def mask_rules(self) -> MaskRules:
         c = self.config
-        return MaskRules(c.fine_bars, c.cross_window, c.kind_sparsity, c.attention)
+        return MaskRules(c.fine_bars, c.cross_window, c.kind_sparsity, c.attention, c.token_window)
 
     def mask_mod(self, rows: RowLayout):
         return self.mask_rules.mask_mod(rows)

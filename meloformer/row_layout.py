@@ -6,7 +6,8 @@ slot ``s`` summarises segment ``s`` of the row and sits at the logical position 
 during training, so the step only moves them to the device.
 
 Every position also gets one packed int64 ``code`` (``Code``): the few fields the mask compares (document,
-track, bar, global, dead, position), so a mask rule loads one number per side and tests constant bits.
+track, bar, global, dead, position within the document), so a mask rule loads one number per side and tests
+constant bits.
 """
 
 from __future__ import annotations
@@ -32,7 +33,12 @@ KIND_CLASS[TokenKind.DUR] = 3
 
 
 class Code:
-    """Bit fields of a position's packed code (int64); ``bar`` and ``track`` are stored plus one (0: none)."""
+    """Bit fields of a position's packed code (int64); ``bar`` and ``track`` are stored plus one (0: none).
+
+    The position is counted from the start of the position's document in the row (a slot's: its segment's
+    end), so rules that compare positions (only ever within one document) also see where a document's
+    ``CHUNK``-token chunks begin, whatever its offset in a packed row.
+    """
 
     BAR_BITS, TRACK_BITS, DOC_BITS, POS_BITS = 18, 8, 16, 19
     TRACK_SHIFT = BAR_BITS
@@ -45,10 +51,12 @@ class Code:
     DOC = ((1 << DOC_BITS) - 1) << DOC_SHIFT
     GLOBAL = 1 << GLOBAL_SHIFT
     DEAD = 1 << DEAD_SHIFT  # padding and unused slots: they see only themselves and are never seen
+    CHUNK_BITS = 7  # the window variant's chunks: 128 tokens, one flex tile on CUDA
+    CHUNK_SHIFT = POS_SHIFT + CHUNK_BITS
 
     @classmethod
     def pack(cls, pos: np.ndarray, doc: np.ndarray, track: np.ndarray, bar: np.ndarray, is_global: np.ndarray):
-        """The codes of positions with these side channels (doc -1: dead)."""
+        """The codes of positions with these side channels (doc -1: dead; ``pos`` within the document)."""
         limits = {"pos": (pos, cls.POS_BITS), "doc": (doc, cls.DOC_BITS), "track": (track + 1, cls.TRACK_BITS),
                   "bar": (bar + 1, cls.BAR_BITS)}  # fmt: skip
         for name, (values, bits) in limits.items():
@@ -170,7 +178,14 @@ def row_layout(
         "onset_group": (lay.onset_group, np.full_like(slot_doc, -1)),
     }
     arrays = {k: np.concatenate([r, s], axis=1) for k, (r, s) in rows.items()}
-    code = Code.pack(arrays["pos"], arrays["doc"], arrays["track"], arrays["bar"], arrays["is_global"])
+    # Where each regular token's document begins in the row (a document's first token: its id, counted by BOS,
+    # exceeds every id before it; padding may lie inside a document); a slot's is its end's.
+    before = np.maximum.accumulate(np.pad(lay.doc, ((0, 0), (1, 0)), constant_values=-1)[:, :-1], axis=1)
+    opens = lay.doc > before
+    doc_start = np.maximum.accumulate(np.where(opens, np.arange(n), 0), axis=1)
+    start = np.concatenate([doc_start, np.take_along_axis(doc_start, np.clip(table["end"], 0, n - 1), 1)], axis=1)
+    in_doc = arrays["pos"] - np.where(arrays["doc"] >= 0, start, arrays["pos"])
+    code = Code.pack(in_doc, arrays["doc"], arrays["track"], arrays["bar"], arrays["is_global"])
     kind_code = arrays["kind_class"] | ((arrays["onset_group"] + 1) << 2)
     # int32 halves memory and speeds up integer arithmetic; the packed code needs int64.
     tensors = {k: torch.from_numpy(v if v.dtype == bool else v.astype(np.int32)) for k, v in arrays.items()}

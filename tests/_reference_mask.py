@@ -19,10 +19,12 @@ def reference_mask_mod(
     cross_window: int = 1,
     kind_sparsity: bool = False,
     attention: str = "summary",
+    token_window: int = 1024,
 ) -> MaskMod:
     """The mask of one attention variant for the rows of ``rows`` (query and key index the same row).
 
-    ``summary`` is the full mask of docs/design.md section 4 (SR, SS, RS and RR). The two ablations use rows without
+    ``summary`` is the full mask of docs/design.md section 4 (SR, SS, RS and RR); ``window`` replaces its RR and
+    RS rules by 128-token chunks of the document. The two ablations use rows without
     summary slots: ``causal`` lets a regular token see every earlier token of its document (full attention),
     and ``local`` keeps only the RR rules (what the summaries add on top of them).
     """
@@ -34,6 +36,12 @@ def reference_mask_mod(
     max_offset = max(fine_bars, default=0)
     fine = torch.zeros(max_offset + 1, dtype=torch.bool, device=doc.device)
     fine[[o for o in fine_bars if o > 0]] = True
+    # The window variant's chunk of every position: its position counted from its document's first token.
+    docs = [(b, d) for b in range(doc.shape[0]) for d in doc[b, :n].unique().tolist()]
+    first = {(b, d): int(pos[b, :n][doc[b, :n] == d].min()) for b, d in docs}
+    start = torch.tensor([[first.get((b, d), 0) for d in row.tolist()] for b, row in enumerate(doc)])
+    chunk = (pos - start) // 128
+    recent = token_window // 128
 
     def itself(b, h, q, kv):
         """Every row sees itself, so padding and unused slots (which see nothing else) give no NaN."""
@@ -54,6 +62,14 @@ def reference_mask_mod(
     def rs(b, h, q, kv):
         """A regular token at position p sees the slot of every segment s' that ended before p."""
         return (q < n) & (kv >= n) & (pos[b, kv] < pos[b, q])
+
+    def rs_before_window(b, h, q, kv):
+        """A regular token sees the slot of every segment that ended before the chunks of its window."""
+        return (q < n) & (kv >= n) & (chunk[b, q] - chunk[b, kv] >= recent)
+
+    def rr_window(b, h, q, kv):
+        """A regular token sees the regular tokens of the last ``token_window`` / 128 chunks of its document."""
+        return (kv < n) & (chunk[b, q] - chunk[b, kv] < recent)
 
     def rr_causal(b, h, q, kv):
         """A regular token sees only regular tokens at or before its own position (one of the rules below)."""
@@ -91,5 +107,6 @@ def reference_mask_mod(
     if kind_sparsity:
         local = and_masks(local, rr_kind)
     rr = and_masks(rr_causal, or_masks(rr_global, local))
-    visible = {"summary": or_masks(sr, ss, rs, rr), "causal": rr_causal, "local": rr}[attention]
+    window = or_masks(sr, ss, rs_before_window, and_masks(rr_causal, or_masks(rr_same_segment, rr_window)))
+    visible = {"summary": or_masks(sr, ss, rs, rr), "window": window, "causal": rr_causal, "local": rr}[attention]
     return or_masks(itself, and_masks(same_doc, visible))

@@ -1,4 +1,5 @@
-"""The ``attention`` model setting: ``summary`` (the product), ``causal`` (full attention) and ``local`` (RR only)."""
+"""The ``attention`` model setting: ``summary`` (the product), ``window`` (its tile-friendly form), ``causal`` (full
+attention) and ``local`` (RR only). ``window`` runs at 128 tokens here, so the short test rows span several windows."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 from test_decode import decode, full_forward
-from test_model import FLEX_LEN, batch, hid_pieces, tiny_model
+from test_model import FLEX_LEN, batch, hid_pieces, tiny_model, window_rows
+
+from meloformer.hid import PAD
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-VARIANTS = ("summary", "causal", "local")
+VARIANTS = ("summary", "window", "causal", "local")
 
 
 def packed_rows() -> torch.Tensor:
@@ -73,11 +76,11 @@ def test_local_sees_no_slot_and_keeps_exactly_the_summary_rr_rules():
 def test_causality_of_every_variant(attention: str, slot_input: str, backend: str):
     """Changing the token at p changes no logit before p, and changes some logit after it; also for slots that
     start from their segment's mean embedding (the slot holding p is read only after p's segment has ended)."""
-    model = tiny_model(attention=attention, slot_input=slot_input).eval()
-    tokens = packed_rows()[:1]
+    model = tiny_model(attention=attention, slot_input=slot_input, token_window=128).eval()
+    tokens = window_rows()[:1] if attention == "window" else packed_rows()[:1]
     with torch.no_grad():
         base = model(tokens, ctx=model.prepare(tokens, backend=backend))
-        for p in (7, 40, 101):
+        for p in (7, 40, 101, 135):
             changed = tokens.clone()
             changed[0, p] = (changed[0, p] + 1) % model.config.vocab_size
             out = model(changed, ctx=model.prepare(changed, backend=backend))
@@ -105,14 +108,34 @@ def test_segment_mean_slots_carry_their_segment_from_the_first_layer():
 
 
 @pytest.mark.parametrize(
-    ("attention", "slot_input"), [("causal", "learned"), ("local", "learned"), ("summary", "segment_mean")]
+    ("attention", "slot_input"),
+    [("causal", "learned"), ("local", "learned"), ("summary", "segment_mean"), ("window", "learned")],
 )
 def test_incremental_decoding_of_the_ablations_equals_full_forward(attention: str, slot_input: str):
-    model = tiny_model(attention=attention, slot_input=slot_input).eval()
-    pieces = hid_pieces(2, FLEX_LEN, seed=11)
-    n = min(len(p) for p in pieces)
+    model = tiny_model(attention=attention, slot_input=slot_input, token_window=128).eval()
+    pieces = [p.numpy() for p in window_rows()] if attention == "window" else hid_pieces(2, FLEX_LEN, seed=11)
+    n = min(int((p != PAD).sum()) for p in pieces)
     tokens = torch.as_tensor(np.stack([p[:n] for p in pieces]))
     assert torch.allclose(decode(model, tokens, prompt=3), full_forward(model, tokens, "sdpa"), atol=1e-5)
+
+
+def test_window_differs_from_summary_only_where_its_rules_do():
+    """``window`` keeps the summary mask's slot rows (SR, SS); among regular tokens it sees a subset of causal
+    attention that includes each token's own chunk, and it reaches slots only beyond its window."""
+    tokens = torch.cat([window_rows(), packed_rows()])
+    window, rows = dense(tiny_model(attention="window", token_window=128), tokens)
+    summary, summary_rows = dense(tiny_model(attention="summary"), tokens)
+    causal, _ = dense(tiny_model(attention="causal"), tokens)
+    n = tokens.shape[1]
+    assert rows.num_slots == summary_rows.num_slots > 0
+    assert torch.equal(window[:, n:], summary[:, n:])
+    assert (window[:, :n, :n] <= causal).all() and (window[:, :n, :n] != causal).any()
+    assert window[:, :n, n:].any() and (window[:, :n, n:] <= summary[:, :n, n:]).all()
+
+
+def test_window_must_be_whole_chunks():
+    with pytest.raises(ValueError, match="token_window must be a positive multiple of 128"):
+        tiny_model(attention="window", token_window=200).mask_mod(tiny_model().row_layout(packed_rows()))
 
 
 def test_unknown_variant_is_refused():

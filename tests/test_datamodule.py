@@ -98,6 +98,34 @@ def test_rows_are_full_length_packs_of_valid_pieces(demo_shards, split):
     assert np.mean(fill) > 0.9
 
 
+def test_aligned_rows_start_every_piece_on_a_tile_boundary(demo_shards):
+    """``doc_align`` (the window attention's 128-token chunks): each crop starts at a multiple of 128, with
+    padding only between crops and at the end; the first crop is the unaligned row's."""
+    aligned, plain = (builder(demo_shards, max_seq_len=2048, transpose=5, doc_align=a) for a in (128, 1))
+    packed = 0
+    for index in range(12):
+        row, reference = aligned.row(index), plain.row(index)
+        starts = np.flatnonzero(row == BOS)
+        assert (starts % 128 == 0).all()
+        packed += len(starts) >= 2
+        for a, b in zip(starts, [*starts[1:], len(row)]):
+            piece = row[a:b][row[a:b] != PAD]
+            TOKENIZER.parse(piece)
+            assert (row[a + len(piece) : b] == PAD).all(), "a crop is contiguous, padding follows it"
+        first = documents(reference)[0]
+        assert np.array_equal(row[: len(first)], first)
+    assert packed >= 6, "most rows should pack several pieces"
+
+
+def test_a_window_plan_aligns_the_loader_rows(demo_shards):
+    kinds = HIDTokenizer().kinds
+    for attention, align in (("window", 128), ("summary", 1)):
+        plan = MaskPlan(kinds, MaskRules(attention=attention), 64, "sdpa")
+        data = HIDDataModule(str(demo_shards), max_seq_len=1024, max_segments=64, mask_plan=plan)
+        data.setup("fit")
+        assert data._builders["train"].doc_align == align
+
+
 class FixedStart:
     """Stands in for the window generator: the window starts at bar ``start``."""
 

@@ -276,6 +276,29 @@ def test_kind_sparsity_rule():
     check(dense, visible=[("piano.2.Vel", "piano.1.Pitch"), ("piano.2.Pitch2", "piano.2.Vel")], hidden=[])
 
 
+def test_window_sees_recent_chunks_of_its_document_and_the_slots_before_them():
+    """``window``: a regular token sees the regular tokens of its document whose 128-token chunk (counted from
+    the document's first token, wherever it lies in the row) is at most one before its own (window 256), or
+    of its own segment, and the slots of segments that ended two or more chunks before; slots keep SR and SS."""
+    piece = TOK.encode(max(demo_files()[:40], key=lambda path: path.stat().st_size))[:700]
+    tokens = np.array(TOKENS[:53] + list(piece))  # the second document starts at row position 53
+    rows = row_layout(tokens, TOK.kinds)
+    dense = full_dense_mask(summary_mask_mod(rows, attention="window", token_window=256), rows)[0, 0]
+    summary = full_dense_mask(summary_mask_mod(rows), rows)[0, 0]
+    n, doc_pos = rows.num_regular, np.arange(len(piece))
+    start = 53
+    chunk = np.concatenate([np.arange(53) // 128, doc_pos // 128])  # the first document: 53 tokens, chunk 0
+    segment = rows.segment[0].numpy()
+    for q in range(start + 200, n, 37):
+        regular = [k for k in range(start, q + 1) if chunk[q] - chunk[k] <= 1 or segment[k] == segment[q]]
+        assert torch.nonzero(dense[q, :n]).flatten().tolist() == regular, q
+        slots = [n + s for s in range(rows.num_slots) if rows.doc[0, n + s] == rows.doc[0, q] and
+                 (int(rows.pos[0, n + s]) - start) // 128 <= chunk[q] - 2]  # fmt: skip
+        assert torch.nonzero(dense[q, n:]).flatten().add(n).tolist() == slots, q
+    assert torch.equal(dense[n:], summary[n:])  # SR and SS as in the summary mask
+    assert dense[n + 5 :, :n].any()
+
+
 def test_documents_in_a_packed_row_are_isolated():
     n = len(TOKENS)
     packed = np.array(TOKENS + TOKENS)
@@ -471,11 +494,13 @@ def test_flex_eager_and_compiled_equal_sdpa_with_the_dense_mask():
         {"fine_bars": (2, 62), "cross_window": 0},
         {"attention": "causal"},
         {"attention": "local", "kind_sparsity": True},
+        {"attention": "window", "token_window": 256},
+        {"attention": "window", "token_window": 128},
     ],
 )
 def test_packed_codes_give_the_mask_of_the_separate_side_channels(shifted_demo_rows: np.ndarray, settings: dict):
     """The one-load-per-side rules equal the rules written over the separate side channels, on real rows."""
-    rows = row_layout(shifted_demo_rows[::5], TOK.kinds, with_slots=settings.get("attention", "summary") == "summary")
+    rows = row_layout(shifted_demo_rows[::5], TOK.kinds, with_slots=MaskRules(**settings).with_slots)
     ours = full_dense_mask(summary_mask_mod(rows, **settings), rows)
     reference = full_dense_mask(reference_mask_mod(rows, **settings), rows)
     assert ours.any(-1).all() and torch.equal(ours, reference)
@@ -524,11 +549,13 @@ def test_a_mask_plan_builds_what_the_step_would(backend: str):
         assert torch.equal(mask.order, reference.order)
 
 
-@pytest.mark.parametrize("settings", [{}, {"attention": "local"}, {"kind_sparsity": True}])
+@pytest.mark.parametrize(
+    "settings", [{}, {"attention": "local"}, {"kind_sparsity": True}, {"attention": "window", "token_window": 256}]
+)
 def test_tile_visibility_by_runs_equals_every_element(shifted_demo_rows: np.ndarray, settings: dict):
     """Which tiles hold a visible pair and which hold only visible pairs, from one evaluation per run, equal
-    the element-by-element evaluation at every tile size, wherever segments end."""
-    rows = row_layout(shifted_demo_rows[::3], TOK.kinds, with_slots="attention" not in settings)
+    the element-by-element evaluation at every tile size, wherever segments and chunks end."""
+    rows = row_layout(shifted_demo_rows[::3], TOK.kinds, with_slots=MaskRules(**settings).with_slots)
     mod = summary_mask_mod(rows, **settings)
     runs = MaskRules(**settings).runs
     for size in (8, 32, 128):

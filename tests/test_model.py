@@ -366,6 +366,13 @@ def test_flex_and_sdpa_agree_in_gradients_on_cuda():
     assert torch.allclose(grads[0], grads[1], atol=1e-4)
 
 
+def window_rows(seed: int = 5) -> torch.Tensor:
+    """Two rows of one piece each, both longer than 128 tokens: the ``window`` variant at 128 spans two chunks."""
+    pieces = [p for p in hid_pieces(16, FLEX_LEN, seed=seed) if len(p) > 140][:2]
+    assert len(pieces) == 2, "the demo corpus should give crops longer than 140 tokens"
+    return batch(pieces, FLEX_LEN)
+
+
 def packed_rows(seed: int, length: int) -> torch.Tensor:
     """Two rows: three or more pieces packed to exactly ``length`` tokens, and two pieces then padding."""
     pieces = hid_pieces(8, length // 3, seed=seed)
@@ -394,12 +401,12 @@ def test_block_sparse_attention_equals_sdpa_with_the_dense_mask(query_block: int
     assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, sparse_grads))
 
 
-@pytest.mark.parametrize("attention", ["summary", "causal", "local"])
+@pytest.mark.parametrize("attention", ["summary", "window", "causal", "local"])
 def test_block_sparse_training_equals_the_dense_mask_in_loss_and_gradients(attention: str):
     """The whole model, every attention variant: the sdpa backend (block-sparse) gives the dense-mask loss and
-    parameter gradients."""
-    tokens = packed_rows(seed=12, length=FLEX_LEN)
-    model = tiny_model(attention=attention).double()
+    parameter gradients (``window`` at 128 tokens, so rows span several windows)."""
+    tokens = window_rows() if attention == "window" else packed_rows(seed=12, length=FLEX_LEN)
+    model = tiny_model(attention=attention, token_window=128).double()
     results = []
     for backend in ("sdpa", "dense"):
         ctx = model.prepare(tokens, backend=backend)

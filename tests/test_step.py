@@ -55,6 +55,21 @@ def test_the_attention_context_of_a_loader_batch_is_a_few_calls_and_no_sync(demo
     assert ctx.mask.kv_num_blocks.sum() > 0 and ctx.rows.num_slots == 1024
 
 
+def test_the_window_attention_computes_mostly_full_tiles(demo_shards):
+    """The same 4 rows under ``window`` (rows aligned as its loader packs them): at least 60% of the 128-token
+    tiles flex computes are full, where ``summary`` computes about 10% full tiles."""
+    tok = HIDTokenizer()
+    share = {}
+    for attention in ("summary", "window"):
+        config = dataclasses.replace(SIZES["small"], max_seq_len=8192, summary_slots=1024, attention=attention)
+        plan = MeloFormerModule(config).mask_plan("flex")
+        builder = RowBuilder(ShardReader(demo_shards), "train", tok, 8192, 1024, transpose=5, doc_align=plan.doc_align)
+        tokens = torch.from_numpy(np.stack([builder.row(i) for i in range(4)]))
+        counts = plan(tokens)["mask"].structure.tile_counts()
+        share[attention] = counts["full"] / counts["computed"]
+    assert share["window"] >= 0.6 and share["summary"] < 0.2, share
+
+
 @pytest.mark.parametrize("accumulate", [1, 2])
 def test_training_step_makes_no_host_sync(demo_shards, tiny_model, accumulate: int):
     """Loss, per-kind losses, perplexity, throughput and learning rate are logged as device values."""
