@@ -4,10 +4,11 @@
 #   2. configs/small.yaml resolved by name, as a user runs it (CPU);
 #   3. the CUDA tests (every test whose name contains "cuda"; the web app's need gradio and are skipped without);
 #   4. bench/attention.py's CUDA rows: forward+backward, bf16, packed rows of 8,192 and 16,384 tokens, with
-#      the tiles flex computes (full share, fill, against causal) and their build time on one CPU thread;
+#      the tiles flex computes (full share, fill, against causal) and their build time on one CPU thread,
+#      for the summary and the window masks;
 #   5. bench/train.py on CUDA: training tokens/s of MeloFormer (mask from the loader) against a plain causal
-#      transformer of the same shape, small at 8,192 x 4 and 32,768 x 1, xlarge at 8,192 x 2, with the
-#      step's time split (mask, forward, backward, optimizer);
+#      transformer of the same shape, small at 8,192 x 4 (summary and window) and 32,768 x 1, xlarge at
+#      8,192 x 2, with the step's time split (mask, forward, backward, optimizer);
 #   6. `meloformer fit --config small.yaml`, 60 optimizer steps on the shards: phase switches, recompiles
 #      (TORCH_LOGS=recompiles), tokens/s and peak GPU memory.
 # Without CUDA it runs steps 1-2, then stops with exit status 3 and says why.
@@ -42,15 +43,15 @@ timeout 60 $PY -m pytest -q -p no:cacheprovider -k cuda tests >"$WORK/cuda-tests
 echo "{\"rc\": $?, \"seconds\": $((SECONDS - start))}" >"$WORK/cuda-tests.json"
 
 say "4/6 attention, forward+backward, bf16"
-timeout 90 $PY bench/attention.py --device cuda --lengths 8192 16384 --repeats 3 --out "$WORK/attention.json" \
+timeout 100 $PY bench/attention.py --device cuda --lengths 8192 16384 --repeats 3 --out "$WORK/attention.json" \
     >"$WORK/attention.log" 2>&1 || say "attention failed: see $WORK/attention.log"
 
 say "5/6 training throughput against plain causal"
-for run in "small 8192 4" "small 32768 1" "xlarge 8192 2"; do
+for run in "small 8192 4 summary" "small 8192 4 window" "small 32768 1 summary" "xlarge 8192 2 summary"; do
     set -- $run
-    timeout 80 $PY bench/train.py --device cuda --size "$1" --seq-len "$2" --batch-size "$3" --steps 4 \
-        --loader-rows 0 --out "$WORK/train-$1-$2.json" >"$WORK/train-$1-$2.log" 2>&1 ||
-        say "train $1 $2 failed: see $WORK/train-$1-$2.log"
+    timeout 60 $PY bench/train.py --device cuda --size "$1" --seq-len "$2" --batch-size "$3" --steps 4 \
+        --attention "$4" --loader-rows 0 --out "$WORK/train-$1-$2-$4.json" >"$WORK/train-$1-$2-$4.log" 2>&1 ||
+        say "train $1 $2 $4 failed: see $WORK/train-$1-$2-$4.log"
 done
 
 say "6/6 fit --config small.yaml, 60 steps"

@@ -29,17 +29,17 @@ def rows(work: Path) -> list[tuple[str, str]]:
     last = (_text(work / "cuda-tests.log").strip().splitlines() or ["no output"])[-1]
     out.append(("CUDA tests", f"{last} (exit {tests.get('rc', '?')}, {tests.get('seconds', '?')} s)"))
     for r in _json(work / "attention.json").get("results", []):
-        s = r["seconds"]
+        s, mask = r["seconds"], r.get("attention", "summary")
         out.append(
             (
-                f"attention {r['workload']} {r['tokens']:,} tokens, fwd+bwd bf16",
+                f"attention {mask} {r['workload']} {r['tokens']:,} tokens, fwd+bwd bf16",
                 f"flex {s['flex'] * 1e3:.1f} ms, causal SDPA {s['sdpa_causal'] * 1e3:.1f} ms "
                 f"({s['sdpa_causal'] / s['flex']:.2f}x), SDPA+mask {s['sdpa_dense_mask'] * 1e3:.1f} ms",
             )
         )
         out.append(
             (
-                f"tiles {r['workload']} {r['tokens']:,} tokens, at 128",
+                f"tiles {mask} {r['workload']} {r['tokens']:,} tokens, at 128",
                 f"{r['tiles_128']['computed']:,} computed ({r['computed_vs_causal_128']:.2f}x causal), "
                 f"{r['full_share_128']:.0%} full, {r['fill_128']:.0%} fill; built in {r['tiles_build_cpu_s']:.2f} s "
                 "on one CPU thread",
@@ -52,7 +52,8 @@ def rows(work: Path) -> list[tuple[str, str]]:
         parts = ", ".join(f"{k} {split[k] * 1e3:.0f}" for k in ("mask", "forward", "backward", "optimizer"))
         out.append(
             (
-                f"train {r['size']} {r['seq_len']:,} x {r['batch_size']}: MeloFormer vs plain causal tokens/s",
+                f"train {r['size']} {r.get('attention', 'summary')} {r['seq_len']:,} x {r['batch_size']}: "
+                "MeloFormer vs plain causal tokens/s",
                 f"{r['tokens_per_s'][name]:,.0f} vs {r['tokens_per_s']['plain_causal']:,.0f} "
                 f"({r['vs_plain'][name]:.2f}x); step ms: {parts}",
             )

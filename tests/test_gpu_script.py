@@ -20,6 +20,7 @@ def test_gpu_table_reads_every_step(tmp_path):
            "full_share_128": 0.1, "fill_128": 0.25, "tiles_build_cpu_s": 0.21}  # fmt: skip
     seconds = {"flex": 0.002, "sdpa_dense_mask": 0.025, "sdpa_causal": 0.010}
     results = [row | {"tokens": n, "seconds": {k: v * n / 8192 for k, v in seconds.items()}} for n in (8192, 16384)]
+    results.append(results[0] | {"attention": "window", "full_share_128": 0.62})
     (tmp_path / "attention.json").write_text(json.dumps({"results": results}))
     name = "meloformer, mask loader"
     train = {"size": "small", "seq_len": 8192, "batch_size": 4, "tokens_per_s": {name: 2e5, "plain_causal": 1e5},
@@ -44,13 +45,14 @@ def test_gpu_table_reads_every_step(tmp_path):
     assert done.returncode == 0, done.stderr
     table = dict(tuple(part.strip() for part in line.split("|")) for line in done.stdout.splitlines()[2:])
     assert table["CUDA tests"] == "1 passed, 230 deselected in 19.5s (exit 0, 21 s)"
-    assert table["attention packed 16,384 tokens, fwd+bwd bf16"] == (
+    assert table["attention summary packed 16,384 tokens, fwd+bwd bf16"] == (
         "flex 4.0 ms, causal SDPA 20.0 ms (5.00x), SDPA+mask 50.0 ms"
     )
-    assert table["tiles packed 8,192 tokens, at 128"] == (
+    assert table["tiles summary packed 8,192 tokens, at 128"] == (
         "3,190 computed (0.30x causal), 10% full, 25% fill; built in 0.21 s on one CPU thread"
     )
-    assert table["train small 8,192 x 4: MeloFormer vs plain causal tokens/s"] == (
+    assert table["tiles window packed 8,192 tokens, at 128"].startswith("3,190 computed (0.30x causal), 62% full")
+    assert table["train small summary 8,192 x 4: MeloFormer vs plain causal tokens/s"] == (
         "200,000 vs 100,000 (2.00x); step ms: mask 0, forward 50, backward 100, optimizer 10"
     )
     assert table["fit: exit status, wall"] == "0, 203 s"
