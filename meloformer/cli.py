@@ -124,6 +124,12 @@ def generate_parser() -> ArgumentParser:
         default=None,
         help=f"velocity ranges spread over the new bars: 40-70 (without a prompt: {' '.join(DEFAULT_DYNAMICS)})",
     )
+    parser.add_argument(
+        "--voice_leading",
+        action="store_true",
+        help="part-writing: no track crosses the voices written before it or moves with one in parallel fifths "
+        "or octaves",
+    )
     parser.add_argument("--infill", nargs="+", default=None, help="with --prompt: regenerate TRACK:FIRST-LAST bars")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
@@ -212,6 +218,7 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
             key=args.key,
             dynamics=args.dynamics,
             meter_changes=args.meter_changes,
+            voice_leading=args.voice_leading,
         )
         capacity = context_of(module.model, request)
         notice = None

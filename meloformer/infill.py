@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -210,7 +211,9 @@ class RegionFit:
                 at = side[side[:, COL["onset"]] == edge(side[:, COL["onset"]])]
                 self.near.setdefault(bar, []).append(int(at[:, COL["pitch"]].max()))
 
-    def __call__(self, bar: int, track: int, onset: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def __call__(
+        self, bar: int, track: int, onset: int, written: Sequence[int] = ()
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         if track != self.track or bar not in self.bars or onset < 0 or self.drums:
             return None, None
         score = np.zeros(128, dtype=np.float32)

@@ -30,7 +30,7 @@ from meloformer.edits import crop_bars
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import BAR, EOS, MAX_PITCHED_TRACKS, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.model import MeloFormer
-from meloformer.steering import ChordBinding, Steer, key_pitch_classes, parse_dynamics, per_bar
+from meloformer.steering import ChordBinding, Steer, VoiceLeading, key_pitch_classes, parse_dynamics, per_bar
 
 
 @dataclass
@@ -56,6 +56,7 @@ class GenerationRequest:
     dynamics: list[str] | None = None  # velocity ranges such as "40-70", spread over the new bars
     meter_changes: bool = False  # may the model change the time signature after the first bar?
     regenerate: list[tuple[int, int]] | None = None  # (instrument track, bar) of the prompt, both from 0
+    voice_leading: bool = False  # no crossing, no parallel fifths or octaves with earlier tracks (steering)
     max_tokens: int | None = None  # token budget of the piece; None (and at most): the model's max_seq_len
 
 
@@ -384,8 +385,8 @@ def generate(
     The piece never outgrows the model's context (see the module docstring); a prompt that would is cropped
     to its last bars (``fit_to_context``, which also returns the notice to show). In bars with a forced chord,
     chord tones get ``CHORD_TONE_BIAS`` and the bass track's notes at the downbeat take the chord's root
-    (``steering.ChordBinding``). ``steer`` adds its own bias and pitch limits (``steering.Steer``; infilling's
-    ``infill.RegionFit``).
+    (``steering.ChordBinding``); ``request.voice_leading`` adds ``steering.VoiceLeading``. ``steer`` adds its own
+    bias and pitch limits (``steering.Steer``; infilling's ``infill.RegionFit``).
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -397,6 +398,7 @@ def generate(
     budget = _Budget(tok, plan, capacity)
     forced = any(chord is not None for chord in grammar.chords)
     steers = [ChordBinding(tok, grammar.chords, plan.instruments, CHORD_TONE_BIAS)] if forced else []
+    steers += [VoiceLeading(tok)] if request.voice_leading else []
     steers += [steer] if steer is not None else []
     onset = -1  # the current bar's latest Pos
     decoder = IncrementalDecoder(model, capacity=capacity)
@@ -420,7 +422,7 @@ def generate(
                     logits = decoder.prefill(torch.tensor([out], device=device))[:, -1]
                 folded = fold_bar_into_closing(logits[0], allowed, budget.closes_track)
                 for steering in steers:
-                    bias, only = steering(grammar.bars_done - 1, grammar.track_number, onset)
+                    bias, only = steering(grammar.bars_done - 1, grammar.track_number, onset, out)
                     if bias is not None:
                         folded = folded + torch.from_numpy(bias).to(folded.device)
                     if only is not None and (allowed & only).any():

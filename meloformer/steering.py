@@ -8,6 +8,9 @@ those pitch classes and the conductor's chords only those whose tones all lie in
 A forced chord progression (``--chords``) binds the notes of its bars (``ChordBinding``): chord tones are
 favoured, and the bass track takes the chord's root at the downbeat.
 
+Voice-leading (``--voice_leading``, ``VoiceLeading``) keeps each track from crossing the voices written
+before it and from moving in parallel fifths or octaves with them, as part-writing rules ask.
+
 Dynamics are velocity ranges ``LO-HI`` (MIDI 1-127), spread evenly over the bars: ``40-70`` holds for every
 bar, ``50-70 70-100 50-70`` is an arch in thirds. Notes take only the velocity steps inside their bar's range.
 """
@@ -21,7 +24,9 @@ from typing import Protocol
 import numpy as np
 
 from meloformer.chords import ACCIDENTALS, LETTERS
-from meloformer.hid import CHORD_QUALITIES, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer
+from meloformer.features import line, sounding
+from meloformer.hid import CHORD_QUALITIES, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
+from meloformer.metrics import COL
 
 # A first sample from what the shipped model knows best (the chorales): four voices in 4/4, with an arch of
 # dynamics (its own velocities barely move: the training data's are nearly constant).
@@ -78,11 +83,13 @@ def per_bar(ranges: Sequence[tuple[int, int]], bars: int) -> list[tuple[int, int
 
 class Steer(Protocol):
     """A control applied while sampling: for the next token of ``track`` (its number; 0 is the conductor) in
-    ``bar`` (from 0), the latest onset ``onset`` of that bar (-1 before any), a log-probability bias over the
-    vocabulary and a mask of the tokens still allowed (each None where it has nothing to say). The sampler
-    ignores a mask that would leave nothing the grammar allows."""
+    ``bar`` (from 0), the latest onset ``onset`` of that bar (-1 before any), given the tokens ``written`` so
+    far, a log-probability bias over the vocabulary and a mask of the tokens still allowed (each None where it
+    has nothing to say). The sampler ignores a mask that would leave nothing the grammar allows."""
 
-    def __call__(self, bar: int, track: int, onset: int) -> tuple[np.ndarray | None, np.ndarray | None]: ...
+    def __call__(
+        self, bar: int, track: int, onset: int, written: Sequence[int] = ()
+    ) -> tuple[np.ndarray | None, np.ndarray | None]: ...
 
 
 # General MIDI programs that play a bass line: the basses, cello, contrabass, trombone, tuba, bassoon.
@@ -128,7 +135,9 @@ class ChordBinding:
             roots[tok.pitch0 : tok.pitch0 + 128] = pitch_class == root
             self._roots[index] = roots
 
-    def __call__(self, bar: int, track: int, onset: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    def __call__(
+        self, bar: int, track: int, onset: int, written: Sequence[int] = ()
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """``Steer``: the chord-tone bias, and at the downbeat the bass's root."""
         return self.bias(bar, track), self.downbeat(bar, track) if onset == 0 else None
 
@@ -152,3 +161,105 @@ class ChordBinding:
         if chord is None or track_number != self.bass:
             return self._anything
         return self._roots[chord]
+
+
+class VoiceLeading:
+    """``Steer`` for part-writing: the pitches of a track's notes may neither cross the voices written before it
+    nor move with one of them in parallel fifths or octaves.
+
+    Voices are pitched tracks, each its line (highest note at each onset, ``features.line``). The track being
+    written sits, by the mean pitch of its notes so far, between two earlier voices; at each onset its pitch
+    stays between what they sound (from its second note on). A pitch is also refused when, against an earlier
+    voice that moves at this onset, it would keep the fifth or octave (modulo octaves) that the two held at the
+    piece's previous onset, moving the same way: the two faults ``features.parallels_and_crossings`` counts.
+    """
+
+    def __init__(self, tok: HIDTokenizer) -> None:
+        self.tok = tok
+        self.pitch = np.arange(128)
+        self._parsed_tracks = -1
+        self._voices: list[np.ndarray] = []
+        self._bar_starts = np.zeros(0, dtype=np.int64)
+
+    def __call__(
+        self, bar: int, track: int, onset: int, written: Sequence[int] = ()
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        written = np.asarray(written, dtype=np.int64)
+        starts = np.flatnonzero(self.tok.kinds[written] == TokenKind.TRACK) if len(written) else []
+        if track < 2 or onset < 0 or len(starts) < 3 or written[starts[-1]] == TRACK_DRUMS:
+            return None, None
+        self._read_earlier_tracks(written[: starts[-1]], len(starts))
+        own = self._own_notes(written[starts[-1] + 1 :])
+        if not self._voices or len(own) == 0 or bar >= len(self._bar_starts):
+            return None, None
+        time = int(self._bar_starts[bar] + onset)
+        between, no_parallels = self._between_neighbours(line(own), time), self._no_parallels(line(own), time)
+        # Earlier voices that cross each other leave no pitch between them: then only the parallels count.
+        allowed = between & no_parallels if (between & no_parallels).any() else no_parallels
+        mask = np.ones(self.tok.vocab_size, dtype=bool)
+        mask[self.tok.pitch0 : self.tok.pitch0 + 128] = allowed
+        return None, mask
+
+    def _read_earlier_tracks(self, tokens: np.ndarray, tracks: int) -> None:
+        """The lines of the complete pitched tracks before the current one (parsed once per track)."""
+        if tracks == self._parsed_tracks:
+            return
+        piece = self.tok.parse(tokens)
+        notes = self.tok.note_table(piece)
+        pitched = [n for n, (token, _) in enumerate(piece.tracks) if token != TRACK_DRUMS]
+        by_track = [notes[notes[:, COL["track"]] == n] for n in pitched]
+        self._voices = [line(own) for own in by_track if len(own)]
+        self._bar_starts, self._parsed_tracks = piece.bar_starts(self.tok), tracks
+
+    def _own_notes(self, tokens: np.ndarray) -> np.ndarray:
+        """Note-table rows (onset, pitch, duration, bar columns filled) of the current track's notes so far."""
+        rows, bar, pos, duration = [], -1, 0, 1
+        for token, kind in zip(tokens.tolist(), self.tok.kinds[tokens].tolist()):
+            if kind == TokenKind.BAR:
+                bar += 1
+            elif kind == TokenKind.POS:
+                pos = token - self.tok.pos0
+            elif kind == TokenKind.PITCH and 0 <= bar < len(self._bar_starts):
+                rows.append([bar, int(self._bar_starts[bar]) + pos, token - self.tok.pitch0, duration])
+            elif kind == TokenKind.DUR:
+                duration = int(self.tok.duration_values[token - self.tok.dur0])
+                if rows:
+                    rows[-1][3] = duration
+        out = np.zeros((len(rows), len(COL)), dtype=np.int64)
+        if rows:
+            out[:, [COL["bar"], COL["onset"], COL["pitch"], COL["duration"]]] = rows
+        return out
+
+    def _between_neighbours(self, own: np.ndarray, time: int) -> np.ndarray:
+        """Pitches at or below the nearest earlier voice above this track's mean pitch, at or above the one below."""
+        allowed = np.ones(128, dtype=bool)
+        mean = own[:, 1].mean()
+        above = [v for v in self._voices if v[:, 1].mean() > mean]
+        below = [v for v in self._voices if v[:, 1].mean() <= mean]
+        if above:
+            upper = sounding(min(above, key=lambda v: v[:, 1].mean()), np.array([time]))[0]
+            allowed &= (upper < 0) | (self.pitch <= upper)
+        if below:
+            lower = sounding(max(below, key=lambda v: v[:, 1].mean()), np.array([time]))[0]
+            allowed &= (lower < 0) | (self.pitch >= lower)
+        return allowed
+
+    def _no_parallels(self, own: np.ndarray, time: int) -> np.ndarray:
+        """Pitches that keep no fifth or octave with an earlier voice moving the same way from the previous onset."""
+        allowed = np.ones(128, dtype=bool)
+        onsets = np.concatenate([own[:, 0], *(v[:, 0] for v in self._voices)])
+        earlier = onsets[onsets < time]
+        if len(earlier) == 0:
+            return allowed
+        before = np.array([earlier.max(), time])
+        mine = sounding(own, before[:1])[0]
+        if mine < 0:
+            return allowed
+        for voice in self._voices:
+            then, now = sounding(voice, before)
+            interval = abs(int(then) - int(mine)) % 12
+            if then < 0 or now < 0 or now == then or interval not in (0, 7):
+                continue
+            same_way = np.sign(self.pitch - mine) == np.sign(now - then)
+            allowed &= ~(same_way & (np.abs(self.pitch - now) % 12 == interval))
+        return allowed
