@@ -130,6 +130,9 @@ def generate_parser() -> ArgumentParser:
         help="part-writing: no track crosses the voices written before it or moves with one in parallel fifths "
         "or octaves",
     )
+    parser.add_argument(
+        "--form", type=str, default=None, help="a letter per equal phrase, e.g. AABA: a repeated letter restates"
+    )
     parser.add_argument("--infill", nargs="+", default=None, help="with --prompt: regenerate TRACK:FIRST-LAST bars")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
@@ -219,6 +222,7 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
             dynamics=args.dynamics,
             meter_changes=args.meter_changes,
             voice_leading=args.voice_leading,
+            form=args.form,
         )
         capacity = context_of(module.model, request)
         notice = None

@@ -30,7 +30,16 @@ from meloformer.edits import crop_bars
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import BAR, EOS, MAX_PITCHED_TRACKS, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.model import MeloFormer
-from meloformer.steering import ChordBinding, Steer, VoiceLeading, key_pitch_classes, parse_dynamics, per_bar
+from meloformer.steering import (
+    ChordBinding,
+    FormRepeat,
+    Steer,
+    VoiceLeading,
+    key_pitch_classes,
+    parse_dynamics,
+    parse_form,
+    per_bar,
+)
 
 
 @dataclass
@@ -57,6 +66,7 @@ class GenerationRequest:
     meter_changes: bool = False  # may the model change the time signature after the first bar?
     regenerate: list[tuple[int, int]] | None = None  # (instrument track, bar) of the prompt, both from 0
     voice_leading: bool = False  # no crossing, no parallel fifths or octaves with earlier tracks (steering)
+    form: str | None = None  # a letter per phrase, e.g. "AABA": repeated letters restate their phrase (steering)
     max_tokens: int | None = None  # token budget of the piece; None (and at most): the model's max_seq_len
 
 
@@ -170,6 +180,11 @@ class _Plan:
             pitch_classes=pitch_classes,
             velocities=velocities,
         )
+        self.form = None
+        if request.form:
+            if request.prompt is not None:
+                raise ValueError("--form plans a new piece; it cannot be used with --prompt")
+            self.form = parse_form(request.form, bars)
         self.instruments = instruments
         self.total_bars = None if bars is None or instruments is None else bars * len(instruments)  # instruments'
 
@@ -364,6 +379,10 @@ def fit_to_context(
     raise ValueError(f"not even the prompt's last bar leaves room in the model's {capacity}-token context")
 
 
+# Added to the log-probability of each token of a restated bar's model, at its onset (``--form``): e^3, 20x.
+# With the shipped model a restated bar then repeats its model in about a quarter to a third of the bars
+# (docs/results.md: 2.0 was too weak for single lines, 4.0 repeats more than the chorales do).
+FORM_BIAS = 3.0
 # Added to the log-probability of a pitch whose pitch class is a tone of its bar's forced chord (``--chords``):
 # e^1.0, about 2.7 times as likely relative to the other pitches (1.5 bound tighter but cost more voice-leading:
 # docs/results.md).
@@ -399,6 +418,7 @@ def generate(
     forced = any(chord is not None for chord in grammar.chords)
     steers = [ChordBinding(tok, grammar.chords, plan.instruments, CHORD_TONE_BIAS)] if forced else []
     steers += [VoiceLeading(tok)] if request.voice_leading else []
+    steers += [FormRepeat(tok, plan.form, FORM_BIAS)] if plan.form else []
     steers += [steer] if steer is not None else []
     onset = -1  # the current bar's latest Pos
     decoder = IncrementalDecoder(model, capacity=capacity)

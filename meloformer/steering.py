@@ -11,6 +11,9 @@ favoured, and the bass track takes the chord's root at the downbeat.
 Voice-leading (``--voice_leading``, ``VoiceLeading``) keeps each track from crossing the voices written
 before it and from moving in parallel fifths or octaves with them, as part-writing rules ask.
 
+A form (``--form AABA``) is a letter per phrase of equal length; a phrase whose letter came before restates
+that phrase bar by bar, each track drawn towards its own earlier bar (``FormRepeat``).
+
 Dynamics are velocity ranges ``LO-HI`` (MIDI 1-127), spread evenly over the bars: ``40-70`` holds for every
 bar, ``50-70 70-100 50-70`` is an arch in thirds. Notes take only the velocity steps inside their bar's range.
 """
@@ -25,7 +28,7 @@ import numpy as np
 
 from meloformer.chords import ACCIDENTALS, LETTERS
 from meloformer.features import line, sounding
-from meloformer.hid import CHORD_QUALITIES, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
+from meloformer.hid import BAR, CHORD_QUALITIES, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
 from meloformer.metrics import COL
 
 # A first sample from what the shipped model knows best (the chorales): four voices in 4/4, with an arch of
@@ -38,6 +41,7 @@ MODES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10, 11)}
 _MODE_WORDS = {"": "major", "maj": "major", "major": "major", "m": "minor", "min": "minor", "minor": "minor"}
 _KEY = re.compile(r"^\s*([A-Ga-g])([#b]?)\s*([A-Za-z]*)\s*$")
 _RANGE = re.compile(r"^\s*(\d+)\s*-\s*(\d+)\s*$")
+_FORM = re.compile(r"^[A-Za-z]+$")
 
 
 def parse_key(name: str) -> tuple[int, str]:
@@ -263,3 +267,49 @@ class VoiceLeading:
             same_way = np.sign(self.pitch - mine) == np.sign(now - then)
             allowed &= ~(same_way & (np.abs(self.pitch - now) % 12 == interval))
         return allowed
+
+
+def parse_form(form: str, bars: int) -> list[int | None]:
+    """``"AABA"`` over 16 bars -> per bar, the earlier bar it restates (None: new material): 4-bar phrases,
+    the second and fourth restating the first. ValueError unless the letters divide the bars evenly."""
+    if not _FORM.match(form):
+        raise ValueError(f"form {form!r}: write one letter per phrase, e.g. AABA")
+    if bars % len(form):
+        raise ValueError(f"form {form!r}: {bars} bars do not divide into {len(form)} equal phrases")
+    length, first = bars // len(form), {}
+    source: list[int | None] = []
+    for phrase, letter in enumerate(form.upper()):
+        start = first.setdefault(letter, phrase)
+        source += [None if start == phrase else start * length + k for k in range(length)]
+    return source
+
+
+class FormRepeat:
+    """``Steer`` for a form: in a bar that restates an earlier one (``parse_form``), each track's tokens are
+    drawn towards that track's earlier bar. At each onset the earlier bar's tokens at the same onset (pitches,
+    durations, velocities; conductor events) and its next onset (or the bar's end) get ``strength``."""
+
+    def __init__(self, tok: HIDTokenizer, source: Sequence[int | None], strength: float) -> None:
+        self.tok, self.source, self.strength = tok, list(source), strength
+
+    def __call__(
+        self, bar: int, track: int, onset: int, written: Sequence[int] = ()
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        if not 0 <= bar < len(self.source) or self.source[bar] is None:
+            return None, None
+        written = np.asarray(written, dtype=np.int64)
+        own = written[np.flatnonzero(self.tok.kinds[written] == TokenKind.TRACK)[-1] + 1 :]
+        bars = np.split(own, np.flatnonzero(own == BAR))[1:]  # each starts with its Bar
+        earlier = bars[self.source[bar]][1:] if self.source[bar] < len(bars) else None
+        if earlier is None:
+            return None, None
+        is_pos = self.tok.kinds[earlier] == TokenKind.POS
+        onsets = np.where(is_pos, earlier - self.tok.pos0, -1)
+        group = np.maximum.accumulate(np.where(is_pos, np.arange(len(earlier)), -1))  # each token's Pos
+        at = np.where(group >= 0, onsets[np.maximum(group, 0)], -1)
+        wanted = earlier[(at == onset) & ~is_pos].tolist()
+        later = earlier[is_pos & (onsets > onset)]
+        wanted.append(int(later[0]) if len(later) else BAR)
+        bias = np.zeros(self.tok.vocab_size, dtype=np.float32)
+        bias[wanted] = self.strength
+        return bias, None
