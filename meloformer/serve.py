@@ -66,6 +66,8 @@ class Studio:
         regions: str = "",
         key: str = KEYS[0],
         dynamics: str = "",
+        form: str = "",
+        voice_leading: bool = False,
     ) -> tuple[GenerationRequest, list[Region]]:
         """The GenerationRequest of the page's controls and the infill regions (none unless infilling);
         ValueError names the first bad control. ``instruments`` are names or programs, ``NO_TRACK`` skipped.
@@ -88,6 +90,8 @@ class Studio:
             chords=chords.split() or None,
             key=key if key and key != KEYS[0] else None,
             dynamics=dynamics.split() or None,
+            form=form.strip() or None,
+            voice_leading=voice_leading,
         )
         if prompt:
             request.time_signature = None
@@ -140,6 +144,8 @@ class Studio:
         new_track: str = NO_TRACK,
         regions: str = "",
         prompt_bars: float = 0,
+        form: str = "",
+        voice_leading: bool = False,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's progress idiom)
     ) -> tuple[str, str, str, str]:
         """Sample one piece; returns its piano roll (PNG), audio (WAV), MIDI file and a status line.
@@ -166,6 +172,8 @@ class Studio:
             new_track: add a track: its instrument
             regions: infill: track:first-last bars, from 1 (e.g. "2:3-4 1:7")
             prompt_bars: use only the prompt's first bars (0: all)
+            form: a letter per phrase of equal length, e.g. "AABA": a repeated letter restates its phrase (no prompt)
+            voice_leading: no track crosses the voices before it or moves with one in parallel fifths or octaves
         """
         started = time.perf_counter()
         try:
@@ -184,6 +192,8 @@ class Studio:
                 regions,
                 key,
                 dynamics,
+                form,
+                voice_leading,
             )
             if seed is None or seed != int(seed) or seed < 0:
                 raise ValueError(f"seed {seed}: give a whole number from 0")
@@ -248,6 +258,16 @@ def build_app(studio: Studio) -> gr.Blocks:
                 chords = gr.Textbox(
                     label="chords, one per bar, repeated (e.g. C G Am F; empty: free)", value="", elem_id="chords"
                 )
+                form = gr.Textbox(
+                    label="form: a letter per phrase (e.g. AABA; empty: free; without a prompt)",
+                    value="",
+                    elem_id="form",
+                )
+                voice_leading = gr.Checkbox(
+                    value=False,
+                    label="voice-leading: no crossing, no parallel fifths or octaves",
+                    elem_id="voice_leading",
+                )
                 with gr.Row():
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")
@@ -273,7 +293,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         inputs = [*tracks, bars, tempo, time_signature, key, dynamics, chords, temperature, top_p, seed]
         button.click(
             studio.run,
-            inputs=[*inputs, prompt, mode, new_track, regions, prompt_bars],
+            inputs=[*inputs, prompt, mode, new_track, regions, prompt_bars, form, voice_leading],
             outputs=[roll, audio, midi, status],
             api_name="generate",
             concurrency_limit=1,

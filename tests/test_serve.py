@@ -80,6 +80,8 @@ def test_controls_become_the_generation_request(studio):
     assert request.add_track == TRACK_PROGRAM0 + 73 and request.bars == 3
     request, _ = studio.request(**{**DEFAULTS, "bars": 4, "chords": "C G Am F"})  # at most a chord per bar
     assert request.chords == ["C", "G", "Am", "F"]
+    request, _ = studio.request(**{**DEFAULTS, "bars": 4, "form": " ABAB ", "voice_leading": True})
+    assert request.form == "ABAB" and request.voice_leading
     infill = {"mode": "regenerate bars (infill)", "regions": "2:2-3 1:1"}
     request, regions = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3, **infill})
     assert request.bars == 3 and [(r.track, r.first, r.last) for r in regions] == [(2, 2, 3), (1, 1, 1)]
@@ -99,6 +101,8 @@ def test_controls_become_the_generation_request(studio):
         ({"prompt": "PROMPT", "mode": "add a track"}, "choose its instrument"),
         ({"prompt": "BAD"}, "bad.mid: not a usable MIDI file"),
         ({"chords": "C H7"}, "H7"),
+        ({"form": "ABA"}, "form 'ABA': 2 bars do not divide into 3 equal phrases"),
+        ({"prompt": "PROMPT", "form": "AB"}, "--form plans a new piece"),
         ({"prompt": "PROMPT", "mode": "regenerate bars (infill)"}, "give regions"),
         ({"prompt": "PROMPT", "mode": "regenerate bars (infill)", "regions": "9:1-2"}, "track"),
     ],
