@@ -1,8 +1,9 @@
 """``meloformer serve``: a local Gradio web app that samples music from a checkpoint or model folder.
 
 Controls mirror ``meloformer generate`` (instruments by General MIDI name, bars, tempo, time signature, key,
-dynamics, chords, temperature, top-p, seed, a prompt MIDI to continue, to add a track to, or to regenerate
-bars of); the page shows the piano roll (regenerated bars marked), plays the audio and offers the MIDI file.
+dynamics, chords, form, voice-leading, temperature, top-p, seed, a prompt MIDI to continue, to add a track
+to, or to regenerate bars of); the page shows the piano roll (regenerated bars marked), plays the audio and
+offers the MIDI file.
 The handler is also an API endpoint, ``/generate``, with named parameters (``gradio_client``:
 ``Client(url).predict(track_1="Violin", bars=8, api_name="/generate")``); every parameter has a default.
 Gradio runs the handler in a worker thread, not on the request's event loop, one generation at a time, and
