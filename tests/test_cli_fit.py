@@ -137,7 +137,7 @@ def test_bad_config_stops_before_training(tmp_path, demo_shards, args, problem):
         ),
         (
             ["--model.config.attention", "full"],
-            """Parser key "model.config.attention": Expected a typing.Literal['summary', 'causal', 'local']. """
+            """Parser key "model.config.attention": Expected a typing.Literal['summary', 'window', 'causal', 'local']. """
             "Got value: full",
         ),
         (
