@@ -137,8 +137,8 @@ def test_bad_config_stops_before_training(tmp_path, demo_shards, args, problem):
         ),
         (
             ["--model.config.attention", "full"],
-            """Parser key "model.config.attention": Expected a typing.Literal['summary', 'window', 'causal', 'local']. """
-            "Got value: full",
+            """Parser key "model.config.attention": Expected a typing.Literal['summary', 'window', 'causal', """
+            """'local']. Got value: full""",
         ),
         (
             ["--model.overrides", "{n_layer: 2}"],
