@@ -519,7 +519,7 @@ class HIDTokenizer:
         for number, (track_token, bars) in enumerate(piece.tracks):
             is_drum = track_token == TRACK_DRUMS
             for b, bar in enumerate(bars):
-                for pos, pitch, dur, vel in self._bar_notes(bar):
+                for pos, pitch, dur, vel in self.bar_notes(bar):
                     length = self.resolution // 4 if is_drum else int(self.duration_values[dur])
                     onset = int(bar_starts[b] + pos)
                     rows.append((number, b, pos, onset, pitch, length, int(self.velocity_values[vel])))
@@ -531,7 +531,7 @@ class HIDTokenizer:
         with atomic_path(path) as tmp:
             score.dump_midi(str(tmp))
 
-    def _bar_notes(self, bar: np.ndarray) -> list[tuple[int, int, int, int]]:
+    def bar_notes(self, bar: np.ndarray) -> list[tuple[int, int, int, int]]:
         """(position, pitch, duration bin, velocity bin) of every note in one bar's tokens (after ``Bar``).
 
         A note's ``Dur``/``Vel`` follow its ``Pitch``; when absent, the previous note's values carry over.

@@ -167,6 +167,16 @@ class ChordBinding:
         return self._roots[chord]
 
 
+def current_track(tok: HIDTokenizer, written: np.ndarray) -> int:
+    """The index in ``written`` of the ``Track`` token of the track being written."""
+    return int(np.flatnonzero(tok.kinds[written] == TokenKind.TRACK)[-1])
+
+
+def track_bars(tokens: np.ndarray) -> list[np.ndarray]:
+    """A track's bars so far from its tokens after its ``Track`` token: each the tokens after its ``Bar``."""
+    return [bar[1:] for bar in np.split(tokens, np.flatnonzero(tokens == BAR))[1:]]
+
+
 class VoiceLeading:
     """``Steer`` for part-writing: the pitches of a track's notes may neither cross the voices written before it
     nor move with one of them in parallel fifths or octaves.
@@ -189,46 +199,42 @@ class VoiceLeading:
         self, bar: int, track: int, onset: int, written: Sequence[int] = ()
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         written = np.asarray(written, dtype=np.int64)
-        starts = np.flatnonzero(self.tok.kinds[written] == TokenKind.TRACK) if len(written) else []
-        if track < 2 or onset < 0 or len(starts) < 3 or written[starts[-1]] == TRACK_DRUMS:
+        if track < 2 or onset < 0 or not len(written):
             return None, None
-        self._read_earlier_tracks(written[: starts[-1]], len(starts))
-        own = self._own_notes(written[starts[-1] + 1 :])
+        start = current_track(self.tok, written)
+        if written[start] == TRACK_DRUMS:
+            return None, None
+        self._read_earlier_tracks(written[:start], track)
+        own = self._own_notes(track_bars(written[start + 1 :]))
         if not self._voices or len(own) == 0 or bar >= len(self._bar_starts):
             return None, None
         time = int(self._bar_starts[bar] + onset)
-        between, no_parallels = self._between_neighbours(line(own), time), self._no_parallels(line(own), time)
+        voice = line(own)
+        between, no_parallels = self._between_neighbours(voice, time), self._no_parallels(voice, time)
         # Earlier voices that cross each other leave no pitch between them: then only the parallels count.
         allowed = between & no_parallels if (between & no_parallels).any() else no_parallels
         mask = np.ones(self.tok.vocab_size, dtype=bool)
         mask[self.tok.pitch0 : self.tok.pitch0 + 128] = allowed
         return None, mask
 
-    def _read_earlier_tracks(self, tokens: np.ndarray, tracks: int) -> None:
-        """The lines of the complete pitched tracks before the current one (parsed once per track)."""
-        if tracks == self._parsed_tracks:
+    def _read_earlier_tracks(self, tokens: np.ndarray, track: int) -> None:
+        """The lines of the complete pitched tracks before track ``track`` (parsed once per track)."""
+        if track == self._parsed_tracks:
             return
         piece = self.tok.parse(tokens)
         notes = self.tok.note_table(piece)
         pitched = [n for n, (token, _) in enumerate(piece.tracks) if token != TRACK_DRUMS]
         by_track = [notes[notes[:, COL["track"]] == n] for n in pitched]
         self._voices = [line(own) for own in by_track if len(own)]
-        self._bar_starts, self._parsed_tracks = piece.bar_starts(self.tok), tracks
+        self._bar_starts, self._parsed_tracks = piece.bar_starts(self.tok), track
 
-    def _own_notes(self, tokens: np.ndarray) -> np.ndarray:
-        """Note-table rows (onset, pitch, duration, bar columns filled) of the current track's notes so far."""
-        rows, bar, pos, duration = [], -1, 0, 1
-        for token, kind in zip(tokens.tolist(), self.tok.kinds[tokens].tolist()):
-            if kind == TokenKind.BAR:
-                bar += 1
-            elif kind == TokenKind.POS:
-                pos = token - self.tok.pos0
-            elif kind == TokenKind.PITCH and 0 <= bar < len(self._bar_starts):
-                rows.append([bar, int(self._bar_starts[bar]) + pos, token - self.tok.pitch0, duration])
-            elif kind == TokenKind.DUR:
-                duration = int(self.tok.duration_values[token - self.tok.dur0])
-                if rows:
-                    rows[-1][3] = duration
+    def _own_notes(self, bars: list[np.ndarray]) -> np.ndarray:
+        """Note-table rows (bar, onset, pitch and duration filled) of the current track's notes so far."""
+        rows = [
+            (b, int(self._bar_starts[b]) + pos, pitch, int(self.tok.duration_values[dur]))
+            for b, bar in enumerate(bars[: len(self._bar_starts)])
+            for pos, pitch, dur, _ in self.tok.bar_notes(bar)
+        ]
         out = np.zeros((len(rows), len(COL)), dtype=np.int64)
         if rows:
             out[:, [COL["bar"], COL["onset"], COL["pitch"], COL["duration"]]] = rows
@@ -298,11 +304,10 @@ class FormRepeat:
         if not 0 <= bar < len(self.source) or self.source[bar] is None:
             return None, None
         written = np.asarray(written, dtype=np.int64)
-        own = written[np.flatnonzero(self.tok.kinds[written] == TokenKind.TRACK)[-1] + 1 :]
-        bars = np.split(own, np.flatnonzero(own == BAR))[1:]  # each starts with its Bar
-        earlier = bars[self.source[bar]][1:] if self.source[bar] < len(bars) else None
-        if earlier is None:
+        bars = track_bars(written[current_track(self.tok, written) + 1 :])
+        if self.source[bar] >= len(bars):
             return None, None
+        earlier = bars[self.source[bar]]
         is_pos = self.tok.kinds[earlier] == TokenKind.POS
         onsets = np.where(is_pos, earlier - self.tok.pos0, -1)
         group = np.maximum.accumulate(np.where(is_pos, np.arange(len(earlier)), -1))  # each token's Pos
