@@ -44,6 +44,7 @@ from meloformer.masks import (
     MaskRules,
     PlannedMask,
     attention_mask,
+    check_mask_settings,
     flex_block_size,
 )
 from meloformer.row_layout import RowLayout, row_layout
@@ -109,6 +110,7 @@ class MeloFormerConfig:
             raise ValueError("n_embd must divide into n_head heads, and n_head into n_kv_head groups")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("rotary embedding needs an even head size")
+        check_mask_settings(self.fine_bars, self.attention, self.token_window)
 
     @property
     def head_dim(self) -> int:

@@ -160,6 +160,21 @@ def test_a_bad_model_field_is_one_line(args, line, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [f"meloformer: error: {line}"]
 
 
+@pytest.mark.parametrize(
+    ("args", "line"),
+    [
+        (["--model.config.attention", "window", "--model.config.token_window", "200"],
+         "token_window must be a positive multiple of 128, got 200"),
+        (["--model.config.fine_bars", "[1, 70]"], "fine_bars must lie in 1..62, got (1, 70)"),
+    ],
+)  # fmt: skip
+def test_a_mask_setting_the_rules_cannot_take_is_one_line(args, line, capsys):
+    """The configuration checks its mask settings when it is built, before any row or mask is made."""
+    assert main(["fit", "--config", DEMO, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == f"meloformer: error: {line}" and "Traceback" not in err
+
+
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 @pytest.mark.parametrize("size", GPU_CONFIGS)
 def test_gpu_configs_build(size, demo_shards):
