@@ -40,10 +40,14 @@ CHUNK = 1 << Code.CHUNK_BITS  # the window variant counts a document's tokens in
 SEGMENT = Code.DOC | Code.TRACK | Code.BAR
 
 
-def check_mask_settings(fine_bars: Sequence[int], attention: str, token_window: int) -> None:
+def check_mask_settings(
+    fine_bars: Sequence[int], attention: str, token_window: int, kind_sparsity: bool = False
+) -> None:
     """ValueError naming the first mask setting the rules cannot take (a model configuration checks them too)."""
     if attention not in ATTENTION_VARIANTS:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
+    if kind_sparsity and attention not in ("summary", "local"):
+        raise ValueError(f"kind_sparsity restricts the fine-bar rules of summary and local; {attention} has none")
     if any(o < 1 or o > MAX_FINE_BAR for o in fine_bars):
         raise ValueError(f"fine_bars must lie in 1..{MAX_FINE_BAR}, got {tuple(fine_bars)}")
     if token_window < CHUNK or token_window % CHUNK:
@@ -66,7 +70,7 @@ def summary_mask_mod(
     window. The two ablations use rows without summary slots: ``causal`` lets a regular token see every
     earlier token of its document (full attention), and ``local`` keeps only the RR rules of ``summary``.
     """
-    check_mask_settings(fine_bars, attention, token_window)
+    check_mask_settings(fine_bars, attention, token_window, kind_sparsity)
     n, code, kind_code = rows.num_regular, rows.code, rows.kind_code
     fine = sum(1 << o for o in set(fine_bars))  # bit o set: a token sees its track's bar o bars back
     chunks = token_window // CHUNK

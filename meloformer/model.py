@@ -95,7 +95,7 @@ class MeloFormerConfig:
     fine_bars: tuple[int, ...] = DEFAULT_FINE_BARS
     cross_window: int = 1
     kind_sparsity: bool = False
-    attention: AttentionVariant = "summary"  # summary | window | causal | local (the last two: no slots; ablations)
+    attention: AttentionVariant = "window"  # window | summary | causal | local (the last two: no slots; ablations)
     token_window: int = 1024  # window: the recent tokens a token sees one by one (a multiple of 128)
     slot_input: SlotInput = "learned"  # a slot's input; segment_mean adds the mean embedding of its segment's tokens
     rope_base: float = 10_000.0
@@ -110,7 +110,7 @@ class MeloFormerConfig:
             raise ValueError("n_embd must divide into n_head heads, and n_head into n_kv_head groups")
         if (self.n_embd // self.n_head) % 2:
             raise ValueError("rotary embedding needs an even head size")
-        check_mask_settings(self.fine_bars, self.attention, self.token_window)
+        check_mask_settings(self.fine_bars, self.attention, self.token_window, self.kind_sparsity)
 
     @property
     def head_dim(self) -> int:
@@ -131,12 +131,13 @@ class MeloFormerConfig:
     @classmethod
     def from_stored(cls, stored: dict) -> MeloFormerConfig:
         """The configuration a checkpoint or model folder stores. Fields added since it was saved take their
-        defaults, which keep the behaviour it was trained with (``slot_input: learned``); the run-time knobs
-        that older ones stored among these fields are dropped."""
+        defaults, which keep the behaviour it was trained with (``slot_input: learned``); one without an
+        ``attention`` field was trained with ``summary``, the default of its time. The run-time knobs that older
+        ones stored among these fields are dropped."""
         unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS))
         if unknown:
             raise ValueError(f"unknown model fields {', '.join(unknown)} (made by a newer MeloFormer?)")
-        return cls(**{k: v for k, v in stored.items() if k not in RUNTIME_FIELDS})
+        return cls(**{"attention": "summary"} | {k: v for k, v in stored.items() if k not in RUNTIME_FIELDS})
 
 
 @dataclasses.dataclass
@@ -150,6 +151,8 @@ class RuntimeConfig:
 
 
 RUNTIME_FIELDS = tuple(f.name for f in dataclasses.fields(RuntimeConfig))
+# What attention sees, not what the weights are: a model may be fine-tuned under other rules than it was trained.
+MASK_FIELDS = ("fine_bars", "cross_window", "kind_sparsity", "attention", "token_window")
 
 
 # The original's sizes (17M, 85M, 200M, 450M parameters): head size 64, 4 query heads per key/value head.

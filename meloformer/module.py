@@ -27,7 +27,7 @@ from torchmetrics.aggregation import MeanMetric
 from meloformer.checkpoint import read_checkpoint, read_checkpoint_metadata
 from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
 from meloformer.masks import MaskPlan
-from meloformer.model import SIZES, AttentionContext, MeloFormer, MeloFormerConfig, RuntimeConfig
+from meloformer.model import MASK_FIELDS, SIZES, AttentionContext, MeloFormer, MeloFormerConfig, RuntimeConfig
 from meloformer.row_layout import RowLayout
 
 # Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
@@ -117,16 +117,18 @@ class MeloFormerModule(pl.LightningModule):
         self._last_step: tuple[float, Tensor] | None = None
 
     def _load_weights_of(self, folder: str) -> None:
-        """Start from the weights of a model folder with this architecture and tokenizer (``init_from``)."""
+        """Start from the weights of a model folder with this architecture and tokenizer (``init_from``); the
+        attention rules (``MASK_FIELDS``) may differ, so a model can be fine-tuned under another mask."""
         from meloformer.pretrained import load_model_folder
 
         try:
             model, tokenizer = load_model_folder(folder)
         except ValueError as err:  # it names the folder
             raise ValueError(f"model.init_from: {err}") from None
+        mask = {name: getattr(self.config, name) for name in MASK_FIELDS}
         try:
             check_same("tokenizer settings", tokenizer.settings, self.tokenizer.settings, "model folder")
-            stored, current = (dataclasses.asdict(c) for c in (model.config, self.config))
+            stored, current = (dataclasses.asdict(dataclasses.replace(c, **mask)) for c in (model.config, self.config))
             check_same("model configuration", stored, current, "model folder")
         except ValueError as err:
             raise ValueError(f"model.init_from {folder}: {err}") from None

@@ -88,7 +88,7 @@ def test_command_line_sets_model_fields(tmp_path):
     saved = checkpoint["meloformer"]["model_config"]
     expected = MeloFormerConfig.from_size(
         "small", vocab_size=saved["vocab_size"], n_layer=2, n_embd=64, n_head=2, n_kv_head=1, ffn_hidden=384,
-        max_seq_len=512, summary_slots=128,
+        max_seq_len=512, summary_slots=128, attention="summary",
     )  # fmt: skip
     assert saved == dataclasses.asdict(expected)  # ffn_hidden: the config's, kept
     assert checkpoint["hyper_parameters"]["config"] == saved  # plain data, read with weights_only
@@ -166,6 +166,8 @@ def test_a_bad_model_field_is_one_line(args, line, capsys):
         (["--model.config.attention", "window", "--model.config.token_window", "200"],
          "token_window must be a positive multiple of 128, got 200"),
         (["--model.config.fine_bars", "[1, 70]"], "fine_bars must lie in 1..62, got (1, 70)"),
+        (["--model.config.attention", "window", "--model.config.kind_sparsity", "true"],
+         "kind_sparsity restricts the fine-bar rules of summary and local; window has none"),
     ],
 )  # fmt: skip
 def test_a_mask_setting_the_rules_cannot_take_is_one_line(args, line, capsys):

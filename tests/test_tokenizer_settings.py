@@ -41,7 +41,7 @@ def _model(tok: HIDTokenizer, **fields) -> MeloFormer:
 def test_model_reads_kinds_from_its_own_tokenizer(settings):
     tok = HIDTokenizer(**settings)
     tokens = _piece(tok)
-    model = _model(tok, kind_sparsity=True, summary_slots=32, max_seq_len=512)
+    model = _model(tok, attention="summary", kind_sparsity=True, summary_slots=32, max_seq_len=512)
     rows = model.row_layout(torch.from_numpy(tokens)[None])
     expected = KIND_CLASS[layout(tokens, tok.kinds).kind]
     assert np.array_equal(rows.kind_class[0, : len(tokens)].numpy(), expected)

@@ -375,8 +375,9 @@ def test_compiled_training_matches_eager(demo_shards, tiny_model, tmp_path):
 
 
 def test_init_from_starts_from_a_model_folders_weights_and_refuses_another_shape(tmp_path):
-    """Fine-tuning: the model starts from the folder's weights (the shipped model with its own architecture);
-    another architecture is one line naming the field; a checkpoint never needs the folder again."""
+    """Fine-tuning: the model starts from the folder's weights (the shipped model with its own architecture, under
+    its own or another mask); another architecture is one line naming the field; a checkpoint never needs the
+    folder again."""
     import shutil
 
     from meloformer.pretrained import default_model_folder, load_model_folder
@@ -393,6 +394,8 @@ def test_init_from_starts_from_a_model_folders_weights_and_refuses_another_shape
     message = r"^model.init_from .*: the model folder was made with other model configuration \(n_layer: model "
     with pytest.raises(ValueError, match=message + r"folder 4 vs now 2\)$"):
         MeloFormerModule(other, tokenizer=tok.settings, init_from=str(folder))
+    retrained = MeloFormerModule(dataclasses.replace(shipped.config, attention="window"), init_from=str(folder))
+    assert torch.equal(retrained.model.tok_emb.weight, module.model.tok_emb.weight)  # another mask, same weights
     with pytest.raises(ValueError, match=r"^model.init_from: .*nowhere: no such model folder"):
         MeloFormerModule(shipped.config, tokenizer=tok.settings, init_from=str(tmp_path / "nowhere"))
     checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
