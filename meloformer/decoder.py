@@ -4,10 +4,11 @@ Regular tokens are appended one at a time. When a new token closes a segment (it
 ``EOS``), that segment's summary slot is computed once, through the model's own blocks, from the cached
 keys and values of its tokens and of earlier slots; its keys and values join the cache, and then the new
 token goes through the blocks and can see it. Each layer's ``KVCache`` holds the regular tokens at entries
-``[0, capacity)`` and the summary slots after them. Side channels come from ``meloformer.layout.layout``
-on the tokens so far (through ``row_layout``), and each query's mask row is the model's own ``mask_mod``
-evaluated for that one query, so the logits equal those of a full forward on the same tokens. A step
-costs O(context): one layout pass, one mask row and one attention row per layer.
+``[0, capacity)`` and the summary slots after them. The side channels grow with the tokens
+(``GrowingRowLayout``, equal to ``row_layout`` of the tokens so far), and each query's mask row is the
+model's own ``mask_mod`` evaluated for that one query, so the logits equal those of a full forward on the
+same tokens. A step costs O(context): copying the side channels out, one mask row and one attention row per
+layer.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from meloformer.masks import dense_mask
 from meloformer.model import AttentionContext, KVCache, MeloFormer, rope_angles
-from meloformer.row_layout import RowLayout
+from meloformer.row_layout import GrowingRowLayout, RowLayout
 
 
 def open_last_segment(rows: RowLayout) -> RowLayout:
@@ -76,6 +77,10 @@ class IncrementalDecoder:
             raise ValueError(f"prompt of {n} tokens exceeds the decoder capacity {self.capacity}")
         self._allocate(batch, prompt.device, next(self.model.parameters()).dtype)
         self._tokens[:, :n] = prompt.cpu().numpy()
+        self.layout = GrowingRowLayout(
+            self.model.kinds.cpu().numpy(), batch, self.capacity, self.model.mask_rules.with_slots
+        )
+        self.layout.extend(self._tokens[:, :n])
         ctx = self.model.prepare(prompt, backend=self.backend)
         rows = ctx.rows
         self._reserve_slots(rows.num_slots)
@@ -94,8 +99,8 @@ class IncrementalDecoder:
             raise ValueError(f"decoder capacity {self.capacity} reached")
         self._tokens[:, p] = token.cpu().numpy()
         self._reserve_slots(int(self.slots.max()) + 2)
-        rows = self.model.row_layout(torch.from_numpy(self._tokens[:, : p + 1]), min_slots=self._slot_capacity)
-        rows = open_last_segment(rows).to(self.slots.device)
+        self.layout.append(self._tokens[:, p])
+        rows = open_last_segment(self.layout.rows(min_slots=self._slot_capacity)).to(self.slots.device)
         closing = (rows.doc[:, p + 1 :] >= 0).sum(1) > self.slots
         if bool(closing.any()):
             self._summarise(rows, closing)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from meloformer.arith import ceil_div
-from meloformer.hid import TokenKind
+from meloformer.hid import BAR, BOS, EOS, PAD, TokenKind
 from meloformer.layout import layout
 
 SLOT_MULTIPLE = 128
@@ -191,3 +191,123 @@ def row_layout(
     tensors = {k: torch.from_numpy(v if v.dtype == bool else v.astype(np.int32)) for k, v in arrays.items()}
     tensors["code"], tensors["kind_code"] = torch.from_numpy(code), torch.from_numpy(kind_code.astype(np.int32))
     return RowLayout(num_regular=n, **tensors)
+
+
+class GrowingRowLayout:
+    """The side channels of rows that grow by one token per step (decoding): ``rows(min_slots)`` equals
+    ``row_layout`` of the tokens so far, without laying the whole prefix out again. Each new token's fields
+    follow from a few running values per row (the counts that ``layout`` takes cumulative sums of), and the
+    segment table is updated in place, so a step costs O(1) work plus copying the rows out."""
+
+    _REGULAR = ("doc", "segment", "track", "bar", "track_token", "kind_class", "onset_group", "code", "kind_code")
+
+    def __init__(self, kinds: np.ndarray, batch: int, capacity: int, with_slots: bool = True) -> None:
+        self.kinds, self.with_slots, self.length = np.asarray(kinds), with_slots, 0
+        self.regular = {name: np.zeros((batch, capacity), dtype=np.int64) for name in self._REGULAR}
+        self.is_global = np.zeros((batch, capacity), dtype=bool)
+        self.slots = {name: np.full((batch, 0), -1, dtype=np.int64) for name in ("end", "track", "bar", "doc", "code")}
+        self.slots["track_token"] = np.zeros((batch, 0), dtype=np.int64)
+        zeros, none = np.zeros(batch, dtype=np.int64), np.full(batch, -1, dtype=np.int64)
+        self.bos_count, self.max_doc, self.doc_start = zeros.copy(), none.copy(), zeros.copy()
+        self.last_bos, self.last_track, self.last_track_token = none.copy(), none.copy(), zeros.copy()
+        self.track_count, self.track_count_at_bos = zeros.copy(), zeros.copy()
+        self.bar_count, self.bar_count_at_track = zeros.copy(), zeros.copy()
+        self.last_structural_token = np.full(batch, PAD, dtype=np.int64)
+        self.raw_segment, self.segments, self.groups = none.copy(), zeros.copy(), zeros.copy()
+
+    def extend(self, tokens: np.ndarray) -> None:
+        """Append the columns of ``tokens`` ``[B, n]``, one step each."""
+        for column in np.asarray(tokens, dtype=np.int64).T:
+            self.append(column)
+
+    def append(self, token: np.ndarray) -> None:
+        """Append one token per row (``[B]``), with the fields ``layout`` would give it."""
+        p, token = self.length, np.asarray(token, dtype=np.int64)
+        kind = self.kinds[token]
+        is_pad, is_bos, is_eos, is_bar = token == PAD, token == BOS, token == EOS, token == BAR
+        is_track = kind == TokenKind.TRACK
+        is_global = is_bos | is_eos | is_track
+        structural = is_global | is_bar | is_pad
+
+        self.bos_count += is_bos
+        doc = np.where(is_pad, -1, self.bos_count)
+        self.doc_start = np.where(doc > self.max_doc, p, self.doc_start)  # a document's first token
+        self.max_doc = np.maximum(self.max_doc, doc)
+        self.last_bos = np.where(is_bos, p, self.last_bos)
+        self.track_count_at_bos = np.where(is_bos, self.track_count, self.track_count_at_bos)
+        self.track_count += is_track
+        self.last_track = np.where(is_track, p, self.last_track)
+        self.last_track_token = np.where(is_track, token, self.last_track_token)
+        self.bar_count_at_track = np.where(is_track, self.bar_count, self.bar_count_at_track)
+        self.bar_count += is_bar
+        self.last_structural_token = np.where(structural, token, self.last_structural_token)
+
+        track_in_doc = (self.last_track > self.last_bos) & ~is_bos & ~is_eos & ~is_pad
+        track = np.where(track_in_doc, self.track_count - self.track_count_at_bos - 1, -1)
+        in_segment = (self.last_structural_token == BAR) & (track >= 0)
+        bar = np.where(in_segment, self.bar_count - self.bar_count_at_track - 1, -1)
+        raw = np.where(in_segment, self.bar_count - 1, -1)
+        self.segments += in_segment & (is_bar | (raw != self.raw_segment))
+        self.raw_segment = raw
+        segment = np.where(in_segment, self.segments - 1, -1)
+        self.groups += structural | (kind == TokenKind.POS)
+        onset_group = np.where(in_segment, self.groups - 1, -1)
+        in_doc = np.where(doc >= 0, p - self.doc_start, 0)
+        code = Code.pack(in_doc, doc, track, bar, is_global)
+        kind_class = KIND_CLASS[kind]
+        track_token = np.where(track >= 0, self.last_track_token, 0)
+        fields = dict(doc=doc, segment=segment, track=track, bar=bar, track_token=track_token, kind_class=kind_class,
+                      onset_group=onset_group, code=code, kind_code=kind_class | ((onset_group + 1) << 2))  # fmt: skip
+        for name, values in fields.items():
+            self.regular[name][:, p] = values
+        self.is_global[:, p] = is_global
+        self.length = p + 1
+        if self.with_slots:
+            self._update_slots(segment, p, fields)
+
+    def _update_slots(self, segment: np.ndarray, p: int, fields: dict[str, np.ndarray]) -> None:
+        """The segment a token belongs to now ends at it; a segment's first token also sets its fields."""
+        if segment.max() >= self.slots["end"].shape[1]:  # grow the table (doubling)
+            grow = max(int(segment.max()) + 1, 2 * self.slots["end"].shape[1])
+            for name, table in self.slots.items():
+                fill = 0 if name == "track_token" else -1
+                extra = np.full((table.shape[0], grow - table.shape[1]), fill, dtype=np.int64)
+                self.slots[name] = np.concatenate([table, extra], axis=1)
+        rows = np.flatnonzero(segment >= 0)
+        at = segment[rows]
+        self.slots["end"][rows, at] = p
+        for name in ("track", "bar", "doc", "track_token"):
+            self.slots[name][rows, at] = fields[name][rows]
+        self.slots["code"][rows, at] = fields["code"][rows]  # a segment's tokens are never global
+
+    def rows(self, min_slots: int | None = None) -> RowLayout:
+        """``row_layout(tokens so far, kinds, min_slots, with_slots)``."""
+        n, batch = self.length, self.is_global.shape[0]
+        segments = int(self.segments.max(initial=0))
+        slots = (segments if min_slots is None else slots_for(segments, min_slots)) if self.with_slots else 0
+        table = {}
+        for name, values in self.slots.items():
+            fill = 0 if name == "track_token" else -1
+            table[name] = np.full((batch, slots), fill, dtype=np.int64)
+            width = min(slots, values.shape[1])
+            table[name][:, :width] = values[:, :width]
+        unused = table["doc"] < 0
+        dead = Code.pack(np.zeros_like(table["end"]), table["doc"], table["track"], table["bar"], np.zeros_like(unused))
+        table["code"] = np.where(unused, dead, table["code"])
+        reg = {name: values[:, :n] for name, values in self.regular.items()}
+        arrays = {
+            "pos": np.concatenate([np.broadcast_to(np.arange(n), (batch, n)), table["end"]], axis=1),
+            "doc": np.concatenate([reg["doc"], table["doc"]], axis=1),
+            "segment": np.concatenate([reg["segment"], np.broadcast_to(np.arange(slots), (batch, slots))], axis=1),
+            "track": np.concatenate([reg["track"], table["track"]], axis=1),
+            "bar": np.concatenate([reg["bar"], table["bar"]], axis=1),
+            "track_token": np.concatenate([reg["track_token"], table["track_token"]], axis=1),
+            "kind_class": np.concatenate([reg["kind_class"], np.zeros((batch, slots), dtype=np.int64)], axis=1),
+            "onset_group": np.concatenate([reg["onset_group"], np.full((batch, slots), -1)], axis=1),
+        }
+        tensors = {k: torch.from_numpy(v.astype(np.int32)) for k, v in arrays.items()}
+        tensors["is_global"] = torch.from_numpy(np.concatenate([self.is_global[:, :n], np.zeros_like(unused)], axis=1))
+        tensors["code"] = torch.from_numpy(np.concatenate([reg["code"], table["code"]], axis=1))
+        kind_code = np.concatenate([reg["kind_code"], np.zeros((batch, slots), dtype=np.int64)], axis=1)
+        tensors["kind_code"] = torch.from_numpy(kind_code.astype(np.int32))
+        return RowLayout(num_regular=n, **tensors)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from _music import demo_files
 from meloformer.edits import crop_bars
 from meloformer.hid import BAR, BOS, EOS, PAD, HIDTokenizer, TokenKind
 from meloformer.layout import layout
+from meloformer.row_layout import GrowingRowLayout, row_layout
 
 TOK = HIDTokenizer()
 
@@ -94,3 +96,24 @@ def test_segment_table(rows: np.ndarray):
         assert (table["end"][r, count:] == -1).all() and (table["track_token"][r, count:] == 0).all()
     with pytest.raises(ValueError, match="summary slots"):
         lay.segment_table(int(lay.num_segments().max()) - 1)
+
+
+@pytest.mark.parametrize("with_slots", [True, False])
+def test_growing_row_layout_equals_row_layout_at_every_step(rows: np.ndarray, with_slots: bool):
+    """Decoding's side channels, grown one token at a time, equal ``row_layout`` of the prefix at every length:
+    packed documents, leading padding, a row cut inside a piece, single bars, the slot table past
+    ``min_slots`` (it grows by 128)."""
+    mid_piece = np.concatenate([[PAD, PAD], rows[0, 5:], [PAD] * 3])  # padding, then a row cut inside a piece
+    picked = np.stack([rows[0], rows[4], rows[7], mid_piece])
+    grown = GrowingRowLayout(TOK.kinds, len(picked), picked.shape[1], with_slots)
+    grown.extend(picked[:, :1])
+    for p in range(1, picked.shape[1] + 1):
+        if p > 1:
+            grown.append(picked[:, p - 1])
+        min_slots = 8 if p % 2 else None
+        got, want = grown.rows(min_slots), row_layout(picked[:, :p], TOK.kinds, min_slots, with_slots)
+        assert got.num_regular == want.num_regular == p
+        for name, expected in want.tensors().items():
+            actual = got.tensors()[name]
+            assert actual.dtype == expected.dtype and torch.equal(actual, expected), (p, name)
+    assert grown.rows(8).num_slots == (128 if with_slots else 0)  # 79 segments: the next multiple of 128
