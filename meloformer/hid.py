@@ -326,7 +326,7 @@ class HIDTokenizer:
         out += self._conductor_tokens(music, tracks, bar_starts, bar_ends, bar_sigs)
         for program, is_drum, notes in tracks:
             out.append(TRACK_DRUMS if is_drum else TRACK_PROGRAM0 + program)
-            out += self._track_tokens(notes, is_drum, bar_starts)
+            out += self.track_tokens(notes, is_drum, bar_starts)
         out.append(EOS)
         if len(out) > self.max_tokens:
             raise HIDError(f"{len(out)} tokens exceed max_tokens={self.max_tokens}")
@@ -455,7 +455,9 @@ class HIDTokenizer:
         score = np.where(pcs[:, roots] > 0, score, np.iinfo(np.int64).min)
         return np.where(pcs.sum(axis=1) > 0, score.argmax(axis=1), -1)
 
-    def _track_tokens(self, notes: np.ndarray, is_drum: bool, bar_starts: np.ndarray) -> list[int]:
+    def track_tokens(self, notes: np.ndarray, is_drum: bool, bar_starts: np.ndarray) -> list[int]:
+        """The bars of one track (each opened by ``Bar``) from its quantised notes ``[onset, pitch, duration,
+        velocity]`` in grid steps, sorted by onset then pitch; ``bar_starts`` are the bars' first grid steps."""
         out = []
         bar_of = np.searchsorted(bar_starts, notes[:, 0], side="right") - 1
         splits = np.searchsorted(bar_of, np.arange(len(bar_starts) + 1))

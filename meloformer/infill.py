@@ -152,7 +152,7 @@ def end_before_repeats(tok: HIDTokenizer, tokens: np.ndarray, track: int, bars: 
     steps = tok.duration_values
     duration = np.where(held, steps[np.maximum(np.searchsorted(steps, gap, "right") - 1, 0)], duration)
     rows = np.stack([onset, pitch, duration, own[:, COL["velocity"]]], axis=1)
-    written = np.array(tok._track_tokens(rows, False, piece.bar_starts(tok)))
+    written = np.array(tok.track_tokens(rows, False, piece.bar_starts(tok)))
     rewritten = [bar[1:] for bar in np.split(written, np.flatnonzero(written == BAR)[1:])]  # each after its Bar
     token, kept = piece.tracks[track]
     tracks = list(piece.tracks)
