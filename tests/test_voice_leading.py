@@ -58,12 +58,13 @@ def test_nothing_is_steered_before_a_voice_has_a_note_or_a_voice_to_lead_against
 
 
 def test_the_shipped_models_satb_samples_keep_their_voices_apart():
-    """With voice-leading, no parallel fifth or octave and (nearly) no crossing, where the same seeds cross."""
+    """With voice-leading, no parallel fifth or octave and crossings within issue 19's goal (6%), where the
+    same seeds cross far more."""
     model = module_from_folder(default_model_folder()).model
     measured = {}
     for steer in (False, True):
         request = GenerationRequest(bars=8, instruments=SATB, time_signature=(4, 4), voice_leading=steer)
         features = [piece_features(TOK, generate(model, TOK, request, seed=s)) for s in range(2)]
         measured[steer] = [(f["parallels"], f["crossings"]) for f in features]
-    assert all(parallels == 0 and crossings <= 0.03 for parallels, crossings in measured[True]), measured
-    assert sum(c for _, c in measured[False]) > sum(c for _, c in measured[True]), measured
+    assert all(parallels == 0 and crossings <= 0.06 for parallels, crossings in measured[True]), measured
+    assert sum(c for _, c in measured[False]) > 2 * sum(c for _, c in measured[True]), measured
