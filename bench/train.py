@@ -1,6 +1,6 @@
-"""Training throughput on CPU: MeloFormer-small (the default ``window`` attention, sdpa) vs a plain causal
-transformer, and the DataLoader's rows/s against what the model consumes. ``--attention summary`` times the
-fine-bar mask instead (the ``window`` rows start each piece on a 128-token boundary).
+"""Training throughput on CPU: MeloFormer-small (summary attention, sdpa) vs a plain causal transformer, and
+the DataLoader's rows/s against what the model consumes. ``--attention window`` times the tile-friendly
+variant instead (its rows start each piece on a 128-token boundary).
 
 MeloFormer runs the ``sdpa`` backend's block-sparse attention (64x32 blocks) with its side channels and mask
 built by the DataLoader (``batch["layout"]`` and ``batch["mask"]`` from the model's ``mask_plan``, as in
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--dense", action="store_true", help="also time SDPA over the whole dense mask")
     parser.add_argument("--loader-rows", type=int, default=200)
     parser.add_argument("--device", default="cpu", help="cpu (sdpa backend, fp32) or cuda (flex, bf16 autocast)")
-    parser.add_argument("--attention", default="window", choices=("summary", "window"), help="MeloFormer's mask")
+    parser.add_argument("--attention", default="summary", choices=("summary", "window"), help="MeloFormer's mask")
     add_common_arguments(parser, "train")
     args = parser.parse_args()
     set_threads(args.threads)

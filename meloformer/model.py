@@ -95,7 +95,7 @@ class MeloFormerConfig:
     fine_bars: tuple[int, ...] = DEFAULT_FINE_BARS
     cross_window: int = 1
     kind_sparsity: bool = False
-    attention: AttentionVariant = "window"  # window | summary | causal | local (the last two: no slots; ablations)
+    attention: AttentionVariant = "summary"  # summary | window | causal | local (the last two: no slots; ablations)
     token_window: int = 1024  # window: the recent tokens a token sees one by one (a multiple of 128)
     slot_input: SlotInput = "learned"  # a slot's input; segment_mean adds the mean embedding of its segment's tokens
     rope_base: float = 10_000.0
