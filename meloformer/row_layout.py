@@ -164,27 +164,38 @@ def row_layout(
             k: np.zeros((tokens.shape[0], 0), dtype=np.int64) for k in ("end", "track", "bar", "doc", "track_token")
         }
     n = tokens.shape[1]
-    slot_doc = table["doc"]
-    slots = table["end"].shape[1]
-    rows = {
-        "pos": (np.broadcast_to(np.arange(n), tokens.shape), table["end"]),
-        "doc": (lay.doc, slot_doc),
-        "segment": (lay.segment, np.broadcast_to(np.arange(slots), slot_doc.shape)),
-        "track": (lay.track, table["track"]),
-        "bar": (lay.bar, table["bar"]),
-        "track_token": (lay.track_token, table["track_token"]),
-        "is_global": (lay.is_global, np.zeros_like(slot_doc, dtype=bool)),
-        "kind_class": (KIND_CLASS[lay.kind], np.zeros_like(slot_doc)),
-        "onset_group": (lay.onset_group, np.full_like(slot_doc, -1)),
-    }
-    arrays = {k: np.concatenate([r, s], axis=1) for k, (r, s) in rows.items()}
+    regular = dict(doc=lay.doc, segment=lay.segment, track=lay.track, bar=lay.bar, track_token=lay.track_token,
+                   is_global=lay.is_global, kind_class=KIND_CLASS[lay.kind], onset_group=lay.onset_group)  # fmt: skip
     # Where each regular token's document begins in the row (a document's first token: its id, counted by BOS,
     # exceeds every id before it; padding may lie inside a document); a slot's is its end's.
     before = np.maximum.accumulate(np.pad(lay.doc, ((0, 0), (1, 0)), constant_values=-1)[:, :-1], axis=1)
     opens = lay.doc > before
     doc_start = np.maximum.accumulate(np.where(opens, np.arange(n), 0), axis=1)
-    start = np.concatenate([doc_start, np.take_along_axis(doc_start, np.clip(table["end"], 0, n - 1), 1)], axis=1)
-    in_doc = arrays["pos"] - np.where(arrays["doc"] >= 0, start, arrays["pos"])
+    slot_start = np.take_along_axis(doc_start, np.clip(table["end"], 0, n - 1), 1)
+    in_doc = np.concatenate([np.arange(n) - doc_start, table["end"] - slot_start], axis=1)
+    return _assemble(regular, table, in_doc)
+
+
+def _assemble(regular: dict[str, np.ndarray], table: dict[str, np.ndarray], in_doc: np.ndarray) -> RowLayout:
+    """The ``RowLayout`` of the regular tokens' fields (``[B, L]``: doc, segment, track, bar, track_token,
+    is_global, kind_class, onset_group), the segment table (``[B, S]``: end, track, bar, doc, track_token) and
+    every position's offset from its document's start (``[B, L + S]``; ignored where doc is -1)."""
+    batch, n = regular["doc"].shape
+    slot_doc = table["doc"]
+    slots = slot_doc.shape[1]
+    rows = {
+        "pos": (np.broadcast_to(np.arange(n), (batch, n)), table["end"]),
+        "doc": (regular["doc"], slot_doc),
+        "segment": (regular["segment"], np.broadcast_to(np.arange(slots), slot_doc.shape)),
+        "track": (regular["track"], table["track"]),
+        "bar": (regular["bar"], table["bar"]),
+        "track_token": (regular["track_token"], table["track_token"]),
+        "is_global": (regular["is_global"], np.zeros_like(slot_doc, dtype=bool)),
+        "kind_class": (regular["kind_class"], np.zeros_like(slot_doc)),
+        "onset_group": (regular["onset_group"], np.full_like(slot_doc, -1)),
+    }
+    arrays = {k: np.concatenate([r, s], axis=1) for k, (r, s) in rows.items()}
+    in_doc = np.where(arrays["doc"] >= 0, in_doc, 0)
     code = Code.pack(in_doc, arrays["doc"], arrays["track"], arrays["bar"], arrays["is_global"])
     kind_code = arrays["kind_class"] | ((arrays["onset_group"] + 1) << 2)
     # int32 halves memory and speeds up integer arithmetic; the packed code needs int64.
@@ -199,14 +210,14 @@ class GrowingRowLayout:
     follow from a few running values per row (the counts that ``layout`` takes cumulative sums of), and the
     segment table is updated in place, so a step costs O(1) work plus copying the rows out."""
 
-    _REGULAR = ("doc", "segment", "track", "bar", "track_token", "kind_class", "onset_group", "code", "kind_code")
+    _REGULAR = ("doc", "segment", "track", "bar", "track_token", "kind_class", "onset_group", "in_doc")
+    _SLOT_FILL = {"end": -1, "track": -1, "bar": -1, "doc": -1, "track_token": 0, "in_doc": 0}
 
     def __init__(self, kinds: np.ndarray, batch: int, capacity: int, with_slots: bool = True) -> None:
         self.kinds, self.with_slots, self.length = np.asarray(kinds), with_slots, 0
         self.regular = {name: np.zeros((batch, capacity), dtype=np.int64) for name in self._REGULAR}
-        self.is_global = np.zeros((batch, capacity), dtype=bool)
-        self.slots = {name: np.full((batch, 0), -1, dtype=np.int64) for name in ("end", "track", "bar", "doc", "code")}
-        self.slots["track_token"] = np.zeros((batch, 0), dtype=np.int64)
+        self.regular["is_global"] = np.zeros((batch, capacity), dtype=bool)
+        self.slots = {name: np.full((batch, 0), fill, dtype=np.int64) for name, fill in self._SLOT_FILL.items()}
         zeros, none = np.zeros(batch, dtype=np.int64), np.full(batch, -1, dtype=np.int64)
         self.bos_count, self.max_doc, self.doc_start = zeros.copy(), none.copy(), zeros.copy()
         self.last_bos, self.last_track, self.last_track_token = none.copy(), none.copy(), zeros.copy()
@@ -252,15 +263,11 @@ class GrowingRowLayout:
         segment = np.where(in_segment, self.segments - 1, -1)
         self.groups += structural | (kind == TokenKind.POS)
         onset_group = np.where(in_segment, self.groups - 1, -1)
-        in_doc = np.where(doc >= 0, p - self.doc_start, 0)
-        code = Code.pack(in_doc, doc, track, bar, is_global)
-        kind_class = KIND_CLASS[kind]
         track_token = np.where(track >= 0, self.last_track_token, 0)
-        fields = dict(doc=doc, segment=segment, track=track, bar=bar, track_token=track_token, kind_class=kind_class,
-                      onset_group=onset_group, code=code, kind_code=kind_class | ((onset_group + 1) << 2))  # fmt: skip
+        fields = dict(doc=doc, segment=segment, track=track, bar=bar, track_token=track_token, is_global=is_global,
+                      kind_class=KIND_CLASS[kind], onset_group=onset_group, in_doc=p - self.doc_start)  # fmt: skip
         for name, values in fields.items():
             self.regular[name][:, p] = values
-        self.is_global[:, p] = is_global
         self.length = p + 1
         if self.with_slots:
             self._update_slots(segment, p, fields)
@@ -270,44 +277,23 @@ class GrowingRowLayout:
         if segment.max() >= self.slots["end"].shape[1]:  # grow the table (doubling)
             grow = max(int(segment.max()) + 1, 2 * self.slots["end"].shape[1])
             for name, table in self.slots.items():
-                fill = 0 if name == "track_token" else -1
-                extra = np.full((table.shape[0], grow - table.shape[1]), fill, dtype=np.int64)
+                extra = np.full((table.shape[0], grow - table.shape[1]), self._SLOT_FILL[name], dtype=np.int64)
                 self.slots[name] = np.concatenate([table, extra], axis=1)
         rows = np.flatnonzero(segment >= 0)
         at = segment[rows]
         self.slots["end"][rows, at] = p
-        for name in ("track", "bar", "doc", "track_token"):
+        for name in ("track", "bar", "doc", "track_token", "in_doc"):
             self.slots[name][rows, at] = fields[name][rows]
-        self.slots["code"][rows, at] = fields["code"][rows]  # a segment's tokens are never global
 
     def rows(self, min_slots: int | None = None) -> RowLayout:
         """``row_layout(tokens so far, kinds, min_slots, with_slots)``."""
-        n, batch = self.length, self.is_global.shape[0]
+        n, batch = self.length, self.regular["doc"].shape[0]
         segments = int(self.segments.max(initial=0))
         slots = (segments if min_slots is None else slots_for(segments, min_slots)) if self.with_slots else 0
-        table = {}
+        table = {name: np.full((batch, slots), fill, dtype=np.int64) for name, fill in self._SLOT_FILL.items()}
+        width = min(slots, self.slots["end"].shape[1])
         for name, values in self.slots.items():
-            fill = 0 if name == "track_token" else -1
-            table[name] = np.full((batch, slots), fill, dtype=np.int64)
-            width = min(slots, values.shape[1])
             table[name][:, :width] = values[:, :width]
-        unused = table["doc"] < 0
-        dead = Code.pack(np.zeros_like(table["end"]), table["doc"], table["track"], table["bar"], np.zeros_like(unused))
-        table["code"] = np.where(unused, dead, table["code"])
-        reg = {name: values[:, :n] for name, values in self.regular.items()}
-        arrays = {
-            "pos": np.concatenate([np.broadcast_to(np.arange(n), (batch, n)), table["end"]], axis=1),
-            "doc": np.concatenate([reg["doc"], table["doc"]], axis=1),
-            "segment": np.concatenate([reg["segment"], np.broadcast_to(np.arange(slots), (batch, slots))], axis=1),
-            "track": np.concatenate([reg["track"], table["track"]], axis=1),
-            "bar": np.concatenate([reg["bar"], table["bar"]], axis=1),
-            "track_token": np.concatenate([reg["track_token"], table["track_token"]], axis=1),
-            "kind_class": np.concatenate([reg["kind_class"], np.zeros((batch, slots), dtype=np.int64)], axis=1),
-            "onset_group": np.concatenate([reg["onset_group"], np.full((batch, slots), -1)], axis=1),
-        }
-        tensors = {k: torch.from_numpy(v.astype(np.int32)) for k, v in arrays.items()}
-        tensors["is_global"] = torch.from_numpy(np.concatenate([self.is_global[:, :n], np.zeros_like(unused)], axis=1))
-        tensors["code"] = torch.from_numpy(np.concatenate([reg["code"], table["code"]], axis=1))
-        kind_code = np.concatenate([reg["kind_code"], np.zeros((batch, slots), dtype=np.int64)], axis=1)
-        tensors["kind_code"] = torch.from_numpy(kind_code.astype(np.int32))
-        return RowLayout(num_regular=n, **tensors)
+        regular = {name: values[:, :n] for name, values in self.regular.items()}
+        in_doc = np.concatenate([regular.pop("in_doc"), table.pop("in_doc")], axis=1)
+        return _assemble(regular, table, in_doc)
