@@ -81,7 +81,7 @@ class IncrementalDecoder:
             self.model.kinds.cpu().numpy(), batch, self.capacity, self.model.mask_rules.with_slots
         )
         self.layout.extend(self._tokens[:, :n])
-        ctx = self.model.prepare(prompt, backend=self.backend)
+        ctx = self.model.prepare(prompt, backend=self.backend, rows=self.layout.rows())
         rows = ctx.rows
         self._reserve_slots(rows.num_slots)
         write = torch.cat([torch.arange(n), self.capacity + torch.arange(rows.num_slots)]).to(prompt.device)
