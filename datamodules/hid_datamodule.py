@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import shutil
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from meloformer.datamodules.rows import RowBuilder
-from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader
+from meloformer.datamodules.shards import INDEX_NAME, SPLITS, ShardError, ShardReader, read_index
 from meloformer.datamodules.stream import (
     CollateWithPlan,
     LoaderPlan,
@@ -156,6 +157,9 @@ class HIDDataModule(pl.LightningDataModule):
         cache.parent.mkdir(parents=True, exist_ok=True)
         with open(cache.parent / f".{cache.name}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
+            if (cache / INDEX_NAME).is_file() and read_index(cache)["tokenizer"] != self.tokenizer.settings:
+                rank_zero_info(f"the demo corpus cache {cache} is of another HID format: preprocessing it again")
+                shutil.rmtree(cache)  # a cache of bundled files: nothing is lost
             if not (cache / INDEX_NAME).is_file() or not (cache / "report.txt").is_file():
                 rank_zero_info(f"preprocessing the demo corpus {find_demo_corpus()} into {cache} (first use)")
                 summary = preprocess(find_demo_corpus(), cache, self.tokenizer, progress=False)

@@ -26,8 +26,8 @@ from meloformer.layout import Layout, layout
 
 # A crop adds at most TimeSig, Pos and Tempo to its first conductor bar (the meter and tempo in force).
 CROP_HEAD_EXTRA = 3
-# The shortest possible crop: BOS Track Bar TimeSig Pos Tempo, Track Bar Pos Pitch Dur Vel, EOS.
-MIN_CROP_TOKENS = 13
+# The shortest possible crop: BOS Track (the ensemble), Track Bar TimeSig Pos Tempo, Track Bar Pos Pitch Dur Vel, EOS.
+MIN_CROP_TOKENS = 14
 _SPLIT_TAGS = {"train": 0, "val": 1, "test": 2}
 
 
@@ -43,8 +43,8 @@ class PieceShape:
         return len(self.bar_tokens) - 1
 
     def fixed_tokens(self) -> int:
-        """Tokens of a crop outside its bars: BOS, one Track token per track, the crop head, EOS."""
-        return 1 + self.n_tracks + CROP_HEAD_EXTRA + 1
+        """Tokens of a crop outside its bars: BOS, the ensemble, one Track token per track, the crop head, EOS."""
+        return 1 + (self.n_tracks - 1) + self.n_tracks + CROP_HEAD_EXTRA + 1
 
     def crop_tokens(self, b0: int, b1: int) -> int:
         """Upper bound of the length of ``crop_bars(b0, b1)``."""

@@ -178,6 +178,13 @@ class ShardReader:
                 for k, v in expected_settings.items()
                 if self.tokenizer_settings.get(k) != v
             }
+            if "format_version" in differing:
+                made, reads = differing["format_version"]
+                raise ShardError(
+                    f"{self.root}: shards were made with HID format version {made}, this MeloFormer reads version "
+                    f"{reads}: preprocess the MIDI folder again into a new folder (`meloformer preprocess MIDI_FOLDER "
+                    "NEW_FOLDER`)"
+                )
             if differing:
                 detail = ", ".join(f"{k}: data {a!r} vs expected {b!r}" for k, (a, b) in differing.items())
                 raise ShardError(f"{self.root}: shards were made with other tokenizer settings ({detail})")

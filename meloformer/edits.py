@@ -49,8 +49,11 @@ def crop_bars(tok: HIDTokenizer, tokens: np.ndarray, b0: int, b1: int, lay: Layo
         body = np.concatenate([[tok.pos0, tokens[tempos[at_start][-1]]], body])
     later_conductor = conductor & (bar > b0) & (bar < b1)
     tracks = (lay.track > 0) & ((kind == TokenKind.TRACK) | ((bar >= b0) & (bar < b1)))
+    ensemble = tokens[1 : int(np.argmax(tokens == TRACK_CONDUCTOR))]
     parts = [
-        [BOS, TRACK_CONDUCTOR, BAR, tokens[signatures[-1]]],
+        [BOS],
+        ensemble,
+        [TRACK_CONDUCTOR, BAR, tokens[signatures[-1]]],
         first_tokens[first_kinds == TokenKind.CHORD],
         body,
         tokens[later_conductor | tracks],

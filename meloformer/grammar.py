@@ -2,13 +2,15 @@
 
 ``HIDGrammar.allowed()`` returns a boolean mask over the vocabulary for the next token; ``advance(token)``
 moves the state on. Inside a bar it follows ``hid.BarSyntax``, the rules that ``HIDTokenizer.parse``
-checks. Around the bars it asks for what the encoder writes and parse does not check: positions inside the
-bar's length, rising pitches at one onset, tracks in the canonical priority order (drums, bass,
-chords/pads, melodic lines) unless ``free_track_order``, every track as many bars as the conductor, at
-most ``max_tracks`` tracks (15 pitched), and at least one note. On top come the controls of generation: a
-fixed number of bars, a fixed time signature and tempo (or ``keep_meter``: the conductor's first bar sets
-the meter of the piece), a fixed list of instrument tracks, a chord per bar (the conductor must write it),
-and per bar the pitch classes of a key (pitched notes and free chords stay in it) and a velocity range.
+checks. The piece opens with its ensemble (the Track token of every instrument track, before the conductor),
+and the tracks then follow it one by one. Around the bars it asks for what the encoder writes and parse does
+not check: positions inside the bar's length, rising pitches at one onset, an ensemble in the canonical
+priority order (drums, bass, chords/pads, melodic lines) unless ``free_track_order``, every track as many
+bars as the conductor, at most ``max_tracks`` tracks (15 pitched), and at least one note. On top come the
+controls of generation: a fixed number of bars, a fixed time signature and tempo (or ``keep_meter``: the
+conductor's first bar sets the meter of the piece), a fixed list of instrument tracks (the ensemble), a chord
+per bar (the conductor must write it), and per bar the pitch classes of a key (pitched notes and free chords
+stay in it) and a velocity range.
 
 numpy only: the sampler in ``meloformer.sampler`` applies the mask to the model's logits.
 """
@@ -93,7 +95,8 @@ class HIDGrammar:
         # state
         self.started = False
         self.done = False
-        self.track_number = -1  # 0 = conductor
+        self.ensemble: list[int] = []  # the Track tokens written before the conductor
+        self.track_number = -1  # -1 = the ensemble, 0 = conductor
         self.track_token = 0
         self.tracks: list[int] = []
         self.bars_done = 0
@@ -125,9 +128,7 @@ class HIDGrammar:
         return not (last_bar and self._is_last_track())
 
     def _is_last_track(self) -> bool:
-        if self.instruments is not None:
-            return self.track_number == len(self.instruments)
-        return len(self.tracks) - 1 >= self.tok.max_tracks
+        return self.track_number == len(self.instruments)
 
     def _end_of_bar(self, mask: np.ndarray) -> None:
         """Allow what may follow a complete bar: another Bar, the next Track, or EOS."""
@@ -143,26 +144,26 @@ class HIDGrammar:
             self._next_track(mask)
 
     def _next_track(self, mask: np.ndarray) -> None:
-        instruments_done = len(self.tracks) - 1  # minus the conductor
-        if self.instruments is not None:
-            if instruments_done < len(self.instruments):
-                mask[self.instruments[instruments_done]] = True
-            elif self.notes > 0:
-                mask[EOS] = True
-            return
-        if self.notes > 0:
+        """The ensemble's next track, or EOS after the last one."""
+        if self.track_number < len(self.instruments):
+            mask[self.instruments[self.track_number]] = True
+        elif self.notes > 0:
             mask[EOS] = True
-        if instruments_done >= self.tok.max_tracks:
+
+    def _ensemble_rules(self, mask: np.ndarray) -> None:
+        """The ensemble: the given instruments one by one, or any tracks within the limits, in canonical order."""
+        written = len(self.ensemble)
+        if self.instruments is not None:
+            mask[self.instruments[written] if written < len(self.instruments) else TRACK_CONDUCTOR] = True
             return
-        pitched = sum(1 for t in self.tracks[1:] if t != TRACK_DRUMS)
+        mask[TRACK_CONDUCTOR] = written > 0
+        if written >= self.tok.max_tracks:
+            return
+        pitched = sum(1 for t in self.ensemble if t != TRACK_DRUMS)
         for t in self._track_tokens:
             if t == TRACK_CONDUCTOR or (t != TRACK_DRUMS and pitched >= MAX_PITCHED_TRACKS):
                 continue
-            if (
-                self.free_track_order
-                or self.track_number == 0
-                or track_order_key(t) >= track_order_key(self.track_token)
-            ):
+            if self.free_track_order or not written or track_order_key(t) >= track_order_key(self.ensemble[-1]):
                 mask[t] = True
 
     def _of_bar(self, per_bar: list) -> np.ndarray | None:
@@ -176,7 +177,7 @@ class HIDGrammar:
         if not self.started:
             mask[BOS] = True
         elif self.track_number < 0:
-            mask[TRACK_CONDUCTOR] = True
+            self._ensemble_rules(mask)
         elif self.bar is None:
             mask[BAR] = True
         else:
@@ -230,7 +231,11 @@ class HIDGrammar:
             self.started = True
         elif token == EOS:
             self.done = True
+        elif kind == TokenKind.TRACK and self.track_number < 0 and token != TRACK_CONDUCTOR:
+            self.ensemble.append(token)
         elif kind == TokenKind.TRACK:
+            if self.instruments is None:
+                self.instruments = list(self.ensemble)
             if self.in_conductor and self.n_bars is None:
                 self.n_bars = self.bars_done
             self.track_number += 1

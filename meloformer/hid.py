@@ -1,15 +1,17 @@
-"""HID encoding (Hierarchical Instrument-Decoupled), format version 1.
+"""HID encoding (Hierarchical Instrument-Decoupled), format version 2.
 
 A piece is written track by track, and inside a track bar by bar (docs/design.md section 2)::
 
     BOS
+    Track(p|drums)... (the ensemble: every instrument track's Track token, in track order)
     Track(conductor)  { Bar [TimeSig] [Chord] [Pos Tempo]... }  x n_bars
     Track(p|drums)    { Bar [Pos Pitch [Dur] [Vel]]... }       x n_bars   (per instrument track)
     EOS
 
-Everything is computed on a quantised grid of ``resolution`` steps per quarter note: notes are quantised
-first and every derived quantity (bars, chords, tempo bins) comes from the quantised notes, so
-encode -> decode -> encode is a fixed point. Decoded scores use ``ticks_per_quarter == resolution``.
+The ensemble comes first so that the conductor's choices (meter, tempo, chords) are made knowing the
+instruments (version 1 started with the conductor). Everything is computed on a quantised grid of
+``resolution`` steps per quarter note: notes are quantised first and every derived quantity (bars, chords,
+tempo bins) comes from the quantised notes, so encode -> decode -> encode is a fixed point. Decoded scores use ``ticks_per_quarter == resolution``.
 
 This module is numpy-only (plus symusic, and miditoolkit objects as an accepted input).
 """
@@ -27,7 +29,7 @@ import symusic
 
 from meloformer.files import atomic_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 CHORD_QUALITIES: dict[str, tuple[int, ...]] = {
     "maj": (0, 4, 7),
@@ -148,7 +150,10 @@ class HIDTokenizer:
         format_version: int = FORMAT_VERSION,
     ) -> None:
         if format_version != FORMAT_VERSION:
-            raise HIDError(f"HID format version {format_version} is not supported (this is {FORMAT_VERSION})")
+            raise HIDError(
+                f"HID format version {format_version} is not supported (this is {FORMAT_VERSION}): its tokens mean "
+                "something else, so its data must be preprocessed again and its models trained again"
+            )
         if resolution % 4 or resolution <= 0:
             raise HIDError(f"resolution must be a positive multiple of 4, got {resolution}")
         for name, value, low, high in (
@@ -322,10 +327,11 @@ class HIDTokenizer:
             raise HIDError(f"{n_bars} bars exceed max_bars={self.max_bars}")
         bar_ends = np.append(bar_starts[1:], bar_starts[-1] + self.bar_length(*bar_sigs[-1]))
 
-        out: list[int] = [BOS]
+        track_tokens = [TRACK_DRUMS if is_drum else TRACK_PROGRAM0 + program for program, is_drum, _ in tracks]
+        out: list[int] = [BOS, *track_tokens]
         out += self._conductor_tokens(music, tracks, bar_starts, bar_ends, bar_sigs)
-        for program, is_drum, notes in tracks:
-            out.append(TRACK_DRUMS if is_drum else TRACK_PROGRAM0 + program)
+        for track_token, (_, is_drum, notes) in zip(track_tokens, tracks):
+            out.append(track_token)
             out += self.track_tokens(notes, is_drum, bar_starts)
         out.append(EOS)
         if len(out) > self.max_tokens:
@@ -481,9 +487,11 @@ class HIDTokenizer:
         return out
 
     # ------------------------------------------------------------------ decoding
-    def parse(self, tokens: np.ndarray) -> Piece:
-        """Split tokens into conductor and track bars, checking every bar's ``BarSyntax``; HIDError names the place."""
-        return Piece.parse(self, np.asarray(tokens))
+    def parse(self, tokens: np.ndarray, partial: bool = False) -> Piece:
+        """Split tokens into conductor and track bars, checking every bar's ``BarSyntax``; HIDError names the place.
+
+        ``partial``: a piece still being written, whose tracks so far are the first ones of its ensemble."""
+        return Piece.parse(self, np.asarray(tokens), partial)
 
     def decode(self, tokens: np.ndarray) -> symusic.Score:
         """Tokens -> ``symusic.Score`` with ``ticks_per_quarter == resolution``; chords become markers."""
@@ -574,13 +582,13 @@ class Piece:
         return len(self.conductor)
 
     @classmethod
-    def parse(cls, tok: HIDTokenizer, tokens: np.ndarray) -> Piece:
+    def parse(cls, tok: HIDTokenizer, tokens: np.ndarray, partial: bool = False) -> Piece:
         tokens = np.asarray(tokens)
         if tokens.ndim != 1 or tokens.dtype.kind not in "iu":
             raise HIDError(f"tokens must be one 1-D array of integer ids, got {tokens.dtype} of shape {tokens.shape}")
         tokens = tokens.astype(np.int64)
         if len(tokens) < 2:
-            raise HIDError("a piece needs at least BOS and a conductor track")
+            raise HIDError("a piece needs at least BOS, its ensemble and a conductor track")
         if tokens.min() < 0 or tokens.max() >= tok.vocab_size:
             raise HIDError(f"token id out of range 0..{tok.vocab_size - 1}")
         if tokens[0] != BOS:
@@ -589,18 +597,25 @@ class Piece:
         eos = np.flatnonzero(tokens == EOS)
         if len(eos):
             end = int(eos[0])
-        body = tokens[1:end]
+        head = tokens[1:end]
+        opens_track = (tok.kinds[head] == TokenKind.TRACK) & (head != TRACK_CONDUCTOR)
+        n_ensemble = int(np.argmin(opens_track)) if not opens_track.all() else len(head)
+        if n_ensemble == len(head) or head[n_ensemble] != TRACK_CONDUCTOR:
+            raise HIDError(
+                f"token {1 + n_ensemble} must be Track_conductor: a piece opens with BOS, the Track tokens of its "
+                "instruments, then the conductor track"
+            )
+        ensemble = head[:n_ensemble].tolist()
+        body = head[n_ensemble:]
         kinds = tok.kinds[body]
-        if len(body) == 0 or body[0] != TRACK_CONDUCTOR:
-            raise HIDError("token 1 must be Track_conductor")
         track_at = np.flatnonzero(kinds == TokenKind.TRACK)
         if (body[track_at[1:]] == TRACK_CONDUCTOR).any():
             raise HIDError("a second conductor track")
         bad = np.isin(kinds, (TokenKind.PAD, TokenKind.BOS))
         if bad.any():
-            i = int(np.flatnonzero(bad)[0]) + 1
+            i = int(np.flatnonzero(bad)[0]) + 1 + n_ensemble
             raise HIDError(f"token {i} ({tok.vocab[tokens[i]]}) cannot appear inside a piece")
-        starts = list(track_at + 1) + [end]  # where each track's Track token stands, then the end
+        starts = list(track_at + 1 + n_ensemble) + [end]  # where each track's Track token stands, then the end
         parsed = []
         for first, stop in zip(starts, starts[1:]):
             track_token = int(tokens[first])
@@ -616,6 +631,10 @@ class Piece:
         for number, (_, bars) in enumerate(parsed[1:], start=1):
             if len(bars) != len(conductor):
                 raise HIDError(f"track {number} has {len(bars)} bars, the conductor has {len(conductor)}")
+        written = [track_token for track_token, _ in parsed[1:]]
+        if written != (ensemble[: len(written)] if partial else ensemble):
+            names = ", ".join(tok.vocab[t] for t in ensemble) or "no instrument"
+            raise HIDError(f"the tracks ({', '.join(tok.vocab[t] for t in written)}) are not the ensemble ({names})")
         return cls(conductor, parsed[1:])
 
     def conductor_events(self, tok: HIDTokenizer):

@@ -93,10 +93,9 @@ def reorder_tracks(tok: HIDTokenizer, tokens: np.ndarray, order: list[int]) -> n
 def assemble(conductor: list[np.ndarray], tracks: list[tuple[int, list[np.ndarray]]]) -> np.ndarray:
     """The tokens of a piece from its conductor's bars and its (``Track`` token, bars) tracks, each bar the
     tokens after its ``Bar``."""
-    parts: list[list[int] | np.ndarray] = [[BOS, TRACK_CONDUCTOR]]
+    parts: list[list[int] | np.ndarray] = [[BOS], [track_token for track_token, _ in tracks]]
     for track_token, bars in [(TRACK_CONDUCTOR, conductor), *tracks]:
-        if track_token != TRACK_CONDUCTOR:
-            parts.append([track_token])
+        parts.append([track_token])
         for bar in bars:
             parts += [[BAR], bar]
     parts.append([EOS])

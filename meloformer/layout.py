@@ -7,13 +7,14 @@ Per token:
 
 - ``kind``: the ``TokenKind``;
 - ``doc``: document id within the row (pieces counted by ``BOS``), -1 for padding;
-- ``track``: index of the token's track within its piece (0 = conductor), -1 for BOS/EOS/padding;
+- ``track``: index of the token's track within its piece (0 = conductor), -1 for BOS, the ensemble's Track
+  tokens before the conductor, EOS and padding;
 - ``track_token``: id of the ``Track`` token of that track (0 where there is none);
 - ``bar``: bar index within the track, -1 outside a segment;
 - ``segment``: segment id, counting (track, bar) segments along the row, -1 outside a segment;
 - ``segment_end``: position of the last token of the token's segment, -1 outside a segment;
 - ``onset_group``: id of the group of tokens sharing one onset (a ``Pos`` and its notes), -1 outside a segment;
-- ``is_global``: BOS, Track and EOS tokens, which every later token of the piece sees;
+- ``is_global``: BOS, Track (the ensemble's too) and EOS tokens, which every later token of the piece sees;
 - ``is_pad``.
 
 A segment is a ``Bar`` token and the tokens up to the next ``Bar``, ``Track`` or ``EOS``.
@@ -25,7 +26,7 @@ import dataclasses
 
 import numpy as np
 
-from meloformer.hid import BAR, BOS, EOS, PAD, TokenKind
+from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TokenKind
 
 
 @dataclasses.dataclass
@@ -102,13 +103,14 @@ def layout(tokens, kinds: np.ndarray) -> Layout:
     is_bos = tokens == BOS
     is_eos = tokens == EOS
     is_bar = tokens == BAR
-    is_track = kind == TokenKind.TRACK
-    is_global = is_bos | is_eos | is_track
+    is_global = is_bos | is_eos | (kind == TokenKind.TRACK)
     structural = is_global | is_bar | is_pad
 
     doc = np.where(is_pad, -1, np.cumsum(is_bos, axis=-1))
 
     last_bos = _last_index_where(is_bos)
+    # A Track token opens a track from the conductor on; the ones before it (the ensemble) open none.
+    is_track = (kind == TokenKind.TRACK) & (_last_index_where(tokens == TRACK_CONDUCTOR) > last_bos)
     last_track = _last_index_where(is_track)
     track_in_doc = last_track > last_bos
     track_count = np.cumsum(is_track, axis=-1)

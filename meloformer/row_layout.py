@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from meloformer.arith import ceil_div
-from meloformer.hid import BAR, BOS, EOS, PAD, TokenKind
+from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TokenKind
 from meloformer.layout import layout
 
 SLOT_MULTIPLE = 128
@@ -221,6 +221,7 @@ class GrowingRowLayout:
         zeros, none = np.zeros(batch, dtype=np.int64), np.full(batch, -1, dtype=np.int64)
         self.bos_count, self.max_doc, self.doc_start = zeros.copy(), none.copy(), zeros.copy()
         self.last_bos, self.last_track, self.last_track_token = none.copy(), none.copy(), zeros.copy()
+        self.last_conductor = none.copy()
         self.track_count, self.track_count_at_bos = zeros.copy(), zeros.copy()
         self.bar_count, self.bar_count_at_track = zeros.copy(), zeros.copy()
         self.last_structural_token = np.full(batch, PAD, dtype=np.int64)
@@ -236,8 +237,7 @@ class GrowingRowLayout:
         p, token = self.length, np.asarray(token, dtype=np.int64)
         kind = self.kinds[token]
         is_pad, is_bos, is_eos, is_bar = token == PAD, token == BOS, token == EOS, token == BAR
-        is_track = kind == TokenKind.TRACK
-        is_global = is_bos | is_eos | is_track
+        is_global = is_bos | is_eos | (kind == TokenKind.TRACK)
         structural = is_global | is_bar | is_pad
 
         self.bos_count += is_bos
@@ -245,6 +245,8 @@ class GrowingRowLayout:
         self.doc_start = np.where(doc > self.max_doc, p, self.doc_start)  # a document's first token
         self.max_doc = np.maximum(self.max_doc, doc)
         self.last_bos = np.where(is_bos, p, self.last_bos)
+        self.last_conductor = np.where(token == TRACK_CONDUCTOR, p, self.last_conductor)
+        is_track = (kind == TokenKind.TRACK) & (self.last_conductor > self.last_bos)  # not the ensemble's
         self.track_count_at_bos = np.where(is_bos, self.track_count, self.track_count_at_bos)
         self.track_count += is_track
         self.last_track = np.where(is_track, p, self.last_track)

@@ -28,7 +28,7 @@ from meloformer.chords import progression
 from meloformer.decoder import IncrementalDecoder
 from meloformer.edits import crop_bars
 from meloformer.grammar import HIDGrammar
-from meloformer.hid import BAR, EOS, MAX_PITCHED_TRACKS, TRACK_DRUMS, HIDTokenizer, TokenKind
+from meloformer.hid import BAR, MAX_PITCHED_TRACKS, TRACK_CONDUCTOR, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.model import MeloFormer
 from meloformer.steering import (
     ChordBinding,
@@ -233,6 +233,7 @@ class _Budget:
         kinds = tok.kinds
         self.ends_bar = np.isin(kinds, (TokenKind.BAR, TokenKind.TRACK, TokenKind.EOS))
         self.is_track = kinds == TokenKind.TRACK
+        self.is_conductor = np.arange(len(kinds)) == TRACK_CONDUCTOR
         self.closes_track = np.isin(kinds, (TokenKind.TRACK, TokenKind.EOS))
         self.pos_or_chord = np.isin(kinds, (TokenKind.POS, TokenKind.CHORD))
         self.is_chord = kinds == TokenKind.CHORD
@@ -254,19 +255,18 @@ class _Budget:
         return need
 
     def _from_scratch(self) -> int:
-        """The least after BOS and the conductor's Track token."""
-        plan = self.plan
-        n_bars, tracks = plan.grammar.n_bars or 1, len(plan.instruments or [None])
+        """The least after BOS and the conductor's Track token: the rest of the ensemble, then the piece."""
+        plan, g = self.plan, self.plan.grammar
+        n_bars = g.n_bars or 1
+        tracks = len(g.instruments) if g.instruments is not None else max(len(g.ensemble), 1)
         first_bar = 0 if (0, 0) in plan.forced else 3
         note = 0 if plan.has_notes else OPEN_COST
-        return n_bars * (1 + tracks) + first_bar + tracks + note + 1 + plan.forced_still_to_come()
+        ensemble_left = tracks - len(g.ensemble)
+        return n_bars * (1 + tracks) + first_bar + ensemble_left + tracks + note + 1 + plan.forced_still_to_come()
 
     def _tracks_to_open(self) -> int:
-        g, instruments = self.plan.grammar, self.plan.instruments
-        opened = len(g.tracks) - 1
-        if instruments is not None:
-            return len(instruments) - opened
-        return 1 if opened < 1 else 0
+        g = self.plan.grammar
+        return len(g.instruments or [None]) - max(len(g.tracks) - 1, 0)
 
     def _close_bar(self) -> int:
         """Tokens the current bar needs before it may end."""
@@ -288,16 +288,14 @@ class _Budget:
         g = self.plan.grammar
         free = self.capacity - used - self.reserve(None)
         allowed = allowed.copy()
-        if allowed[EOS] and free < self._new_track_cost():
-            allowed &= ~self.is_track  # an extra track the piece does not need
+        if g.track_number < 0 and allowed[TRACK_CONDUCTOR] and free < self._new_track_cost() + 1:
+            allowed &= ~self.is_track | self.is_conductor  # an extra instrument the piece cannot pay for
         if g.in_conductor and g.n_bars is None and free < 1 + self._tracks_to_open():
             allowed[BAR] = False  # another bar would cost a Bar in every track still to come
         ends, content = allowed & self.ends_bar, allowed & ~self.ends_bar
         first_note = g.notes == 0 and not g.in_conductor and not self.plan.has_notes
         if first_note:
             free += OPEN_COST  # the reserve held for the piece's first note is this note's to spend
-            if content.any() and ends.any() and self.plan.instruments is None and g.bars_done >= (g.n_bars or 1):
-                return content  # write the piece's note in this track rather than opening another
         spent = self.segment_free - free
         if content.any() and free >= OPEN_COST and (spent + OPEN_COST // 2 <= self.segment_share or first_note):
             return allowed

@@ -221,7 +221,7 @@ class VoiceLeading:
         """The lines of the complete pitched tracks before track ``track`` (parsed once per track)."""
         if track == self._parsed_tracks:
             return
-        piece = self.tok.parse(tokens)
+        piece = self.tok.parse(tokens, partial=True)
         notes = self.tok.note_table(piece)
         pitched = [n for n, (token, _) in enumerate(piece.tracks) if token != TRACK_DRUMS]
         by_track = [notes[notes[:, COL["track"]] == n] for n in pitched]

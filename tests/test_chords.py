@@ -92,10 +92,10 @@ def test_progression_repeats_to_the_bars():
 
 def test_grammar_allows_only_the_fixed_chord_in_each_conductor_bar():
     chords = progression(TOK, ["Am", "Dm"], 2)
-    grammar = HIDGrammar.from_tokens(TOK, [1, 4, 3, TOK.timesig0 + TOK.time_signatures.index((4, 4))], n_bars=2)
+    grammar = HIDGrammar.from_tokens(TOK, [1, 6, 4, 3, TOK.timesig0 + TOK.time_signatures.index((4, 4))], n_bars=2)
     assert grammar.allowed()[TOK.chord0 : TOK.chord0 + len(TOK.chords)].sum() == len(TOK.chords)
     grammar = HIDGrammar.from_tokens(
-        TOK, [1, 4, 3, TOK.timesig0 + TOK.time_signatures.index((4, 4))], n_bars=2, chords=chords
+        TOK, [1, 6, 4, 3, TOK.timesig0 + TOK.time_signatures.index((4, 4))], n_bars=2, chords=chords
     )
     assert np.flatnonzero(grammar.allowed()).tolist() == [TOK.chord0 + chords[0]]
     for token in [TOK.chord0 + chords[0], TOK.pos0, TOK.tempo0 + 20, 3]:

@@ -138,20 +138,20 @@ class FixedStart:
 
 
 def test_fit_window_by_hand():
-    """Four bars of 10, 20, 30 and 40 tokens over two tracks: 7 tokens outside the bars (BOS, two Track
-    tokens, at most 3 for the crop head, EOS), two segments per bar."""
+    """Four bars of 10, 20, 30 and 40 tokens over two tracks: 8 tokens outside the bars (BOS, the ensemble's
+    Track token, two Track tokens, at most 3 for the crop head, EOS), two segments per bar."""
     shape = PieceShape(np.array([0, 10, 30, 60, 100]), n_tracks=2)
-    assert shape.fixed_tokens() == 7 and shape.n_bars == 4 and shape.crop_tokens(1, 3) == 57
-    assert fit_window(shape, 107, 8, None) == (0, 4)  # the whole piece fits exactly
-    assert fit_window(shape, 107, 8, FixedStart(2)) == (0, 4)  # whole pieces ignore the start
-    assert fit_window(shape, 106, 8, None) == (0, 3)  # one token short: bars 0-2 (60 tokens)
-    assert fit_window(shape, 107, 5, None) == (0, 2)  # 5 segments: two bars of two tracks
-    assert fit_window(shape, 57, 8, FixedStart(1)) == (1, 3)  # 50 tokens: bars 1-2 exactly
-    assert fit_window(shape, 102, 8, FixedStart(2)) == (1, 4)  # from bar 2 it hits the end: moved back to 1
-    assert fit_window(shape, 97, 8, FixedStart(2)) == (1, 4)  # moved back as far as 90 tokens allow, exactly
-    assert fit_window(shape, 102, 4, FixedStart(3)) == (2, 4)  # moved back, but only 2 bars of segments
-    assert fit_window(shape, 16, 8, None) is None  # 9 tokens: not even bar 0
-    assert fit_window(shape, 7, 8, None) is None and fit_window(shape, 100, 1, None) is None
+    assert shape.fixed_tokens() == 8 and shape.n_bars == 4 and shape.crop_tokens(1, 3) == 58
+    assert fit_window(shape, 108, 8, None) == (0, 4)  # the whole piece fits exactly
+    assert fit_window(shape, 108, 8, FixedStart(2)) == (0, 4)  # whole pieces ignore the start
+    assert fit_window(shape, 107, 8, None) == (0, 3)  # one token short: bars 0-2 (60 tokens)
+    assert fit_window(shape, 108, 5, None) == (0, 2)  # 5 segments: two bars of two tracks
+    assert fit_window(shape, 58, 8, FixedStart(1)) == (1, 3)  # 50 tokens: bars 1-2 exactly
+    assert fit_window(shape, 103, 8, FixedStart(2)) == (1, 4)  # from bar 2 it hits the end: moved back to 1
+    assert fit_window(shape, 98, 8, FixedStart(2)) == (1, 4)  # moved back as far as 90 tokens allow, exactly
+    assert fit_window(shape, 103, 4, FixedStart(3)) == (2, 4)  # moved back, but only 2 bars of segments
+    assert fit_window(shape, 17, 8, None) is None  # 9 tokens: not even bar 0
+    assert fit_window(shape, 8, 8, None) is None and fit_window(shape, 100, 1, None) is None
 
 
 def test_piece_shape_by_hand():
@@ -159,7 +159,7 @@ def test_piece_shape_by_hand():
     instrument bar Bar Pos Pitch Dur Vel; so 5 + 5 + 5 = 15 tokens in bar 0 and 2 + 5 + 5 = 12 in bar 1."""
     score = make_score([(33, False, [(0, 1, 36, 90), (4, 1, 38, 90)]), (0, False, [(0, 1, 60, 90), (4, 1, 62, 90)])])
     tokens = TOKENIZER.encode(score)
-    assert len(tokens) == 1 + 27 + 3 + 1  # BOS, the bars, three Track tokens, EOS
+    assert len(tokens) == 1 + 2 + 27 + 3 + 1  # BOS, the ensemble, the bars, three Track tokens, EOS
     shape = piece_shape(layout(tokens, TOKENIZER.kinds))
     assert shape.bar_tokens.tolist() == [0, 15, 27] and shape.n_tracks == 3
 
@@ -327,6 +327,13 @@ def test_bad_data_settings_are_clear_errors(demo_shards, tmp_path):
     preprocess(src, other, HIDTokenizer(resolution=24), workers=1, progress=False)
     with pytest.raises(ShardError, match=r"other tokenizer settings \(resolution: data 24 vs expected 12"):
         HIDDataModule(str(other))
+    index = json.loads((other / "index.json").read_text())
+    index["tokenizer"] = {**HIDTokenizer().settings, "format_version": 1}  # shards of the format before the ensemble
+    (other / "index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        ShardError, match=r"made with HID format version 1, this MeloFormer reads version 2: preprocess"
+    ):
+        HIDDataModule(str(other))
 
 
 def test_demo_corpus_is_preprocessed_once_on_first_use(tmp_path, monkeypatch):
@@ -340,6 +347,11 @@ def test_demo_corpus_is_preprocessed_once_on_first_use(tmp_path, monkeypatch):
     assert (cache / "index.json").stat().st_mtime_ns == stamp
     data.setup("fit")
     assert next(iter(data.train_dataloader()))["tokens"].shape == (1, 256)
+    index = json.loads((cache / "index.json").read_text())
+    index["tokenizer"]["format_version"] = 1  # a cache left by a MeloFormer that wrote format version 1
+    (cache / "index.json").write_text(json.dumps(index))
+    data.prepare_data()
+    assert ShardReader(cache).tokenizer_settings["format_version"] == 2  # made again, not refused
 
 
 # ---------------------------------------------------------------------------------------------- host memory

@@ -7,7 +7,17 @@ import pytest
 
 from _music import demo_files, make_score, write_and_read_back
 from meloformer.grammar import HIDGrammar
-from meloformer.hid import EOS, TRACK_DRUMS, TRACK_PROGRAM0, HIDError, HIDTokenizer
+from meloformer.hid import (
+    BAR,
+    BOS,
+    EOS,
+    TRACK_CONDUCTOR,
+    TRACK_DRUMS,
+    TRACK_PROGRAM0,
+    HIDError,
+    HIDTokenizer,
+    TokenKind,
+)
 
 TOK = HIDTokenizer()
 
@@ -59,7 +69,30 @@ def test_grammar_masks_what_parse_rejects():
     assert grammar.allowed()[EOS]
     with pytest.raises(HIDError, match="not allowed"):
         HIDGrammar.from_tokens(TOK, tokens[:-1], n_bars=1)  # the piece has 2 bars
-    bar0 = HIDGrammar.from_tokens(TOK, tokens[:3])  # BOS Track_conductor Bar
+    bar0 = HIDGrammar.from_tokens(TOK, tokens[:4])  # BOS Track_0 Track_conductor Bar
     assert np.flatnonzero(bar0.allowed()).tolist() == list(range(TOK.timesig0, TOK.timesig0 + len(TOK.time_signatures)))
     after_pos = HIDGrammar.from_tokens(TOK, tokens[: np.flatnonzero(TOK.kinds[tokens] == 7)[1] + 1])
     assert set(TOK.kinds[np.flatnonzero(after_pos.allowed())]) == {9}  # only pitches after a note position
+
+
+def test_the_ensemble_comes_first_and_decides_the_tracks():
+    """Without instruments the model names the ensemble (at least one track, in canonical order) before the
+    conductor; after the conductor every track is the ensemble's next one; given instruments are the ensemble."""
+    bass, flute = TRACK_PROGRAM0 + 33, TRACK_PROGRAM0 + 73
+    grammar = HIDGrammar.from_tokens(TOK, [BOS])
+    allowed = grammar.allowed()
+    assert not allowed[TRACK_CONDUCTOR] and allowed[bass] and allowed[flute] and allowed[TRACK_DRUMS]
+    grammar.advance(bass)
+    allowed = grammar.allowed()
+    assert allowed[TRACK_CONDUCTOR] and allowed[flute] and not allowed[TRACK_DRUMS]  # drums come before a bass
+    grammar.advance(flute)
+    walk = [TRACK_CONDUCTOR, BAR, TOK.timesig0 + TOK.time_signatures.index((4, 4)), TOK.pos0, TOK.tempo0]
+    for token in walk:
+        grammar.advance(token)
+    assert np.flatnonzero(grammar.allowed() & (TOK.kinds == TokenKind.TRACK)).tolist() == [bass]
+    assert grammar.instruments == [bass, flute]
+    given = HIDGrammar.from_tokens(TOK, [BOS], instruments=[flute, bass], free_track_order=True)
+    assert np.flatnonzero(given.allowed()).tolist() == [flute]
+    given.advance(flute)
+    given.advance(bass)
+    assert np.flatnonzero(given.allowed()).tolist() == [TRACK_CONDUCTOR]

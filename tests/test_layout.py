@@ -8,7 +8,7 @@ import torch
 
 from _music import demo_files
 from meloformer.edits import crop_bars
-from meloformer.hid import BAR, BOS, EOS, PAD, HIDTokenizer, TokenKind
+from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, HIDTokenizer, TokenKind
 from meloformer.layout import layout
 from meloformer.row_layout import GrowingRowLayout, row_layout
 
@@ -22,11 +22,12 @@ def reference(tokens: np.ndarray) -> dict[str, list]:
     out = {k: [-1] * n for k in ("doc", "track", "bar", "segment", "segment_end", "onset_group")}
     out["track_token"] = [0] * n
     doc, track, track_token, bar, segment, group = 0, -1, 0, -1, -1, -1
-    in_segment = False
+    in_segment = conducted = False  # conducted: the piece's conductor has begun (the ensemble opens no track)
     for i, (t, kind) in enumerate(zip(tokens.tolist(), kinds.tolist())):
         if t == BOS:
-            doc, track, track_token = doc + 1, -1, 0
-        if kind == TokenKind.TRACK:
+            doc, track, track_token, conducted = doc + 1, -1, 0, False
+        conducted |= t == TRACK_CONDUCTOR
+        if kind == TokenKind.TRACK and conducted:
             track, track_token, bar = track + 1, t, -1
         if t in (BOS, EOS, PAD) or kind == TokenKind.TRACK:
             in_segment = False

@@ -47,9 +47,10 @@ def pitch(p: int) -> int:
 
 
 def build_piece() -> tuple[list[int], dict[str, int]]:
-    """BOS, conductor, piano and bass tracks over four bars; ``at`` names every token's position.
+    """BOS, the ensemble, conductor, piano and bass tracks over four bars; ``at`` names every token's position.
 
-    Names: ``"<track>.<bar>.<what>"`` with track ``cond``, ``piano`` or ``bass``; ``Track_<track>``; BOS, EOS.
+    Names: ``"<track>.<bar>.<what>"`` with track ``cond``, ``piano`` or ``bass``; ``Track_<track>``; the
+    ensemble's ``Ensemble_<track>``; BOS, EOS.
     """
     tokens: list[int] = []
     at: dict[str, int] = {}
@@ -59,6 +60,8 @@ def build_piece() -> tuple[list[int], dict[str, int]]:
         tokens.append(token)
 
     add(BOS, "BOS")
+    add(TRACK_PROGRAM0, "Ensemble_piano")
+    add(TRACK_PROGRAM0 + 33, "Ensemble_bass")
     add(TRACK_CONDUCTOR, "Track_cond")
     for b in range(BARS):
         add(BAR, f"cond.{b}.Bar")
@@ -189,8 +192,14 @@ def test_rr_global_same_segment_and_causality(mask: Mask):
             ("bass.3.Vel", "bass.3.Vel"),
             ("Track_bass", "Track_piano"),
             ("EOS", "Track_bass"),
+            ("cond.0.TimeSig", "Ensemble_bass"),  # the conductor's meter is chosen knowing the instruments
+            ("cond.0.Tempo", "Ensemble_piano"),
+            ("bass.3.Vel", "Ensemble_bass"),
+            ("Ensemble_bass", "Ensemble_piano"),
+            ("Ensemble_piano", "BOS"),
         ],
         hidden=[
+            ("Ensemble_piano", "Ensemble_bass"),  # the ensemble is written left to right like the rest
             ("bass.3.Pitch", "bass.3.Vel"),  # later in the same segment
             ("piano.1.Pitch", "bass.1.Pitch"),  # same bar of a later track is the future
             ("piano.0.Pitch", "Track_bass"),  # a later global token
@@ -352,7 +361,7 @@ def test_slots_round_up_to_a_multiple_of_128():
 
 
 def test_broadcast_evaluation_equals_torch_vmap_evaluation():
-    tokens = np.array([TOKENS + [PAD] * 7, TOKENS[:40] + TOKENS[:35]])
+    tokens = np.array([TOKENS + [PAD] * 5, TOKENS[:40] + TOKENS[:35]])
     for settings in ({}, {"kind_sparsity": True, "fine_bars": (1, 3), "cross_window": 2}):
         rows = row_layout(tokens, TOK.kinds, 16)
         mod = summary_mask_mod(rows, **settings)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from meloformer.grammar import HIDGrammar
-from meloformer.hid import BAR, BOS, CHORD_QUALITIES, TRACK_CONDUCTOR, HIDTokenizer, TokenKind
+from meloformer.hid import BAR, BOS, CHORD_QUALITIES, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer, TokenKind
 from meloformer.instruments import instrument_name, instrument_token
 from meloformer.sampler import GenerationRequest, check_request
 from meloformer.steering import key_pitch_classes, parse_dynamics, parse_key, per_bar
@@ -35,8 +35,16 @@ def test_dynamics_spread_evenly_over_the_bars():
 
 
 def walk_to_first_pitch(grammar: HIDGrammar, instrument: int) -> None:
-    """BOS, the conductor's first bar (4/4, Pos_0, a tempo), the instrument's first bar and a Pos."""
-    for token in (BOS, TRACK_CONDUCTOR, BAR, TOK.timesig0 + TOK.time_signatures.index((4, 4)), TOK.pos0, TOK.tempo0):
+    """BOS, the ensemble, the conductor's first bar (4/4, Pos_0, a tempo), the instrument's first bar and a Pos."""
+    for token in (
+        BOS,
+        instrument,
+        TRACK_CONDUCTOR,
+        BAR,
+        TOK.timesig0 + TOK.time_signatures.index((4, 4)),
+        TOK.pos0,
+        TOK.tempo0,
+    ):
         grammar.advance(token)
     grammar.advance(instrument)
     grammar.advance(BAR)
@@ -47,7 +55,7 @@ def test_the_grammar_keeps_pitches_chords_and_velocities_inside_the_controls():
     scale = key_pitch_classes("D minor")
     piano = instrument_token("piano")
     grammar = HIDGrammar(TOK, n_bars=1, instruments=[piano], pitch_classes=[scale], velocities=[(40, 70)])
-    for token in (BOS, TRACK_CONDUCTOR, BAR, TOK.timesig0):
+    for token in (BOS, piano, TRACK_CONDUCTOR, BAR, TOK.timesig0):
         grammar.advance(token)
     chords = np.flatnonzero(grammar.allowed() & (TOK.kinds == TokenKind.CHORD)) - TOK.chord0
     in_key = [c for c, (root, q) in enumerate(TOK.chords) if all(scale[(root + k) % 12] for k in CHORD_QUALITIES[q])]
@@ -64,7 +72,8 @@ def test_the_grammar_keeps_pitches_chords_and_velocities_inside_the_controls():
 
 def test_one_meter_per_piece_unless_a_prompt_brings_its_own():
     grammar = HIDGrammar(TOK, n_bars=2, keep_meter=True)
-    walk = (BOS, TRACK_CONDUCTOR, BAR, TOK.timesig0 + TOK.time_signatures.index((3, 4)), TOK.pos0, TOK.tempo0, BAR)
+    walk = (BOS, TRACK_PROGRAM0, TRACK_CONDUCTOR, BAR, TOK.timesig0 + TOK.time_signatures.index((3, 4)), TOK.pos0,
+            TOK.tempo0, BAR)  # fmt: skip
     for token in walk:
         grammar.advance(token)
     assert not (grammar.allowed() & (TOK.kinds == TokenKind.TIMESIG)).any()

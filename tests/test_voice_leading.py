@@ -25,7 +25,7 @@ def soprano_and_alto(alto: list[int]) -> list[int]:
     """One 4/4 bar: the soprano sings C5 then D5 (positions 0 and 12); the alto's first tokens are ``alto``."""
     conductor = [BAR, TOK.timesig0 + TOK.time_signatures.index((4, 4)), TOK.pos0, TOK.tempo0 + 20]
     soprano = [TRACK_PROGRAM0 + 52, BAR, *note(0, 72), *note(12, 74)]
-    return [BOS, TRACK_CONDUCTOR, *conductor, *soprano, TRACK_PROGRAM0 + 52, BAR, *alto]
+    return [BOS, *SATB[:2], TRACK_CONDUCTOR, *conductor, *soprano, TRACK_PROGRAM0 + 52, BAR, *alto]
 
 
 def allowed_pitches(steer: VoiceLeading, written: list[int], onset: int) -> set[int]:
