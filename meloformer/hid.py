@@ -11,7 +11,8 @@ A piece is written track by track, and inside a track bar by bar (docs/design.md
 The ensemble comes first so that the conductor's choices (meter, tempo, chords) are made knowing the
 instruments (version 1 started with the conductor). Everything is computed on a quantised grid of
 ``resolution`` steps per quarter note: notes are quantised first and every derived quantity (bars, chords,
-tempo bins) comes from the quantised notes, so encode -> decode -> encode is a fixed point. Decoded scores use ``ticks_per_quarter == resolution``.
+tempo bins) comes from the quantised notes, so encode -> decode -> encode is a fixed point. Decoded scores
+use ``ticks_per_quarter == resolution``.
 
 This module is numpy-only (plus symusic, and miditoolkit objects as an accepted input).
 """
