@@ -18,7 +18,7 @@ from pathlib import Path
 from jsonargparse import ArgumentError, ArgumentParser
 
 from meloformer.hid import HIDTokenizer
-from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS, DEFAULT_METER
+from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS
 
 
 def preprocess_parser() -> ArgumentParser:
@@ -111,7 +111,10 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument("--bars", type=int, default=None, help="bars in all (default 8; prompt + 8 to continue)")
     parser.add_argument("--tempo", type=float, default=None, help="quarter notes per minute")
     parser.add_argument(
-        "--time_signature", type=str, default=None, help=f"e.g. 3/4 (default without a prompt: {DEFAULT_METER})"
+        "--time_signature",
+        type=str,
+        default=None,
+        help="e.g. 3/4 (default without a prompt: the model chooses it for the instruments, and it holds)",
     )
     parser.add_argument("--chords", nargs="+", default=None, help="a chord per bar, repeated: C G Am F")
     parser.add_argument(
@@ -205,7 +208,6 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
             bars = prompt_bars if args.add_track or regions else (bars or prompt_bars + 8)
         else:
             args.instruments = args.instruments or list(DEFAULT_INSTRUMENTS)
-            args.time_signature = args.time_signature or (None if args.meter_changes else DEFAULT_METER)
             args.dynamics = args.dynamics or list(DEFAULT_DYNAMICS)
         request = GenerationRequest(
             bars=bars or 8,

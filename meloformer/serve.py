@@ -29,7 +29,7 @@ from meloformer.instruments import instrument_choices, instrument_name, instrume
 from meloformer.module import MeloFormerModule, open_checkpoint
 from meloformer.pianoroll import save_pianoroll
 from meloformer.sampler import GenerationRequest, check_request, generate, parse_time_signature
-from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS, DEFAULT_METER
+from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS
 
 TIME_SIGNATURES = ["model's choice", "4/4", "3/4", "2/4", "6/8", "5/4", "7/8", "12/8"]
 MODES = ["continue", "add a track", "regenerate bars (infill)"]
@@ -133,7 +133,7 @@ class Studio:
         track_6: str = NO_TRACK,
         bars: float = 8,
         tempo: float = 0,
-        time_signature: str = DEFAULT_METER,
+        time_signature: str = TIME_SIGNATURES[0],
         key: str = KEYS[0],
         dynamics: str = " ".join(DEFAULT_DYNAMICS),
         chords: str = "",
@@ -246,7 +246,7 @@ def build_app(studio: Studio) -> gr.Blocks:
                 )
                 time_signature = gr.Dropdown(
                     TIME_SIGNATURES,
-                    value=DEFAULT_METER,
+                    value=TIME_SIGNATURES[0],
                     label="time signature (without a prompt)",
                     elem_id="time_signature",
                 )

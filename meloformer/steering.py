@@ -31,10 +31,10 @@ from meloformer.features import line, sounding
 from meloformer.hid import BAR, CHORD_QUALITIES, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
 from meloformer.metrics import COL
 
-# A first sample from what the shipped model knows best (the chorales): four voices in 4/4, with an arch of
-# dynamics (its own velocities barely move: the training data's are nearly constant).
+# A first sample from what the shipped model knows best (the chorales): four voices, with an arch of dynamics
+# (its own velocities barely move: the training data's are nearly constant). The meter is the model's choice
+# for the ensemble (format version 2 writes the ensemble before the conductor).
 DEFAULT_INSTRUMENTS = ("choir-aahs", "choir-aahs", "voice-oohs", "voice-oohs")
-DEFAULT_METER = "4/4"
 DEFAULT_DYNAMICS = ("55-70", "70-85", "85-100", "70-85")
 
 MODES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10, 11)}
