@@ -28,7 +28,7 @@ import numpy as np
 
 from meloformer.chords import ACCIDENTALS, LETTERS
 from meloformer.features import line, sounding
-from meloformer.hid import BAR, CHORD_QUALITIES, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
+from meloformer.hid import BAR, CHORD_QUALITIES, TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
 from meloformer.metrics import COL
 
 # A first sample from what the shipped model knows best (the chorales): four voices, with an arch of dynamics
@@ -117,14 +117,18 @@ class ChordBinding:
     ``bias`` adds ``strength`` to the log-probability of every pitch whose pitch class is a tone of the bar's
     chord (pitched tracks only); ``downbeat`` allows only the chord's root among the pitches of the bass
     track's notes at position 0. ``chords`` holds, per bar, an index into ``tok.chords`` or None (free).
+    ``instruments`` None: the model chooses them, and they are read from the ensemble once it is written.
     """
 
     def __init__(
         self, tok: HIDTokenizer, chords: Sequence[int | None], instruments: Sequence[int] | None, strength: float
     ) -> None:
-        self.chords, self.instruments = list(chords), list(instruments or [])
+        self.chords = list(chords)
         self._anything = np.ones(tok.vocab_size, dtype=bool)
-        self.bass = bass_track(self.instruments) if instruments else None
+        self.instruments: list[int] | None = None
+        self.bass: int | None = None
+        if instruments is not None:
+            self._know(instruments)
         pitch_class = np.arange(128) % 12
         self._bias, self._roots = {}, {}
         is_pitch = np.zeros(tok.vocab_size, dtype=bool)
@@ -139,14 +143,22 @@ class ChordBinding:
             roots[tok.pitch0 : tok.pitch0 + 128] = pitch_class == root
             self._roots[index] = roots
 
+    def _know(self, instruments: Sequence[int]) -> None:
+        self.instruments = list(instruments)
+        self.bass = bass_track(self.instruments)
+
     def __call__(
         self, bar: int, track: int, onset: int, written: Sequence[int] = ()
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         """``Steer``: the chord-tone bias, and at the downbeat the bass's root."""
+        if self.instruments is None:
+            conductor = np.flatnonzero(np.asarray(written) == TRACK_CONDUCTOR)
+            if len(conductor):  # the ensemble stands between BOS and the conductor
+                self._know([int(t) for t in written[1 : conductor[0]]])
         return self.bias(bar, track), self.downbeat(bar, track) if onset == 0 else None
 
     def _chord(self, bar: int, track_number: int) -> int | None:
-        if track_number < 1 or not 0 <= bar < len(self.chords):
+        if track_number < 1 or not 0 <= bar < len(self.chords) or self.instruments is None:
             return None
         if track_number <= len(self.instruments) and self.instruments[track_number - 1] == TRACK_DRUMS:
             return None

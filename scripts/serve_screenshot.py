@@ -2,7 +2,7 @@
 generate one sample in headless Chromium (the browser test's set-up: Debian's chromium-headless-shell driven
 by playwright), and screenshot the page.
 
-    python scripts/serve_screenshot.py        # the page's defaults (choir SATB, 8 bars of 4/4) over C G Am F, C major
+    python scripts/serve_screenshot.py        # the page's defaults (choir SATB, 8 bars) over C G Am F, C major
 
 The instruments are chosen in the page's dropdowns by name, as a user does.
 """

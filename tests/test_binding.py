@@ -6,7 +6,15 @@ from __future__ import annotations
 import numpy as np
 
 from meloformer import sampler
-from meloformer.hid import CHORD_QUALITIES, NOTE_COLUMNS, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer
+from meloformer.hid import (
+    BOS,
+    CHORD_QUALITIES,
+    NOTE_COLUMNS,
+    TRACK_CONDUCTOR,
+    TRACK_DRUMS,
+    TRACK_PROGRAM0,
+    HIDTokenizer,
+)
 from meloformer.module import module_from_folder
 from meloformer.pretrained import default_model_folder
 from meloformer.sampler import GenerationRequest, generate
@@ -40,6 +48,10 @@ def test_chord_tones_get_the_bias_and_the_bass_the_root_at_the_downbeat():
     assert binding.downbeat(2, 1).all()  # the soprano is free
     drums = ChordBinding(TOK, [c_major], [TRACK_DRUMS, TRACK_PROGRAM0 + 33, TRACK_PROGRAM0], strength=1.5)
     assert drums.bias(0, 1) is None
+    chosen = ChordBinding(TOK, [c_major, None, a_minor], None, strength=1.5)  # the model names the ensemble
+    assert chosen(0, -1, -1, [BOS, *SATB[:2]]) == (None, None)  # the ensemble is not complete yet
+    chosen(0, 0, -1, [BOS, *SATB, TRACK_CONDUCTOR])
+    assert chosen.bass == 4 and np.array_equal(chosen.downbeat(2, 4), roots)
 
 
 def _chord_notes(tokens: np.ndarray, chords: list[str], bass_track: int) -> tuple[float, list[int]]:

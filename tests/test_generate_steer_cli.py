@@ -104,7 +104,8 @@ def test_key_dynamics_and_named_instruments_bound_the_written_midi(checkpoint, t
     assert sorted((t.is_drum, t.program) for t in score.tracks) == [(False, 0), (False, 40), (True, 0)]
     pitched = [n for t in score.tracks if not t.is_drum for n in t.notes]
     assert pitched and {n.pitch % 12 for n in pitched} <= D_MINOR
-    bar = 4 * score.ticks_per_quarter  # the default meter, 4/4
+    (meter,) = score.time_signatures  # the model's choice, held
+    bar = score.ticks_per_quarter * 4 * meter.numerator // meter.denominator
     for note in (n for t in score.tracks for n in t.notes):
         assert (20 <= note.velocity <= 40) if note.time < 2 * bar else (90 <= note.velocity <= 110)
     for marker in score.markers:  # the conductor's own chords stay in the key too
@@ -117,7 +118,7 @@ def test_the_default_sample_is_a_four_voice_choir_in_one_meter(checkpoint, tmp_p
     assert code == 0, err
     score = symusic.Score(str(tmp_path / "sample_0.mid"))
     assert [t.program for t in score.tracks] == [52, 52, 53, 53]
-    assert [(ts.numerator, ts.denominator) for ts in score.time_signatures] == [(4, 4)]
+    assert len(score.time_signatures) == 1  # one meter, the model's choice (this untrained model's is random)
     assert len({n.velocity for t in score.tracks for n in t.notes}) > 1  # the default dynamics move
 
 

@@ -82,6 +82,21 @@ def test_the_shipped_model_writes_a_valid_two_bar_sample(tmp_path):
     assert (tmp_path / "cli" / "sample_0.mid").exists()
 
 
+@pytest.mark.skipif(not is_model_folder(SHIPPED), reason="no shipped model in this checkout")
+def test_the_shipped_model_chooses_the_meter_for_its_instruments():
+    """Format version 2 writes the ensemble before the conductor: with no meter asked for, a choir gets a
+    chorale's 4/4 (16 of 17 held-out chorales) and a single line a fiddle tune's meter (6/8, 2/4, 2/2, ...)."""
+    from meloformer.hid import TRACK_PROGRAM0
+
+    model, tokenizer = load_model_folder(SHIPPED)
+    meters = {}
+    for name, programs in (("choir", [52, 52, 53, 53]), ("line", [0])):
+        request = GenerationRequest(bars=2, instruments=[TRACK_PROGRAM0 + p for p in programs])
+        pieces = [tokenizer.parse(generate(model, tokenizer, request, seed=s)) for s in range(8)]
+        meters[name] = [piece.conductor_events(tokenizer)[0][0][1] for piece in pieces]
+    assert meters["choir"].count((4, 4)) >= 6 and meters["line"].count((4, 4)) <= 2, meters
+
+
 @pytest.fixture(scope="module")
 def shipped_round_trip(tmp_path_factory):
     """The shipped model through the mixin's own calls: from_pretrained, save_pretrained, from_pretrained."""
