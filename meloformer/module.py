@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchmetrics.aggregation import MeanMetric
 
 from meloformer.checkpoint import read_checkpoint, read_checkpoint_metadata
-from meloformer.hid import BOS, PAD, HIDTokenizer, TokenKind
+from meloformer.hid import BOS, PAD, HIDError, HIDTokenizer, TokenKind
 from meloformer.masks import MaskPlan
 from meloformer.model import MASK_FIELDS, SIZES, AttentionContext, MeloFormer, MeloFormerConfig, RuntimeConfig
 from meloformer.row_layout import RowLayout
@@ -400,6 +400,8 @@ def open_checkpoint(path: str | None, device: str) -> MeloFormerModule:
         raise ValueError(f"--ckpt_path {path}: no such file or model folder")
     try:
         return load_checkpoint(path, map_location=where)
+    except HIDError as err:  # tokenizer settings this version cannot read (an older HID format)
+        raise ValueError(f"--ckpt_path {path}: {err}") from None
     except ValueError:
         raise
     except Exception as err:  # a foreign or damaged file fails anywhere in torch.load/pickle: name it, no traceback

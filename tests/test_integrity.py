@@ -209,6 +209,17 @@ def test_generate_and_evaluate_refuse_a_damaged_checkpoint(checkpoint, demo_shar
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
 
 
+def test_a_checkpoint_of_an_older_hid_format_is_refused_naming_it(checkpoint, capsys, tmp_path):
+    """A checkpoint whose tokenizer wrote HID format version 1 (before the ensemble came first)."""
+    state = torch.load(checkpoint, weights_only=False)
+    state["meloformer"]["tokenizer"]["format_version"] = 1
+    old = tmp_path / "v1.ckpt"
+    torch.save(state, old)
+    code, err = run_main(capsys, "generate", "--ckpt_path", str(old), "--out", str(tmp_path / "out"))
+    assert_one_line_error(code, err, str(old), "HID format version 1 is not supported")
+    assert not (tmp_path / "out").exists()
+
+
 # ---------------------------------------------------------------------------------------------- other settings
 @pytest.mark.parametrize(
     ("change", "named"),
