@@ -174,7 +174,6 @@ class _Plan:
             time_signature=request.time_signature,
             tempo_bin=tempo_bin,
             instruments=instruments,
-            free_track_order=request.add_track is not None,
             chords=chords,
             keep_meter=request.prompt is None and not request.meter_changes,
             pitch_classes=pitch_classes,
