@@ -81,6 +81,8 @@ class HIDDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes (overridden per phase for training, as ``batch_size``).
         seed: the training stream is a pure function of the seed and the row index.
         transpose: largest random transposition in semitones of training crops (0: off).
+        fill_share: share of training crops written with a fill pass (``meloformer.fill``), which teaches the
+            model to infill a region hearing both sides (0: off).
         random_windows: random crop windows for training rows (else windows start at bar 0).
         tokenizer: HID tokenizer settings the shards must have been made with (None: the defaults).
         max_open_shards: bound of the LRU of memory-mapped shards.
@@ -98,6 +100,7 @@ class HIDDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         transpose: int = 0,
+        fill_share: float = 0.0,
         random_windows: bool = True,
         tokenizer: dict[str, Any] | None = None,
         max_open_shards: int = 8,
@@ -116,6 +119,8 @@ class HIDDataModule(pl.LightningDataModule):
         ):
             if value is not None and value < low:
                 raise ValueError(f"data: {name} must be at least {low}, got {value}")
+        if not 0 <= fill_share <= 1:
+            raise ValueError(f"data: fill_share must lie in 0..1, got {fill_share}")
         try:
             self.tokenizer = HIDTokenizer(**(tokenizer or {}))
         except TypeError as err:
@@ -130,6 +135,7 @@ class HIDDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.transpose = transpose
+        self.fill_share = fill_share
         self.random_windows = random_windows
         self.max_open_shards = max_open_shards
         self.verify_checksums = verify_checksums
@@ -202,6 +208,7 @@ class HIDDataModule(pl.LightningDataModule):
                     random_windows=self.random_windows,
                     transpose=self.transpose,
                     doc_align=getattr(self.mask_plan, "doc_align", 1),
+                    fill_share=self.fill_share,
                 )
         if needed == "train":
             self._check_rows_hold_pieces()

@@ -11,6 +11,10 @@ piece (``BOS`` ... ``EOS``), so ``layout`` gives every crop its own document id.
 
 Windows are sized before cropping from per-bar token counts, so a crop always fits the room left in the
 row (tokens) and in the model's summary slots (segments, one per track and bar).
+
+With ``fill_share``, that share of training crops carries a fill pass (``meloformer.fill``): bars of one
+track left empty in place and written after the last track, so the model learns to write a region hearing
+both sides (infilling). Validation and test rows never do, so their losses stay comparable.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 
 from meloformer.datamodules.shards import PieceTable, ShardReader
 from meloformer.edits import crop_bars, pitch_range, transpose
+from meloformer.fill import FILL_CONTEXT_BARS, fill_row
 from meloformer.hid import PAD, HIDTokenizer
 from meloformer.layout import Layout, layout
 
@@ -29,6 +34,8 @@ CROP_HEAD_EXTRA = 3
 # The shortest possible crop: BOS Track (the ensemble), Track Bar TimeSig Pos Tempo, Track Bar Pos Pitch Dur Vel, EOS.
 MIN_CROP_TOKENS = 14
 _SPLIT_TAGS = {"train": 0, "val": 1, "test": 2}
+# The longest region a fill pass of a training crop rewrites, in bars.
+MAX_FILL_BARS = 8
 
 
 @dataclass(frozen=True)
@@ -88,7 +95,8 @@ class RowBuilder:
     ``max_segments`` is the model's number of summary slots (None: unlimited). ``transpose`` is the largest
     random transposition in semitones (train only; drums stay, pitches stay within 0..127). ``doc_align``:
     every crop starts at a multiple of it (padding in between), so a mask laid out for tiles of that size
-    (the ``window`` attention's 128-token chunks) finds documents on tile boundaries.
+    (the ``window`` attention's 128-token chunks) finds documents on tile boundaries. ``fill_share``: the
+    share of training crops written with a fill pass of 1 to ``MAX_FILL_BARS`` bars of one instrument track.
     """
 
     def __init__(
@@ -103,6 +111,7 @@ class RowBuilder:
         transpose: int = 0,
         fill_attempts: int = 8,
         doc_align: int = 1,
+        fill_share: float = 0.0,
     ) -> None:
         self.reader = reader
         self.split = split
@@ -116,6 +125,7 @@ class RowBuilder:
         self.transpose = transpose if self.random else 0
         self.fill_attempts = fill_attempts
         self.doc_align = doc_align
+        self.fill_share = fill_share if self.random else 0.0
         self._permutation: tuple[int, np.ndarray] | None = None
 
     @property
@@ -171,7 +181,12 @@ class RowBuilder:
         tokens = self.reader.tokens(self.table, piece)
         lay = layout(tokens, self.tokenizer.kinds)
         shape = piece_shape(lay)
-        window = fit_window(shape, room, segment_room, window_rng)
+        fill = self.fill_share > 0 and shape.n_tracks > 1 and rng.random() < self.fill_share
+        # A fill pass adds its Track token, a Bar token (and a segment) per bar up to the region's last, and
+        # the copied bars before the region: room for twice a track's share of the densest bars.
+        extra = min(shape.n_bars, segment_room // (shape.n_tracks + 1)) if fill else 0
+        copies = 2 * FILL_CONTEXT_BARS * int(np.diff(shape.bar_tokens).max()) // shape.n_tracks if fill else 0
+        window = fit_window(shape, room - extra - 1 - copies if fill else room, segment_room - extra, window_rng)
         if window is None:
             return None
         b0, b1 = window
@@ -181,9 +196,26 @@ class RowBuilder:
             crop = crop_bars(self.tokenizer, tokens, b0, b1, lay=lay)
         if self.transpose:
             crop = self._transposed(crop, rng)
+        segments = (b1 - b0) * shape.n_tracks
+        if fill:
+            crop, segments = self._with_fill_pass(crop, b1 - b0, shape.n_tracks, room, segment_room, rng)
         if len(crop) > room:  # cannot happen while CROP_HEAD_EXTRA bounds what crop_bars adds
             raise AssertionError(f"crop of {len(crop)} tokens exceeds the {room} left in the row")
-        return crop.astype(np.int64), (b1 - b0) * shape.n_tracks
+        return crop.astype(np.int64), segments
+
+    def _with_fill_pass(
+        self, crop: np.ndarray, bars: int, tracks: int, room: int, segment_room: int, rng: np.random.Generator
+    ) -> tuple[np.ndarray, int]:
+        """The crop with a fill pass of a random region of a random instrument track, and its segments; the
+        crop as it is when the pass would not fit."""
+        track = int(rng.integers(tracks - 1))
+        length = int(rng.integers(1, min(MAX_FILL_BARS, bars) + 1))
+        first = int(rng.integers(bars - length + 1))
+        last = first + length - 1
+        row = fill_row(self.tokenizer, crop, track, first, last)
+        if len(row) > room or bars * tracks + last + 1 > segment_room:
+            return crop, bars * tracks
+        return row.astype(np.int64), bars * tracks + last + 1
 
     def _transposed(self, crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         pitches = pitch_range(self.tokenizer, crop)

@@ -7,10 +7,11 @@ and the tracks then follow it one by one. Around the bars it asks for what the e
 not check: positions inside the bar's length, rising pitches at one onset, an ensemble in the canonical
 priority order (drums, bass, chords/pads, melodic lines) unless ``free_track_order``, every track as many
 bars as the conductor, at most ``max_tracks`` tracks (15 pitched), and at least one note. On top come the
-controls of generation: a fixed number of bars, a fixed time signature and tempo (or ``keep_meter``: the
-conductor's first bar sets the meter of the piece), a fixed list of instrument tracks (the ensemble), a chord
-per bar (the conductor must write it), and per bar the pitch classes of a key (pitched notes and free chords
-stay in it) and a velocity range.
+controls of generation: a fill pass (``meloformer.fill``: one track's ``Track`` token again after the last
+track, and bars up to the region's last), a fixed number of bars, a fixed time signature and tempo (or
+``keep_meter``: the conductor's first bar sets the meter of the piece), a fixed list of instrument tracks (the
+ensemble), a chord per bar (the conductor must write it), and per bar the pitch classes of a key (pitched
+notes and free chords stay in it) and a velocity range.
 
 numpy only: the sampler in ``meloformer.sampler`` applies the mask to the model's logits.
 """
@@ -72,6 +73,7 @@ class HIDGrammar:
         keep_meter: bool = False,
         pitch_classes: list[np.ndarray | None] | None = None,
         velocities: list[tuple[int, int] | None] | None = None,
+        fill: tuple[int, int] | None = None,
     ) -> None:
         if time_signature is not None and tuple(time_signature) not in tok.time_signatures:
             raise HIDError(f"unsupported time signature {time_signature[0]}/{time_signature[1]}")
@@ -85,6 +87,7 @@ class HIDGrammar:
         self.free_track_order = free_track_order
         self.chords = list(chords) if chords is not None else []  # per bar: index into tok.chords, None = free
         self.keep_meter = keep_meter
+        self.fill = fill  # (Track token, bars) of a fill pass after the last track; None: EOS there
         # per bar, None = free: the allowed Pitch tokens of pitched tracks and free Chord tokens; Vel tokens
         self._pitches = [None if pcs is None else _pitch_mask(tok, pcs) for pcs in pitch_classes or ()]
         self._velocities = [None if vr is None else _velocity_mask(tok, *vr) for vr in velocities or ()]
@@ -124,11 +127,21 @@ class HIDGrammar:
         """May the current bar end here? Not if it is the last chance to write the piece's first note."""
         if self.in_conductor or self.notes > 0:
             return True
-        last_bar = self.bars_done == self.n_bars
-        return not (last_bar and self._is_last_track())
+        last_bar = self.bars_done == self.track_bars()
+        return not (last_bar and self._is_last_pass())
 
-    def _is_last_track(self) -> bool:
-        return self.track_number == len(self.instruments)
+    def _is_last_pass(self) -> bool:
+        """Is this the last track written: the fill pass, or else the ensemble's last track?"""
+        return self.in_fill if self.fill is not None else self.track_number == len(self.instruments)
+
+    @property
+    def in_fill(self) -> bool:
+        """Is the fill pass being written?"""
+        return self.fill is not None and self.instruments is not None and self.track_number > len(self.instruments)
+
+    def track_bars(self) -> int | None:
+        """Bars of the track being written: the piece's, or the fill pass's."""
+        return self.fill[1] if self.in_fill else self.n_bars
 
     def _end_of_bar(self, mask: np.ndarray) -> None:
         """Allow what may follow a complete bar: another Bar, the next Track, or EOS."""
@@ -138,15 +151,17 @@ class HIDGrammar:
             if self.bars_done < self.tok.max_bars:
                 mask[BAR] = True
             self._next_track(mask)
-        elif self.bars_done < self.n_bars:
+        elif self.bars_done < self.track_bars():
             mask[BAR] = True
         else:
             self._next_track(mask)
 
     def _next_track(self, mask: np.ndarray) -> None:
-        """The ensemble's next track, or EOS after the last one."""
+        """The ensemble's next track, the fill pass after the last one, or EOS."""
         if self.track_number < len(self.instruments):
             mask[self.instruments[self.track_number]] = True
+        elif self.fill is not None and not self.in_fill:
+            mask[self.fill[0]] = True
         elif self.notes > 0:
             mask[EOS] = True
 

@@ -1,14 +1,13 @@
 """Infilling: regenerate bars A..B of one track of a prompt and keep every other note exactly.
 
-The target track is moved last, as ``--add_track`` places a new one, so while its bars are written it hears
-every other track in full; its bars before A and after B are copied token for token, A..B are sampled
-under the grammar, and the tracks are written back in the prompt's order. Regions of several tracks are
-filled one track after another, each hearing the result of the ones before.
+The region is left empty in place and written in a fill pass after the last track (``meloformer.fill``), as
+the model is trained to (a share of its training rows carry one), so it hears the whole piece, the track's
+own bars after B included; every other bar is copied token for token. Regions of several tracks are filled
+one track after another, each hearing the result of the ones before.
 
-The model writes left to right, so on its own the region cannot hear the track's bars after B. The sampler
-therefore steers the region with what surrounds it (``RegionFit``): its pitches stay inside the range of
-the track's other notes, each is drawn towards consonance with the lowest note the other tracks sound at
-its onset, and the region's first and last bars towards the track's notes just before and just after it.
+On top, the sampler steers the region with what surrounds it (``RegionFit``): its pitches stay inside the
+range of the track's other notes, each is drawn towards consonance with the lowest note the other tracks
+sound at its onset, and the region's first and last bars towards the track's notes just before and after it.
 """
 
 from __future__ import annotations
@@ -20,7 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from meloformer.features import CONSONANT, lowest_sounding
-from meloformer.hid import BAR, BOS, EOS, TRACK_CONDUCTOR, TRACK_DRUMS, HIDTokenizer
+from meloformer.fill import assemble
+from meloformer.hid import BAR, TRACK_DRUMS, HIDTokenizer
 from meloformer.instruments import instrument_name
 from meloformer.metrics import COL
 from meloformer.model import MeloFormer
@@ -84,29 +84,11 @@ def check_regions(tok: HIDTokenizer, prompt: np.ndarray, regions: list[Region]) 
             )
 
 
-def reorder_tracks(tok: HIDTokenizer, tokens: np.ndarray, order: list[int]) -> np.ndarray:
-    """The piece with its instrument tracks in ``order`` (indices from 0); every bar's tokens unchanged."""
-    piece = tok.parse(tokens)
-    return assemble(piece.conductor, [piece.tracks[i] for i in order])
-
-
-def assemble(conductor: list[np.ndarray], tracks: list[tuple[int, list[np.ndarray]]]) -> np.ndarray:
-    """The tokens of a piece from its conductor's bars and its (``Track`` token, bars) tracks, each bar the
-    tokens after its ``Bar``."""
-    parts: list[list[int] | np.ndarray] = [[BOS], [track_token for track_token, _ in tracks]]
-    for track_token, bars in [(TRACK_CONDUCTOR, conductor), *tracks]:
-        parts.append([track_token])
-        for bar in bars:
-            parts += [[BAR], bar]
-    parts.append([EOS])
-    return np.concatenate(parts).astype(np.uint16)
-
-
 def check_infill(tok: HIDTokenizer, request: GenerationRequest, regions: list[Region]) -> None:
     """ValueError (one line) for a region outside ``request.prompt``, or a request the sampler refuses."""
     check_regions(tok, request.prompt, regions)
     for track, bars in _bars_by_track(regions).items():
-        check_request(tok, _track_request(tok, request, request.prompt, track, bars)[1])
+        check_request(tok, _track_request(request, request.prompt, track, bars))
 
 
 def infill(
@@ -119,16 +101,15 @@ def infill(
 ) -> np.ndarray:
     """Regenerate ``regions`` of ``request.prompt`` with the request's sampling settings; returns the tokens.
 
-    Outside the regions every token of the prompt is kept, and the track order is the prompt's.
+    Outside the regions every token of the prompt is kept.
     """
     check_regions(tok, request.prompt, regions)
     tokens = request.prompt
     for track, bars in _bars_by_track(regions).items():
-        order, track_request = _track_request(tok, request, tokens, track, bars)
-        fit = RegionFit(tok, track_request.prompt, len(order), bars)
+        fit = RegionFit(tok, tokens, track + 1, bars)
+        track_request = _track_request(request, tokens, track, bars)
         out = generate(model, tok, track_request, seed=seed, progress=progress, steer=fit)
-        out = end_before_repeats(tok, out, len(order) - 1, bars)
-        tokens = reorder_tracks(tok, out, list(np.argsort(order)))
+        tokens = end_before_repeats(tok, out, track, bars)
     return tokens
 
 
@@ -167,15 +148,10 @@ def _bars_by_track(regions: list[Region]) -> dict[int, set[int]]:
     return bars_of
 
 
-def _track_request(
-    tok: HIDTokenizer, request: GenerationRequest, tokens: np.ndarray, track: int, bars: set[int]
-) -> tuple[list[int], GenerationRequest]:
-    """The track order with ``track`` moved last, and the request that regenerates its ``bars`` there."""
-    n_tracks = len(tok.parse(tokens).tracks)
-    order = [t for t in range(n_tracks) if t != track] + [track]
-    regenerate = [(n_tracks - 1, b) for b in sorted(bars)]
-    moved = reorder_tracks(tok, tokens, order)
-    return order, dataclasses.replace(request, prompt=moved, bars=None, add_track=None, regenerate=regenerate)
+def _track_request(request: GenerationRequest, tokens: np.ndarray, track: int, bars: set[int]) -> GenerationRequest:
+    """The request that regenerates ``bars`` of instrument track ``track`` (both from 0) of ``tokens``."""
+    regenerate = [(track, b) for b in sorted(bars)]
+    return dataclasses.replace(request, prompt=tokens, bars=None, add_track=None, regenerate=regenerate)
 
 
 class RegionFit:
@@ -183,11 +159,13 @@ class RegionFit:
     is 0) of ``tokens``: the region's pitches within the range of the track's other notes, a bias of
     ``CONSONANCE_BIAS`` towards consonance (interval classes 0, 3, 4, 7, 8, 9) with the lowest note the other
     tracks sound at the onset, and ``LEAP_PENALTY`` per semitone beyond a whole tone from the track's note
-    next to the region in its first and last bars."""
+    next to the region in its first and last bars. The region is written in the fill pass, after the last
+    track, so it steers that pass."""
 
     def __init__(self, tok: HIDTokenizer, tokens: np.ndarray, track: int, bars: set[int]) -> None:
-        self.tok, self.track, self.bars = tok, track, set(bars)
+        self.tok, self.bars = tok, set(bars)
         piece = tok.parse(tokens)
+        self.track = len(piece.tracks) + 1  # the fill pass's number
         self.bar_starts = piece.bar_starts(tok)
         notes = tok.note_table(piece)
         drums = [number for number, (token, _) in enumerate(piece.tracks) if token == TRACK_DRUMS]

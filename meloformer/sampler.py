@@ -5,6 +5,8 @@ sample decodes to a valid MIDI file with notes. Controls: number of bars, instru
 signature, a chord per bar, a key, dynamics (velocity ranges), and a prompt (continue it, add a track over
 it, or regenerate some of its bars, which ``meloformer.infill`` builds on). Bars taken from a prompt are
 copied token for token; the model only runs once the first free choice comes, on everything before it at once.
+Regenerated bars are left empty in place and written in a fill pass after the last track (``meloformer.fill``),
+so they hear the whole piece, the bars after them included; the result has them back in place.
 
 Every piece fits the model's context: the sampler keeps a token budget (``_Budget``) that always holds back
 what the rest of the piece needs at the least (a ``Bar`` token per bar still to come, the notes that a bar
@@ -24,6 +26,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from meloformer import fill
 from meloformer.chords import progression
 from meloformer.decoder import IncrementalDecoder
 from meloformer.edits import crop_bars
@@ -64,7 +67,7 @@ class GenerationRequest:
     key: str | None = None  # e.g. "D minor": pitched notes and free chords of new bars stay in it
     dynamics: list[str] | None = None  # velocity ranges such as "40-70", spread over the new bars
     meter_changes: bool = False  # may the model change the time signature after the first bar?
-    regenerate: list[tuple[int, int]] | None = None  # (instrument track, bar) of the prompt, both from 0
+    regenerate: list[tuple[int, int]] | None = None  # (instrument track, bar) of the prompt, both from 0; one track
     voice_leading: bool = False  # no crossing, no parallel fifths or octaves with earlier tracks (steering)
     form: str | None = None  # a letter per phrase, e.g. "AABA": repeated letters restate their phrase (steering)
     max_tokens: int | None = None  # token budget of the piece; None (and at most): the model's max_seq_len
@@ -116,6 +119,7 @@ class _Plan:
         self.forced: dict[tuple[int, int], list[int]] = {}  # (track number, bar) -> tokens after Bar
         self.last_written: tuple[int, int] | None = None  # the last (track number, bar) not copied; None: all
         self.has_notes = False  # the prompt's notes count as the piece's note
+        self.fill: tuple[int, set[int]] | None = None  # regenerated (instrument track, bars), both from 0
         tempo_bin = None
         if request.tempo is not None:
             tempo_bin = int(np.abs(np.log(tok.tempo_values) - np.log(request.tempo)).argmin())
@@ -139,10 +143,15 @@ class _Plan:
                 for b, bar in enumerate(track_bars):
                     self.forced[(number, b)] = bar.tolist()
             for track, b in request.regenerate or ():
-                if self.forced.pop((track + 1, b), None) is None:
+                if (track + 1, b) not in self.forced:
                     raise ValueError(f"bar {b} of track {track} (from 0) is not in the prompt")
-            written = [(t, b) for t in range(1 + len(instruments)) for b in range(bars) if (t, b) not in self.forced]
-            self.last_written = max(written, default=(-1, -1))
+                self.forced[(track + 1, b)] = []  # left empty in place: the fill pass writes it
+            if request.regenerate:
+                self.last_written = self._plan_fill(request.regenerate, len(instruments))
+            else:
+                tracks_bars = [(t, b) for t in range(1 + len(instruments)) for b in range(bars)]
+                written = [segment for segment in tracks_bars if segment not in self.forced]
+                self.last_written = max(written, default=(-1, -1))
         elif request.regenerate:
             raise ValueError("regenerating bars needs a prompt")
         chords = pitch_classes = velocities = None
@@ -178,6 +187,7 @@ class _Plan:
             keep_meter=request.prompt is None and not request.meter_changes,
             pitch_classes=pitch_classes,
             velocities=velocities,
+            fill=None if self.fill is None else (instruments[self.fill[0]], max(self.fill[1]) + 1),
         )
         self.form = None
         if request.form:
@@ -186,11 +196,35 @@ class _Plan:
             self.form = parse_form(request.form, bars)
         self.instruments = instruments
         self.total_bars = None if bars is None or instruments is None else bars * len(instruments)  # instruments'
+        if self.fill is not None:
+            self.total_bars += max(self.fill[1]) + 1
+
+    def _plan_fill(self, regenerate: list[tuple[int, int]], n_tracks: int) -> tuple[int, int]:
+        """Plan the fill pass of the ``regenerate`` bars (track number ``n_tracks + 1``): its other bars copied
+        from the track from ``fill.FILL_CONTEXT_BARS`` before the first region bar on, empty before that;
+        returns its last bar, the last one written."""
+        tracks = sorted({track for track, _ in regenerate})
+        if len(tracks) > 1:
+            raise ValueError("regenerate bars of one track at a time (infill fills tracks one after another)")
+        bars = {b for _, b in regenerate}
+        self.fill = (tracks[0], bars)
+        for b in range(max(bars) + 1):
+            if b not in bars:
+                copied = b >= min(bars) - fill.FILL_CONTEXT_BARS
+                self.forced[(n_tracks + 1, b)] = self.forced[(tracks[0] + 1, b)] if copied else []
+        return n_tracks + 1, max(bars)
 
     def model_needed(self) -> bool:
         """Is a bar still to be written? Once the last one is closed, the rest is copied without the model."""
         g = self.grammar
         return self.last_written is None or (g.track_number, g.bars_done - 1) <= self.last_written
+
+    def opens_region_bar(self, onset: int) -> bool:
+        """Is a regenerated bar open with nothing in it yet (``onset`` < 0)? It may not close so: the model
+        cannot always tell where a region begins (an empty bar before it looks alike) and would often leave
+        its first bar empty; the caller knows that the region has begun."""
+        g = self.grammar
+        return self.fill is not None and g.in_fill and onset < 0 and g.bars_done - 1 in self.fill[1]
 
     def forced_after_bar(self) -> list[int] | None:
         """The prompt's tokens for the bar the grammar just opened, or None if it is generated."""
@@ -244,10 +278,11 @@ class _Budget:
         if not g.started or g.track_number < 0:
             return 2 + self._from_scratch()
         n_bars = g.n_bars if g.n_bars is not None else max(g.bars_done, 1)
-        need = (n_bars - g.bars_done) + self._close_bar() + 1 + self.plan.forced_still_to_come() + len(queue or [])
+        this_track = g.track_bars() if g.track_bars() is not None else n_bars
+        need = (this_track - g.bars_done) + self._close_bar() + 1 + self.plan.forced_still_to_come() + len(queue or [])
         if g.in_conductor and g.bars_done == 0 and (0, 0) not in self.plan.forced:
             need += 3  # the first bar's TimeSig, Pos and Tempo
-        need += self._tracks_to_open() * (1 + n_bars)
+        need += self._tracks_to_open() * (1 + n_bars) + self._fill_to_open()
         pitch_pending = g.bar is not None and g.bar.next_kinds() == (TokenKind.PITCH,)  # counted in _close_bar
         if g.notes == 0 and not pitch_pending and not self.plan.has_notes:
             need += OPEN_COST  # a piece needs a note
@@ -261,11 +296,17 @@ class _Budget:
         first_bar = 0 if (0, 0) in plan.forced else 3
         note = 0 if plan.has_notes else OPEN_COST
         ensemble_left = tracks - len(g.ensemble)
-        return n_bars * (1 + tracks) + first_bar + ensemble_left + tracks + note + 1 + plan.forced_still_to_come()
+        bars = n_bars * (1 + tracks) + self._fill_to_open()
+        return bars + first_bar + ensemble_left + tracks + note + 1 + plan.forced_still_to_come()
 
     def _tracks_to_open(self) -> int:
         g = self.plan.grammar
-        return len(g.instruments or [None]) - max(len(g.tracks) - 1, 0)
+        return max(len(g.instruments or [None]) - max(len(g.tracks) - 1, 0), 0)
+
+    def _fill_to_open(self) -> int:
+        """The fill pass's Track and Bar tokens while it has not begun."""
+        g = self.plan.grammar
+        return 0 if g.fill is None or g.in_fill else 1 + g.fill[1]
 
     def _close_bar(self) -> int:
         """Tokens the current bar needs before it may end."""
@@ -278,7 +319,8 @@ class _Budget:
         """A Bar or Track token was just written: this segment may spend its share of the free tokens."""
         g = self.plan.grammar
         n_bars = g.n_bars if g.n_bars is not None else max(g.bars_done, 1)
-        segments = (n_bars - g.bars_done + 1) + self._tracks_to_open() * n_bars
+        this_track = g.track_bars() if g.track_bars() is not None else n_bars
+        segments = (this_track - g.bars_done + 1) + self._tracks_to_open() * n_bars + max(self._fill_to_open() - 1, 0)
         self.segment_free = self.capacity - used - self.reserve(queue)
         self.segment_share = self.segment_free // max(segments, 1)
 
@@ -396,7 +438,8 @@ def generate(
     desc: str = "generate",
     steer: Steer | None = None,
 ) -> np.ndarray:
-    """Sample one piece under the grammar with KV-cached decoding; returns its tokens (BOS ... EOS).
+    """Sample one piece under the grammar with KV-cached decoding; returns its tokens (BOS ... EOS), regenerated
+    bars back in place from their fill pass.
 
     The piece never outgrows the model's context (see the module docstring); a prompt that would is cropped
     to its last bars (``fit_to_context``, which also returns the notice to show). In bars with a forced chord,
@@ -414,7 +457,8 @@ def generate(
     budget = _Budget(tok, plan, capacity)
     forced = any(chord is not None for chord in grammar.chords)
     steers = [ChordBinding(tok, grammar.chords, plan.instruments, CHORD_TONE_BIAS)] if forced else []
-    steers += [VoiceLeading(tok)] if request.voice_leading else []
+    rewrites = None if plan.fill is None else plan.fill[0]
+    steers += [VoiceLeading(tok, rewrites=rewrites)] if request.voice_leading else []
     steers += [FormRepeat(tok, plan.form, FORM_BIAS)] if plan.form else []
     steers += [steer] if steer is not None else []
     onset = -1  # the current bar's latest Pos
@@ -432,6 +476,8 @@ def generate(
             token = queue.pop(0)
         else:
             allowed = budget.restrict(allowed, len(out))
+            if plan.opens_region_bar(onset) and (allowed & ~budget.ends_bar).any():
+                allowed &= ~budget.ends_bar  # a regenerated bar is written (see _Plan.opens_region_bar)
             if allowed.sum() == 1:
                 token = int(allowed.argmax())
             else:
@@ -462,4 +508,6 @@ def generate(
         if logits is not None and not grammar.done and plan.model_needed():
             logits = decoder.step(torch.tensor([token], device=device))
     bar_count.close()
+    if plan.fill is not None:
+        return fill.merge(tok, np.array(out), *plan.fill)
     return np.array(out, dtype=np.uint16)

@@ -198,13 +198,18 @@ class VoiceLeading:
     stays between what they sound (from its second note on). A pitch is also refused when, against an earlier
     voice that moves at this onset, it would keep the fifth or octave (modulo octaves) that the two held at the
     piece's previous onset, moving the same way: the two faults ``features.parallels_and_crossings`` counts.
+
+    ``rewrites``: the instrument track (from 0) whose bars a fill pass rewrites (``meloformer.fill``). It is
+    then no earlier voice: its bars outside the region are the written track's own notes.
     """
 
-    def __init__(self, tok: HIDTokenizer) -> None:
+    def __init__(self, tok: HIDTokenizer, rewrites: int | None = None) -> None:
         self.tok = tok
+        self.rewrites = rewrites
         self.pitch = np.arange(128)
         self._parsed_tracks = -1
         self._voices: list[np.ndarray] = []
+        self._kept = np.zeros((0, len(COL)), dtype=np.int64)  # the rewritten track's notes outside the region
         self._bar_starts = np.zeros(0, dtype=np.int64)
 
     def __call__(
@@ -217,7 +222,7 @@ class VoiceLeading:
         if written[start] == TRACK_DRUMS:
             return None, None
         self._read_earlier_tracks(written[:start], track)
-        own = self._own_notes(track_bars(written[start + 1 :]))
+        own = np.concatenate([self._kept, self._own_notes(track_bars(written[start + 1 :]))])
         if not self._voices or len(own) == 0 or bar >= len(self._bar_starts):
             return None, None
         time = int(self._bar_starts[bar] + onset)
@@ -235,8 +240,10 @@ class VoiceLeading:
             return
         piece = self.tok.parse(tokens, partial=True)
         notes = self.tok.note_table(piece)
-        pitched = [n for n, (token, _) in enumerate(piece.tracks) if token != TRACK_DRUMS]
+        pitched = [n for n, (token, _) in enumerate(piece.tracks) if token != TRACK_DRUMS and n != self.rewrites]
         by_track = [notes[notes[:, COL["track"]] == n] for n in pitched]
+        if self.rewrites is not None:
+            self._kept = notes[notes[:, COL["track"]] == self.rewrites]
         self._voices = [line(own) for own in by_track if len(own)]
         self._bar_starts, self._parsed_tracks = piece.bar_starts(self.tok), track
 

@@ -9,9 +9,11 @@ import symusic
 import meloformer.infill as infill_module
 from _music import demo_files
 from meloformer.edits import crop_bars
+from meloformer.fill import fill_row
 from meloformer.grammar import HIDGrammar
-from meloformer.hid import NOTE_COLUMNS, HIDTokenizer
-from meloformer.infill import Region, check_infill, check_regions, infill, reorder_tracks, track_list
+from meloformer.hid import BAR as HID_BAR
+from meloformer.hid import EOS, NOTE_COLUMNS, HIDTokenizer
+from meloformer.infill import Region, check_infill, check_regions, infill, track_list
 from meloformer.sampler import GenerationRequest, check_request
 
 TOK = HIDTokenizer()
@@ -65,6 +67,26 @@ def test_infill_keeps_everything_outside_the_regions(model, prompt, regions, see
     assert rows(after[in_regions(after, regions)]) != rows(before[in_regions(before, regions)])
 
 
+def test_every_regenerated_bar_is_written(model, prompt, monkeypatch):
+    """The sampler does not let a region bar close before its first note (the model cannot always tell where
+    a region begins): even a model that always wants to close the bar writes a note in every region bar."""
+    from meloformer.decoder import IncrementalDecoder
+
+    def closing(run):
+        def wrapped(self, tokens):
+            logits = run(self, tokens).clone()
+            logits[..., [HID_BAR, EOS]] += 50.0
+            return logits
+
+        return wrapped
+
+    monkeypatch.setattr(IncrementalDecoder, "prefill", closing(IncrementalDecoder.prefill))
+    monkeypatch.setattr(IncrementalDecoder, "step", closing(IncrementalDecoder.step))
+    for seed in range(3):
+        tokens = infill(model, TOK, GenerationRequest(prompt=prompt), [Region.parse("3:1-4")], seed=seed)
+        assert all(len(bar) for bar in TOK.parse(tokens).tracks[2][1])
+
+
 def test_infill_is_reproducible_per_seed(model, prompt):
     request, regions = GenerationRequest(prompt=prompt), [Region.parse("2:2-3")]
     first = infill(model, TOK, request, regions, seed=5)
@@ -72,33 +94,39 @@ def test_infill_is_reproducible_per_seed(model, prompt):
     assert not np.array_equal(first, infill(model, TOK, request, regions, seed=6))
 
 
-def test_the_target_track_is_generated_last_hearing_every_other_track(model, prompt, monkeypatch):
+def test_each_track_is_regenerated_with_the_prompt_in_its_order(model, prompt, monkeypatch):
     seen = []
 
     def fake_generate(model, tok, request, seed, progress, steer):
         seen.append(request)
-        assert steer.track == 4 and steer.bars == {1, 2}  # the moved-last track's bars 2-3
+        assert steer.track == 5 and steer.bars == {1, 2}  # the fill pass, after the conductor and 4 tracks
         return request.prompt  # nothing regenerated: the result must be the prompt again
 
     monkeypatch.setattr(infill_module, "generate", fake_generate)
     tokens = infill(model, TOK, GenerationRequest(prompt=prompt, temperature=0.7), [Region.parse("2:2-3")], seed=0)
     assert np.array_equal(tokens, prompt)
     (request,) = seen
-    tracks = [t for t, _ in TOK.parse(request.prompt).tracks]
-    original = TOK.parse(prompt).tracks
-    assert tracks == [original[i][0] for i in (0, 2, 3, 1)]
-    assert TOK.parse(request.prompt).tracks[3][1][2].tolist() == original[1][1][2].tolist()
-    assert request.regenerate == [(3, 1), (3, 2)] and request.temperature == 0.7 and request.bars is None
+    assert np.array_equal(request.prompt, prompt)
+    assert request.regenerate == [(1, 1), (1, 2)] and request.temperature == 0.7 and request.bars is None
     check_request(TOK, request)
 
 
-def test_reorder_tracks_round_trips(prompt):
-    order = [2, 0, 3, 1]
-    moved = reorder_tracks(TOK, prompt, order)
-    original = TOK.parse(prompt)
-    assert [t for t, _ in TOK.parse(moved).tracks] == [original.tracks[i][0] for i in order]
-    assert len(moved) == len(prompt)
-    assert np.array_equal(reorder_tracks(TOK, moved, list(np.argsort(order))), prompt)
+def test_the_model_writes_the_region_in_a_fill_pass_after_the_whole_piece(model, prompt, monkeypatch):
+    """What the model reads is the fill row: the region empty in place, every track in full, then the pass."""
+    from meloformer.decoder import IncrementalDecoder
+
+    prefills = []
+    prefill = IncrementalDecoder.prefill
+    monkeypatch.setattr(
+        IncrementalDecoder, "prefill", lambda self, t: prefills.append(t[0].tolist()) or prefill(self, t)
+    )  # noqa: E501
+    tokens = infill(model, TOK, GenerationRequest(prompt=prompt), [Region.parse("2:2-3")], seed=0)
+    row = fill_row(TOK, tokens, 1, 1, 2)
+    (read,) = prefills
+    assert read == row[: len(read)].tolist() and read[-1] == HID_BAR
+    assert len(read) == len(row) - len(TOK.parse(tokens).tracks[1][1][1]) - len(TOK.parse(tokens).tracks[1][1][2]) - 2
+    with pytest.raises(ValueError, match="one track at a time"):
+        check_request(TOK, GenerationRequest(prompt=prompt, regenerate=[(0, 1), (1, 1)]))
 
 
 @pytest.mark.parametrize(
@@ -146,12 +174,13 @@ def test_the_model_stops_once_the_last_region_bar_is_written(model, prompt, monk
     calls = []
     step = IncrementalDecoder.step
     monkeypatch.setattr(IncrementalDecoder, "step", lambda self, token: calls.append(self.length) or step(self, token))
+    monkeypatch.setattr(infill_module, "end_before_repeats", lambda tok, tokens, track, bars: tokens)  # as sampled
     tokens = infill(model, TOK, GenerationRequest(prompt=prompt), [Region.parse("1:1")], seed=0)
-    moved = TOK.parse(reorder_tracks(TOK, tokens, [1, 2, 3, 0]))  # as generated: track 1 last
-    region = len(moved.tracks[3][1][0])  # tokens written in the region, after its Bar
-    bar = len(tokens) - 1 - sum(1 + len(b) for b in moved.tracks[3][1])  # where the region's Bar sits
-    # The prefill ends at that Bar; a step per token written in the region; the Bar that closes the region is
-    # sampled from the last step's logits, and the model does not run over the copied bars after it.
+    row = fill_row(TOK, tokens, 0, 0, 0)  # as generated
+    region = len(TOK.parse(tokens).tracks[0][1][0])  # tokens written in the region, after its Bar
+    bar = len(row) - 2 - region  # where the pass's Bar sits: then the region, then EOS
+    # The prefill ends at that Bar; a step per token written in the region; the EOS that closes the pass is
+    # sampled from the last step's logits.
     assert calls == list(range(bar + 1, bar + 1 + region))
 
 
@@ -164,7 +193,7 @@ def test_region_fit_keeps_the_range_and_leans_to_consonance_and_the_neighbours(p
     kept = soprano[~np.isin(soprano[:, BAR], [1, 2])]
     fit = infill_module.RegionFit(TOK, prompt, 1, {1, 2})
     pitch = slice(TOK.pitch0, TOK.pitch0 + 128)
-    bias, allowed = fit(1, 1, 0)
+    bias, allowed = fit(1, 5, 0)  # written in the fill pass, track 5
     low, high = kept[:, NOTE_COLUMNS.index("pitch")].min(), kept[:, NOTE_COLUMNS.index("pitch")].max()
     assert np.flatnonzero(allowed[pitch]).tolist() == list(range(low, high + 1))
     assert allowed[: TOK.pitch0].all()  # only pitches are limited
@@ -178,7 +207,7 @@ def test_region_fit_keeps_the_range_and_leans_to_consonance_and_the_neighbours(p
     expected = infill_module.CONSONANCE_BIAS * np.isin(np.abs(np.arange(128) - bass) % 12, (0, 3, 4, 7, 8, 9))
     expected -= infill_module.LEAP_PENALTY * np.maximum(np.abs(np.arange(128) - before) - 2, 0)
     assert np.allclose(bias[pitch], expected)
-    assert fit(0, 1, 0) == (None, None) and fit(1, 2, 0) == (None, None) and fit(1, 0, 0) == (None, None)
+    assert fit(0, 5, 0) == (None, None) and fit(1, 1, 0) == (None, None) and fit(1, 0, 0) == (None, None)
 
 
 def test_an_infilled_region_stays_in_the_tracks_range(model, prompt):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from meloformer.features import piece_features
-from meloformer.hid import BAR, BOS, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
+from meloformer.hid import BAR, BOS, NOTE_COLUMNS, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.module import module_from_folder
 from meloformer.pretrained import default_model_folder
 from meloformer.sampler import GenerationRequest, generate
@@ -55,6 +55,25 @@ def test_nothing_is_steered_before_a_voice_has_a_note_or_a_voice_to_lead_against
     assert steer(0, 2, 0, soprano_and_alto([TOK.pos0])) == (None, None)  # the alto's first note is free
     assert steer(0, 1, 12, soprano_and_alto([])[:-3]) == (None, None)  # the first voice is free
     assert steer(0, 2, -1, soprano_and_alto([*note(0, 67)])) == (None, None)  # no onset yet
+
+
+def test_a_fill_pass_leads_against_the_other_voices_and_counts_its_tracks_kept_bars_as_its_own():
+    """Regenerating the alto's bar 1 of two: the pass (track 3) leads against the soprano only, and the alto's
+    kept C4 of bar 2 counts as its own line, not as a voice to stay above."""
+    conductor = [BAR, TOK.timesig0 + TOK.time_signatures.index((4, 4)), TOK.pos0, TOK.tempo0 + 20, BAR]
+    soprano = [TRACK_PROGRAM0 + 52, BAR, *note(0, 72), *note(12, 74), BAR, *note(0, 72)]
+    alto = [TRACK_PROGRAM0 + 52, BAR, BAR, *note(0, 60)]  # bar 1 empty in place: the pass writes it
+    written = [BOS, *SATB[:2], TRACK_CONDUCTOR, *conductor, *soprano, *alto, TRACK_PROGRAM0 + 52, BAR]
+    written += [*note(0, 65), TOK.pos0 + 12]
+    steer = VoiceLeading(TOK, rewrites=1)
+    bias, mask = steer(0, 3, 12, written)
+    allowed = set(np.flatnonzero(mask[TOK.pitch0 : TOK.pitch0 + 128]).tolist())
+    assert max(allowed) == 74 and 67 not in allowed  # under the soprano; F4-C5 rising to G4-D5: fifths
+    assert [voice[:, 1].tolist() for voice in steer._voices] == [[72, 74, 72]]
+    assert steer._kept[:, NOTE_COLUMNS.index("pitch")].tolist() == [60]
+    plain = VoiceLeading(TOK)
+    plain(0, 3, 12, written)
+    assert len(plain._voices) == 2  # without rewrites the alto's first pass would be an earlier voice
 
 
 def test_the_shipped_models_satb_samples_keep_their_voices_apart():
