@@ -87,6 +87,28 @@ def test_every_regenerated_bar_is_written(model, prompt, monkeypatch):
         assert all(len(bar) for bar in TOK.parse(tokens).tracks[2][1])
 
 
+def test_a_fill_pass_stays_inside_the_token_budget(model, prompt, monkeypatch):
+    """The least a fill row needs (the prompt without its region, the pass's Track and Bar tokens and the
+    copied bars) is the sampler's reserve exactly, and with a budget a few tokens above it (room for a note
+    per region bar) the row written stays inside it."""
+    import meloformer.sampler as sampler_module
+
+    rows = []
+    merge = sampler_module.fill.merge
+    monkeypatch.setattr(sampler_module.fill, "merge", lambda tok, out, t, b: rows.append(out) or merge(tok, out, t, b))
+    empty_region = fill_row(TOK, prompt, 0, 2, 3)
+    region_tokens = sum(len(bar) for bar in TOK.parse(prompt).tracks[0][1][2:4])
+    least = len(empty_region) - region_tokens + 2 * 4  # the region's own tokens out, a note per bar in
+    request = infill_module._track_request(GenerationRequest(prompt=prompt), prompt, 0, {2, 3})
+    check_request(TOK, request, capacity=least - 2 * 4)  # the pass with empty region bars fits exactly
+    with pytest.raises(ValueError, match="need at least"):
+        check_request(TOK, request, capacity=least - 2 * 4 - 1)
+    for seed in range(3):
+        request = GenerationRequest(prompt=prompt, max_tokens=least + 6)
+        infill(model, TOK, request, [Region.parse("1:3-4")], seed=seed)
+        assert len(rows[-1]) <= least + 6
+
+
 def test_infill_is_reproducible_per_seed(model, prompt):
     request, regions = GenerationRequest(prompt=prompt), [Region.parse("2:2-3")]
     first = infill(model, TOK, request, regions, seed=5)

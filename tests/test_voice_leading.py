@@ -79,12 +79,13 @@ def test_a_fill_pass_leads_against_the_other_voices_and_counts_its_tracks_kept_b
 def test_the_shipped_models_satb_samples_keep_their_voices_apart():
     """With voice-leading, no parallel fifth or octave, and crossings on average within issue 19's goal (6%),
     where the same seeds cross far more. (The steering acts at a voice's onsets, between the earlier voices
-    around it by mean pitch, so a single sample can still cross: one of these seeds at 14% of its onsets.)"""
+    around it by mean pitch, so a single sample can still cross: one of these seeds at 15% of its onsets, which
+    is why the mean is over ten.)"""
     model = module_from_folder(default_model_folder()).model
     measured = {}
     for steer in (False, True):
         request = GenerationRequest(bars=8, instruments=SATB, time_signature=(4, 4), voice_leading=steer)
-        features = [piece_features(TOK, generate(model, TOK, request, seed=s)) for s in range(6)]
+        features = [piece_features(TOK, generate(model, TOK, request, seed=s)) for s in range(10)]
         measured[steer] = [(f["parallels"], f["crossings"]) for f in features]
     assert all(parallels == 0 for parallels, _ in measured[True]), measured
     crossings = {steer: np.mean([c for _, c in pairs]) for steer, pairs in measured.items()}
