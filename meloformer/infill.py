@@ -27,7 +27,7 @@ from meloformer.model import MeloFormer
 from meloformer.sampler import GenerationRequest, check_request, generate
 
 # Log-probability added to a pitch consonant with the lowest other note sounding at its onset.
-CONSONANCE_BIAS = 1.5
+CONSONANCE_BIAS = 2.0
 # Log-probability taken per semitone that a pitch in the region's first (last) bar lies more than a whole tone
 # from the track's last note before (first note after) the region.
 LEAP_PENALTY = 0.3
