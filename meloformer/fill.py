@@ -1,5 +1,5 @@
 """The fill pass: how a piece carries bars of one track after everything around them (docs/design.md
-section 6).
+section 2).
 
 Bar-infilling models (MMM, the Anticipatory Music Transformer) write a region after its context on both
 sides. In HID the region's bars of track T are left empty in place and the piece is followed by a second
@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from meloformer.hid import BAR, BOS, EOS, TRACK_CONDUCTOR, HIDError, HIDTokenizer
-from meloformer.layout import Layout, layout
+from meloformer.layout import layout
 
 # Bars of the track before the region that its fill pass copies (the ones before them stay empty).
 FILL_CONTEXT_BARS = 4
@@ -38,13 +38,11 @@ def assemble(conductor: list[np.ndarray], tracks: list[tuple[int, list[np.ndarra
     return np.concatenate(parts).astype(np.uint16)
 
 
-def fill_row(
-    tok: HIDTokenizer, tokens: np.ndarray, track: int, first: int, last: int, lay: Layout | None = None
-) -> np.ndarray:
+def fill_row(tok: HIDTokenizer, tokens: np.ndarray, track: int, first: int, last: int) -> np.ndarray:
     """``tokens`` (a piece) with bars ``first``..``last`` of instrument track ``track`` (all from 0) emptied in
     place and written in a fill pass after the last track, after a copy of the ``FILL_CONTEXT_BARS`` before."""
     tokens = np.asarray(tokens, dtype=np.int64)
-    lay = layout(tokens, tok.kinds) if lay is None else lay
+    lay = layout(tokens, tok.kinds)
     n_bars = int(lay.bar[lay.track == 0].max()) + 1
     own = lay.track == track + 1
     if not own.any() or not 0 <= first <= last < n_bars:

@@ -278,7 +278,7 @@ class _Budget:
         if not g.started or g.track_number < 0:
             return 2 + self._from_scratch()
         n_bars = g.n_bars if g.n_bars is not None else max(g.bars_done, 1)
-        this_track = g.track_bars() if g.track_bars() is not None else n_bars
+        this_track = g.track_bars() or n_bars  # the fill pass's bars while it is written
         need = (this_track - g.bars_done) + self._close_bar() + 1 + self.plan.forced_still_to_come() + len(queue or [])
         if g.in_conductor and g.bars_done == 0 and (0, 0) not in self.plan.forced:
             need += 3  # the first bar's TimeSig, Pos and Tempo
@@ -319,7 +319,7 @@ class _Budget:
         """A Bar or Track token was just written: this segment may spend its share of the free tokens."""
         g = self.plan.grammar
         n_bars = g.n_bars if g.n_bars is not None else max(g.bars_done, 1)
-        this_track = g.track_bars() if g.track_bars() is not None else n_bars
+        this_track = g.track_bars() or n_bars  # the fill pass's bars while it is written
         segments = (this_track - g.bars_done + 1) + self._tracks_to_open() * n_bars + max(self._fill_to_open() - 1, 0)
         self.segment_free = self.capacity - used - self.reserve(queue)
         self.segment_share = self.segment_free // max(segments, 1)
