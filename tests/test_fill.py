@@ -158,3 +158,11 @@ def test_fill_share_zero_keeps_the_rows_and_validation_never_fills(reader):
         for start, end in zip(np.flatnonzero(row == BOS), np.flatnonzero(row == EOS)):
             TOK.parse(row[start : end + 1])  # a plain piece: parse refuses a repeated Track token
     assert (plain.row(0) != PAD).any()
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5])
+def test_a_fill_share_outside_0_1_is_refused_naming_it(demo_shards, share):
+    from meloformer.datamodules.hid_datamodule import HIDDataModule
+
+    with pytest.raises(ValueError, match=rf"^data: fill_share must lie in 0\.\.1, got {share}$"):
+        HIDDataModule(data_dir=str(demo_shards), fill_share=share)
