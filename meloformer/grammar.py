@@ -11,7 +11,8 @@ controls of generation: a fill pass (``meloformer.fill``: one track's ``Track`` 
 track, and bars up to the region's last), a fixed number of bars, a fixed time signature and tempo (or
 ``keep_meter``: the conductor's first bar sets the meter of the piece), a fixed list of instrument tracks (the
 ensemble), a chord per bar (the conductor must write it), and per bar the pitch classes of a key (pitched
-notes and free chords stay in it) and a velocity range.
+notes and free chords stay in it). Dynamics are not a grammar rule: they shape the written piece
+(``steering.shape_dynamics``).
 
 numpy only: the sampler in ``meloformer.sampler`` applies the mask to the model's logits.
 """
@@ -50,14 +51,6 @@ def _pitch_mask(tok: HIDTokenizer, pitch_classes: np.ndarray) -> tuple[np.ndarra
     return pitch_classes[np.arange(128) % 12], np.array(chords)
 
 
-def _velocity_mask(tok: HIDTokenizer, low: int, high: int) -> np.ndarray:
-    """The Vel tokens whose velocity lies in ``low..high``."""
-    mask = np.zeros(tok.vocab_size, dtype=bool)
-    values = tok.velocity_values
-    mask[tok.vel0 + np.flatnonzero((values >= low) & (values <= high))] = True
-    return mask
-
-
 class HIDGrammar:
     """Incremental grammar state for one sequence being generated."""
 
@@ -72,7 +65,6 @@ class HIDGrammar:
         chords: list[int | None] | None = None,
         keep_meter: bool = False,
         pitch_classes: list[np.ndarray | None] | None = None,
-        velocities: list[tuple[int, int] | None] | None = None,
         fill: tuple[int, int] | None = None,
     ) -> None:
         if time_signature is not None and tuple(time_signature) not in tok.time_signatures:
@@ -88,9 +80,8 @@ class HIDGrammar:
         self.chords = list(chords) if chords is not None else []  # per bar: index into tok.chords, None = free
         self.keep_meter = keep_meter
         self.fill = fill  # (Track token, bars) of a fill pass after the last track; None: EOS there
-        # per bar, None = free: the allowed Pitch tokens of pitched tracks and free Chord tokens; Vel tokens
+        # per bar, None = free: the allowed Pitch tokens of pitched tracks and free Chord tokens
         self._pitches = [None if pcs is None else _pitch_mask(tok, pcs) for pcs in pitch_classes or ()]
-        self._velocities = [None if vr is None else _velocity_mask(tok, *vr) for vr in velocities or ()]
         kinds = tok.kinds
         self._of_kind = {k: kinds == k for k in TokenKind}
         self._pos = np.arange(tok.bar_positions)
@@ -209,7 +200,7 @@ class HIDGrammar:
         elif chord is not None:  # the bar's given chord comes next (a time signature may still precede it)
             kinds = tuple(k for k in kinds if k == TokenKind.TIMESIG)
             mask[tok.chord0 + chord] = True
-        pitches, velocities = self._of_bar(self._pitches), self._of_bar(self._velocities)
+        pitches = self._of_bar(self._pitches)
         for kind in kinds:
             if kind == TokenKind.TIMESIG and self.time_signature is not None:
                 if self.bars_done == 1:  # a fixed time signature is written once, in bar 0
@@ -218,8 +209,6 @@ class HIDGrammar:
                 continue  # the first bar's meter holds
             elif kind == TokenKind.CHORD and pitches is not None:
                 mask[tok.chord0 : tok.chord0 + len(tok.chords)] = pitches[1]
-            elif kind == TokenKind.VEL and velocities is not None:
-                mask |= velocities
             elif kind == TokenKind.TEMPO and self.tempo_bin is not None:
                 mask[tok.tempo0 + self.tempo_bin] = True
             elif kind == TokenKind.POS:

@@ -42,6 +42,7 @@ from meloformer.steering import (
     parse_dynamics,
     parse_form,
     per_bar,
+    shape_dynamics,
 )
 
 
@@ -51,7 +52,8 @@ class GenerationRequest:
     bar is kept, later bars are generated for every prompt track) or, with ``add_track``, keep it whole and
     write one new track (appended last, so it sees every prompt track), or keep it all but the
     ``regenerate`` bars. ``chords`` (names such as ``Am``) fix the chord of each generated bar, repeated;
-    ``key`` and ``dynamics`` (``meloformer.steering``) bound the pitches and velocities of the new bars. Without
+    ``key`` (``meloformer.steering``) bounds the pitches of the new bars and ``dynamics`` shapes their velocities
+    once they are written (``steering.shape_dynamics``). Without
     a prompt, the first bar's meter holds for the whole piece unless ``meter_changes``."""
 
     bars: int | None = 8
@@ -154,7 +156,8 @@ class _Plan:
                 self.last_written = max(written, default=(-1, -1))
         elif request.regenerate:
             raise ValueError("regenerating bars needs a prompt")
-        chords = pitch_classes = velocities = None
+        chords = pitch_classes = None
+        self.velocities: list[tuple[int, int] | None] | None = None  # per bar, shaped after sampling
         steered = [name for name in ("chords", "key", "dynamics") if getattr(request, name)]
         if steered:
             if request.prompt is not None and (request.add_track is not None or request.regenerate):
@@ -176,7 +179,7 @@ class _Plan:
             if request.key:
                 pitch_classes = free + [key_pitch_classes(request.key)] * (bars - first)
             if request.dynamics:
-                velocities = free + per_bar(parse_dynamics(request.dynamics, tok), bars - first)
+                self.velocities = free + per_bar(parse_dynamics(request.dynamics, tok), bars - first)
         self.grammar = HIDGrammar(
             tok,
             n_bars=bars,
@@ -186,7 +189,6 @@ class _Plan:
             chords=chords,
             keep_meter=request.prompt is None and not request.meter_changes,
             pitch_classes=pitch_classes,
-            velocities=velocities,
             fill=None if self.fill is None else (instruments[self.fill[0]], max(self.fill[1]) + 1),
         )
         self.form = None
@@ -445,7 +447,8 @@ def generate(
     to its last bars (``fit_to_context``, which also returns the notice to show). In bars with a forced chord,
     chord tones get ``CHORD_TONE_BIAS`` and the bass track's notes at the downbeat take the chord's root
     (``steering.ChordBinding``); ``request.voice_leading`` adds ``steering.VoiceLeading``. ``steer`` adds its own
-    bias and pitch limits (``steering.Steer``; infilling's ``infill.RegionFit``).
+    bias and pitch limits (``steering.Steer``; infilling's ``infill.RegionFit``). ``request.dynamics`` shapes
+    the new bars' velocities at the end (``steering.shape_dynamics``): the model writes its notes with its own.
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -510,4 +513,6 @@ def generate(
     bar_count.close()
     if plan.fill is not None:
         return fill.merge(tok, np.array(out), *plan.fill)
+    if plan.velocities is not None:
+        return shape_dynamics(tok, np.array(out, dtype=np.uint16), plan.velocities)
     return np.array(out, dtype=np.uint16)

@@ -15,7 +15,9 @@ A form (``--form AABA``) is a letter per phrase of equal length; a phrase whose 
 that phrase bar by bar, each track drawn towards its own earlier bar (``FormRepeat``).
 
 Dynamics are velocity ranges ``LO-HI`` (MIDI 1-127), spread evenly over the bars: ``40-70`` holds for every
-bar, ``50-70 70-100 50-70`` is an arch in thirds. Notes take only the velocity steps inside their bar's range.
+bar, ``50-70 70-100 50-70`` is an arch in thirds. They shape the velocities once the piece is written
+(``shape_dynamics``), not while it is sampled: forcing velocities that the training data never had changes which
+notes the model writes (docs/results.md, "Dynamics after sampling").
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 from meloformer.chords import ACCIDENTALS, LETTERS
 from meloformer.features import line, sounding
 from meloformer.hid import BAR, CHORD_QUALITIES, TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
+from meloformer.layout import layout
 from meloformer.metrics import COL
 
 # A first sample from what the shipped model knows best (the chorales): four voices, with an arch of dynamics
@@ -83,6 +86,29 @@ def parse_dynamics(ranges: Sequence[str], tok: HIDTokenizer) -> list[tuple[int, 
 def per_bar(ranges: Sequence[tuple[int, int]], bars: int) -> list[tuple[int, int]]:
     """The ranges spread evenly over ``bars`` bars, in order."""
     return [ranges[b * len(ranges) // bars] for b in range(bars)]
+
+
+def shape_dynamics(tok: HIDTokenizer, tokens: np.ndarray, ranges: Sequence[tuple[int, int] | None]) -> np.ndarray:
+    """Move the velocities of every bar that has a range into it (a bar without one, or past the list, keeps
+    its own): all by one offset, which puts the median of the shaped bars' velocities in the middle of each
+    range, then clipped to the range and rounded to the nearest velocity step inside it. Only ``Vel`` tokens
+    change, and louder stays at least as loud."""
+    tokens = np.asarray(tokens)
+    lay = layout(tokens, tok.kinds)
+    bar_range = np.array([r if r is not None else (-1, -1) for r in ranges] + [(-1, -1)], dtype=np.int64)
+    low, high = bar_range[np.clip(lay.bar, -1, len(ranges))].T
+    shaped = (lay.kind == TokenKind.VEL) & (low >= 0)
+    if not shaped.any():
+        return tokens.copy()
+    velocity = tok.velocity_values[tokens[shaped].astype(np.int64) - tok.vel0]
+    low, high = low[shaped], high[shaped]
+    target = np.clip(velocity - np.median(velocity) + (low + high) / 2, low, high)
+    steps = tok.velocity_values
+    distance = np.abs(steps[None, :] - target[:, None]).astype(float)
+    distance[(steps[None, :] < low[:, None]) | (steps[None, :] > high[:, None])] = np.inf
+    out = tokens.copy()
+    out[shaped] = tok.vel0 + distance.argmin(axis=1)
+    return out
 
 
 class Steer(Protocol):

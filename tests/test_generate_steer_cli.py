@@ -113,6 +113,22 @@ def test_key_dynamics_and_named_instruments_bound_the_written_midi(checkpoint, t
         assert {(root + k) % 12 for k in CHORD_QUALITIES[quality]} <= D_MINOR, marker.text
 
 
+def test_dynamics_change_the_velocities_and_nothing_else(checkpoint, tmp_path, capsys):
+    """Dynamics shape the written piece: the model samples its notes with its own velocities, so two ranges give
+    the same notes (steering the Vel tokens instead changed what the model wrote next)."""
+    notes = {}
+    for dynamics in ("20-40", "100-120"):
+        out = tmp_path / dynamics
+        args = ("--ckpt_path", str(checkpoint), "--bars", "4", "--seed", "3", "--dynamics", dynamics)
+        code, _, err = generate(*args, "--out", str(out), capsys=capsys)
+        assert code == 0, err
+        score = symusic.Score(str(out / "sample_0.mid"))
+        notes[dynamics] = [[(n.time, n.pitch, n.duration, n.velocity) for n in t.notes] for t in score.tracks]
+    soft, loud = notes["20-40"], notes["100-120"]
+    assert [[n[:3] for n in t] for t in soft] == [[n[:3] for n in t] for t in loud] and sum(map(len, soft)) > 8
+    assert all(20 <= n[3] <= 40 for t in soft for n in t) and all(100 <= n[3] <= 120 for t in loud for n in t)
+
+
 def test_the_default_sample_is_a_four_voice_choir_in_one_meter(checkpoint, tmp_path, capsys):
     code, _, err = generate("--ckpt_path", str(checkpoint), "--out", str(tmp_path), capsys=capsys)
     assert code == 0, err

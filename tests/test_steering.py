@@ -1,4 +1,5 @@
-"""Keys, dynamics, one meter per piece and instrument names: parsed as people write them, enforced by the grammar."""
+"""Keys, dynamics, one meter per piece and instrument names: parsed as people write them, enforced by the grammar
+(dynamics: by shaping the written piece)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import pytest
 from meloformer.grammar import HIDGrammar
 from meloformer.hid import BAR, BOS, CHORD_QUALITIES, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer, TokenKind
 from meloformer.instruments import instrument_name, instrument_token
+from meloformer.metrics import COL
 from meloformer.sampler import GenerationRequest, check_request
-from meloformer.steering import key_pitch_classes, parse_dynamics, parse_key, per_bar
+from meloformer.steering import key_pitch_classes, parse_dynamics, parse_key, per_bar, shape_dynamics
 
 TOK = HIDTokenizer()
 
@@ -51,23 +53,56 @@ def walk_to_first_pitch(grammar: HIDGrammar, instrument: int) -> None:
     grammar.advance(TOK.pos0)
 
 
-def test_the_grammar_keeps_pitches_chords_and_velocities_inside_the_controls():
+def test_the_grammar_keeps_pitches_and_chords_inside_the_key():
     scale = key_pitch_classes("D minor")
     piano = instrument_token("piano")
-    grammar = HIDGrammar(TOK, n_bars=1, instruments=[piano], pitch_classes=[scale], velocities=[(40, 70)])
+    grammar = HIDGrammar(TOK, n_bars=1, instruments=[piano], pitch_classes=[scale])
     for token in (BOS, piano, TRACK_CONDUCTOR, BAR, TOK.timesig0):
         grammar.advance(token)
     chords = np.flatnonzero(grammar.allowed() & (TOK.kinds == TokenKind.CHORD)) - TOK.chord0
     in_key = [c for c, (root, q) in enumerate(TOK.chords) if all(scale[(root + k) % 12] for k in CHORD_QUALITIES[q])]
     assert list(chords) == in_key and ("Dmin" in [TOK.vocab[TOK.chord0 + c].removeprefix("Chord_") for c in chords])
-    grammar = HIDGrammar(TOK, n_bars=1, instruments=[piano], pitch_classes=[scale], velocities=[(40, 70)])
+    grammar = HIDGrammar(TOK, n_bars=1, instruments=[piano], pitch_classes=[scale])
     walk_to_first_pitch(grammar, piano)
     pitches = np.flatnonzero(grammar.allowed()) - TOK.pitch0
     assert set(pitches % 12) == set(np.flatnonzero(scale)) and len(pitches) == scale[np.arange(128) % 12].sum()
-    grammar.advance(TOK.pitch0 + 62)
-    grammar.advance(int(np.flatnonzero(grammar.allowed())[0]))  # a duration
-    velocities = TOK.velocity_values[np.flatnonzero(grammar.allowed() & (TOK.kinds == TokenKind.VEL)) - TOK.vel0]
-    assert list(velocities) == [v for v in TOK.velocity_values if 40 <= v <= 70] and len(velocities) > 1
+
+
+def varied_velocities() -> np.ndarray:
+    """A demo piece whose notes take random velocities (the demo's own are all alike)."""
+    tokens = TOK.encode(next(iter(__import__("_music").demo_files())))
+    vel = TOK.kinds[tokens] == TokenKind.VEL
+    tokens[vel] = TOK.vel0 + np.random.default_rng(0).integers(4, TOK.velocity_bins - 4, vel.sum())
+    return tokens
+
+
+def test_dynamics_move_only_the_velocities_of_their_bars_into_the_ranges():
+    tokens = varied_velocities()
+    n_bars = TOK.parse(tokens).n_bars
+    ranges = [(30, 50), None] + [(90, 110)] * (n_bars - 3)  # bar 1 has none, nor has the last (past the list)
+    shaped = shape_dynamics(TOK, tokens, ranges)
+    is_vel = TOK.kinds[tokens] == TokenKind.VEL
+    assert np.array_equal(shaped[~is_vel], tokens[~is_vel])
+    before, after = TOK.note_table(tokens), TOK.note_table(shaped)
+    bar, velocity = after[:, COL["bar"]], after[:, COL["velocity"]]
+    kept = (bar == 1) | (bar == n_bars - 1)
+    assert kept.any() and np.array_equal(after[kept], before[kept])
+    assert ((velocity[bar == 0] >= 30) & (velocity[bar == 0] <= 50)).all()
+    middle = (bar >= 2) & (bar < n_bars - 1)
+    assert ((velocity[middle] >= 90) & (velocity[middle] <= 110)).all()
+    old, new = before[middle, COL["velocity"]], velocity[middle]
+    assert len(set(old)) > 3 and len(set(new)) > 1
+    assert (new[:, None] >= new[None, :])[old[:, None] > old[None, :]].all()  # louder stays at least as loud
+
+
+def test_a_constant_velocity_lands_in_the_middle_of_each_range():
+    tokens = TOK.encode(next(iter(__import__("_music").demo_files())))
+    tokens[TOK.kinds[tokens] == TokenKind.VEL] = TOK.vel0 + int(np.argmin(np.abs(TOK.velocity_values - 90)))
+    ranges = per_bar([(55, 70), (85, 100)], TOK.parse(tokens).n_bars)
+    shaped = TOK.note_table(shape_dynamics(TOK, tokens, ranges))
+    for b, (low, high) in enumerate(ranges):
+        velocities = set(shaped[shaped[:, COL["bar"]] == b, COL["velocity"]])
+        assert len(velocities) == 1 and abs(velocities.pop() - (low + high) / 2) <= 4
 
 
 def test_one_meter_per_piece_unless_a_prompt_brings_its_own():
