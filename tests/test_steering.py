@@ -140,8 +140,9 @@ def test_meter_changes_only_when_asked():
 
 def test_the_shipped_models_choir_keeps_singing_under_the_default_dynamics():
     """The default arch of dynamics shapes the written piece, so the choir's voices sound nearly all the time, as
-    the chorales' do (these 8 seeds: 93%; the 17 held-out chorales: 99%). Forced while sampling, velocities
-    that the corpus never had (it is nearly all at 90) silenced voices for bars: 77% with the same seeds."""
+    the chorales' do (these 8 seeds: 94%; the 17 held-out chorales: 99%). Forced while sampling, velocities
+    that the corpus never had (it is nearly all at 90) silenced voices for bars: 86% with the same seeds (the
+    model's sixth stage: 93% against 77%)."""
     from meloformer.module import module_from_folder
     from meloformer.pretrained import default_model_folder
     from meloformer.steering import DEFAULT_DYNAMICS
@@ -158,4 +159,4 @@ def test_the_shipped_models_choir_keeps_singing_under_the_default_dynamics():
             for onset, duration in mine[:, [COL["onset"], COL["duration"]]]:
                 held[onset : onset + duration] = True
             sounding.append(held.mean())
-    assert np.mean(sounding) >= 0.88, np.round(sounding, 2)
+    assert np.mean(sounding) >= 0.9, np.round(sounding, 2)
