@@ -1,4 +1,5 @@
-"""Key and dynamics as people write them -> what the grammar may allow (``meloformer.grammar``).
+"""Key and dynamics as people write them -> what the grammar may allow (``meloformer.grammar``), and the
+velocities of a written piece.
 
 A key is a tonic and a mode: ``D minor``, ``Dm``, ``F# major``, ``Bb`` (major). Its pitch classes are the
 major scale, or for minor the natural minor scale plus the raised seventh (the leading tone of the harmonic
