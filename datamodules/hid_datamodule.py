@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import lightning.pytorch as pl
+import numpy as np
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -83,6 +84,9 @@ class HIDDataModule(pl.LightningDataModule):
         transpose: largest random transposition in semitones of training crops (0: off).
         fill_share: share of training crops written with a fill pass (``meloformer.fill``), which teaches the
             model to infill a region hearing both sides (0: off).
+        source_weights: a data mixture: a training piece whose source path (as preprocess recorded it, relative
+            to the MIDI folder) lies under a key's folder is drawn that many times as often as the others (weight
+            1), for example ``{bach: 4}``. Every key must name a folder of the training split. None: evenly.
         random_windows: random crop windows for training rows (else windows start at bar 0).
         tokenizer: HID tokenizer settings the shards must have been made with (None: the defaults).
         max_open_shards: bound of the LRU of memory-mapped shards.
@@ -101,6 +105,7 @@ class HIDDataModule(pl.LightningDataModule):
         seed: int = 0,
         transpose: int = 0,
         fill_share: float = 0.0,
+        source_weights: dict[str, float] | None = None,
         random_windows: bool = True,
         tokenizer: dict[str, Any] | None = None,
         max_open_shards: int = 8,
@@ -121,6 +126,9 @@ class HIDDataModule(pl.LightningDataModule):
                 raise ValueError(f"data: {name} must be at least {low}, got {value}")
         if not 0 <= fill_share <= 1:
             raise ValueError(f"data: fill_share must lie in 0..1, got {fill_share}")
+        for folder, weight in (source_weights or {}).items():
+            if not weight >= 0:
+                raise ValueError(f"data: source_weights[{folder!r}] must be at least 0, got {weight}")
         try:
             self.tokenizer = HIDTokenizer(**(tokenizer or {}))
         except TypeError as err:
@@ -136,6 +144,7 @@ class HIDDataModule(pl.LightningDataModule):
         self.seed = seed
         self.transpose = transpose
         self.fill_share = fill_share
+        self.source_weights = dict(source_weights or {})
         self.random_windows = random_windows
         self.max_open_shards = max_open_shards
         self.verify_checksums = verify_checksums
@@ -209,6 +218,7 @@ class HIDDataModule(pl.LightningDataModule):
                     transpose=self.transpose,
                     doc_align=getattr(self.mask_plan, "doc_align", 1),
                     fill_share=self.fill_share,
+                    weights=self._piece_weights(reader.split_sources(split)) if split == "train" else None,
                 )
         if needed == "train":
             self._check_rows_hold_pieces()
@@ -218,6 +228,21 @@ class HIDDataModule(pl.LightningDataModule):
                         f"{self.root}: the {split!r} split has no pieces: {what} (rerun `meloformer preprocess` "
                         f"with more files or a larger --{split}_fraction)"
                     )
+
+    def _piece_weights(self, sources: list[str]) -> np.ndarray | None:
+        """One weight per piece from ``source_weights``; a key no training piece lies under is refused by name."""
+        if not self.source_weights:
+            return None
+        weights = np.ones(len(sources))
+        for folder, weight in self.source_weights.items():
+            prefix = folder.strip("/") + "/"
+            under = np.array([src.startswith(prefix) for src in sources], dtype=bool)
+            if not under.any():
+                raise ShardError(f"{self.root}: data.source_weights: no training piece lies under {folder!r}")
+            weights[under] = weight
+        if weights.sum() == 0:
+            raise ShardError(f"{self.root}: data.source_weights gives every training piece the weight 0")
+        return weights
 
     def _check_rows_hold_pieces(self, probe: int = 32) -> None:
         """Refuse rows too short (or with too few summary slots) for a bar of most training pieces: most rows

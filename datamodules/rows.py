@@ -15,6 +15,10 @@ row (tokens) and in the model's summary slots (segments, one per track and bar).
 With ``fill_share``, that share of training crops carries a fill pass (``meloformer.fill``): bars of one
 track left empty in place and written after the last track, so the model learns to write a region hearing
 both sides (infilling). Validation and test rows never do, so their losses stay comparable.
+
+With ``weights`` (one per training piece, from ``source_weights``) a pass draws its N anchors, and every
+row its filler pieces, with probability proportional to the weight instead of uniformly: a data mixture
+that shows some sources more often. Without weights rows are exactly as before.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ class RowBuilder:
     every crop starts at a multiple of it (padding in between), so a mask laid out for tiles of that size
     (the ``window`` attention's 128-token chunks) finds documents on tile boundaries. ``fill_share``: the
     share of training crops written with a fill pass of 1 to ``MAX_FILL_BARS`` bars of one instrument track.
+    ``weights``: per piece of the training split, how often it is drawn relative to the others (None: evenly).
     """
 
     def __init__(
@@ -112,6 +117,7 @@ class RowBuilder:
         fill_attempts: int = 8,
         doc_align: int = 1,
         fill_share: float = 0.0,
+        weights: np.ndarray | None = None,
     ) -> None:
         self.reader = reader
         self.split = split
@@ -126,6 +132,12 @@ class RowBuilder:
         self.fill_attempts = fill_attempts
         self.doc_align = doc_align
         self.fill_share = fill_share if self.random else 0.0
+        self.draw_p = None
+        if weights is not None and self.random:
+            weights = np.asarray(weights, dtype=np.float64)
+            if weights.shape != (len(self.table),) or (weights < 0).any() or weights.sum() <= 0:
+                raise ValueError(f"weights: one non-negative weight per {split} piece, not all zero")
+            self.draw_p = weights / weights.sum()
         self._permutation: tuple[int, np.ndarray] | None = None
 
     @property
@@ -141,7 +153,8 @@ class RowBuilder:
         data_pass = index // n
         if self._permutation is None or self._permutation[0] != data_pass:
             rng = np.random.default_rng([self.seed, _SPLIT_TAGS[self.split], data_pass])
-            self._permutation = (data_pass, rng.permutation(n))
+            order = rng.permutation(n) if self.draw_p is None else rng.choice(n, size=n, p=self.draw_p)
+            self._permutation = (data_pass, order)
         return int(self._permutation[1][index % n])
 
     def row(self, index: int) -> np.ndarray:
@@ -158,7 +171,8 @@ class RowBuilder:
             if room < MIN_CROP_TOKENS:
                 break
             if attempt > 0:
-                piece = int(rng.integers(len(self.table)))
+                n = len(self.table)
+                piece = int(rng.integers(n) if self.draw_p is None else rng.choice(n, p=self.draw_p))
             crop = self._crop(piece, room, segment_room, window_rng, rng)
             if crop is not None:
                 row[used : used + len(crop[0])] = crop[0]

@@ -204,6 +204,9 @@ class ShardReader:
         self._tables = {
             name: PieceTable(**{k: v[split == code] for k, v in columns.items()}) for code, name in enumerate(SPLITS)
         }
+        self._sources = {
+            name: [src for src, c in zip(self.sources, split) if c == code] for code, name in enumerate(SPLITS)
+        }
 
     def _size_problems(self) -> list[str]:
         problems = []
@@ -218,6 +221,11 @@ class ShardReader:
         if split not in self._tables:
             raise ShardError(f"unknown split {split!r}; choose from {SPLITS}")
         return self._tables[split]
+
+    def split_sources(self, split: str) -> list[str]:
+        """The source paths of ``split``'s pieces, in the order of ``pieces(split)``."""
+        self.pieces(split)  # an unknown split is refused by name
+        return self._sources[split]
 
     def _shard(self, number: int) -> np.memmap:
         mm = self._open.get(number)

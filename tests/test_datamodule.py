@@ -422,3 +422,53 @@ def test_loader_host_memory_stays_flat_when_the_dataset_grows_tenfold(tmp_path):
     assert ten["anon_peak_mb"] - one["anon_peak_mb"] < 0.1 * grown_by_mb, (one, ten)
     hoarding = _probe(tmp_path / "x10", rows=60, load_all=True)
     assert hoarding["hwm_mb"] - one["hwm_mb"] > 0.8 * grown_by_mb  # the probe does see memory that grows
+
+
+class _RecordingBuilder(RowBuilder):
+    """A RowBuilder that records every piece it crops (anchors and fillers)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cropped = []
+
+    def _crop(self, piece, *args):
+        self.cropped.append(piece)
+        return super()._crop(piece, *args)
+
+
+def test_source_weights_draw_anchors_and_fillers_in_proportion(demo_shards):
+    reader = ShardReader(demo_shards)
+    chorale = np.array([s.startswith("bach_chorales/") for s in reader.split_sources("train")])
+    assert 0 < chorale.sum() < len(chorale)
+    module = HIDDataModule(str(demo_shards), max_seq_len=1024, source_weights={"bach_chorales": 4})
+    weights = module._piece_weights(reader.split_sources("train"))
+    assert (weights[chorale] == 4).all() and (weights[~chorale] == 1).all()
+    rows = _RecordingBuilder(reader, "train", TOKENIZER, 1024, weights=weights)
+    n_rows = 4 * rows.rows_per_pass
+    anchors = np.array([rows.anchor(i) for i in range(n_rows)])
+    expected = 4 * chorale.sum() / (4 * chorale.sum() + (~chorale).sum())
+    assert abs(chorale[anchors].mean() - expected) < 0.08  # the uniform share is chorale.mean(), far below
+    assert chorale[anchors].mean() > chorale.mean() + 0.15
+    # weight 0 leaves a folder out of every row, fillers included
+    only = np.where(chorale, 1.0, 0.0)
+    rows = _RecordingBuilder(reader, "train", TOKENIZER, 1024, weights=only)
+    for i in range(20):
+        rows.row(i)
+    assert len(rows.cropped) > 20 and chorale[rows.cropped].all()
+    assert np.array_equal(rows.row(3), _RecordingBuilder(reader, "train", TOKENIZER, 1024, weights=only).row(3))
+
+
+def test_rows_without_source_weights_are_unchanged(demo_shards):
+    module = HIDDataModule(str(demo_shards), max_seq_len=1024)
+    module.setup("fit")
+    assert module._builders["train"].draw_p is None
+    plain = builder(demo_shards)
+    assert all(np.array_equal(module._builders["train"].row(i), plain.row(i)) for i in range(3))
+
+
+def test_bad_source_weights_are_clear_errors(demo_shards):
+    with pytest.raises(ValueError, match=r"source_weights\['bach_chorales'\] must be at least 0"):
+        HIDDataModule(str(demo_shards), source_weights={"bach_chorales": -1})
+    module = HIDDataModule(str(demo_shards), source_weights={"bach_chorale": 2})
+    with pytest.raises(ShardError, match="no training piece lies under 'bach_chorale'"):
+        module.setup("fit")
