@@ -708,8 +708,8 @@ def _config_field(name: str):
 
 
 def _mask_plan(module):
-    """The model's mask plan: the DataLoader workers build each batch's side channels and mask."""
-    return module.mask_plan()
+    """The model's batch plan: the DataLoader workers build each batch's side channels, mask and loss targets."""
+    return module.batch_plan()
 
 
 def lightning_main(command: str, argv: list[str]) -> int:

@@ -28,6 +28,7 @@ from meloformer.checkpoint import read_checkpoint, read_checkpoint_metadata
 from meloformer.hid import BOS, PAD, HIDError, HIDTokenizer, TokenKind
 from meloformer.masks import MaskPlan
 from meloformer.model import MASK_FIELDS, SIZES, AttentionContext, MeloFormer, MeloFormerConfig, RuntimeConfig
+from meloformer.part_writing import parallel_pitches
 from meloformer.row_layout import RowLayout
 
 # Token kinds reported separately; "conductor" is TimeSig/Chord/Tempo and the Pos tokens of the conductor.
@@ -68,6 +69,10 @@ class MeloFormerModule(pl.LightningModule):
             it (for example the shipped ``models/meloformer-pd-2m`` on your own music); its architecture and
             tokenizer settings must equal ``config``'s and ``tokenizer``'s. A resume takes the checkpoint's
             weights instead.
+        parallels_weight: the weight of an unlikelihood term in the training loss (0: none) that lowers the
+            probability of pitches that would move in parallel fifths or octaves with an earlier voice
+            (``part_writing``), per target token as cross-entropy counts them. Validation and test losses stay
+            plain cross-entropy.
 
     The run-time knobs (``runtime``, compile and the recompile limits) may change on resume.
     """
@@ -86,14 +91,15 @@ class MeloFormerModule(pl.LightningModule):
         recompile_limit: int | None = None,
         accumulated_recompile_limit: int | None = None,
         init_from: str | None = None,
+        parallels_weight: float = 0.0,
     ) -> None:  # pragma: no mutate block (mutmut's wrapper would hide these arguments from save_hyperparameters)
         super().__init__()
         try:
             self.tokenizer = HIDTokenizer(**(tokenizer or {}))
         except TypeError as err:
             raise ValueError(f"model: bad tokenizer settings {tokenizer}: {err}") from err
-        if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or lr <= 0:
-            raise ValueError("model: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        if warmup_steps < 0 or not 0 <= min_lr_ratio <= 1 or lr <= 0 or parallels_weight < 0:
+            raise ValueError("model: need lr > 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1 and parallels_weight >= 0")
         if isinstance(config, dict):
             config = MeloFormerConfig.from_stored(config)
         if isinstance(runtime, dict):
@@ -179,6 +185,12 @@ class MeloFormerModule(pl.LightningModule):
             backend = ("flex" if torch.cuda.is_available() else "sdpa") if backend == "auto" else backend
         return self.model.mask_plan(backend)
 
+    def batch_plan(self) -> MaskPlan | WithParallelPitches:
+        """What the DataLoader workers add to each training batch: ``mask_plan``, and with ``parallels_weight``
+        the pitches each token must not take (``batch["parallel_pitches"]``)."""
+        plan = self.mask_plan()
+        return WithParallelPitches(plan, self.tokenizer) if self.hparams.parallels_weight > 0 else plan
+
     def attention_context(self, batch: dict[str, Any], backend: str | None = None) -> AttentionContext:
         """The exact attention context a step runs for a loader batch: the batch's own side channels and
         mask when the loader built them (``mask_plan``) for this backend (default: the batch's, else the
@@ -190,13 +202,19 @@ class MeloFormerModule(pl.LightningModule):
 
     def token_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         """Per-target loss ``[B, L-1]``, which targets count, and each target's kind group (-1: none)."""
+        loss, valid, group, _ = self._forward_losses(batch)
+        return loss, valid, group
+
+    def _forward_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """``token_losses`` and the logits ``[B, L, vocab]``."""
         tokens = batch["tokens"]
         ctx = self.attention_context(batch)  # layout and mask, outside the compiled forward
-        loss, valid = next_token_losses(self.model(tokens, ctx=ctx), tokens)
+        logits = self.model(tokens, ctx=ctx)
+        loss, valid = next_token_losses(logits, tokens)
         group = self.kind_group[tokens[:, 1:]]
         in_conductor = ctx.rows.track[:, 1 : tokens.shape[1]] == 0
         group = torch.where((group == POSITION_GROUP) & in_conductor, CONDUCTOR_GROUP, group)
-        return loss, valid, group
+        return loss, valid, group, logits
 
     @staticmethod
     def group_means(loss: Tensor, valid: Tensor, group: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -214,16 +232,25 @@ class MeloFormerModule(pl.LightningModule):
         """One step with no host sync: every logged value stays a device tensor (a kind group that no target
         of the batch has logs NaN)."""
         tokens = batch["tokens"]
-        loss, valid, group = self.token_losses(batch)
+        loss, valid, group, logits = self._forward_losses(batch)
         mean, sums, counts = self.group_means(loss, valid, group)
         size = tokens.shape[0]
+        total = mean
+        if self.hparams.parallels_weight > 0:
+            forbidden = batch.get("parallel_pitches")
+            if forbidden is None:  # a batch from a loader without the plan (batch_plan)
+                forbidden = torch.from_numpy(parallel_pitches(self.tokenizer, tokens.cpu().numpy()))
+            unlikely = parallels_unlikelihood(logits, forbidden.to(logits.device), self.tokenizer.pitch0)
+            parallels = unlikely.sum() / valid.sum().clamp(min=1)
+            self.log("train/parallels", parallels.detach(), batch_size=size)
+            total = mean + self.hparams.parallels_weight * parallels
         self.log("train/loss", mean, prog_bar=True, batch_size=size)
         self.log("train/ppl", torch.exp(mean.detach()), batch_size=size)
         per_kind = sums.detach() / counts  # 0 / 0 = NaN where the batch has no target of a group
         self.log_dict({f"train/loss_{name}": per_kind[i] for i, name in enumerate(KIND_GROUPS)}, batch_size=size)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=size)
         self._log_throughput((tokens != PAD).sum(), size)
-        return mean
+        return total
 
     def _log_throughput(self, tokens: Tensor, size: int) -> None:
         """Non-padding tokens per second of this process, over the previous step (loading included); the
@@ -299,6 +326,32 @@ def next_token_losses(logits: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
     valid = (targets != PAD) & (targets != BOS)
     loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), targets.masked_fill(~valid, -100), reduction="none")
     return loss, valid
+
+
+def parallels_unlikelihood(logits: Tensor, forbidden: Tensor, pitch0: int) -> Tensor:
+    """``-log(1 - p)`` per target ``[B, L-1]``, where p is the probability ``logits`` ``[B, L, vocab]`` give the
+    pitches ``forbidden`` ``[B, L, 128]`` marks at the next token (0 where it marks none): an unlikelihood
+    term (Welleck et al., 2020) computed densely, so the step needs no host sync."""
+    pitch = logits[:, :-1].float().log_softmax(-1)[..., pitch0 : pitch0 + 128].exp()
+    mass = (pitch * forbidden[:, 1:]).sum(-1)
+    return -torch.log1p(-mass.clamp(max=1 - 1e-6))
+
+
+@dataclasses.dataclass(frozen=True)
+class WithParallelPitches:
+    """A batch plan (``MeloFormerModule.batch_plan``): ``plan``'s side channels and mask, and per token the
+    pitches that would move in parallel fifths or octaves (``batch["parallel_pitches"]``, ``part_writing``)."""
+
+    plan: MaskPlan
+    tokenizer: HIDTokenizer
+
+    @property
+    def doc_align(self) -> int:
+        return self.plan.doc_align
+
+    def __call__(self, tokens: Tensor) -> dict[str, Any]:
+        forbidden = parallel_pitches(self.tokenizer, tokens.numpy())
+        return self.plan(tokens) | {"parallel_pitches": torch.from_numpy(forbidden)}
 
 
 def check_same(what: str, saved: dict[str, Any], current: dict[str, Any], source: str = "checkpoint") -> None:

@@ -70,9 +70,10 @@ def test_the_window_attention_computes_mostly_full_tiles(demo_shards):
     assert share["window"] >= 0.6 and share["summary"] < 0.2, share
 
 
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_training_step_makes_no_host_sync(demo_shards, tiny_model, accumulate: int):
-    """Loss, per-kind losses, perplexity, throughput and learning rate are logged as device values."""
+@pytest.mark.parametrize(("accumulate", "parallels_weight"), [(1, 0.0), (2, 0.0), (1, 1.0)])
+def test_training_step_makes_no_host_sync(demo_shards, tiny_model, accumulate: int, parallels_weight: float):
+    """Loss, per-kind losses, perplexity, throughput, learning rate and the parallels term are logged as device
+    values."""
 
     class Counted(MeloFormerModule):
         ops: list[str] = []
@@ -83,11 +84,12 @@ def test_training_step_makes_no_host_sync(demo_shards, tiny_model, accumulate: i
             Counted.ops.append(ops.syncs)
             return loss
 
-    module = Counted(**tiny_model, warmup_steps=1)
-    data = HIDDataModule(str(demo_shards), max_seq_len=256, max_segments=64, mask_plan=module.mask_plan())
+    module = Counted(**tiny_model, warmup_steps=1, parallels_weight=parallels_weight)
+    data = HIDDataModule(str(demo_shards), max_seq_len=256, max_segments=64, mask_plan=module.batch_plan())
     trainer = pl.Trainer(max_steps=2, accumulate_grad_batches=accumulate, limit_val_batches=0, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, data)
     assert len(Counted.ops) == 2 * accumulate and all(syncs == [] for syncs in Counted.ops), Counted.ops
     logged = trainer.callback_metrics
     assert torch.isfinite(logged["train/loss"]) and "train/loss_pitch" in logged and "train/tokens_per_s" in logged
+    assert ("train/parallels" in logged) == (parallels_weight > 0)
