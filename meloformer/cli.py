@@ -481,7 +481,7 @@ def build_cli(args: list[str] | None = None, run: bool = True):
                 parser.link_arguments(
                     "model", f"data.{target}", compute_fn=_config_field(source), apply_on="instantiate"
                 )
-            parser.link_arguments("model", "data.mask_plan", compute_fn=_mask_plan, apply_on="instantiate")
+            parser.link_arguments("model", "data.mask_plan", compute_fn=_batch_plan, apply_on="instantiate")
 
         def parse_arguments(self, parser, args) -> None:
             """Parse errors as one short line (``ConfigError``), not after the whole usage."""
@@ -707,7 +707,7 @@ def _config_field(name: str):
     return field
 
 
-def _mask_plan(module):
+def _batch_plan(module):
     """The model's batch plan: the DataLoader workers build each batch's side channels, mask and loss targets."""
     return module.batch_plan()
 

@@ -54,15 +54,19 @@ def _piece_parallels(tok: HIDTokenizer, tokens: np.ndarray) -> np.ndarray:
         own = np.flatnonzero(notes[:, COL["track"]] == number)
         if track_token == TRACK_DRUMS or len(own) == 0:
             continue
+        voice = line(notes[own])
         if voices:
-            out[at[own]] = _against(line(notes[own]), voices, notes[own, COL["onset"]], notes[own, COL["pitch"]])
-        voices.append(line(notes[own]))
+            marked = parallel_moves(voice, voices, notes[own, COL["onset"]])
+            marked[np.arange(len(own)), notes[own, COL["pitch"]]] = False  # never the pitch the music writes
+            out[at[own]] = marked
+        voices.append(voice)
     return out
 
 
-def _against(own: np.ndarray, voices: list[np.ndarray], times: np.ndarray, pitches: np.ndarray) -> np.ndarray:
-    """``[notes, 128]``: for each note of a voice whose line is ``own`` (its onset ``times``, its pitch
-    ``pitches``), the pitches that would move in parallel with an earlier voice from the previous onset."""
+def parallel_moves(own: np.ndarray, voices: list[np.ndarray], times: np.ndarray) -> np.ndarray:
+    """``[len(times), 128]``: for a voice whose line so far is ``own``, the pitches that, sounded at each of
+    ``times``, would move in parallel fifths or octaves with one of the earlier ``voices`` (lines) from the
+    previous onset of any of them. The rule itself, shared by training and ``steering.VoiceLeading``."""
     onsets = np.unique(np.concatenate([own[:, 0], *(v[:, 0] for v in voices)]))
     index = np.searchsorted(onsets, times, side="left") - 1
     previous = onsets[np.maximum(index, 0)]
@@ -75,5 +79,4 @@ def _against(own: np.ndarray, voices: list[np.ndarray], times: np.ndarray, pitch
         same_way = np.sign(PITCHES[None, :] - mine[:, None]) == np.sign(now - then)[:, None]
         keeps = np.abs(PITCHES[None, :] - now[:, None]) % 12 == interval[:, None]
         out |= held[:, None] & same_way & keeps
-    out[np.arange(len(times)), pitches] = False
     return out

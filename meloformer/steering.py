@@ -34,6 +34,7 @@ from meloformer.features import line, sounding
 from meloformer.hid import BAR, CHORD_QUALITIES, TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
 from meloformer.layout import layout
 from meloformer.metrics import COL
+from meloformer.part_writing import parallel_moves
 
 # A first sample from what the shipped model knows best (the chorales): four voices, with an arch of dynamics
 # (its own velocities barely move: the training data's are nearly constant). The meter is the model's choice
@@ -302,23 +303,7 @@ class VoiceLeading:
 
     def _no_parallels(self, own: np.ndarray, time: int) -> np.ndarray:
         """Pitches that keep no fifth or octave with an earlier voice moving the same way from the previous onset."""
-        allowed = np.ones(128, dtype=bool)
-        onsets = np.concatenate([own[:, 0], *(v[:, 0] for v in self._voices)])
-        earlier = onsets[onsets < time]
-        if len(earlier) == 0:
-            return allowed
-        before = np.array([earlier.max(), time])
-        mine = sounding(own, before[:1])[0]
-        if mine < 0:
-            return allowed
-        for voice in self._voices:
-            then, now = sounding(voice, before)
-            interval = abs(int(then) - int(mine)) % 12
-            if then < 0 or now < 0 or now == then or interval not in (0, 7):
-                continue
-            same_way = np.sign(self.pitch - mine) == np.sign(now - then)
-            allowed &= ~(same_way & (np.abs(self.pitch - now) % 12 == interval))
-        return allowed
+        return ~parallel_moves(own, self._voices, np.array([time]))[0]
 
 
 def parse_form(form: str, bars: int) -> list[int | None]:
