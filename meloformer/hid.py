@@ -526,15 +526,26 @@ class HIDTokenizer:
         """
         piece = tokens_or_piece if isinstance(tokens_or_piece, Piece) else self.parse(tokens_or_piece)
         bar_starts = piece.bar_starts(self)
-        rows = []
+        tables = [np.zeros((0, len(NOTE_COLUMNS)), dtype=np.int64)]
         for number, (track_token, bars) in enumerate(piece.tracks):
-            is_drum = track_token == TRACK_DRUMS
-            for b, bar in enumerate(bars):
-                for pos, pitch, dur, vel in self.bar_notes(bar):
-                    length = self.resolution // 4 if is_drum else int(self.duration_values[dur])
-                    onset = int(bar_starts[b] + pos)
-                    rows.append((number, b, pos, onset, pitch, length, int(self.velocity_values[vel])))
-        return np.array(rows, dtype=np.int64).reshape(-1, len(NOTE_COLUMNS))
+            bar = np.repeat(np.arange(len(bars)), [len(b) for b in bars])
+            pos, pitch, dur, vel, at = self._notes(np.concatenate([np.zeros(0, np.int64), *bars]), bar)
+            if track_token == TRACK_DRUMS:
+                length = np.full(len(pitch), self.resolution // 4)
+            else:
+                length = self.duration_values[dur].astype(np.int64)
+            b = bar[at]
+            columns = (
+                np.full(len(pitch), number),
+                b,
+                pos,
+                bar_starts[b] + pos,
+                pitch,
+                length,
+                self.velocity_values[vel],
+            )
+            tables.append(np.stack(columns, axis=1).astype(np.int64))
+        return np.concatenate(tables)
 
     def decode_to_file(self, tokens: np.ndarray, path: str | Path) -> None:
         """Write the MIDI file of ``tokens`` (whole, or not at all)."""
@@ -547,25 +558,34 @@ class HIDTokenizer:
 
         A note's ``Dur``/``Vel`` follow its ``Pitch``; when absent, the previous note's values carry over.
         """
-        notes: list[tuple[int, int, int, int]] = []
-        pos = pitch = None
-        dur = vel = 0
-        for tok in bar.tolist():
-            kind = self.kinds[tok]
-            if kind in (TokenKind.POS, TokenKind.PITCH) and pitch is not None:
-                notes.append((pos, pitch, dur, vel))
-                pitch = None
-            if kind == TokenKind.POS:
-                pos = tok - self.pos0
-            elif kind == TokenKind.PITCH:
-                pitch = tok - self.pitch0
-            elif kind == TokenKind.DUR:
-                dur = tok - self.dur0
-            elif kind == TokenKind.VEL:
-                vel = tok - self.vel0
-        if pitch is not None:
-            notes.append((pos, pitch, dur, vel))
-        return notes
+        bar = np.asarray(bar, dtype=np.int64)
+        pos, pitch, dur, vel, _ = self._notes(bar, np.zeros(len(bar), dtype=np.int64))
+        return list(zip(pos.tolist(), pitch.tolist(), dur.tolist(), vel.tolist()))
+
+    def _notes(self, tokens: np.ndarray, bar: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Position, pitch, duration bin, velocity bin and token index of each note in instrument bars'
+        ``tokens`` (``Bar`` tokens left out), ``bar`` numbering the bar of each token. Within a bar a note
+        without its own ``Pos``, ``Dur`` or ``Vel`` takes the latest one before it (0 before any)."""
+        kinds = self.kinds[tokens]
+        index = np.arange(len(tokens))
+        at = np.flatnonzero(kinds == TokenKind.PITCH)
+        # Dur follows its Pitch; Vel follows the Pitch or its Dur.
+        next_kind = np.append(kinds, [TokenKind.PAD, TokenKind.PAD])
+        own_dur = np.where(next_kind[at + 1] == TokenKind.DUR, at + 1, -1)
+        vel_at = at + 1 + (own_dur >= 0)
+        own_vel = np.where(next_kind[vel_at] == TokenKind.VEL, vel_at, -1)
+
+        def latest(source: np.ndarray, where: np.ndarray, offset: int) -> np.ndarray:
+            """The value (token - offset) at the latest ``source`` index at or before each of ``where`` in
+            the same bar, else 0."""
+            last = np.maximum.accumulate(source)
+            found = (last >= 0) & (bar[np.maximum(last, 0)] == bar[where])
+            return np.where(found, tokens[np.maximum(last, 0)] - offset, 0)
+
+        pos = latest(np.maximum.accumulate(np.where(kinds == TokenKind.POS, index, -1))[at], at, self.pos0)
+        dur = latest(own_dur, at, self.dur0)
+        vel = latest(own_vel, at, self.vel0)
+        return pos, tokens[at] - self.pitch0, dur, vel, at
 
     def describe(self, tokens: np.ndarray) -> list[str]:
         return [self.vocab[int(t)] for t in tokens]
@@ -780,9 +800,8 @@ def _check_bar(tok: HIDTokenizer, tokens: np.ndarray, start: int, end: int, trac
     """
     syntax = BarSyntax(tok, track_token, first_bar=number == 0)
     where = f"bar {number} of {tok.vocab[track_token]}"
-    for i in range(start + 1, end):
-        t = int(tokens[i])
-        kind = tok.kinds[t]
+    bar = tokens[start + 1 : end]
+    for i, t, kind in zip(range(start + 1, end), bar.tolist(), tok.kinds[bar].tolist()):
         if kind not in syntax.next_kinds() or (
             kind == TokenKind.POS and t - tok.pos0 not in syntax.positions(tok.bar_positions)
         ):

@@ -386,3 +386,28 @@ def test_the_ensemble_comes_first_and_the_tracks_follow_it():
     assert len(TOK.parse(first_track, partial=True).tracks) == 1
     with pytest.raises(HIDError, match="not the ensemble"):
         TOK.parse(swapped[:flute_at], partial=True)  # a prefix of another ensemble
+
+
+def test_note_table_reads_positions_durations_and_velocities_carried_within_a_bar():
+    """A note without its own ``Dur``/``Vel`` takes the bar's latest ones; bars start at the meter's steps (a
+    3/4 bar is 36); drum notes last a sixteenth (3 steps) whatever they carry."""
+    conductor = "BOS Track_0 Track_drums Track_conductor Bar TimeSig_3/4 Pos_0 Tempo_118.7 Bar TimeSig_4/4"
+    piano = (
+        "Track_0 Bar Pos_0 Pitch_60 Dur_12 Vel_99 Pitch_64 Pos_12 Pitch_67 Vel_79 "
+        "Bar Pos_6 Pitch_62 Dur_6 Vel_99 Pos_30 Pitch_65 Dur_24"
+    )
+    drums = "Track_drums Bar Pos_0 Pitch_36 Vel_99 Bar Pos_24 Pitch_38 Vel_79 Pitch_42"
+    table = TOK.note_table(ids(f"{conductor} {piano} {drums} EOS"))
+    # track, bar, pos, onset, pitch, duration, velocity
+    assert table.tolist() == [
+        [0, 0, 0, 0, 60, 12, 99],
+        [0, 0, 0, 0, 64, 12, 99],
+        [0, 0, 12, 12, 67, 12, 79],
+        [0, 1, 6, 42, 62, 6, 99],
+        [0, 1, 30, 66, 65, 24, 99],
+        [1, 0, 0, 0, 36, 3, 99],
+        [1, 1, 24, 60, 38, 3, 79],
+        [1, 1, 24, 60, 42, 3, 79],
+    ]
+    assert TOK.bar_notes(ids("Pos_0 Pitch_60 Dur_12 Vel_99 Pitch_64 Pos_12")) == [(0, 60, 11, 24), (0, 64, 11, 24)]
+    assert TOK.bar_notes(ids("Pos_3 Pitch_60")) == [(3, 60, 0, 0)]  # a bar being written: nothing to carry yet
