@@ -8,6 +8,9 @@ Generated and real pieces are measured alike (``meloformer.features``). The repo
   real set's mean and standard deviation. Its standard error comes from a bootstrap over pieces. Its floor
   is the distance between two random halves of the real set, averaged over ``SPLITS`` halvings. Halves
   have fewer pieces a side, so the floor is, if anything, biased upwards;
+- per feature, how far apart the two sets lie: the AUC of the feature alone, the chance that a generated
+  piece's value exceeds a real piece's (ties count half; 0.5: no tendency, 0 or 1: no overlap), so a
+  separating classifier can be read back to the features that separate;
 - a two-sample classifier: a random forest telling generated from real pieces by ``FEATURE_VECTOR``. The
   report gives its balanced accuracy under stratified k-fold cross-validation (0.5: the sets cannot be told
   apart), and the same for two real halves (over ``SPLITS`` halvings) as the control. It needs scikit-learn
@@ -116,6 +119,20 @@ def summary(rows: list[dict]) -> dict[str, Any]:
     return out
 
 
+def separation(gen_rows: list[dict], real_rows: list[dict]) -> dict[str, float | None]:
+    """Per summarised feature, P(generated value > real value) + P(equal) / 2 over all pairs of pieces (the
+    AUC of the feature alone); None where either set has no value."""
+    out: dict[str, float | None] = {}
+    for name in SUMMARISED:
+        g, r = ([row[name] for row in rows if row.get(name) is not None] for rows in (gen_rows, real_rows))
+        if not g or not r:
+            out[name] = None
+            continue
+        g, r = np.array(g, dtype=float)[:, None], np.array(r, dtype=float)[None, :]
+        out[name] = float((g > r).mean() + (g == r).mean() / 2)
+    return out
+
+
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """|mu_a - mu_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) of Gaussians fitted to the rows of ``a`` and ``b``."""
     diff = a.mean(axis=0) - b.mean(axis=0)
@@ -182,6 +199,7 @@ def two_sample(
         "feature_vector": list(FEATURE_VECTOR),
         "generated": summary(gen_rows),
         "real": summary(real_rows),
+        "separation": separation(gen_rows, real_rows),
         "frechet": frechet(gen, real, bootstrap, rng),
         "classifier": None,
         "classifier_note": None,
@@ -258,27 +276,35 @@ def _pm(value: float | None, se: float | None) -> str:
 def markdown(report: dict) -> str:
     """The report as a Markdown table: mean ± sd (pieces with a value) per feature, then the two-sample tests."""
     gen, real = report["generated"], report["real"]
-    rows = ["| measure | generated | real |", "|---|---:|---:|", f"| pieces | {gen['pieces']} | {real['pieces']} |"]
+    apart = report["separation"]
+    rows = [
+        "| measure | generated | real | AUC |",
+        "|---|---:|---:|---:|",
+        f"| pieces | {gen['pieces']} | {real['pieces']} | |",
+    ]
     for name in SUMMARISED:
         if gen[name]["n"] or real[name]["n"]:
-            rows.append(f"| {name} | {_cell(gen[name], gen['pieces'])} | {_cell(real[name], real['pieces'])} |")
+            auc = "–" if apart[name] is None else f"{apart[name]:.2f}"
+            rows.append(f"| {name} | {_cell(gen[name], gen['pieces'])} | {_cell(real[name], real['pieces'])} | {auc} |")
     meters = lambda s: ", ".join(f"{m}: {n}" for m, n in s["meters"].items())  # noqa: E731
-    rows.append(f"| meters | {meters(gen)} | {meters(real)} |")
+    rows.append(f"| meters | {meters(gen)} | {meters(real)} | |")
     fd = report["frechet"]
     rows.append(
         f"| Fréchet distance (z-scored features; real: real halves) | {_pm(fd['distance'], fd['se'])} | "
-        f"{_pm(fd['floor'], fd['floor_sd'])} |"
+        f"{_pm(fd['floor'], fd['floor_sd'])} | |"
     )
     if report["classifier"]:
         c = report["classifier"]
         g, r = c["generated_vs_real"], c["real_vs_real"]
         rows.append(
             f"| classifier balanced accuracy ({g['folds']}-fold; real: real halves) | "
-            f"{_pm(g['balanced_accuracy'], g['sd'])} | {_pm(r['balanced_accuracy'], r['sd'])} |"
+            f"{_pm(g['balanced_accuracy'], g['sd'])} | {_pm(r['balanced_accuracy'], r['sd'])} | |"
         )
     notes = [
-        "Features: mean ± sd over pieces. Fréchet distance: ± its bootstrap standard error. Classifier: ± the "
-        f"sd over folds. Real column of both: the mean ± sd over {SPLITS} random halvings of the real set."
+        "Features: mean ± sd over pieces. AUC: the chance that a generated piece's value exceeds a real piece's "
+        "(ties half): 0.5 no tendency, near 0 or 1 the feature alone tells the sets apart. Fréchet distance: ± "
+        "its bootstrap standard error. Classifier: ± the sd over folds. Real column of both: the mean ± sd over "
+        f"{SPLITS} random halvings of the real set."
     ]
     if "folder" in gen:
         notes.insert(0, f"Generated: `{gen['folder']}`; real: `{real['folder']}`.")

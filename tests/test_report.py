@@ -14,7 +14,16 @@ import pytest
 from _music import DEMO_MIDI, make_score
 from meloformer.features import feature_vector, piece_features
 from meloformer.hid import HIDTokenizer
-from meloformer.report import NO_SKLEARN, classifier_accuracy, frechet, frechet_distance, read_folder, two_sample
+from meloformer.report import (
+    NO_SKLEARN,
+    classifier_accuracy,
+    frechet,
+    frechet_distance,
+    markdown,
+    read_folder,
+    separation,
+    two_sample,
+)
 
 TOK = HIDTokenizer()
 
@@ -129,6 +138,19 @@ def test_classifier_tells_different_sets_apart_and_real_halves_not(chorales_and_
     alike = [np.array([feature_vector(r) for r in rows]) for rows in (chorales[::2], chorales[1::2])]
     assert classifier_accuracy(*alike, folds=5, seed=0)["balanced_accuracy"] < 0.7
     assert frechet(*alike, bootstrap=0, rng=np.random.default_rng(0))["distance"] < report["frechet"]["distance"] / 5
+
+
+def test_separation_is_each_features_auc_by_hand(chorales_and_tunes):
+    gen = [{"stepwise": 0.9, "parallels": 0.02}, {"stepwise": 0.5, "parallels": 0.03}]
+    real = [{"stepwise": 0.5, "parallels": None}, {"stepwise": 0.7, "parallels": None}, {"stepwise": 0.5}]
+    apart = separation(gen, real)
+    # pairs (gen, real) for stepwise: 0.9 beats all 3; 0.5 ties two (1/2 each) and loses one -> (3 + 1) / 6
+    assert apart["stepwise"] == pytest.approx(4 / 6) and apart["parallels"] is None
+    chorales, tunes = chorales_and_tunes
+    report = two_sample(tunes[:8], chorales, bootstrap=0)
+    assert report["separation"]["voices"] == 0.0  # one voice against four: no overlap
+    assert report["separation"]["bars"] is not None and 0 <= report["separation"]["pitch_class_entropy"] <= 1
+    assert "| voices | 1 ± 0 |" in markdown(report) and "| 0.00 |" in markdown(report)
 
 
 def test_report_without_scikit_learn_says_so(chorales_and_tunes, monkeypatch):
