@@ -19,7 +19,10 @@ each onset. Voices are the pitched tracks, ordered from the highest mean pitch d
 - ``chord_tone_rate``: share of the pitched notes that start in a bar with a chord and belong to that chord.
   The same notes scored against the chord of the bar before give ``chord_tone_rate_shifted``, the control;
   only bars where both chords are known count. ``bass_on_root`` is the share of chord bars whose lowest
-  note sounding at the downbeat is the chord's root.
+  note sounding at the downbeat is the chord's root. ``chord_tone_rate_own`` scores the notes against the
+  tokens' own conductor chords even where ``chords`` are given (for an encoded file, the chords detected from
+  its notes: how real pieces are scored), so a generated file whose chords are its markers (the chords it
+  planned) can be compared like for like.
 - ``key`` (Krumhansl-Kessler profiles on duration-weighted pitch classes); ``key_agrees`` with a given key.
 - For a region (track, bars) of an infilled piece: ``leap_in`` and ``leap_out`` (semitones between the
   line's last note before the region and its first note inside, and between its last note inside and
@@ -241,10 +244,10 @@ def piece_features(
         for t in range(len(piece.tracks))
     ]
     n, d = meter(tok, piece)
-    if chords is None:
-        chords = [-1] * piece.n_bars
-        for b, c in piece.conductor_events(tok)[2]:
-            chords[b] = c
+    own = [-1] * piece.n_bars
+    for b, c in piece.conductor_events(tok)[2]:
+        own[b] = c
+    chords = own if chords is None else chords
     found_key = key_of(pitched[:, COL["pitch"]], pitched[:, COL["duration"]])
     features: dict[str, float | str | None] = {
         **MusicMetrics(tok).piece(tokens)[0],
@@ -258,6 +261,7 @@ def piece_features(
         "bar_quarters": 4 * n / d,
         "triple_meter": float(n % 3 == 0),
         **chord_rates(tok, pitched, chords, piece.bar_starts(tok)),
+        "chord_tone_rate_own": chord_rates(tok, pitched, own, piece.bar_starts(tok))["chord_tone_rate"],
         "key": found_key,
         "key_agrees": None if key is None or found_key is None else float(found_key == key),
     }

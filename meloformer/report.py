@@ -43,6 +43,7 @@ SUMMARISED = (
     "bars",
     "chord_tone_rate",
     "chord_tone_rate_shifted",
+    "chord_tone_rate_own",
     "bass_on_root",
     "key_agrees",
     "leap_in",

@@ -99,6 +99,8 @@ def test_chords_come_from_the_files_markers_where_it_has_them(tmp_path):
     # Bar 1's G B D G against the marked C major: G and G.
     assert rows["marked.mid"]["chord_source"] == "markers" and rows["marked.mid"]["chord_tone_rate"] == 0.5
     assert rows["marked.mid"]["chord_tone_rate_shifted"] == 1.0  # against bar 0's marked G major
+    # Scored like a real file, against the chords detected from its own notes, whatever the markers say.
+    assert rows["marked.mid"]["chord_tone_rate_own"] == rows["detected.mid"]["chord_tone_rate_own"] == 1.0
 
 
 def test_region_leaps_range_and_consonance():
