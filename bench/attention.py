@@ -25,11 +25,11 @@ import numpy as np
 import symusic
 import torch
 import torch.nn.functional as F
-from common import REPO, add_common_arguments, best_time, print_header, set_threads, write_report
+from common import add_common_arguments, best_time, demo_pieces, print_header, set_threads, write_report
 
 from meloformer.arith import ceil_div
 from meloformer.edits import crop_bars
-from meloformer.hid import BOS, PAD, HIDError, HIDTokenizer
+from meloformer.hid import BOS, PAD, HIDTokenizer
 from meloformer.masks import MaskRules, flex_blocks, full_dense_mask
 from meloformer.model import SIZES, compiled_flex_attention
 from meloformer.row_layout import row_layout, slots_for
@@ -53,12 +53,7 @@ def synthetic_piece(rng: np.random.Generator, n_bars: int) -> np.ndarray:
 
 def corpus(seed: int = 0) -> list[np.ndarray]:
     """HID pieces of the demo corpus, or synthetic ones."""
-    pieces = []
-    for path in sorted((REPO / "demo" / "midi").rglob("*.mid")):
-        try:
-            pieces.append(TOK.encode(path).astype(np.int64))
-        except HIDError:
-            continue
+    pieces = demo_pieces(TOK)
     if not pieces:
         rng = np.random.default_rng(seed)
         pieces = [synthetic_piece(rng, int(rng.integers(8, 200))) for _ in range(40)]

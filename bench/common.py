@@ -12,7 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from meloformer.hid import HIDError, HIDTokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -58,6 +61,17 @@ def best_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] =
         sync()
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+def demo_pieces(tok: HIDTokenizer) -> list[np.ndarray]:
+    """The demo corpus's MIDI files as HID tokens (int64), those that encode."""
+    pieces = []
+    for path in sorted((REPO / "demo" / "midi").rglob("*.mid")):
+        try:
+            pieces.append(tok.encode(path).astype(np.int64))
+        except HIDError:
+            continue
+    return pieces
 
 
 def write_report(out: Path, report: dict[str, Any], device: str = "cpu") -> None:

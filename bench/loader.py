@@ -1,8 +1,8 @@
 """What a DataLoader worker spends per training row: the mask plan alone against the plan with the parallels
 term's marks (``--model.parallels_weight``, ``part_writing.parallel_pitches``), on one CPU thread.
 
-Rows are whole pieces of a shard directory (default: the reference corpus's, else the demo corpus encoded
-here) packed into ``--row-tokens`` tokens and padded, as the loader's rows are, for the ``small`` model's
+Rows are whole pieces of a dataset folder's train split (default: the reference corpus's, else the demo
+corpus encoded here) packed into ``--row-tokens`` tokens and padded, as the loader's rows are, for the ``small`` model's
 flex plan (what a GPU run's workers build). Each time is the best of ``--repeats`` after a warm-up. The
 ratio says how many more workers the term needs to keep the same pace.
 
@@ -16,28 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import REPO, add_common_arguments, best_time, print_header, set_threads, write_report
+from common import REPO, add_common_arguments, best_time, demo_pieces, print_header, set_threads, write_report
 
-from meloformer.hid import BOS, PAD, HIDError, HIDTokenizer
+from meloformer.datamodules.shards import INDEX_NAME, ShardReader
+from meloformer.hid import PAD, HIDTokenizer
 from meloformer.module import MeloFormerModule, WithParallelPitches
 
 TOK = HIDTokenizer()
 
 
 def pieces(shards: Path) -> list[np.ndarray]:
-    """Whole pieces from the first shard of ``shards`` (``index.json`` there), else the demo corpus."""
-    if (shards / "index.json").is_file():
-        first = sorted(shards.glob("shard_*.u16"))[0]
-        tokens = np.fromfile(first, dtype=np.uint16).astype(np.int64)
-        starts = [*np.flatnonzero(tokens == BOS), len(tokens)]
-        return [tokens[a:b] for a, b in zip(starts, starts[1:])]
-    out = []
-    for path in sorted((REPO / "demo" / "midi").rglob("*.mid")):
-        try:
-            out.append(TOK.encode(path).astype(np.int64))
-        except HIDError:
-            continue
-    return out
+    """The train split's pieces of the dataset folder ``shards``, else the demo corpus."""
+    if not (shards / INDEX_NAME).is_file():
+        return demo_pieces(TOK)
+    reader = ShardReader(shards, expected_settings=TOK.vocab_settings())
+    table = reader.pieces("train")
+    return [np.asarray(reader.tokens(table, i), dtype=np.int64) for i in range(len(table))]
 
 
 def packed_rows(pieces: list[np.ndarray], n_rows: int, row_tokens: int) -> torch.Tensor:
