@@ -247,7 +247,8 @@ def piece_features(
     own = [-1] * piece.n_bars
     for b, c in piece.conductor_events(tok)[2]:
         own[b] = c
-    chords = own if chords is None else chords
+    rates = chord_rates(tok, pitched, own if chords is None else chords, piece.bar_starts(tok))
+    own_rate = rates if chords is None else chord_rates(tok, pitched, own, piece.bar_starts(tok))
     found_key = key_of(pitched[:, COL["pitch"]], pitched[:, COL["duration"]])
     features: dict[str, float | str | None] = {
         **MusicMetrics(tok).piece(tokens)[0],
@@ -260,8 +261,8 @@ def piece_features(
         "meter": f"{n}/{d}",
         "bar_quarters": 4 * n / d,
         "triple_meter": float(n % 3 == 0),
-        **chord_rates(tok, pitched, chords, piece.bar_starts(tok)),
-        "chord_tone_rate_own": chord_rates(tok, pitched, own, piece.bar_starts(tok))["chord_tone_rate"],
+        **rates,
+        "chord_tone_rate_own": own_rate["chord_tone_rate"],
         "key": found_key,
         "key_agrees": None if key is None or found_key is None else float(found_key == key),
     }
