@@ -18,7 +18,7 @@ from pathlib import Path
 from jsonargparse import ArgumentError, ArgumentParser
 
 from meloformer.hid import HIDTokenizer
-from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS
+from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS, VOICE_LEADING
 
 
 def preprocess_parser() -> ArgumentParser:
@@ -129,9 +129,12 @@ def generate_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--voice_leading",
-        action="store_true",
+        nargs="?",
+        const="on",
+        default="auto",
+        choices=VOICE_LEADING,
         help="part-writing: no track crosses the voices written before it or moves with one in parallel fifths "
-        "or octaves",
+        "or octaves (auto: on when every track is a voice, as in a choir)",
     )
     parser.add_argument(
         "--form", type=str, default=None, help="a letter per equal phrase, e.g. AABA: a repeated letter restates"
@@ -223,7 +226,7 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
             key=args.key,
             dynamics=args.dynamics,
             meter_changes=args.meter_changes,
-            voice_leading=args.voice_leading,
+            voice_leading=VOICE_LEADING[args.voice_leading],
             form=args.form,
         )
         capacity = context_of(module.model, request)

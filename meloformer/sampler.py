@@ -43,6 +43,7 @@ from meloformer.steering import (
     parse_form,
     per_bar,
     shape_dynamics,
+    sung,
 )
 
 
@@ -70,7 +71,8 @@ class GenerationRequest:
     dynamics: list[str] | None = None  # velocity ranges such as "40-70", spread over the new bars
     meter_changes: bool = False  # may the model change the time signature after the first bar?
     regenerate: list[tuple[int, int]] | None = None  # (instrument track, bar) of the prompt, both from 0; one track
-    voice_leading: bool = False  # no crossing, no parallel fifths or octaves with earlier tracks (steering)
+    voice_leading: bool | None = None  # no crossing, no parallel fifths or octaves with earlier tracks
+    # (steering); None: on for a choir (``steering.sung``: every track a voice), off otherwise
     form: str | None = None  # a letter per phrase, e.g. "AABA": repeated letters restate their phrase (steering)
     max_tokens: int | None = None  # token budget of the piece; None (and at most): the model's max_seq_len
 
@@ -446,9 +448,10 @@ def generate(
     The piece never outgrows the model's context (see the module docstring); a prompt that would is cropped
     to its last bars (``fit_to_context``, which also returns the notice to show). In bars with a forced chord,
     chord tones get ``CHORD_TONE_BIAS`` and the bass track's notes at the downbeat take the chord's root
-    (``steering.ChordBinding``); ``request.voice_leading`` adds ``steering.VoiceLeading``. ``steer`` adds its own
-    bias and pitch limits (``steering.Steer``; infilling's ``infill.RegionFit``). ``request.dynamics`` shapes
-    the new bars' velocities at the end (``steering.shape_dynamics``): the model writes its notes with its own.
+    (``steering.ChordBinding``); ``request.voice_leading`` (by default: for a choir) adds
+    ``steering.VoiceLeading``. ``steer`` adds its own bias and pitch limits (``steering.Steer``; infilling's
+    ``infill.RegionFit``). ``request.dynamics`` shapes the new bars' velocities at the end
+    (``steering.shape_dynamics``): the model writes its notes with its own.
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -461,7 +464,8 @@ def generate(
     forced = any(chord is not None for chord in grammar.chords)
     steers = [ChordBinding(tok, grammar.chords, plan.instruments, CHORD_TONE_BIAS)] if forced else []
     rewrites = None if plan.fill is None else plan.fill[0]
-    steers += [VoiceLeading(tok, rewrites=rewrites)] if request.voice_leading else []
+    voice_leading = sung(plan.instruments or ()) if request.voice_leading is None else request.voice_leading
+    steers += [VoiceLeading(tok, rewrites=rewrites)] if voice_leading else []
     steers += [FormRepeat(tok, plan.form, FORM_BIAS)] if plan.form else []
     steers += [steer] if steer is not None else []
     onset = -1  # the current bar's latest Pos

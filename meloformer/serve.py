@@ -29,7 +29,7 @@ from meloformer.instruments import instrument_choices, instrument_name, instrume
 from meloformer.module import MeloFormerModule, open_checkpoint
 from meloformer.pianoroll import save_pianoroll
 from meloformer.sampler import GenerationRequest, check_request, generate, parse_time_signature
-from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS
+from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS, VOICE_LEADING
 
 TIME_SIGNATURES = ["model's choice", "4/4", "3/4", "2/4", "6/8", "5/4", "7/8", "12/8"]
 MODES = ["continue", "add a track", "regenerate bars (infill)"]
@@ -68,7 +68,7 @@ class Studio:
         key: str = KEYS[0],
         dynamics: str = "",
         form: str = "",
-        voice_leading: bool = False,
+        voice_leading: str = "auto",
     ) -> tuple[GenerationRequest, list[Region]]:
         """The GenerationRequest of the page's controls and the infill regions (none unless infilling);
         ValueError names the first bad control. ``instruments`` are names or programs, ``NO_TRACK`` skipped.
@@ -80,6 +80,8 @@ class Studio:
             raise ValueError(f"tempo {tempo}: give 24 to 320 bpm, or 0 to let the model choose")
         if not 0 < temperature <= 5 or not 0 < top_p <= 1:
             raise ValueError(f"temperature {temperature} / top-p {top_p}: give temperature in (0, 5], top-p in (0, 1]")
+        if voice_leading not in VOICE_LEADING:
+            raise ValueError(f"voice-leading {voice_leading!r}: give {', '.join(VOICE_LEADING)}")
         tracks = [instrument_token(name) for name in instruments if name and name != NO_TRACK]
         request = GenerationRequest(
             bars=int(bars),
@@ -92,7 +94,7 @@ class Studio:
             key=key if key and key != KEYS[0] else None,
             dynamics=dynamics.split() or None,
             form=form.strip() or None,
-            voice_leading=voice_leading,
+            voice_leading=VOICE_LEADING[voice_leading],
         )
         if prompt:
             request.time_signature = None
@@ -146,7 +148,7 @@ class Studio:
         regions: str = "",
         prompt_bars: float = 0,
         form: str = "",
-        voice_leading: bool = False,
+        voice_leading: str = "auto",
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's progress idiom)
     ) -> tuple[str, str, str, str]:
         """Sample one piece; returns its piano roll (PNG), audio (WAV), MIDI file and a status line.
@@ -174,7 +176,8 @@ class Studio:
             regions: infill: track:first-last bars, from 1 (e.g. "2:3-4 1:7")
             prompt_bars: use only the prompt's first bars (0: all)
             form: a letter per phrase of equal length, e.g. "AABA": a repeated letter restates its phrase (no prompt)
-            voice_leading: no track crosses the voices before it or moves with one in parallel fifths or octaves
+            voice_leading: "on": no track crosses the voices before it or moves with one in parallel fifths or
+                octaves; "off"; "auto": on when every track is a voice (a choir)
         """
         started = time.perf_counter()
         try:
@@ -264,9 +267,10 @@ def build_app(studio: Studio) -> gr.Blocks:
                     value="",
                     elem_id="form",
                 )
-                voice_leading = gr.Checkbox(
-                    value=False,
-                    label="voice-leading: no crossing, no parallel fifths or octaves",
+                voice_leading = gr.Radio(
+                    list(VOICE_LEADING),
+                    value="auto",
+                    label="voice-leading: no crossing, no parallel fifths or octaves (auto: for a choir)",
                     elem_id="voice_leading",
                 )
                 with gr.Row():

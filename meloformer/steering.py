@@ -10,7 +10,8 @@ A forced chord progression (``--chords``) binds the notes of its bars (``ChordBi
 favoured, and the bass track takes the chord's root at the downbeat.
 
 Voice-leading (``--voice_leading``, ``VoiceLeading``) keeps each track from crossing the voices written
-before it and from moving in parallel fifths or octaves with them, as part-writing rules ask.
+before it and from moving in parallel fifths or octaves with them, as part-writing rules ask. It is on by
+default for a choir (``sung``: every track a voice), whose parts those rules were written for.
 
 A form (``--form AABA``) is a letter per phrase of equal length; a phrase whose letter came before restates
 that phrase bar by bar, each track drawn towards its own earlier bar (``FormRepeat``).
@@ -215,6 +216,16 @@ def current_track(tok: HIDTokenizer, written: np.ndarray) -> int:
 def track_bars(tokens: np.ndarray) -> list[np.ndarray]:
     """A track's bars so far from its tokens after its ``Track`` token: each the tokens after its ``Bar``."""
     return [bar[1:] for bar in np.split(tokens, np.flatnonzero(tokens == BAR))[1:]]
+
+
+VOICE_PROGRAMS = (52, 53, 54)  # General MIDI: choir aahs, voice oohs, synth voice
+VOICE_LEADING = {"auto": None, "on": True, "off": False}  # the control's settings -> GenerationRequest's
+
+
+def sung(instruments: Sequence[int]) -> bool:
+    """Whether every track of ``instruments`` (Track token ids) is a voice: a choir, the default of voice-leading."""
+    voices = {TRACK_PROGRAM0 + program for program in VOICE_PROGRAMS}
+    return bool(instruments) and all(token in voices for token in instruments)
 
 
 class VoiceLeading:

@@ -140,21 +140,38 @@ def test_the_default_sample_is_a_four_voice_choir_in_one_meter(checkpoint, tmp_p
 
 def test_voice_leading_reaches_the_written_midi(checkpoint, tmp_path, capsys):
     """An untrained model's four voices leap anywhere; with ``--voice_leading`` they cross less than the same
-    seeds do without it. (Parallels are counted on the written MIDI, where a MIDI reader may shorten a note
-    held into the next onset of its pitch, so a few can appear; ``test_voice_leading.py`` counts them on the
-    sampled tokens.)"""
+    seeds do with ``--voice_leading off``, and a choir gets it without asking (``auto``). (Parallels are counted
+    on the written MIDI, where a MIDI reader may shorten a note held into the next onset of its pitch, so a few
+    can appear; ``test_voice_leading.py`` counts them on the sampled tokens.)"""
     from meloformer.features import piece_features
 
-    measured = {}
-    for flag in ([], ["--voice_leading"]):
-        out = tmp_path / str(len(flag))
-        code, _, err = generate("--ckpt_path", str(checkpoint), *flag, "--num_samples", "2", "--seed", "3",
+    measured, written = {}, {}
+    for flags in (["--voice_leading", "off"], ["--voice_leading"], []):
+        out = tmp_path / "-".join(flags or ["auto"])
+        code, _, err = generate("--ckpt_path", str(checkpoint), *flags, "--num_samples", "2", "--seed", "3",
                                 "--bars", "4", "--out", str(out), capsys=capsys)  # fmt: skip
         assert code == 0, err
         features = [piece_features(TOK, TOK.encode(out / f"sample_{k}.mid")) for k in range(2)]
-        measured[bool(flag)] = [(f["parallels"], f["crossings"]) for f in features]
-    assert all(parallels <= 0.05 for parallels, _ in measured[True]), measured
-    assert sum(c for _, c in measured[True]) < sum(c for _, c in measured[False]), measured
+        measured[out.name] = [(f["parallels"], f["crossings"]) for f in features]
+        written[out.name] = [(out / f"sample_{k}.mid").read_bytes() for k in range(2)]
+    assert all(parallels <= 0.05 for parallels, _ in measured["--voice_leading"]), measured
+    assert sum(c for _, c in measured["--voice_leading"]) < sum(c for _, c in measured["--voice_leading-off"])
+    assert written["auto"] == written["--voice_leading"]  # the default choir is steered
+
+
+def test_voice_leading_auto_leaves_other_ensembles_alone(checkpoint, tmp_path, capsys):
+    """Piano and violin are not a choir: ``auto`` samples them as ``--voice_leading off`` does, note for note."""
+    written = {}
+    for flags in (["--voice_leading", "off"], []):
+        out = tmp_path / "-".join(flags or ["auto"])
+        code, _, err = generate("--ckpt_path", str(checkpoint), *flags, "--instruments", "piano", "violin",
+                                "--bars", "4", "--seed", "5", "--out", str(out), capsys=capsys)  # fmt: skip
+        assert code == 0, err
+        written[out.name] = (out / "sample_0.mid").read_bytes()
+    assert written["auto"] == written["--voice_leading-off"]
+    code, _, err = generate("--ckpt_path", str(checkpoint), "--voice_leading", "always", "--out", str(tmp_path / "x"),
+                            capsys=capsys)  # fmt: skip
+    assert code == 2 and "--voice_leading" in err and "'always'" in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(

@@ -80,8 +80,10 @@ def test_controls_become_the_generation_request(studio):
     assert request.add_track == TRACK_PROGRAM0 + 73 and request.bars == 3
     request, _ = studio.request(**{**DEFAULTS, "bars": 4, "chords": "C G Am F"})  # at most a chord per bar
     assert request.chords == ["C", "G", "Am", "F"]
-    request, _ = studio.request(**{**DEFAULTS, "bars": 4, "form": " ABAB ", "voice_leading": True})
-    assert request.form == "ABAB" and request.voice_leading
+    request, _ = studio.request(**{**DEFAULTS, "bars": 4, "form": " ABAB ", "voice_leading": "on"})
+    assert request.form == "ABAB" and request.voice_leading is True
+    assert studio.request(**DEFAULTS)[0].voice_leading is None  # auto: the sampler decides by the ensemble
+    assert studio.request(**{**DEFAULTS, "voice_leading": "off"})[0].voice_leading is False
     infill = {"mode": "regenerate bars (infill)", "regions": "2:2-3 1:1"}
     request, regions = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3, **infill})
     assert request.bars == 3 and [(r.track, r.first, r.last) for r in regions] == [(2, 2, 3), (1, 1, 1)]
@@ -102,6 +104,7 @@ def test_controls_become_the_generation_request(studio):
         ({"prompt": "BAD"}, "bad.mid: not a usable MIDI file"),
         ({"chords": "C H7"}, "H7"),
         ({"form": "ABA"}, "form 'ABA': 2 bars do not divide into 3 equal phrases"),
+        ({"voice_leading": True}, "voice-leading True: give auto, on, off"),
         ({"prompt": "PROMPT", "form": "AB"}, "--form plans a new piece"),
         ({"prompt": "PROMPT", "mode": "regenerate bars (infill)"}, "give regions"),
         ({"prompt": "PROMPT", "mode": "regenerate bars (infill)", "regions": "9:1-2"}, "track"),

@@ -10,7 +10,7 @@ from meloformer.hid import BAR, BOS, NOTE_COLUMNS, TRACK_CONDUCTOR, TRACK_PROGRA
 from meloformer.module import module_from_folder
 from meloformer.pretrained import default_model_folder
 from meloformer.sampler import GenerationRequest, generate
-from meloformer.steering import VoiceLeading
+from meloformer.steering import VoiceLeading, sung
 
 TOK = HIDTokenizer()
 SATB = [TRACK_PROGRAM0 + 52, TRACK_PROGRAM0 + 52, TRACK_PROGRAM0 + 53, TRACK_PROGRAM0 + 53]
@@ -26,6 +26,11 @@ def soprano_and_alto(alto: list[int]) -> list[int]:
     conductor = [BAR, TOK.timesig0 + TOK.time_signatures.index((4, 4)), TOK.pos0, TOK.tempo0 + 20]
     soprano = [TRACK_PROGRAM0 + 52, BAR, *note(0, 72), *note(12, 74)]
     return [BOS, *SATB[:2], TRACK_CONDUCTOR, *conductor, *soprano, TRACK_PROGRAM0 + 52, BAR, *alto]
+
+
+def test_a_choir_is_every_track_a_voice():
+    assert sung(SATB) and sung([TRACK_PROGRAM0 + 54])
+    assert not sung([*SATB, TRACK_PROGRAM0 + 0]) and not sung([TRACK_PROGRAM0 + 40] * 4) and not sung([])
 
 
 def allowed_pitches(steer: VoiceLeading, written: list[int], onset: int) -> set[int]:
