@@ -18,7 +18,7 @@ from pathlib import Path
 from jsonargparse import ArgumentError, ArgumentParser
 
 from meloformer.hid import HIDTokenizer
-from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS, VOICE_LEADING
+from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS, RESTATEMENT_BIAS, VOICE_LEADING
 
 
 def preprocess_parser() -> ArgumentParser:
@@ -139,6 +139,12 @@ def generate_parser() -> ArgumentParser:
     parser.add_argument(
         "--form", type=str, default=None, help="a letter per equal phrase, e.g. AABA: a repeated letter restates"
     )
+    parser.add_argument(
+        "--restatement",
+        type=float,
+        default=RESTATEMENT_BIAS,
+        help="a bar begun as a copy of an earlier bar of its track is drawn to end as one: the bias; 0: off",
+    )
     parser.add_argument("--infill", nargs="+", default=None, help="with --prompt: regenerate TRACK:FIRST-LAST bars")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top_k", type=int, default=0, help="0: off")
@@ -228,6 +234,7 @@ def _generate(argv: list[str], held: contextlib.ExitStack) -> int:
             meter_changes=args.meter_changes,
             voice_leading=VOICE_LEADING[args.voice_leading],
             form=args.form,
+            restatement=args.restatement,
         )
         capacity = context_of(module.model, request)
         notice = None

@@ -34,8 +34,10 @@ from meloformer.grammar import HIDGrammar
 from meloformer.hid import BAR, MAX_PITCHED_TRACKS, TRACK_CONDUCTOR, TRACK_DRUMS, HIDTokenizer, TokenKind
 from meloformer.model import MeloFormer
 from meloformer.steering import (
+    RESTATEMENT_BIAS,
     ChordBinding,
     FormRepeat,
+    Restatement,
     Steer,
     VoiceLeading,
     key_pitch_classes,
@@ -74,6 +76,8 @@ class GenerationRequest:
     voice_leading: bool | None = None  # no crossing, no parallel fifths or octaves with earlier tracks
     # (steering); None: on for a choir (``steering.sung``: every track a voice), off otherwise
     form: str | None = None  # a letter per phrase, e.g. "AABA": repeated letters restate their phrase (steering)
+    restatement: float = RESTATEMENT_BIAS  # a bar begun as a copy of an earlier bar of its track is drawn to end
+    # as one (steering.Restatement): the bias on each next token of that bar; 0: off
     max_tokens: int | None = None  # token budget of the piece; None (and at most): the model's max_seq_len
 
 
@@ -370,6 +374,8 @@ def check_request(tok: HIDTokenizer, request: GenerationRequest, capacity: int |
         raise ValueError(f"top_k must be 0 (off) or more, got {request.top_k}")
     if not 0 < request.top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1] (1: off), got {request.top_p}")
+    if request.restatement < 0:
+        raise ValueError(f"restatement must be 0 (off) or more, got {request.restatement:g}")
     if request.tempo is not None and not tok.tempo_min <= request.tempo <= tok.tempo_max:
         raise ValueError(f"tempo {request.tempo:g} is outside {tok.tempo_min:g}..{tok.tempo_max:g} quarter notes/min")
     plan = _Plan(tok, request)
@@ -449,9 +455,10 @@ def generate(
     to its last bars (``fit_to_context``, which also returns the notice to show). In bars with a forced chord,
     chord tones get ``CHORD_TONE_BIAS`` and the bass track's notes at the downbeat take the chord's root
     (``steering.ChordBinding``); ``request.voice_leading`` (by default: for a choir) adds
-    ``steering.VoiceLeading``. ``steer`` adds its own bias and pitch limits (``steering.Steer``; infilling's
-    ``infill.RegionFit``). ``request.dynamics`` shapes the new bars' velocities at the end
-    (``steering.shape_dynamics``): the model writes its notes with its own.
+    ``steering.VoiceLeading``, and ``request.restatement`` (outside a fill pass) ``steering.Restatement``.
+    ``steer`` adds its own bias and pitch limits (``steering.Steer``; infilling's ``infill.RegionFit``).
+    ``request.dynamics`` shapes the new bars' velocities at the end (``steering.shape_dynamics``): the model
+    writes its notes with its own.
     """
     device = next(model.parameters()).device
     generator = torch.Generator(device="cpu").manual_seed(seed)
@@ -467,6 +474,8 @@ def generate(
     voice_leading = sung(plan.instruments or ()) if request.voice_leading is None else request.voice_leading
     steers += [VoiceLeading(tok, rewrites=rewrites)] if voice_leading else []
     steers += [FormRepeat(tok, plan.form, FORM_BIAS)] if plan.form else []
+    restate = request.restatement and plan.fill is None
+    steers += [Restatement(tok, request.restatement, grammar.chords)] if restate else []
     steers += [steer] if steer is not None else []
     onset = -1  # the current bar's latest Pos
     decoder = IncrementalDecoder(model, capacity=capacity)

@@ -29,7 +29,7 @@ from meloformer.instruments import instrument_choices, instrument_name, instrume
 from meloformer.module import MeloFormerModule, open_checkpoint
 from meloformer.pianoroll import save_pianoroll
 from meloformer.sampler import GenerationRequest, check_request, generate, parse_time_signature
-from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS, VOICE_LEADING
+from meloformer.steering import DEFAULT_DYNAMICS, DEFAULT_INSTRUMENTS, RESTATEMENT_BIAS, VOICE_LEADING
 
 TIME_SIGNATURES = ["model's choice", "4/4", "3/4", "2/4", "6/8", "5/4", "7/8", "12/8"]
 MODES = ["continue", "add a track", "regenerate bars (infill)"]
@@ -69,6 +69,7 @@ class Studio:
         dynamics: str = "",
         form: str = "",
         voice_leading: str = "auto",
+        restatement: float = RESTATEMENT_BIAS,
     ) -> tuple[GenerationRequest, list[Region]]:
         """The GenerationRequest of the page's controls and the infill regions (none unless infilling);
         ValueError names the first bad control. ``instruments`` are names or programs, ``NO_TRACK`` skipped.
@@ -80,6 +81,8 @@ class Studio:
             raise ValueError(f"tempo {tempo}: give 24 to 320 bpm, or 0 to let the model choose")
         if not 0 < temperature <= 5 or not 0 < top_p <= 1:
             raise ValueError(f"temperature {temperature} / top-p {top_p}: give temperature in (0, 5], top-p in (0, 1]")
+        if restatement is None or not 0 <= restatement <= 4:
+            raise ValueError(f"restatement {restatement}: give 0 (off) to 4")
         if voice_leading not in VOICE_LEADING:
             raise ValueError(f"voice-leading {voice_leading!r}: give {', '.join(VOICE_LEADING)}")
         tracks = [instrument_token(name) for name in instruments if name and name != NO_TRACK]
@@ -95,6 +98,7 @@ class Studio:
             dynamics=dynamics.split() or None,
             form=form.strip() or None,
             voice_leading=VOICE_LEADING[voice_leading],
+            restatement=restatement,
         )
         if prompt:
             request.time_signature = None
@@ -149,6 +153,7 @@ class Studio:
         prompt_bars: float = 0,
         form: str = "",
         voice_leading: str = "auto",
+        restatement: float = RESTATEMENT_BIAS,
         progress=gr.Progress(track_tqdm=True),  # noqa: B008 (Gradio's progress idiom)
     ) -> tuple[str, str, str, str]:
         """Sample one piece; returns its piano roll (PNG), audio (WAV), MIDI file and a status line.
@@ -178,6 +183,8 @@ class Studio:
             form: a letter per phrase of equal length, e.g. "AABA": a repeated letter restates its phrase (no prompt)
             voice_leading: "on": no track crosses the voices before it or moves with one in parallel fifths or
                 octaves; "off"; "auto": on when every track is a voice (a choir)
+            restatement: a bar begun as a copy of an earlier bar of its track is drawn to end as one: the bias,
+                0 (off) to 4
         """
         started = time.perf_counter()
         try:
@@ -198,6 +205,7 @@ class Studio:
                 dynamics,
                 form,
                 voice_leading,
+                restatement,
             )
             if seed is None or seed != int(seed) or seed < 0:
                 raise ValueError(f"seed {seed}: give a whole number from 0")
@@ -273,6 +281,14 @@ def build_app(studio: Studio) -> gr.Blocks:
                     label="voice-leading: no crossing, no parallel fifths or octaves (auto: for a choir)",
                     elem_id="voice_leading",
                 )
+                restatement = gr.Slider(
+                    0.0,
+                    4.0,
+                    value=RESTATEMENT_BIAS,
+                    step=0.5,
+                    label="restatement: a bar begun as a copy of an earlier one is drawn to end as one (0: off)",
+                    elem_id="restatement",
+                )
                 with gr.Row():
                     temperature = gr.Slider(0.1, 2.0, value=1.0, step=0.05, label="temperature")
                     top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")
@@ -298,7 +314,7 @@ def build_app(studio: Studio) -> gr.Blocks:
         inputs = [*tracks, bars, tempo, time_signature, key, dynamics, chords, temperature, top_p, seed]
         button.click(
             studio.run,
-            inputs=[*inputs, prompt, mode, new_track, regions, prompt_bars, form, voice_leading],
+            inputs=[*inputs, prompt, mode, new_track, regions, prompt_bars, form, voice_leading, restatement],
             outputs=[roll, audio, midi, status],
             api_name="generate",
             concurrency_limit=1,

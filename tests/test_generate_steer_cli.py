@@ -185,6 +185,7 @@ def test_voice_leading_auto_leaves_other_ensembles_alone(checkpoint, tmp_path, c
         (["--dynamics", "loud"], "dynamics 'loud': write a velocity range"),
         (["--dynamics", "1-2"], "dynamics '1-2': no velocity step inside"),
         (["--meter_changes", "--time_signature", "3/4"], "--meter_changes lets the model choose the meters"),
+        (["--restatement", "-1"], "restatement must be 0 (off) or more, got -1"),
     ],
 )  # fmt: skip
 def test_bad_instruments_keys_and_dynamics_are_one_line_errors(checkpoint, tmp_path, capsys, args, problem):

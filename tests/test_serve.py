@@ -84,6 +84,10 @@ def test_controls_become_the_generation_request(studio):
     assert request.form == "ABAB" and request.voice_leading is True
     assert studio.request(**DEFAULTS)[0].voice_leading is None  # auto: the sampler decides by the ensemble
     assert studio.request(**{**DEFAULTS, "voice_leading": "off"})[0].voice_leading is False
+    assert (
+        studio.request(**DEFAULTS)[0].restatement == 2.0
+        and studio.request(**{**DEFAULTS, "restatement": 0})[0].restatement == 0
+    )
     infill = {"mode": "regenerate bars (infill)", "regions": "2:2-3 1:1"}
     request, regions = studio.request(**{**DEFAULTS, "prompt": prompt, "prompt_bars": 3, **infill})
     assert request.bars == 3 and [(r.track, r.first, r.last) for r in regions] == [(2, 2, 3), (1, 1, 1)]
@@ -105,6 +109,7 @@ def test_controls_become_the_generation_request(studio):
         ({"chords": "C H7"}, "H7"),
         ({"form": "ABA"}, "form 'ABA': 2 bars do not divide into 3 equal phrases"),
         ({"voice_leading": True}, "voice-leading True: give auto, on, off"),
+        ({"restatement": -1}, "restatement -1: give 0 \\(off\\) to 4"),
         ({"prompt": "PROMPT", "form": "AB"}, "--form plans a new piece"),
         ({"prompt": "PROMPT", "mode": "regenerate bars (infill)"}, "give regions"),
         ({"prompt": "PROMPT", "mode": "regenerate bars (infill)", "regions": "9:1-2"}, "track"),
