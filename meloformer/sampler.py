@@ -471,8 +471,9 @@ def generate(
     forced = any(chord is not None for chord in grammar.chords)
     steers = [ChordBinding(tok, grammar.chords, plan.instruments, CHORD_TONE_BIAS)] if forced else []
     rewrites = None if plan.fill is None else plan.fill[0]
-    voice_leading = sung(plan.instruments or ()) if request.voice_leading is None else request.voice_leading
-    steers += [VoiceLeading(tok, rewrites=rewrites)] if voice_leading else []
+    choir = sung(plan.instruments or ())
+    voice_leading = choir if request.voice_leading is None else request.voice_leading
+    steers += [VoiceLeading(tok, rewrites=rewrites, ordered=choir)] if voice_leading else []
     steers += [FormRepeat(tok, plan.form, FORM_BIAS)] if plan.form else []
     restate = request.restatement and plan.fill is None
     steers += [Restatement(tok, request.restatement, grammar.chords)] if restate else []

@@ -225,6 +225,7 @@ def track_bars(tokens: np.ndarray) -> list[np.ndarray]:
 # the held-out tunes do (1.0 still too rarely; docs/results.md, "Restatement: bars the model begins as copies").
 RESTATEMENT_BIAS = 2.0
 VOICE_PROGRAMS = (52, 53, 54)  # General MIDI: choir aahs, voice oohs, synth voice
+CHOIR_LOWEST = 36  # C2, the lowest note of the reference corpus's chorales: a bass kept under a low tenor stops here
 VOICE_LEADING = {"auto": None, "on": True, "off": False}  # the control's settings -> GenerationRequest's
 
 
@@ -240,20 +241,25 @@ class VoiceLeading:
 
     Voices are pitched tracks, each its line (highest note at each onset, ``features.line``). The track being
     written sits, by the mean pitch of its notes so far, between two earlier voices; at each onset its pitch
-    stays between what they sound (from its second note on). A pitch is also refused when, against an earlier
-    voice that moves at this onset, it would keep the fifth or octave (modulo octaves) that the two held at the
-    piece's previous onset, moving the same way: the two faults ``features.parallels_and_crossings`` counts.
+    stays between what they sound (from its second note on). ``ordered`` (a choir, listed high to low as SATB
+    is) places it by the ensemble's order instead: below the voice listed before it and, in a fill pass, above
+    the one listed after it, from its first note, and never below ``CHOIR_LOWEST``. A pitch is also refused
+    when, against an earlier voice that moves at this onset, it would keep the fifth or octave (modulo
+    octaves) that the two held at the piece's previous onset, moving the same way: the two faults
+    ``features.parallels_and_crossings`` counts.
 
     ``rewrites``: the instrument track (from 0) whose bars a fill pass rewrites (``meloformer.fill``). It is
     then no earlier voice: its bars outside the region are the written track's own notes.
     """
 
-    def __init__(self, tok: HIDTokenizer, rewrites: int | None = None) -> None:
+    def __init__(self, tok: HIDTokenizer, rewrites: int | None = None, ordered: bool = False) -> None:
         self.tok = tok
         self.rewrites = rewrites
+        self.ordered = ordered
         self.pitch = np.arange(128)
         self._parsed_tracks = -1
         self._voices: list[np.ndarray] = []
+        self._listed: list[int] = []  # each voice's instrument track (from 0)
         self._kept = np.zeros((0, len(COL)), dtype=np.int64)  # the rewritten track's notes outside the region
         self._bar_starts = np.zeros(0, dtype=np.int64)
 
@@ -268,11 +274,15 @@ class VoiceLeading:
             return None, None
         self._read_earlier_tracks(written[:start], track)
         own = np.concatenate([self._kept, self._own_notes(track_bars(written[start + 1 :]))])
-        if not self._voices or len(own) == 0 or bar >= len(self._bar_starts):
+        if not self._voices or (len(own) == 0 and not self.ordered) or bar >= len(self._bar_starts):
             return None, None
         time = int(self._bar_starts[bar] + onset)
-        voice = line(own)
-        between, no_parallels = self._between_neighbours(voice, time), self._no_parallels(voice, time)
+        if len(own) == 0:  # an ordered voice's first note: below the voice before it
+            between, no_parallels = self._between_listed(time), np.ones(128, dtype=bool)
+        else:
+            voice = line(own)
+            between = self._between_listed(time) if self.ordered else self._between_neighbours(voice, time)
+            no_parallels = self._no_parallels(voice, time)
         # Earlier voices that cross each other leave no pitch between them: then only the parallels count.
         allowed = between & no_parallels if (between & no_parallels).any() else no_parallels
         mask = np.ones(self.tok.vocab_size, dtype=bool)
@@ -290,6 +300,7 @@ class VoiceLeading:
         if self.rewrites is not None:
             self._kept = notes[notes[:, COL["track"]] == self.rewrites]
         self._voices = [line(own) for own in by_track if len(own)]
+        self._listed = [n for n, own in zip(pitched, by_track) if len(own)]
         self._bar_starts, self._parsed_tracks = piece.bar_starts(self.tok), track
 
     def _own_notes(self, bars: list[np.ndarray]) -> np.ndarray:
@@ -315,6 +326,21 @@ class VoiceLeading:
             allowed &= (upper < 0) | (self.pitch <= upper)
         if below:
             lower = sounding(max(below, key=lambda v: v[:, 1].mean()), np.array([time]))[0]
+            allowed &= (lower < 0) | (self.pitch >= lower)
+        return allowed
+
+    def _between_listed(self, time: int) -> np.ndarray:
+        """Pitches at or below the voice listed before this track, at or above the one listed after it and
+        ``CHOIR_LOWEST``."""
+        listed = list(zip(self._listed, self._voices))
+        above = [v for n, v in listed if self.rewrites is None or n < self.rewrites]
+        below = [v for n, v in listed if self.rewrites is not None and n > self.rewrites]
+        allowed = self.pitch >= CHOIR_LOWEST
+        if above:
+            upper = sounding(above[-1], np.array([time]))[0]
+            allowed &= (upper < 0) | (self.pitch <= upper)
+        if below:
+            lower = sounding(below[0], np.array([time]))[0]
             allowed &= (lower < 0) | (self.pitch >= lower)
         return allowed
 
