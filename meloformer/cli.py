@@ -312,6 +312,8 @@ def render_main(argv: list[str]) -> int:
 
 
 def evaluate_parser() -> ArgumentParser:
+    from meloformer.report import REPEATS
+
     parser = ArgumentParser(
         prog="meloformer evaluate",
         description="Loss/perplexity of --ckpt_path on --data's --split, metrics of --generated vs --reference, "
@@ -330,6 +332,9 @@ def evaluate_parser() -> ArgumentParser:
     parser.add_argument("--bars", type=int, default=None, help="--against: measure the first bars of each piece")
     parser.add_argument("--bootstrap", type=int, default=200, help="--against: resamples for the Fréchet error")
     parser.add_argument("--folds", type=int, default=5, help="--against: cross-validation folds of the classifier")
+    parser.add_argument(
+        "--repeats", type=int, default=REPEATS, help="--against: random k-fold splits the classifier is averaged over"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=str, default=None, help="the JSON file to write (--against: the report folder)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -392,6 +397,7 @@ def against_main(args) -> int:
         bars=args.bars,
         bootstrap=args.bootstrap,
         folds=args.folds,
+        repeats=args.repeats,
         seed=args.seed,
     )
     if report["classifier_note"] == NO_SKLEARN:

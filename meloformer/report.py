@@ -12,8 +12,9 @@ Generated and real pieces are measured alike (``meloformer.features``). The repo
   piece's value exceeds a real piece's (ties count half; 0.5: no tendency, 0 or 1: no overlap), so a
   separating classifier can be read back to the features that separate;
 - a two-sample classifier: a random forest telling generated from real pieces by ``FEATURE_VECTOR``. The
-  report gives its balanced accuracy under stratified k-fold cross-validation (0.5: the sets cannot be told
-  apart), and the same for two real halves (over ``SPLITS`` halvings) as the control. It needs scikit-learn
+  report gives its balanced accuracy under stratified k-fold cross-validation, averaged over ``REPEATS``
+  random splits (0.5: the sets cannot be told apart), and the same for two real halves (over ``SPLITS``
+  halvings) as the control. It needs scikit-learn
   (``pip install meloformer[eval]``); without it the report says so in one line and gives the rest.
 
 ``write_report`` writes ``report.json`` (strict JSON: null, never NaN), ``report.md``,
@@ -54,6 +55,7 @@ SUMMARISED = (
 NO_SKLEARN = "two-sample classifier skipped: it needs scikit-learn (pip install meloformer[eval])"
 MATRICES = 3  # self-similarity matrices plotted per set
 SPLITS = 5  # random halvings of the real set behind the floor and the control
+REPEATS = 10  # k-fold splits the classifier's accuracy is averaged over
 
 
 def midi_files(folder: str | Path) -> list[Path]:
@@ -172,25 +174,39 @@ def frechet(gen: np.ndarray, real: np.ndarray, bootstrap: int, rng: np.random.Ge
     return {**out, "bootstrap": bootstrap, "splits": SPLITS}
 
 
-def classifier_accuracy(a: np.ndarray, b: np.ndarray, folds: int, seed: int) -> dict[str, Any]:
-    """Balanced accuracy of a random forest telling the rows of ``a`` from those of ``b`` (stratified k-fold)."""
+def classifier_accuracy(a: np.ndarray, b: np.ndarray, folds: int, seed: int, repeats: int = 1) -> dict[str, Any]:
+    """Balanced accuracy of a random forest telling the rows of ``a`` from those of ``b``: the mean over
+    ``repeats`` stratified k-fold splits, each drawn anew (with a few dozen pieces one split alone moves it by
+    up to 0.1); ``sd`` is over all their folds, ``split_sd`` over the splits' means."""
     from sklearn.ensemble import RandomForestClassifier
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
 
     k = min(folds, len(a), len(b))
     if k < 2:
-        return {"balanced_accuracy": None, "sd": None, "folds": k}
+        return {"balanced_accuracy": None, "sd": None, "split_sd": None, "folds": k, "repeats": repeats}
     forest = RandomForestClassifier(
         n_estimators=50, min_samples_leaf=2, class_weight="balanced", random_state=seed, n_jobs=1
     )
     x, y = np.vstack([a, b]), np.repeat([0, 1], [len(a), len(b)])
-    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    cv = RepeatedStratifiedKFold(n_splits=k, n_repeats=repeats, random_state=seed)
     scores = cross_val_score(forest, x, y, cv=cv, scoring="balanced_accuracy")
-    return {"balanced_accuracy": float(scores.mean()), "sd": float(scores.std(ddof=1)), "folds": k}
+    per_split = scores.reshape(repeats, k).mean(axis=1)
+    return {
+        "balanced_accuracy": float(scores.mean()),
+        "sd": float(scores.std(ddof=1)),
+        "split_sd": float(per_split.std(ddof=1)) if repeats > 1 else None,
+        "folds": k,
+        "repeats": repeats,
+    }
 
 
 def two_sample(
-    gen_rows: list[dict], real_rows: list[dict], bootstrap: int = 200, folds: int = 5, seed: int = 0
+    gen_rows: list[dict],
+    real_rows: list[dict],
+    bootstrap: int = 200,
+    folds: int = 5,
+    seed: int = 0,
+    repeats: int = REPEATS,
 ) -> dict:
     """Summaries of both sets, the Fréchet distance with its floor, and the classifier with its control."""
     gen = np.array([feature_vector(r) for r in gen_rows])
@@ -211,15 +227,17 @@ def two_sample(
         report["classifier_note"] = NO_SKLEARN
         return report
     controls = [
-        classifier_accuracy(real[a], real[b], folds, seed) for a, b in (halves(len(real), rng) for _ in range(SPLITS))
+        classifier_accuracy(real[a], real[b], folds, seed, repeats)
+        for a, b in (halves(len(real), rng) for _ in range(SPLITS))
     ]
     accuracies = [c["balanced_accuracy"] for c in controls if c["balanced_accuracy"] is not None]
     report["classifier"] = {
-        "generated_vs_real": classifier_accuracy(gen, real, folds, seed),
+        "generated_vs_real": classifier_accuracy(gen, real, folds, seed, repeats),
         "real_vs_real": {
             "balanced_accuracy": float(np.mean(accuracies)) if accuracies else None,
             "sd": float(np.std(accuracies, ddof=1)) if len(accuracies) > 1 else None,
             "folds": controls[0]["folds"],
+            "repeats": repeats,
             "splits": SPLITS,
         },
     }
@@ -236,6 +254,7 @@ def evaluate_against(
     folds: int = 5,
     seed: int = 0,
     tok: HIDTokenizer | None = None,
+    repeats: int = REPEATS,
 ) -> tuple[dict, dict[str, list[np.ndarray]]]:
     """The report of two MIDI folders, and the tokens of a few pieces of each (for ``write_report``'s plots).
     ``region``: (track, first bar, last bar), 0-based; ``prompt``: a MIDI file whose key the pieces should keep;
@@ -245,6 +264,7 @@ def evaluate_against(
         ("--bars", 1 if bars is None else bars, 1),
         ("--bootstrap", bootstrap, 0),
         ("--folds", folds, 2),
+        ("--repeats", repeats, 1),
     ):
         if value < least:
             raise ValueError(f"{name} must be at least {least}, got {value}")
@@ -254,7 +274,7 @@ def evaluate_against(
     key = piece_features(tok, tok.encode(prompt))["key"] if prompt else None
     gen_rows, gen_skipped, gen_tokens = read_folder(generated, tok, region, key, bars)
     real_rows, real_skipped, real_tokens = read_folder(real, tok, region, key, bars)
-    report = two_sample(gen_rows, real_rows, bootstrap, folds, seed)
+    report = two_sample(gen_rows, real_rows, bootstrap, folds, seed, repeats)
     report["generated"].update(folder=str(generated), skipped=gen_skipped, per_piece=gen_rows)
     report["real"].update(folder=str(real), skipped=real_skipped, per_piece=real_rows)
     region_text = f"{region[0] + 1}:{region[1] + 1}-{region[2] + 1}" if region else None
@@ -298,13 +318,14 @@ def markdown(report: dict) -> str:
         c = report["classifier"]
         g, r = c["generated_vs_real"], c["real_vs_real"]
         rows.append(
-            f"| classifier balanced accuracy ({g['folds']}-fold; real: real halves) | "
+            f"| classifier balanced accuracy ({g['folds']}-fold x {g['repeats']}; real: real halves) | "
             f"{_pm(g['balanced_accuracy'], g['sd'])} | {_pm(r['balanced_accuracy'], r['sd'])} | |"
         )
     notes = [
         "Features: mean ± sd over pieces. AUC: the chance that a generated piece's value exceeds a real piece's "
         "(ties half): 0.5 no tendency, near 0 or 1 the feature alone tells the sets apart. Fréchet distance: ± "
-        "its bootstrap standard error. Classifier: ± the sd over folds. Real column of both: the mean ± sd over "
+        "its bootstrap standard error. Classifier: the mean over random k-fold splits (k-fold x splits), ± the sd "
+        "over all their folds. Real column of both: the mean ± sd over "
         f"{SPLITS} random halvings of the real set."
     ]
     if "folder" in gen:

@@ -142,6 +142,28 @@ def test_classifier_tells_different_sets_apart_and_real_halves_not(chorales_and_
     assert frechet(*alike, bootstrap=0, rng=np.random.default_rng(0))["distance"] < report["frechet"]["distance"] / 5
 
 
+def test_the_classifier_is_the_mean_over_its_splits(chorales_and_tunes):
+    """Ten k-fold splits, each scored on its own, give the reported mean and ``split_sd`` (their scatter)."""
+    pytest.importorskip("sklearn")
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.model_selection import RepeatedStratifiedKFold, cross_val_score
+
+    chorales, _ = chorales_and_tunes
+    a, b = (np.array([feature_vector(r) for r in rows]) for rows in (chorales[::2], chorales[1::2]))
+    ten = classifier_accuracy(a, b, folds=3, seed=1, repeats=10)
+    x, y = np.vstack([a, b]), np.repeat([0, 1], [len(a), len(b)])
+    folds = list(RepeatedStratifiedKFold(n_splits=3, n_repeats=10, random_state=1).split(x, y))
+    forest = RandomForestClassifier(n_estimators=50, min_samples_leaf=2, class_weight="balanced", random_state=1)
+    per_split = [
+        cross_val_score(forest, x, y, cv=folds[3 * i : 3 * i + 3], scoring="balanced_accuracy").mean()
+        for i in range(10)
+    ]
+    assert ten["repeats"] == 10 and ten["folds"] == 3
+    assert ten["balanced_accuracy"] == pytest.approx(np.mean(per_split))
+    assert ten["split_sd"] == pytest.approx(np.std(per_split, ddof=1)) and ten["split_sd"] > 0
+    assert classifier_accuracy(a, b, folds=3, seed=1)["split_sd"] is None  # one split: nothing to spread
+
+
 def test_separation_is_each_features_auc_by_hand(chorales_and_tunes):
     gen = [{"stepwise": 0.9, "parallels": 0.02}, {"stepwise": 0.5, "parallels": 0.03}]
     real = [{"stepwise": 0.5, "parallels": None}, {"stepwise": 0.7, "parallels": None}, {"stepwise": 0.5}]
@@ -211,6 +233,7 @@ def test_cli_writes_the_report_and_refuses_a_missing_folder(tmp_path):
     for extra, problem in (
         (["--bars", "0"], "--bars must be at least 1, got 0"),
         (["--folds", "1"], "--folds must be at least 2, got 1"),
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),
         (["--out", str(out / "report.md")], "is a file; give the report folder"),
     ):
         done = meloformer(*args, *extra, cwd=tmp_path)
