@@ -200,7 +200,8 @@ def test_cli_writes_the_report_and_refuses_a_missing_folder(tmp_path):
     for path in sorted((DEMO_MIDI / "bach_chorales").glob("*.mid"))[:6]:
         shutil.copy(path, real)
     out = tmp_path / "report"
-    args = ("evaluate", "--generated", str(gen), "--against", str(real), "--out", str(out), "--bootstrap", "5")
+    args = ("evaluate", "--generated", str(gen), "--against", str(real), "--out", str(out), "--bootstrap", "5",
+            "--repeats", "2")  # fmt: skip
     done = meloformer(*args, "--bars", "8", "--prompt", str(next(real.iterdir())), cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
@@ -217,6 +218,7 @@ def test_cli_writes_the_report_and_refuses_a_missing_folder(tmp_path):
     assert report["generated"]["pieces"] == 4 and report["real"]["pieces"] == 6
     assert report["generated"]["bars"]["mean"] == report["real"]["bars"]["mean"] == 8  # --bars 8
     assert report["real"]["meters"] == {"4/4": 6} and report["prompt_key"] is not None
+    assert report["classifier"] is None or report["classifier"]["generated_vs_real"]["repeats"] == 2
     # A single line has no voice pairs: null, and the count of pieces with a value is 0.
     assert report["generated"]["parallels"] == {"mean": None, "sd": None, "median": None, "n": 0}
     assert report["real"]["key_agrees"]["n"] == 6 and report["real"]["leap_out"]["n"] == 0
