@@ -277,12 +277,9 @@ class VoiceLeading:
         if not self._voices or (len(own) == 0 and not self.ordered) or bar >= len(self._bar_starts):
             return None, None
         time = int(self._bar_starts[bar] + onset)
-        if len(own) == 0:  # an ordered voice's first note: below the voice before it
-            between, no_parallels = self._between_listed(time), np.ones(128, dtype=bool)
-        else:
-            voice = line(own)
-            between = self._between_listed(time) if self.ordered else self._between_neighbours(voice, time)
-            no_parallels = self._no_parallels(voice, time)
+        voice = line(own) if len(own) else None  # None: an ordered voice's first note
+        between = self._between_listed(time) if self.ordered else self._between_neighbours(voice, time)
+        no_parallels = np.ones(128, dtype=bool) if voice is None else self._no_parallels(voice, time)
         # Earlier voices that cross each other leave no pitch between them: then only the parallels count.
         allowed = between & no_parallels if (between & no_parallels).any() else no_parallels
         mask = np.ones(self.tok.vocab_size, dtype=bool)
@@ -317,17 +314,12 @@ class VoiceLeading:
 
     def _between_neighbours(self, own: np.ndarray, time: int) -> np.ndarray:
         """Pitches at or below the nearest earlier voice above this track's mean pitch, at or above the one below."""
-        allowed = np.ones(128, dtype=bool)
         mean = own[:, 1].mean()
         above = [v for v in self._voices if v[:, 1].mean() > mean]
         below = [v for v in self._voices if v[:, 1].mean() <= mean]
-        if above:
-            upper = sounding(min(above, key=lambda v: v[:, 1].mean()), np.array([time]))[0]
-            allowed &= (upper < 0) | (self.pitch <= upper)
-        if below:
-            lower = sounding(max(below, key=lambda v: v[:, 1].mean()), np.array([time]))[0]
-            allowed &= (lower < 0) | (self.pitch >= lower)
-        return allowed
+        upper = min(above, key=lambda v: v[:, 1].mean()) if above else None
+        lower = max(below, key=lambda v: v[:, 1].mean()) if below else None
+        return self._between(upper, lower, time, np.ones(128, dtype=bool))
 
     def _between_listed(self, time: int) -> np.ndarray:
         """Pitches at or below the voice listed before this track, at or above the one listed after it and
@@ -335,13 +327,20 @@ class VoiceLeading:
         listed = list(zip(self._listed, self._voices))
         above = [v for n, v in listed if self.rewrites is None or n < self.rewrites]
         below = [v for n, v in listed if self.rewrites is not None and n > self.rewrites]
-        allowed = self.pitch >= CHOIR_LOWEST
-        if above:
-            upper = sounding(above[-1], np.array([time]))[0]
-            allowed &= (upper < 0) | (self.pitch <= upper)
-        if below:
-            lower = sounding(below[0], np.array([time]))[0]
-            allowed &= (lower < 0) | (self.pitch >= lower)
+        upper, lower = (above[-1] if above else None), (below[0] if below else None)
+        return self._between(upper, lower, time, self.pitch >= CHOIR_LOWEST)
+
+    def _between(
+        self, upper: np.ndarray | None, lower: np.ndarray | None, time: int, allowed: np.ndarray
+    ) -> np.ndarray:
+        """``allowed`` kept at or below what voice ``upper`` sounds at ``time`` and at or above what ``lower``
+        sounds (no limit from a voice that is None or silent there)."""
+        if upper is not None:
+            pitch = sounding(upper, np.array([time]))[0]
+            allowed &= (pitch < 0) | (self.pitch <= pitch)
+        if lower is not None:
+            pitch = sounding(lower, np.array([time]))[0]
+            allowed &= (pitch < 0) | (self.pitch >= pitch)
         return allowed
 
     def _no_parallels(self, own: np.ndarray, time: int) -> np.ndarray:
