@@ -6,8 +6,15 @@ from pathlib import Path
 
 import symusic
 
+from meloformer.hid import HIDTokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MIDI = REPO / "demo" / "midi"
+
+
+def quarter_note(tok: HIDTokenizer, pos: int, pitch: int) -> list[int]:
+    """The HID tokens of a quarter note (the grid has 12 steps per quarter) at ``pos`` of its bar."""
+    return [tok.pos0 + pos, tok.pitch0 + pitch, tok.dur0 + 11, tok.vel0 + 20]
 
 
 def demo_files() -> list[Path]:

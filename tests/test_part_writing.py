@@ -3,12 +3,14 @@ the unlikelihood term that lowers their probability (``MeloFormerModule(parallel
 
 from __future__ import annotations
 
+from functools import partial
+
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from _music import demo_files
+from _music import demo_files, quarter_note
 from meloformer.datamodules.stream import CollateWithPlan
 from meloformer.fill import fill_row
 from meloformer.hid import BAR, BOS, EOS, PAD, TRACK_CONDUCTOR, TRACK_DRUMS, TRACK_PROGRAM0, HIDTokenizer, TokenKind
@@ -21,9 +23,7 @@ TOK = HIDTokenizer()
 CHOIR = TRACK_PROGRAM0 + 52
 
 
-def note(pos: int, pitch: int) -> list[int]:
-    """A quarter note (12 grid steps) at ``pos`` of its bar."""
-    return [TOK.pos0 + pos, TOK.pitch0 + pitch, TOK.dur0 + 11, TOK.vel0 + 20]
+note = partial(quarter_note, TOK)
 
 
 def duet(alto: tuple[int, int], upper: int = CHOIR, lower: int = CHOIR) -> np.ndarray:

@@ -3,9 +3,12 @@ end as one."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 
+from _music import quarter_note
 from meloformer.features import piece_features
 from meloformer.hid import BAR, BOS, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.module import module_from_folder
@@ -17,8 +20,7 @@ TOK = HIDTokenizer()
 DUR, VEL = TOK.dur0 + 11, TOK.vel0 + 20
 
 
-def note(pos: int, pitch: int) -> list[int]:
-    return [TOK.pos0 + pos, TOK.pitch0 + pitch, DUR, VEL]
+note = partial(quarter_note, TOK)
 
 
 def piano(*bars: list[int]) -> list[int]:

@@ -3,8 +3,11 @@ one of them in parallel fifths or octaves."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
+from _music import quarter_note
 from meloformer.features import piece_features
 from meloformer.hid import BAR, BOS, NOTE_COLUMNS, TRACK_CONDUCTOR, TRACK_PROGRAM0, HIDTokenizer
 from meloformer.module import module_from_folder
@@ -17,9 +20,7 @@ TRACK, PITCH = NOTE_COLUMNS.index("track"), NOTE_COLUMNS.index("pitch")
 SATB = [TRACK_PROGRAM0 + 52, TRACK_PROGRAM0 + 52, TRACK_PROGRAM0 + 53, TRACK_PROGRAM0 + 53]
 
 
-def note(pos: int, pitch: int) -> list[int]:
-    """A quarter note (the grid has 12 steps per quarter) at ``pos`` of its bar."""
-    return [TOK.pos0 + pos, TOK.pitch0 + pitch, TOK.dur0 + 11, TOK.vel0 + 20]
+note = partial(quarter_note, TOK)
 
 
 def soprano_and_alto(alto: list[int]) -> list[int]:
