@@ -14,8 +14,8 @@ Generated and real pieces are measured alike (``meloformer.features``). The repo
 - a two-sample classifier: a random forest telling generated from real pieces by ``FEATURE_VECTOR``. The
   report gives its balanced accuracy under stratified k-fold cross-validation, averaged over ``REPEATS``
   random splits (0.5: the sets cannot be told apart), and the same for two real halves (over ``SPLITS``
-  halvings) as the control. It needs scikit-learn
-  (``pip install meloformer[eval]``); without it the report says so in one line and gives the rest.
+  halvings) as the control. It needs scikit-learn (``pip install meloformer[eval]``); without it the report
+  says so in one line and gives the rest.
 
 ``write_report`` writes ``report.json`` (strict JSON: null, never NaN), ``report.md``,
 ``distributions.png`` and ``self_similarity.png``, each file written whole.
