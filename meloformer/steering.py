@@ -225,8 +225,22 @@ def track_bars(tokens: np.ndarray) -> list[np.ndarray]:
 # the held-out tunes do (1.0 still too rarely; docs/results.md, "Restatement: bars the model begins as copies").
 RESTATEMENT_BIAS = 2.0
 VOICE_PROGRAMS = (52, 53, 54)  # General MIDI: choir aahs, voice oohs, synth voice
-CHOIR_LOWEST = 36  # C2, the lowest note of the reference corpus's chorales: a bass kept under a low tenor stops here
+# The lowest and highest note that each voice of the reference corpus's four-part chorales sings (soprano, alto,
+# tenor, bass; the 351 training chorales): a choir's voices keep to their parts' ranges (``choir_ranges``).
+CHOIR_RANGES = ((57, 81), (53, 74), (48, 69), (36, 64))
 VOICE_LEADING = {"auto": None, "on": True, "off": False}  # the control's settings -> GenerationRequest's
+
+
+def choir_ranges(voices: int) -> list[tuple[int, int]]:
+    """The lowest and highest pitch of each voice of a choir of ``voices``, listed high to low: SATB's four parts;
+    with another count the first sings soprano or alto, the last tenor or bass, and those between alto or tenor
+    (one voice: any part)."""
+    soprano, alto, tenor, bass = CHOIR_RANGES
+    if voices == 4:
+        return list(CHOIR_RANGES)
+    if voices == 1:
+        return [(bass[0], soprano[1])]
+    return [(alto[0], soprano[1]), *[(tenor[0], alto[1])] * (voices - 2), (bass[0], tenor[1])]
 
 
 def sung(instruments: Sequence[int]) -> bool:
@@ -243,7 +257,8 @@ class VoiceLeading:
     written sits, by the mean pitch of its notes so far, between two earlier voices; at each onset its pitch
     stays between what they sound (from its second note on). ``ordered`` (a choir, listed high to low as SATB
     is) places it by the ensemble's order instead: below the voice listed before it and, in a fill pass, above
-    the one listed after it, from its first note, and never below ``CHOIR_LOWEST``. A pitch is also refused
+    the one listed after it, from its first note, and inside its part's range (``choir_ranges``; the first
+    voice too). A pitch is also refused
     when, against an earlier voice that moves at this onset, it would keep the fifth or octave (modulo
     octaves) that the two held at the piece's previous onset, moving the same way: the two faults
     ``features.parallels_and_crossings`` counts.
@@ -267,18 +282,21 @@ class VoiceLeading:
         self, bar: int, track: int, onset: int, written: Sequence[int] = ()
     ) -> tuple[np.ndarray | None, np.ndarray | None]:
         written = np.asarray(written, dtype=np.int64)
-        if track < 2 or onset < 0 or not len(written):
+        if track < (1 if self.ordered else 2) or onset < 0 or not len(written):
             return None, None
         start = current_track(self.tok, written)
         if written[start] == TRACK_DRUMS:
             return None, None
         self._read_earlier_tracks(written[:start], track)
         own = np.concatenate([self._kept, self._own_notes(track_bars(written[start + 1 :]))])
-        if not self._voices or (len(own) == 0 and not self.ordered) or bar >= len(self._bar_starts):
+        if (not self.ordered and (not self._voices or len(own) == 0)) or bar >= len(self._bar_starts):
             return None, None
         time = int(self._bar_starts[bar] + onset)
         voice = line(own) if len(own) else None  # None: an ordered voice's first note
-        between = self._between_listed(time) if self.ordered else self._between_neighbours(voice, time)
+        if self.ordered:
+            between = self._between_listed(time, track - 1 if self.rewrites is None else self.rewrites, written)
+        else:
+            between = self._between_neighbours(voice, time)
         no_parallels = np.ones(128, dtype=bool) if voice is None else self._no_parallels(voice, time)
         # Earlier voices that cross each other leave no pitch between them: then only the parallels count.
         allowed = between & no_parallels if (between & no_parallels).any() else no_parallels
@@ -321,14 +339,16 @@ class VoiceLeading:
         lower = max(below, key=lambda v: v[:, 1].mean()) if below else None
         return self._between(upper, lower, time, np.ones(128, dtype=bool))
 
-    def _between_listed(self, time: int) -> np.ndarray:
-        """Pitches at or below the voice listed before this track, at or above the one listed after it and
-        ``CHOIR_LOWEST``."""
+    def _between_listed(self, time: int, listed_as: int, written: np.ndarray) -> np.ndarray:
+        """Pitches at or below the voice listed before this track (instrument ``listed_as``, from 0), at or
+        above the one listed after it, and inside its part's range in the ensemble that opens ``written``."""
         listed = list(zip(self._listed, self._voices))
         above = [v for n, v in listed if self.rewrites is None or n < self.rewrites]
         below = [v for n, v in listed if self.rewrites is not None and n > self.rewrites]
         upper, lower = (above[-1] if above else None), (below[0] if below else None)
-        return self._between(upper, lower, time, self.pitch >= CHOIR_LOWEST)
+        ensemble = int(np.flatnonzero(written == TRACK_CONDUCTOR)[0]) - 1  # the Track tokens after BOS
+        low, high = choir_ranges(ensemble)[min(listed_as, ensemble - 1)]
+        return self._between(upper, lower, time, (self.pitch >= low) & (self.pitch <= high))
 
     def _between(
         self, upper: np.ndarray | None, lower: np.ndarray | None, time: int, allowed: np.ndarray

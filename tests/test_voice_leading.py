@@ -13,7 +13,7 @@ from meloformer.hid import BAR, BOS, NOTE_COLUMNS, TRACK_CONDUCTOR, TRACK_PROGRA
 from meloformer.module import module_from_folder
 from meloformer.pretrained import default_model_folder
 from meloformer.sampler import GenerationRequest, generate
-from meloformer.steering import CHOIR_LOWEST, VoiceLeading, sung
+from meloformer.steering import CHOIR_RANGES, VoiceLeading, choir_ranges, sung
 
 TOK = HIDTokenizer()
 TRACK, PITCH = NOTE_COLUMNS.index("track"), NOTE_COLUMNS.index("pitch")
@@ -24,10 +24,11 @@ note = partial(quarter_note, TOK)
 
 
 def soprano_and_alto(alto: list[int]) -> list[int]:
-    """One 4/4 bar: the soprano sings C5 then D5 (positions 0 and 12); the alto's first tokens are ``alto``."""
+    """One 4/4 bar of SATB: the soprano sings C5 then D5 (positions 0 and 12); the alto's first tokens are
+    ``alto``."""
     conductor = [BAR, TOK.timesig0 + TOK.time_signatures.index((4, 4)), TOK.pos0, TOK.tempo0 + 20]
     soprano = [TRACK_PROGRAM0 + 52, BAR, *note(0, 72), *note(12, 74)]
-    return [BOS, *SATB[:2], TRACK_CONDUCTOR, *conductor, *soprano, TRACK_PROGRAM0 + 52, BAR, *alto]
+    return [BOS, *SATB, TRACK_CONDUCTOR, *conductor, *soprano, TRACK_PROGRAM0 + 52, BAR, *alto]
 
 
 def test_a_choir_is_every_track_a_voice():
@@ -35,10 +36,15 @@ def test_a_choir_is_every_track_a_voice():
     assert not sung([*SATB, TRACK_PROGRAM0 + 0]) and not sung([TRACK_PROGRAM0 + 40] * 4) and not sung([])
 
 
-def allowed_pitches(steer: VoiceLeading, written: list[int], onset: int) -> set[int]:
-    bias, mask = steer(0, 2, onset, written)
+def allowed_pitches_of(steer: VoiceLeading, written: list[int], track: int, onset: int) -> set[int]:
+    bias, mask = steer(0, track, onset, written)
     assert bias is None
     return set(np.flatnonzero(mask[TOK.pitch0 : TOK.pitch0 + 128]).tolist())
+
+
+def allowed_pitches(steer: VoiceLeading, written: list[int], onset: int) -> set[int]:
+    """What the alto (track 2) may sing at ``onset``."""
+    return allowed_pitches_of(steer, written, 2, onset)
 
 
 def test_a_voice_stays_below_the_voice_above_it():
@@ -65,13 +71,30 @@ def test_nothing_is_steered_before_a_voice_has_a_note_or_a_voice_to_lead_against
 
 
 def test_a_choirs_voice_keeps_its_place_in_the_list_from_its_first_note():
-    """Ordered (a choir): the alto's first note may not rise above the soprano's C5 at the downbeat; and an alto
-    whose first note went above the soprano (C6) stays below it, where by its mean pitch it would stay above."""
+    """Ordered (a choir): the alto's first note may not rise above the soprano's C5 at the downbeat nor fall
+    below the alto's range; and an alto whose first note went above the soprano (C6) stays below it, where by
+    its mean pitch it would stay above."""
     first = allowed_pitches(VoiceLeading(TOK, ordered=True), soprano_and_alto([TOK.pos0]), 0)
-    assert max(first) == 72 and min(first) == CHOIR_LOWEST and 60 in first
+    assert first == set(range(CHOIR_RANGES[1][0], 73))
     above = soprano_and_alto([*note(0, 84), TOK.pos0 + 12])
     assert max(allowed_pitches(VoiceLeading(TOK, ordered=True), above, 12)) == 74
     assert min(allowed_pitches(VoiceLeading(TOK), above, 12)) == 74
+
+
+def test_a_choirs_voices_keep_their_parts_ranges():
+    """A choir of four sings SATB's ranges, one of another size gives its voices two parts' ranges each; the
+    first voice of a choir is held to its range too, and the bass stays under the tenor within its own."""
+    soprano, alto, tenor, bass = CHOIR_RANGES
+    assert choir_ranges(4) == [soprano, alto, tenor, bass]
+    assert choir_ranges(2) == [(alto[0], soprano[1]), (bass[0], tenor[1])]
+    assert choir_ranges(3)[1] == (tenor[0], alto[1]) and choir_ranges(1) == [(bass[0], soprano[1])]
+    start = soprano_and_alto([])[: -len(note(0, 72)) * 2 - 2]  # up to the soprano's Bar
+    first = allowed_pitches_of(VoiceLeading(TOK, ordered=True), [*start, TOK.pos0], 1, 0)
+    assert first == set(range(soprano[0], soprano[1] + 1))
+    assert VoiceLeading(TOK)(0, 1, 0, [*start, TOK.pos0]) == (None, None)  # unordered: the first voice is free
+    tenor = [TRACK_PROGRAM0 + 53, BAR, *note(0, 60)]
+    lowest = soprano_and_alto([*note(0, 65)]) + tenor + [TRACK_PROGRAM0 + 53, BAR, TOK.pos0]
+    assert allowed_pitches_of(VoiceLeading(TOK, ordered=True), lowest, 4, 0) == set(range(bass[0], 61))  # under C4
 
 
 def test_an_ordered_fill_pass_stays_between_the_voices_listed_around_it():
@@ -106,10 +129,10 @@ def test_a_fill_pass_leads_against_the_other_voices_and_counts_its_tracks_kept_b
 
 
 def test_the_shipped_models_satb_samples_keep_their_voices_apart():
-    """With voice-leading, no parallel fifth or octave, the voices in the order listed, and crossings on average
-    within issue 19's goal (6%), where the same seeds cross far more. (The steering acts at a voice's onsets,
-    against the voice listed before it, so a single sample can still cross, which is why the mean is over
-    ten.)"""
+    """With voice-leading, no parallel fifth or octave, the voices in the order listed and in their parts'
+    ranges, and crossings on average within issue 19's goal (6%), where the same seeds cross far more. (The
+    steering acts at a voice's onsets, against the voice listed before it, so a single sample can still cross,
+    which is why the mean is over ten.)"""
     model = module_from_folder(default_model_folder()).model
     measured = {}
     for steer in (False, True):
@@ -119,6 +142,9 @@ def test_the_shipped_models_satb_samples_keep_their_voices_apart():
     for notes in (TOK.note_table(tokens) for tokens in pieces):  # the steered ones
         means = [notes[notes[:, TRACK] == t][:, PITCH].mean() for t in range(4)]
         assert np.all(np.diff(means) < 0), means  # soprano over alto over tenor over bass, as listed
+        for t, (low, high) in enumerate(CHOIR_RANGES):
+            pitches = notes[notes[:, TRACK] == t][:, PITCH]
+            assert low <= pitches.min() and pitches.max() <= high, (t, pitches.min(), pitches.max())
     assert all(parallels == 0 for parallels, _ in measured[True]), measured
     crossings = {steer: np.mean([c for _, c in pairs]) for steer, pairs in measured.items()}
     assert crossings[True] <= 0.06 and crossings[False] > 2 * crossings[True], measured
