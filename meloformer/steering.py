@@ -258,10 +258,9 @@ class VoiceLeading:
     stays between what they sound (from its second note on). ``ordered`` (a choir, listed high to low as SATB
     is) places it by the ensemble's order instead: below the voice listed before it and, in a fill pass, above
     the one listed after it, from its first note, and inside its part's range (``choir_ranges``; the first
-    voice too). A pitch is also refused
-    when, against an earlier voice that moves at this onset, it would keep the fifth or octave (modulo
-    octaves) that the two held at the piece's previous onset, moving the same way: the two faults
-    ``features.parallels_and_crossings`` counts.
+    voice too). A pitch is also refused when, against an earlier voice that moves at this onset, it would keep
+    the fifth or octave (modulo octaves) that the two held at the piece's previous onset, moving the same way:
+    the two faults ``features.parallels_and_crossings`` counts.
 
     ``rewrites``: the instrument track (from 0) whose bars a fill pass rewrites (``meloformer.fill``). It is
     then no earlier voice: its bars outside the region are the written track's own notes.
