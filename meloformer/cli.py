@@ -134,7 +134,8 @@ def generate_parser() -> ArgumentParser:
         default="auto",
         choices=VOICE_LEADING,
         help="part-writing: no track crosses the voices written before it or moves with one in parallel fifths "
-        "or octaves (auto: on when every track is a voice, as in a choir)",
+        "or octaves (auto: on when every track is a voice, as in a choir, whose voices also keep their listed "
+        "order and their parts' ranges)",
     )
     parser.add_argument(
         "--form", type=str, default=None, help="a letter per equal phrase, e.g. AABA: a repeated letter restates"

@@ -182,7 +182,8 @@ class Studio:
             prompt_bars: use only the prompt's first bars (0: all)
             form: a letter per phrase of equal length, e.g. "AABA": a repeated letter restates its phrase (no prompt)
             voice_leading: "on": no track crosses the voices before it or moves with one in parallel fifths or
-                octaves; "off"; "auto": on when every track is a voice (a choir)
+                octaves (a choir's voices also keep their listed order and their parts' ranges); "off"; "auto":
+                on when every track is a voice (a choir)
             restatement: a bar begun as a copy of an earlier bar of its track is drawn to end as one: the bias,
                 0 (off) to 4
         """
