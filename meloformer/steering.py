@@ -274,6 +274,7 @@ class VoiceLeading:
         self._parsed_tracks = -1
         self._voices: list[np.ndarray] = []
         self._listed: list[int] = []  # each voice's instrument track (from 0)
+        self._ensemble = 0  # the piece's instruments: the Track tokens between BOS and the conductor
         self._kept = np.zeros((0, len(COL)), dtype=np.int64)  # the rewritten track's notes outside the region
         self._bar_starts = np.zeros(0, dtype=np.int64)
 
@@ -293,7 +294,7 @@ class VoiceLeading:
         time = int(self._bar_starts[bar] + onset)
         voice = line(own) if len(own) else None  # None: an ordered voice's first note
         if self.ordered:
-            between = self._between_listed(time, track - 1 if self.rewrites is None else self.rewrites, written)
+            between = self._between_listed(time, track - 1 if self.rewrites is None else self.rewrites)
         else:
             between = self._between_neighbours(voice, time)
         no_parallels = np.ones(128, dtype=bool) if voice is None else self._no_parallels(voice, time)
@@ -315,6 +316,7 @@ class VoiceLeading:
             self._kept = notes[notes[:, COL["track"]] == self.rewrites]
         self._voices = [line(own) for own in by_track if len(own)]
         self._listed = [n for n, own in zip(pitched, by_track) if len(own)]
+        self._ensemble = int(np.flatnonzero(tokens == TRACK_CONDUCTOR)[0]) - 1
         self._bar_starts, self._parsed_tracks = piece.bar_starts(self.tok), track
 
     def _own_notes(self, bars: list[np.ndarray]) -> np.ndarray:
@@ -338,15 +340,14 @@ class VoiceLeading:
         lower = max(below, key=lambda v: v[:, 1].mean()) if below else None
         return self._between(upper, lower, time, np.ones(128, dtype=bool))
 
-    def _between_listed(self, time: int, listed_as: int, written: np.ndarray) -> np.ndarray:
+    def _between_listed(self, time: int, listed_as: int) -> np.ndarray:
         """Pitches at or below the voice listed before this track (instrument ``listed_as``, from 0), at or
-        above the one listed after it, and inside its part's range in the ensemble that opens ``written``."""
+        above the one listed after it, and inside its part's range in the piece's ensemble."""
         listed = list(zip(self._listed, self._voices))
         above = [v for n, v in listed if self.rewrites is None or n < self.rewrites]
         below = [v for n, v in listed if self.rewrites is not None and n > self.rewrites]
         upper, lower = (above[-1] if above else None), (below[0] if below else None)
-        ensemble = int(np.flatnonzero(written == TRACK_CONDUCTOR)[0]) - 1  # the Track tokens after BOS
-        low, high = choir_ranges(ensemble)[min(listed_as, ensemble - 1)]
+        low, high = choir_ranges(self._ensemble)[min(listed_as, self._ensemble - 1)]
         return self._between(upper, lower, time, (self.pitch >= low) & (self.pitch <= high))
 
     def _between(
